@@ -1,0 +1,34 @@
+# Two commands for a newcomer:  `make run` (main job on the sample world) and `make test`.
+# Each builds/updates .venv from pyproject.toml by itself.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.geopak-installed
+export DAGSTER_HOME := $(CURDIR)/dagster_home
+export HF_HUB_OFFLINE := 1
+export MPLBACKEND := Agg
+
+.PHONY: install run test ui bench clean-data
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/dagster job execute -m pipeline.definitions -j run_pipeline_job
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile tests
+
+ui: $(STAMP)
+	$(BIN)/dagster dev -m pipeline.definitions
+
+bench: $(STAMP)
+	for b in bench/bench_*.py; do $(BIN)/python $$b || exit 1; done
+
+clean-data:
+	rm -rf data

@@ -1,0 +1,1 @@
+"""The GEOPAK model in plain PyTorch (encoders, fusion, heads, losses, training, inference). No Dagster imports."""

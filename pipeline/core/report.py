@@ -1,0 +1,114 @@
+"""Readable summaries for people: Markdown tables and PNG plots (matplotlib, headless), no Dagster here."""
+
+from __future__ import annotations
+
+import base64
+import io
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+
+from pipeline.core.provinces import PROVINCES
+
+PROVINCE_COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#17becf", "#ff7f0e", "#8c564b")
+
+
+def markdown_table(df: pd.DataFrame, max_rows: int = 30, floatfmt: str = "{:.3f}") -> str:
+    """A GitHub-style Markdown table (first ``max_rows`` rows), readable in the Dagster UI."""
+    if df.empty:
+        return "_(no rows)_"
+    shown = df.head(max_rows)
+    cells = [[_fmt(v, floatfmt) for v in row] for row in shown.itertuples(index=False)]
+    header = "| " + " | ".join(map(str, shown.columns)) + " |"
+    sep = "|" + "|".join(" ---: " if pd.api.types.is_numeric_dtype(shown[c]) else " --- " for c in shown.columns) + "|"
+    body = ["| " + " | ".join(r) + " |" for r in cells]
+    more = [f"\n_{len(df) - max_rows} more rows not shown_"] if len(df) > max_rows else []
+    return "\n".join([header, sep, *body, *more])
+
+
+def _fmt(v, floatfmt: str) -> str:
+    if isinstance(v, float | np.floating):
+        return "" if np.isnan(v) else floatfmt.format(v)
+    if v is None or v is pd.NaT:
+        return ""
+    return str(v).replace("|", "\\|").replace("\n", " ")[:80]
+
+
+def counts_table(df: pd.DataFrame, rows: str, cols: str, total: bool = True) -> pd.DataFrame:
+    """Cross-tab of row counts (e.g. province × source) with totals, rows in canonical province order."""
+    if df.empty:
+        return pd.DataFrame({rows: []})
+    tab = pd.crosstab(df[rows].fillna("(none)"), df[cols].fillna("(none)"))
+    order = [p.key for p in PROVINCES if p.key in tab.index] + [i for i in tab.index if i not in {p.key for p in PROVINCES}]
+    tab = tab.loc[order]
+    if total:
+        tab["total"] = tab.sum(axis=1)
+        tab.loc["total"] = tab.sum(axis=0)
+    return tab.reset_index().rename(columns={rows: rows})
+
+
+def png_bytes(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def png_markdown(png: bytes, alt: str) -> str:
+    """Inline PNG for Dagster's Markdown metadata (the UI renders data: URIs)."""
+    return f"![{alt}](data:image/png;base64,{base64.b64encode(png).decode()})"
+
+
+def province_map_png(
+    lat: Sequence[float],
+    lon: Sequence[float],
+    province_ids: Sequence[int] | None,
+    outlines: dict | None = None,
+    title: str = "",
+) -> bytes:
+    """Scatter of points coloured by province over the province outlines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 6))
+    if outlines:
+        for geom in outlines.values():
+            for poly in getattr(geom, "geoms", [geom]):
+                x, y = poly.exterior.xy
+                ax.plot(x, y, color="#555555", linewidth=0.6)
+    lat = np.asarray(lat, float)
+    lon = np.asarray(lon, float)
+    pid = np.full(len(lat), -1) if province_ids is None else np.asarray(province_ids)
+    for p in PROVINCES:
+        m = pid == p.id
+        if m.any():
+            ax.scatter(lon[m], lat[m], s=3, color=PROVINCE_COLOURS[p.id], label=f"{p.name} ({m.sum()})")
+    m = pid < 0
+    if m.any():
+        ax.scatter(lon[m], lat[m], s=3, color="#888888", label=f"unlabelled ({m.sum()})")
+    ax.set_xlabel("longitude")
+    ax.set_ylabel("latitude")
+    ax.set_aspect(1 / np.cos(np.radians(30)))
+    ax.set_title(title)
+    ax.legend(fontsize=7, markerscale=3, loc="lower right")
+    return png_bytes(fig)
+
+
+def bar_chart_png(table: pd.DataFrame, index: str, title: str, stacked: bool = True) -> bytes:
+    """Bar chart of a counts table (one bar group per ``index`` value)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    table.set_index(index).plot.bar(ax=ax, stacked=stacked)
+    ax.set_title(title)
+    ax.set_ylabel("images")
+    fig.autofmt_xdate(rotation=30)
+    return png_bytes(fig)

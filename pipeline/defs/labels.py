@@ -1,0 +1,79 @@
+"""Catalog → labelled catalog: province (point in polygon), Köppen-Geiger class, day of year."""
+
+
+import dagster as dg
+import numpy as np
+import pandas as pd
+
+from pipeline.core.report import counts_table, province_map_png
+from pipeline.core.schema import CATALOG_SCHEMA, LABELLED_SCHEMA, REJECTIONS_SCHEMA, read_table, write_table
+from pipeline.defs.ingest import image_catalog
+from pipeline.defs.metadata import md_table, plot
+from pipeline.defs.resources import BoundariesResource, DataRootResource, KoppenRasterResource
+from pipeline.labels.label import label_catalog
+
+
+@dg.asset(
+    group_name="labels",
+    kinds={"parquet"},
+    deps=[image_catalog],
+    description="Catalog rows with province, Köppen-Geiger fine class and coarse group, and day of year.",
+)
+def labelled_catalog(
+    context: dg.AssetExecutionContext,
+    data_root: DataRootResource,
+    boundaries: BoundariesResource,
+    koppen: KoppenRasterResource,
+) -> dg.MaterializeResult:
+    paths = data_root.paths
+    catalog = read_table(paths.catalog, CATALOG_SCHEMA)
+    locator = boundaries.locator()
+    raster = koppen.raster()
+    context.log.info(f"provinces from {locator.source}; Köppen-Geiger from {raster.source}")
+    labelled, rejections = label_catalog(catalog, locator, raster)
+    write_table(labelled, paths.labelled, LABELLED_SCHEMA)
+    write_table(rejections, paths.label_rejections, REJECTIONS_SCHEMA)
+    raster.write_geotiff(paths.koppen_geotiff)
+    outlines = getattr(locator, "polygons", None)
+    return dg.MaterializeResult(
+        metadata={
+            "rows": len(labelled),
+            "rejected": len(rejections),
+            "province_source": locator.source,
+            "koppen_source": raster.source,
+            "rows_per_province_and_source": md_table(counts_table(labelled, "province_key", "source")),
+            "koppen_classes": md_table(counts_table(labelled, "koppen_code", "province_key")),
+            "day_of_year_known": float(labelled["day_of_year"].notna().mean()) if len(labelled) else 0.0,
+            "rejections_per_reason": md_table(counts_table(rejections, "reason", "source")),
+            "preview": md_table(
+                labelled[["source", "source_id", "lat", "lon", "province_key", "koppen_code", "day_of_year"]].head(10)
+            ),
+            "map": plot(
+                paths,
+                "labelled_catalog_map.png",
+                province_map_png(labelled["lat"], labelled["lon"], labelled["province_id"], outlines, "labelled catalog"),
+                "labelled images by province",
+            ),
+            "labelled_catalog": dg.MetadataValue.path(str(paths.labelled)),
+            "koppen_raster": dg.MetadataValue.path(str(paths.koppen_geotiff)),
+        }
+    )
+
+
+def _labelled(data_root: DataRootResource, columns: list[str]) -> pd.DataFrame:
+    return pd.read_parquet(data_root.paths.labelled, columns=columns)
+
+
+@dg.asset_check(asset=labelled_catalog, blocking=True, description="Every labelled coordinate lies in a province.")
+def labelled_inside_pakistan(data_root: DataRootResource, boundaries: BoundariesResource) -> dg.AssetCheckResult:
+    df = _labelled(data_root, ["lat", "lon"])
+    prov = boundaries.locator().locate(df["lat"].to_numpy(), df["lon"].to_numpy())
+    outside = int(np.sum(prov < 0))
+    return dg.AssetCheckResult(passed=outside == 0, metadata={"rows": len(df), "outside": outside})
+
+
+@dg.asset_check(asset=labelled_catalog, blocking=True, description="No labelled row lacks a Köppen-Geiger class.")
+def labelled_koppen_not_null(data_root: DataRootResource) -> dg.AssetCheckResult:
+    df = _labelled(data_root, ["koppen_id", "koppen_code"])
+    missing = int((df["koppen_id"].isna() | (df["koppen_id"] < 0) | df["koppen_code"].isna()).sum())
+    return dg.AssetCheckResult(passed=missing == 0, metadata={"rows": len(df), "missing": missing})

