@@ -50,5 +50,56 @@ class DataPaths:
     def koppen_geotiff(self) -> Path:
         return self.root / "labels" / "koppen_pakistan.tif"
 
+    # filter stage (issue 3)
+    @property
+    def filtered(self) -> Path:
+        return self.root / "filter" / "filtered_catalog.parquet"
+
+    @property
+    def filter_rejections(self) -> Path:
+        return self.root / "filter" / "rejections.parquet"
+
+    @property
+    def filter_cache(self) -> Path:
+        return self.root / "filter" / "metrics_cache.parquet"
+
+    # geocells and splits (issue 4)
+    @property
+    def geocells(self) -> Path:
+        """One row per cell: cell_id, province_id, local_id, center_lat/lon, radius_km, count, cap_km, urban."""
+        return self.root / "geocells" / "cells.parquet"
+
+    @property
+    def geocell_polygons(self) -> Path:
+        return self.root / "geocells" / "cell_polygons.parquet"  # GeoParquet, EPSG:4326
+
+    @property
+    def geocell_neighbours(self) -> Path:
+        """cell_id, neighbour_id, distance_km (same province, sorted by distance)."""
+        return self.root / "geocells" / "neighbours.parquet"
+
+    @property
+    def cell_assignments(self) -> Path:
+        """image_id, cell_id, province_id, distance_km (to the cell centre)."""
+        return self.root / "geocells" / "assignments.parquet"
+
+    @property
+    def splits(self) -> Path:
+        """image_id, split (train/val/test), group_id."""
+        return self.root / "splits" / "splits.parquet"
+
+    # model and evaluation (issues 5-6)
+    @property
+    def embeddings_dir(self) -> Path:
+        return self.root / "embeddings"
+
+    @property
+    def model_dir(self) -> Path:
+        return self.root / "model"
+
+    @property
+    def evaluation_dir(self) -> Path:
+        return self.root / "evaluation"
+
     def report(self, name: str) -> Path:
         return self.root / "reports" / name
