@@ -26,6 +26,9 @@ class DataPaths:
         """Every source's manifest (sample world, and per-province crawl partitions), in a stable order."""
         return sorted((self.root / "raw").glob("**/manifest.parquet"))
 
+    def source_rejections(self, source: str) -> Path:
+        return self.raw_dir(source) / "rejections.parquet"
+
     @property
     def sample_world_truth(self) -> Path:
         return self.raw_dir("sample_world") / "ground_truth.parquet"

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+# sources: rows a source cannot turn into an image with a coordinate
+MALFORMED_DATE = "malformed_date"
+DOWNLOAD_FAILED = "download_failed"
+UNSUPPORTED_FORMAT = "unsupported_format"
+DUPLICATE_ROW = "duplicate_row"
 # catalog stage: reading files and their metadata
 MISSING_FILE = "missing_file"
 NOT_AN_IMAGE = "not_an_image"
@@ -14,6 +19,10 @@ OUTSIDE_PAKISTAN = "outside_pakistan"
 NO_CLIMATE_CLASS = "no_climate_class"
 
 DESCRIPTIONS: dict[str, str] = {
+    MALFORMED_DATE: "the source gives a date that cannot be parsed",
+    DOWNLOAD_FAILED: "the image could not be downloaded (HTTP error, timeout, connection error)",
+    UNSUPPORTED_FORMAT: "a known image container this installation cannot decode (e.g. HEIC, AVIF)",
+    DUPLICATE_ROW: "the same file or manifest row is listed more than once",
     MISSING_FILE: "the manifest names a file that is not in the image store",
     NOT_AN_IMAGE: "the bytes are not an image any decoder recognises (HTML error page, empty file, unknown format)",
     NO_COORDINATES: "neither the source nor the EXIF GPS block gives a coordinate",

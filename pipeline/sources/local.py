@@ -1,0 +1,304 @@
+"""Bring your own images: a local folder (coordinates from EXIF) and/or a manifest file (CSV or Parquet).
+
+Folder mode walks a directory tree and reads GPS and DateTimeOriginal from each image's EXIF. Manifest mode reads
+GEOPAK / OSV-5M style tables whose columns may be spelled ``lat``/``latitude``, ``lon``/``lng``/``long``/
+``longitude``, ``path``/``file``/``image_path``/``filepath`` or ``url``; when a manifest gives coordinates and
+the file's EXIF has others, the manifest wins and the disagreement is counted. Files are copied into the
+content-addressed store (or referenced in place) so later stages never depend on the original folder; a re-run
+hashes only files whose size or modification time changed. Every bad row or file gets one reason code.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from pipeline.core import reasons
+from pipeline.core.catalog import rejection
+from pipeline.core.exif import NotAnImage, read_header
+from pipeline.core.gazetteer import EARTH_RADIUS_KM, unit_vectors
+from pipeline.core.provinces import lookup
+from pipeline.core.schema import RAW_MANIFEST_SCHEMA, REJECTIONS_SCHEMA, empty_frame
+from pipeline.core.store import ImageStore, sha256_hex, sniff_extension
+
+SOURCE = "local"
+STAGE = "source"
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".webp", ".bmp", ".gif", ".heic", ".heif", ".avif"}
+UNSUPPORTED_EXTS = {".heic", ".avif", ".bin"}  # recognised containers Pillow cannot decode without plugins
+COLUMN_ALIASES: dict[str, tuple[str, ...]] = {
+    "lat": ("lat", "latitude", "gps_lat", "y"),
+    "lon": ("lon", "lng", "long", "longitude", "gps_lon", "x"),
+    "path": ("path", "file", "filename", "image_path", "filepath", "image", "img_path"),
+    "url": ("url", "image_url", "download_url", "downloadurl"),
+    "taken_at": ("taken_at", "date", "datetaken", "date_taken", "datetime", "timestamp", "captured_at"),
+    "owner": ("owner", "author", "user", "owner_name", "uid"),
+    "license": ("license", "licence", "licensename"),
+    "province": ("province", "state", "region", "admin1"),
+    "id": ("id", "image_id", "photo_id", "source_id"),
+    "title": ("title", "caption"),
+}
+DISAGREEMENT_KM = 1.0  # manifest vs EXIF coordinates further apart than this are counted as disagreeing
+
+
+@dataclass(frozen=True)
+class LocalSourceConfig:
+    folder: str | None = None
+    manifest: str | None = None
+    copy_into_store: bool = True  # False: reference files where they are (path is absolute)
+    default_license: str | None = None  # e.g. "CC-BY-4.0" when the whole folder shares one licence
+    owner: str | None = None
+    download_timeout_s: float = 30.0
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.folder or self.manifest)
+
+
+@dataclass
+class LocalIngestResult:
+    manifest: pd.DataFrame
+    rejections: pd.DataFrame
+    stats: dict[str, int] = field(default_factory=dict)
+
+
+def normalise_columns(df: pd.DataFrame) -> dict[str, str]:
+    """Map canonical names (lat, lon, path, url, ...) to the manifest's own column names."""
+    lower = {c.strip().lower(): c for c in df.columns}
+    found = {}
+    for canon, aliases in COLUMN_ALIASES.items():
+        for alias in aliases:
+            if alias in lower:
+                found[canon] = lower[alias]
+                break
+    return found
+
+
+def read_manifest_file(path: Path) -> pd.DataFrame:
+    if path.suffix.lower() in (".parquet", ".pq"):
+        return pd.read_parquet(path)
+    return pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""])
+
+
+def _float(v) -> float | None:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return f if math.isfinite(f) else None
+
+
+def _km(lat1, lon1, lat2, lon2) -> float:
+    a, b = unit_vectors([lat1], [lon1])[0], unit_vectors([lat2], [lon2])[0]
+    return float(2 * np.arcsin(min(1.0, np.linalg.norm(a - b) / 2)) * EARTH_RADIUS_KM)
+
+
+class LocalSource:
+    """Turns a folder and/or a manifest into raw-manifest rows plus rejections."""
+
+    def __init__(
+        self,
+        cfg: LocalSourceConfig,
+        store: ImageStore,
+        inside_pakistan: Callable[[np.ndarray, np.ndarray], np.ndarray],
+        previous: pd.DataFrame | None = None,
+        fetch: Callable[[str, float], bytes] | None = None,
+    ):
+        self.cfg = cfg
+        self.store = store
+        self.inside_pakistan = inside_pakistan
+        self.fetch = fetch or _http_get
+        # (source_id, size, mtime_ns) → previous row, so unchanged files are not hashed or copied again
+        self._previous = {}
+        if previous is not None and len(previous):
+            for row in previous.to_dict("records"):
+                self._previous[(row["source_id"], row.get("file_size"), row.get("file_mtime_ns"))] = row
+        self.rows: list[dict] = []
+        self.rejected: list[dict] = []
+        self.stats = {"files_seen": 0, "manifest_rows": 0, "reused": 0, "new": 0, "manifest_exif_disagree": 0}
+        self._seen_source_ids: set[str] = set()
+
+    # ---- public -------------------------------------------------------------------------------------------
+    def run(self, progress: Callable[[int, int], None] | None = None) -> LocalIngestResult:
+        if self.cfg.folder:
+            self._ingest_folder(Path(self.cfg.folder).expanduser(), progress)
+        if self.cfg.manifest:
+            self._ingest_manifest(Path(self.cfg.manifest).expanduser(), progress)
+        manifest = pd.DataFrame(self.rows) if self.rows else empty_frame(RAW_MANIFEST_SCHEMA)
+        for col in ("file_size", "file_mtime_ns"):
+            if col not in manifest:
+                manifest[col] = pd.Series(dtype="Int64")
+        rej = pd.DataFrame(self.rejected, columns=REJECTIONS_SCHEMA.names) if self.rejected else empty_frame(
+            REJECTIONS_SCHEMA
+        )
+        self.stats["accepted"] = len(manifest)
+        self.stats["rejected"] = len(rej)
+        return LocalIngestResult(manifest, rej, self.stats)
+
+    # ---- folder mode --------------------------------------------------------------------------------------
+    def _ingest_folder(self, root: Path, progress) -> None:
+        if not root.is_dir():
+            raise FileNotFoundError(f"local source folder {root} does not exist")
+        files = sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith("."))
+        for i, path in enumerate(files):
+            if progress:
+                progress(i + 1, len(files))
+            self.stats["files_seen"] += 1
+            sid = f"folder:{path.relative_to(root).as_posix()}"
+            base = {"source_id": sid, "source_url": path.resolve().as_uri(), "title": path.stem, "taken_at": None}
+            if path.suffix.lower() not in IMAGE_SUFFIXES:
+                self._reject(base, reasons.NOT_AN_IMAGE, f"not an image file name: {path.name}")
+                continue
+            self._add_file(path, base, lat=None, lon=None)
+
+    # ---- manifest mode ------------------------------------------------------------------------------------
+    def _ingest_manifest(self, mpath: Path, progress) -> None:
+        if not mpath.is_file():
+            raise FileNotFoundError(f"local source manifest {mpath} does not exist")
+        df = read_manifest_file(mpath)
+        cols = normalise_columns(df)
+        if "path" not in cols and "url" not in cols:
+            raise ValueError(f"{mpath}: needs a path column ({COLUMN_ALIASES['path']}) or a url column")
+        if "lat" not in cols or "lon" not in cols:
+            raise ValueError(f"{mpath}: needs latitude and longitude columns ({COLUMN_ALIASES['lat']}, ...)")
+        for i, rec in enumerate(df.to_dict("records")):
+            if progress:
+                progress(i + 1, len(df))
+            self.stats["manifest_rows"] += 1
+            get = lambda k: rec.get(cols[k]) if k in cols and not _missing(rec.get(cols[k])) else None  # noqa: E731
+            key = get("id") or get("path") or get("url") or f"row{i}"
+            sid = f"manifest:{mpath.name}:{key}"
+            base = {"source_id": sid, "title": get("title"), "owner": get("owner"), "license": get("license")}
+            lat, lon = get("lat"), get("lon")
+            flat, flon = _float(lat), _float(lon)
+            if lat is None or lon is None:
+                self._reject(base, reasons.NO_COORDINATES, "empty latitude/longitude in the manifest")
+                continue
+            if flat is None or flon is None or not (-90 <= flat <= 90 and -180 <= flon <= 180):
+                self._reject(base, reasons.INVALID_COORDINATES, f"lat={lat!r} lon={lon!r}")
+                continue
+            raw_date = get("taken_at")
+            if raw_date is not None:
+                ts = pd.to_datetime(raw_date, errors="coerce", utc=True)
+                if pd.isna(ts):
+                    self._reject(base, reasons.MALFORMED_DATE, f"date {raw_date!r}")
+                    continue
+                base["taken_at"] = ts
+            else:
+                base["taken_at"] = None
+            prov = get("province")
+            if prov is not None:
+                try:
+                    base["tags"] = f"province:{lookup(str(prov)).key}"
+                except KeyError:
+                    base["tags"] = f"province:{prov}"
+            if get("path") is not None:
+                p = Path(str(get("path"))).expanduser()
+                p = p if p.is_absolute() else (mpath.parent / p)
+                base["source_url"] = p.resolve().as_uri()
+                self._add_file(p, base, lat=flat, lon=flon)
+            else:
+                base["source_url"] = str(get("url"))
+                self._add_url(str(get("url")), base, lat=flat, lon=flon)
+
+    # ---- shared -------------------------------------------------------------------------------------------
+    def _add_file(self, path: Path, base: dict, lat: float | None, lon: float | None) -> None:
+        if not path.is_file():
+            self._reject(base, reasons.MISSING_FILE, str(path))
+            return
+        st = path.stat()
+        prev = self._previous.get((base["source_id"], st.st_size, st.st_mtime_ns))
+        if prev is not None and self.store.abspath(prev["path"]).is_file() and lat is None:
+            self.stats["reused"] += 1
+            self._accept({**prev})
+            return
+        self._add_bytes(path.read_bytes(), base, lat, lon, file_stat=(st.st_size, st.st_mtime_ns), origin=path)
+
+    def _add_url(self, url: str, base: dict, lat: float, lon: float) -> None:
+        try:
+            data = self.fetch(url, self.cfg.download_timeout_s)
+        except Exception as exc:  # network errors are a per-row rejection, not a crash
+            self._reject(base, reasons.DOWNLOAD_FAILED, f"{type(exc).__name__}: {exc}"[:200])
+            return
+        self._add_bytes(data, base, lat, lon, file_stat=(None, None), origin=None)
+
+    def _add_bytes(self, data: bytes, base, lat, lon, file_stat, origin: Path | None) -> None:
+        ext = sniff_extension(data)
+        if ext in UNSUPPORTED_EXTS and data:
+            is_container = ext != ".bin"
+            reason = reasons.UNSUPPORTED_FORMAT if is_container else reasons.NOT_AN_IMAGE
+            self._reject(base, reason, f"{ext} content" if is_container else "unrecognised bytes")
+            return
+        try:
+            header = read_header(data)
+        except NotAnImage as exc:
+            self._reject(base, reasons.NOT_AN_IMAGE, str(exc)[:200])
+            return
+        if lat is None or lon is None:
+            if header.lat is None or header.lon is None:
+                self._reject(base, reasons.NO_COORDINATES, header.exif_error or "no GPS in EXIF")
+                return
+            lat, lon = header.lat, header.lon
+            if not (-90 <= lat <= 90 and -180 <= lon <= 180):
+                self._reject(base, reasons.INVALID_COORDINATES, f"EXIF lat={lat} lon={lon}")
+                return
+        elif header.lat is not None and header.lon is not None:
+            if _km(lat, lon, header.lat, header.lon) > DISAGREEMENT_KM:
+                self.stats["manifest_exif_disagree"] += 1
+        if not bool(self.inside_pakistan(np.array([lat]), np.array([lon]))[0]):
+            self._reject(base, reasons.OUTSIDE_PAKISTAN, f"lat={lat:.5f} lon={lon:.5f}")
+            return
+        taken = base.get("taken_at")
+        if taken is None and header.taken_at is not None:
+            taken = header.taken_at
+        if self.cfg.copy_into_store or origin is None:
+            image_id, rel = self.store.put(data)
+        else:
+            image_id, rel = sha256_hex(data), str(origin.resolve())
+        self.stats["new"] += 1
+        self._accept(
+            {
+                "source": SOURCE,
+                "source_id": base["source_id"],
+                "source_url": base.get("source_url"),
+                "image_id": image_id,
+                "path": rel,
+                "lat": float(lat),
+                "lon": float(lon),
+                "geo_accuracy": header.accuracy_m,
+                "taken_at": taken,
+                "owner": base.get("owner") or self.cfg.owner,
+                "license": base.get("license") or self.cfg.default_license,
+                "title": base.get("title"),
+                "tags": base.get("tags"),
+                "place_id": None,
+                "file_size": file_stat[0],
+                "file_mtime_ns": file_stat[1],
+            }
+        )
+
+    def _accept(self, row: dict) -> None:
+        if row["source_id"] in self._seen_source_ids:
+            self._reject(row, reasons.DUPLICATE_ROW, "the same file or row is listed twice")
+            return
+        self._seen_source_ids.add(row["source_id"])
+        self.rows.append(row)
+
+    def _reject(self, base: dict, reason: str, detail: str) -> None:
+        self.rejected.append(rejection(STAGE, {"source": SOURCE, **base}, reason, detail))
+
+
+def _missing(v) -> bool:
+    return v is None or (isinstance(v, float) and math.isnan(v)) or (isinstance(v, str) and not v.strip())
+
+
+def _http_get(url: str, timeout: float) -> bytes:
+    import requests
+
+    resp = requests.get(url, timeout=timeout)
+    resp.raise_for_status()
+    return resp.content
