@@ -10,7 +10,7 @@ from pipeline.core import reasons
 from pipeline.core.paths import DataPaths
 from pipeline.core.schema import CATALOG_SCHEMA, LABELLED_SCHEMA, read_table
 from pipeline.defs import ingest, labels
-from pipeline.defs.resources import BoundariesResource, DataRootResource, KoppenRasterResource
+from pipeline.defs.resources import BoundariesResource, DataRootResource, KoppenRasterResource, LocalSourceResource
 
 
 @pytest.fixture(scope="module")
@@ -20,6 +20,7 @@ def small_world(tmp_path_factory, boundaries_path):
         "data_root": DataRootResource(path=str(root)),
         "boundaries": BoundariesResource(source=str(boundaries_path)),
         "koppen": KoppenRasterResource(),
+        "local_source": LocalSourceResource(),
     }
     assets = dg.load_assets_from_modules([ingest, labels])
     checks = dg.load_asset_checks_from_modules([ingest, labels])
