@@ -26,6 +26,22 @@ class DataPaths:
         """Every source's manifest (sample world, and per-province crawl partitions), in a stable order."""
         return sorted((self.root / "raw").glob("**/manifest.parquet"))
 
+    # crawlers (issue 7): per source × province, beside the manifest
+    def crawl_state(self, source: str, partition: str) -> Path:
+        return self.raw_dir(source, partition) / "state.sqlite"
+
+    def crawl_rejections(self, source: str, partition: str) -> Path:
+        return self.raw_dir(source, partition) / "rejections.parquet"
+
+    @property
+    def rate_limits(self) -> Path:
+        """Token buckets shared by every crawl process (one row per API key, named by the key's hash)."""
+        return self.root / "raw" / "rate_limits.sqlite"
+
+    def crawl_cache(self, source: str) -> Path:
+        """Answers shared by every partition of a source (e.g. Wikidata coordinates for GLDv2)."""
+        return self.raw_dir(source) / "cache.sqlite"
+
     @property
     def sample_world_truth(self) -> Path:
         return self.raw_dir("sample_world") / "ground_truth.parquet"
