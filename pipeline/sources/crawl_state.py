@@ -152,6 +152,9 @@ class CrawlState:
         row = self._con.execute("SELECT status FROM units WHERE unit_id = ?", (unit_id,)).fetchone()
         return bool(row and row[0] == DONE)
 
+    def unit_ids(self, status: str = DONE) -> set[str]:
+        return {r[0] for r in self._con.execute("SELECT unit_id FROM units WHERE status = ?", (status,))}
+
     def has_units(self, prefix: str = "") -> bool:
         cond, args = _prefix_sql(prefix)
         return self._con.execute(f"SELECT 1 FROM units WHERE {cond} LIMIT 1", args).fetchone() is not None

@@ -103,18 +103,22 @@ class Yfcc100mSource(Source):
         x0, y0, x1, y1 = ctx.bbox
 
         def handle(batch: pa.RecordBatch):
-            before = bad.count
             df = batch.to_pandas()
             lat = pd.to_numeric(df["latitude"], errors="coerce")
             lon = pd.to_numeric(df["longitude"], errors="coerce")
-            rows = df[(lat >= y0) & (lat <= y1) & (lon >= x0) & (lon <= x1)]
-            records = rows.to_dict("records")
+            records = df[(lat >= y0) & (lat <= y1) & (lon >= x0) & (lon <= x1)].to_dict("records")
             keep, rejected = self.sort_items([str(r["photoid"]) for r in records], records, ctx)
-            return keep, rejected, {"in_bbox": len(records), "malformed_rows": bad.count - before}
+            return keep, rejected, {"in_bbox": len(records)}
 
+        scanned_before = ctx.state.meta_get("chunk_complete")
         scan_in_chunks(ctx, "chunk", batches, handle)
-        if bad.count:
-            ctx.info(f"yfcc100m: {bad.count} malformed lines skipped, e.g. {bad.examples}")
+        if not scanned_before:  # every scan reads from the start, so the count covers the whole file
+            ctx.state.meta_set("malformed_lines", {"count": bad.count, "examples": bad.examples})
+            if bad.count:
+                ctx.info(f"yfcc100m: {bad.count} malformed lines skipped, e.g. {bad.examples}")
+
+    def summary(self, state) -> dict[str, float]:
+        return {"malformed lines skipped": float((state.meta_get("malformed_lines") or {}).get("count", 0))}
 
     def judge(self, records: list[dict], ctx: CrawlContext) -> list[str | None]:
         lat = [to_float(r.get("latitude")) for r in records]
