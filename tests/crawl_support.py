@@ -10,7 +10,7 @@ import random
 import sys
 from pathlib import Path
 
-from tests.fake_apis import FlickrPhoto
+from tests.fake_apis import FakePlace, FlickrPhoto
 
 from pipeline.sources.http import HttpSettings, HttpStats, RetryPolicy
 
@@ -51,6 +51,16 @@ def flickr_source(rest_url: str, http: HttpSettings, stats: HttpStats, **cfg):
 
     defaults = dict(queries_per_hour=3600 * 1000, min_taken_date="2005-01-01", max_taken_date="2024-01-01")
     return FlickrSource(FlickrConfig(FLICKR_KEY, FLICKR_SECRET, rest_url=rest_url, **{**defaults, **cfg}), http, stats)
+
+
+def ict_places(n_dense: int = 90, seed: int = 3) -> list[FakePlace]:
+    """A dense cluster in Islamabad (saturates a nearby search: > 60 places) plus a sparse scatter."""
+    rng = random.Random(seed)
+    dense = [FakePlace(f"ChIJdense{i:03d}", 33.70 + rng.uniform(-0.01, 0.01), 73.05 + rng.uniform(-0.01, 0.01),
+                       rng.randrange(0, 4), rng.random()) for i in range(n_dense)]
+    sparse = [FakePlace(f"ChIJsparse{i:03d}", 33.6 + rng.uniform(-0.05, 0.1), 72.95 + rng.uniform(-0.05, 0.2),
+                        rng.randrange(0, 3), rng.random()) for i in range(20)]
+    return dense + sparse
 
 
 def assert_store_intact(root: Path) -> int:

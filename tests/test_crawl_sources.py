@@ -19,8 +19,9 @@ from tests.crawl_support import (
     flickr_expected,
     flickr_photos,
     flickr_source,
+    ict_places,
 )
-from tests.fake_apis import FakePlace, FakeServer, FlickrPhoto, flickr_routes, image_routes, places_routes, \
+from tests.fake_apis import FakeServer, FlickrPhoto, flickr_routes, image_routes, places_routes, \
     wd_entity, wikidata_routes
 
 from pipeline.core import reasons
@@ -120,17 +121,8 @@ def test_flickr_splits_queries_over_the_4000_cap(tmp_path, boundaries):
 
 # ----------------------------------------------------------------------------------------------- Google Places
 
-def _places(n: int, seed: int = 3) -> list[FakePlace]:
-    rng = random.Random(seed)
-    dense = [FakePlace(f"ChIJdense{i:03d}", 33.70 + rng.uniform(-0.01, 0.01), 73.05 + rng.uniform(-0.01, 0.01),
-                       rng.randrange(0, 4), rng.random()) for i in range(n)]
-    sparse = [FakePlace(f"ChIJsparse{i:03d}", 33.6 + rng.uniform(-0.05, 0.1), 72.95 + rng.uniform(-0.05, 0.2),
-                        rng.randrange(0, 3), rng.random()) for i in range(20)]
-    return dense + sparse
-
-
 def test_google_places_crawl_survives_faults_and_splits_saturated_tiles(tmp_path, boundaries):
-    places = _places(90)
+    places = ict_places()
     ids = boundaries.locate(np.array([p.lat for p in places]), np.array([p.lon for p in places]))
     ict = BY_KEY["ict"].id
     expected = {f"{p.place_id}:{i}" for p, w in zip(places, ids) if w == ict for i in range(p.n_photos)}
