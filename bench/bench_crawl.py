@@ -104,7 +104,7 @@ def query_rate(rate: float, queries: int, latency_ms: float) -> None:
 
 def downloads(images: int, latency_ms: float, workers: int) -> None:
     from pipeline.core.store import ImageStore
-    from pipeline.sources.http import ApiSession, HttpSettings, HttpStats, Redactor, download_all, fetch_url
+    from pipeline.sources.http import HttpSettings, HttpStats, Redactor, download_all, download_session, fetch_url
 
     print(f"== downloads: {images} images, server latency {latency_ms:.0f} ms each ==")
     with FakeServer(latency_s=latency_ms / 1000) as srv:
@@ -113,11 +113,12 @@ def downloads(images: int, latency_ms: float, workers: int) -> None:
         for n_workers in (1, workers):
             with tempfile.TemporaryDirectory() as tmp:
                 settings = HttpSettings(timeout_s=10, download_workers=n_workers)
-                session = ApiSession(None, 10)
+                session = download_session(settings, HttpStats())
                 jobs = [(str(i), (lambda u=f"{srv.url}/img/w{n_workers}-{i}.jpg": fetch_url(session, u, 10**7)))
                         for i in range(images)]
                 start = time.perf_counter()
-                done = sum(1 for o in download_all(jobs, ImageStore(tmp), settings, HttpStats(), Redactor()) if o.image_id)
+                outcomes = download_all(jobs, ImageStore(tmp), settings, HttpStats(), Redactor())
+                done = sum(1 for o in outcomes if o.image_id)
                 secs = time.perf_counter() - start
                 rates[n_workers] = done / secs
                 print(f"{n_workers:2d} worker(s): {done} images in {secs:5.2f} s = {done / secs:6.1f} images/s")

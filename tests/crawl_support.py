@@ -18,7 +18,8 @@ FLICKR_KEY, FLICKR_SECRET = "SECRET-KEY-123", "SECRET-SECRET-456"
 GOOGLE_KEY = "AIzaSECRET-KEY-789"  # googlemaps insists on the AIza prefix
 
 
-def fast_http(workers: int = 4, attempts: int = 10, timeout_s: float = 0.15, rate_db: str | None = None) -> HttpSettings:
+def fast_http(workers: int = 4, attempts: int = 10, timeout_s: float = 0.15,
+              rate_db: str | None = None) -> HttpSettings:
     """Tiny backoff and timeouts so fault-injected crawls finish in seconds (the fake's 'timeout' sleeps 0.6 s)."""
     return HttpSettings(timeout_s=timeout_s, retry=RetryPolicy(attempts, 0.002, 0.02, max_retry_after_s=0.05),
                         download_workers=workers, rate_limit_db=rate_db)

@@ -13,7 +13,6 @@ import io
 import json
 import math
 import random
-import re
 import threading
 import time
 from collections.abc import Callable
@@ -138,8 +137,8 @@ class FakeServer:
     def requests(self, path_prefix: str = "", ok_only: bool = False, tag: str | None = None) -> list[Logged]:
         with self._lock:
             entries = list(self.log)
-        return [e for e in entries if e.path.startswith(path_prefix) and (not ok_only or (e.fault is None and e.status < 400))
-                and (tag is None or e.tag == tag)]
+        return [e for e in entries if e.path.startswith(path_prefix)
+                and (not ok_only or (e.fault is None and e.status < 400)) and (tag is None or e.tag == tag)]
 
     def fault_counts(self) -> dict[str, int]:
         with self._lock:
@@ -469,7 +468,3 @@ def wikidata_routes(server: FakeServer, entities: list[dict]) -> None:
 
     server.route("GET", "/w/api.php", handle)
 
-
-def commons_title(url: str) -> str:
-    """Category title from a Commons category URL (as GLDv2's train_label_to_category.csv gives them)."""
-    return re.sub(r"^.*/wiki/", "", url).replace("_", " ")

@@ -29,7 +29,8 @@ FAST = dict(timeout_s=0.15, max_attempts=10, backoff_base_s=0.002, backoff_max_s
 
 
 def _base(root: Path, boundaries_path: Path) -> dict:
-    return {"data_root": DataRootResource(path=str(root)), "boundaries": BoundariesResource(source=str(boundaries_path))}
+    return {"data_root": DataRootResource(path=str(root)),
+            "boundaries": BoundariesResource(source=str(boundaries_path))}
 
 
 def test_unconfigured_sources_are_skipped_not_failed(tmp_path, boundaries_path, monkeypatch):

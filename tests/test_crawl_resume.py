@@ -77,7 +77,8 @@ def test_sigkill_then_resume(tmp_path, boundaries, boundaries_path, kill_after):
         source = flickr_source(srv.url + "/services/rest/", http, stats, per_page=10)
         run_crawl(source, "sindh", paths, ImageStore(tmp_path), boundaries, http, stats, log=lambda m: None)
         second_searches = {_unit_of(e.params) for e in srv.requests("/services/rest/", tag="run2")}
-        second_images = {e.path.rsplit("/", 1)[1].removesuffix(".jpg") for e in srv.requests("/flickr-img/", tag="run2")}
+        second_images = {e.path.rsplit("/", 1)[1].removesuffix(".jpg")
+                         for e in srv.requests("/flickr-img/", tag="run2")}
     assert not second_searches & units_done, "a finished query page was fetched again"
     assert not second_images & done_items, "a finished download was fetched again"
     manifest = read_table(paths.raw_manifest("flickr", "sindh"), RAW_MANIFEST_SCHEMA)

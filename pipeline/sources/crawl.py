@@ -302,13 +302,14 @@ def _download_pending(source: Source, ctx: CrawlContext) -> None:
     pending = list(ctx.state.pending_items())
     if not pending:
         return
-    ctx.info(f"{source.name}/{ctx.province.key}: downloading {len(pending)} images, {ctx.http.download_workers} workers")
+    where = f"{source.name}/{ctx.province.key}"
+    ctx.info(f"{where}: downloading {len(pending)} images with {ctx.http.download_workers} workers")
     jobs = ((item_id, source.fetcher(record)) for item_id, record in pending)
     outcomes = download_all(jobs, ctx.store, ctx.http, ctx.stats, ctx.redact, source.classify)
     for n, out in enumerate(outcomes, start=1):
         ctx.state.record_download(out.item_id, out.image_id, out.path, out.reason, out.detail, out.retry_later)
         if n % 500 == 0 or n == len(pending):
-            ctx.info(f"{source.name}/{ctx.province.key}: {n}/{len(pending)} downloads finished")
+            ctx.info(f"{where}: {n}/{len(pending)} downloads finished")
 
 
 def _write_outputs(source: Source, ctx: CrawlContext) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -335,4 +336,5 @@ def _write_outputs(source: Source, ctx: CrawlContext) -> tuple[pd.DataFrame, pd.
 
 
 def _rejection(source: str, item_id: str, reason: str, detail: str, image_id, path) -> dict:
-    return rejection(STAGE, {"source": source, "source_id": item_id, "image_id": image_id, "path": path}, reason, detail)
+    row = {"source": source, "source_id": item_id, "image_id": image_id, "path": path}
+    return rejection(STAGE, row, reason, detail)

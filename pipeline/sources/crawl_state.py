@@ -186,7 +186,8 @@ class CrawlState:
                 n += 1
             for r in rejected:
                 con.execute(
-                    "INSERT OR IGNORE INTO items (item_id, record, status, reason, detail, seq) VALUES (?, ?, ?, ?, ?, ?)",
+                    "INSERT OR IGNORE INTO items (item_id, record, status, reason, detail, seq) "
+                    "VALUES (?, ?, ?, ?, ?, ?)",
                     (r.item_id, json.dumps(r.record), REJECTED, r.reason, r.detail, seq + n),
                 )
                 n += 1

@@ -22,14 +22,14 @@ from pipeline.core import reasons
 from pipeline.sources.crawl import CrawlContext, Source, local_datetime_to_utc, to_float
 from pipeline.sources.crawl_state import Unit
 from pipeline.sources.http import (
-    ApiSession,
     Fetched,
     HttpSettings,
     HttpStats,
     TransientError,
+    api_session,
     classify,
+    download_session,
     fetch_url,
-    rate_limiter,
 )
 
 DEFAULT_REST_URL = "https://api.flickr.com/services/rest/"
@@ -128,10 +128,8 @@ class FlickrSource(Source):
         )
         self.api.REST_URL = cfg.rest_url
         # an instance attribute: flickrapi's own session is shared by every instance in the process
-        self.api.flickr_oauth.session = ApiSession(
-            rate_limiter(cfg.api_key, cfg.queries_per_hour / 3600.0, http.rate_limit_db), http.timeout_s, http.user_agent, stats, "api"
-        )
-        self.downloads = ApiSession(None, http.timeout_s, http.user_agent, stats, "download")
+        self.api.flickr_oauth.session = api_session(http, stats, cfg.api_key, cfg.queries_per_hour / 3600.0)
+        self.downloads = download_session(http, stats)
 
     def params(self) -> dict:
         c = self.cfg

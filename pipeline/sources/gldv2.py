@@ -23,15 +23,14 @@ from pipeline.core import reasons
 from pipeline.sources.crawl import CrawlContext, Source, read_delimited, scan_in_chunks
 from pipeline.sources.crawl_state import JsonCache
 from pipeline.sources.http import (
-    ApiSession,
     Fetched,
     HttpSettings,
     HttpStats,
-    TokenBucket,
     TransientError,
+    api_session,
+    download_session,
     fetch_url,
     parse_retry_after,
-    rate_limiter,
 )
 
 DEFAULT_WIKIDATA_API = "https://www.wikidata.org/w/api.php"
@@ -144,10 +143,8 @@ class Gldv2Source(Source):
             raise ValueError("GLDv2 needs train.csv and train_label_to_category.csv")
         self.cfg = cfg
         self.http = http
-        self.wikidata = ApiSession(rate_limiter(cfg.wikidata_api_url, cfg.wikidata_requests_per_second, http.rate_limit_db),
-                                   http.timeout_s, http.user_agent, stats, "api")
-        limiter = TokenBucket(cfg.downloads_per_second) if cfg.downloads_per_second > 0 else None
-        self.downloads = ApiSession(limiter, http.timeout_s, http.user_agent, stats, "download")
+        self.wikidata = api_session(http, stats, cfg.wikidata_api_url, cfg.wikidata_requests_per_second)
+        self.downloads = download_session(http, stats, cfg.downloads_per_second)
 
     def params(self) -> dict:
         c = self.cfg
@@ -162,7 +159,8 @@ class Gldv2Source(Source):
         if "error" in body:
             code = body["error"].get("code")
             if code == "maxlag":  # Wikidata is lagging: back off as it asks
-                raise TransientError("maxlag", "Wikidata maxlag", parse_retry_after(resp.headers.get("Retry-After")) or 5)
+                wait = parse_retry_after(resp.headers.get("Retry-After")) or 5.0
+                raise TransientError("maxlag", "Wikidata maxlag", wait)
             raise WikidataError(f"Wikidata error {code}: {body['error'].get('info')}")
         return body.get("entities") or {}
 
@@ -227,7 +225,8 @@ class Gldv2Source(Source):
 
     def judge(self, records: list[dict], ctx: CrawlContext) -> list[str | None]:
         where = ctx.location_reasons([r["lat"] for r in records], [r["lon"] for r in records])
-        return [w if w is not None else (None if r.get("url") else reasons.NO_IMAGE_URL) for r, w in zip(records, where)]
+        return [w if w is not None else (None if r.get("url") else reasons.NO_IMAGE_URL)
+                for r, w in zip(records, where)]
 
     # ------------------------------------------------------------------------------------------------ download
     def fetcher(self, record: dict) -> Callable[[], Fetched]:

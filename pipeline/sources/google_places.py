@@ -24,13 +24,12 @@ from pipeline.core.gazetteer import EARTH_RADIUS_KM, unit_vectors
 from pipeline.sources.crawl import CrawlContext, Source, to_float
 from pipeline.sources.crawl_state import Unit
 from pipeline.sources.http import (
-    ApiSession,
     Fetched,
     HttpSettings,
     HttpStats,
     PermanentHTTPError,
+    api_session,
     classify,
-    rate_limiter,
     read_capped,
 )
 
@@ -106,9 +105,7 @@ class GooglePlacesSource(Source):
             raise ValueError(f"tile_deg={cfg.tile_deg} needs a search radius over {MAX_RADIUS_M} m; use ≤ 0.6")
         self.cfg = cfg
         self.http = http
-        self.session = ApiSession(
-            rate_limiter(cfg.api_key, cfg.queries_per_second, http.rate_limit_db), http.timeout_s, http.user_agent, stats, "api"
-        )
+        self.session = api_session(http, stats, cfg.api_key, cfg.queries_per_second)
         # the client's own limiter is switched off (huge quota): the session's token bucket paces requests
         self.client = googlemaps.Client(
             key=cfg.api_key,

@@ -199,7 +199,10 @@ def parse_retry_after(value: str | None, now: dt.datetime | None = None) -> floa
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """Exponential backoff with equal jitter (half fixed, half random); a server's Retry-After is a floor (capped by ``max_retry_after_s``)."""
+    """Exponential backoff with equal jitter (half fixed, half random).
+
+    A server's Retry-After is a floor, capped by ``max_retry_after_s``.
+    """
 
     max_attempts: int = 6
     base_delay_s: float = 1.0
@@ -282,6 +285,17 @@ class ApiSession(requests.Session):
     def last_response(self) -> requests.Response | None:
         """The last response this thread received (clients such as googlemaps do not hand it out)."""
         return getattr(self._local, "response", None)
+
+
+def api_session(http: HttpSettings, stats: HttpStats, key: str, rate_per_s: float) -> ApiSession:
+    """A session for one API key, paced by that key's (shared) token bucket."""
+    return ApiSession(rate_limiter(key, rate_per_s, http.rate_limit_db), http.timeout_s, http.user_agent, stats, "api")
+
+
+def download_session(http: HttpSettings, stats: HttpStats, rate_per_s: float = 0.0) -> ApiSession:
+    """A session for image downloads; ``rate_per_s`` > 0 paces this process's requests to the image host."""
+    limiter = TokenBucket(rate_per_s) if rate_per_s > 0 else None
+    return ApiSession(limiter, http.timeout_s, http.user_agent, stats, "download")
 
 
 def classify(exc: BaseException) -> tuple[str, float | None] | None:

@@ -30,7 +30,7 @@ from pipeline.sources.crawl import (
     scan_in_chunks,
     to_float,
 )
-from pipeline.sources.http import ApiSession, Fetched, HttpSettings, HttpStats, TokenBucket, fetch_first
+from pipeline.sources.http import Fetched, HttpSettings, HttpStats, download_session, fetch_first
 
 COLUMNS_2016 = (
     "line", "photoid", "hash", "uid", "unickname", "datetaken", "dateuploaded", "capturedevice", "title",
@@ -68,7 +68,8 @@ def detect_columns(path: str) -> tuple[str, ...]:
 
 def _mirror_fields(record: dict) -> dict:
     h = record.get("hash") or ""
-    return {"photoid": record["photoid"], "hash": h, "hash_a": h[:3], "hash_b": h[3:6], "ext": record.get("ext") or "jpg"}
+    ext = record.get("ext") or "jpg"
+    return {"photoid": record["photoid"], "hash": h, "hash_a": h[:3], "hash_b": h[3:6], "ext": ext}
 
 
 class Yfcc100mSource(Source):
@@ -85,8 +86,7 @@ class Yfcc100mSource(Source):
                 raise ValueError(f"mirror_url_template: unknown placeholder {exc}; use {MIRROR_FIELDS}") from exc
         self.cfg = cfg
         self.http = http
-        limiter = TokenBucket(cfg.downloads_per_second) if cfg.downloads_per_second > 0 else None
-        self.downloads = ApiSession(limiter, http.timeout_s, http.user_agent, stats, "download")
+        self.downloads = download_session(http, stats, cfg.downloads_per_second)
 
     def params(self) -> dict:
         c = self.cfg
