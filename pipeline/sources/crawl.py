@@ -107,6 +107,16 @@ class CrawlContext:
         return [None if i == self.province.id else reasons.OTHER_PROVINCE if i >= 0 else reasons.OUTSIDE_PAKISTAN
                 for i in ids]
 
+    def judge_located(
+        self, records: list[dict], lat_key: str, lon_key: str, check: Callable[[dict], str | None]
+    ) -> list[str | None]:
+        """Location first (missing, another province's, outside Pakistan), then the source's own ``check``."""
+        lat = [to_float(r.get(lat_key)) for r in records]
+        lon = [to_float(r.get(lon_key)) for r in records]
+        where = self.location_reasons(lat, lon) if records else []
+        return [reasons.NO_COORDINATES if math.isnan(la) or math.isnan(lo) else w if w is not None else check(r)
+                for r, la, lo, w in zip(records, lat, lon, where)]
+
     def retry(self, fn: Callable[[], T], classify_fn: Callable[[BaseException], tuple[str, float | None] | None]) -> T:
         return call_with_retries(fn, self.http.retry, classify_fn, self.stats)
 

@@ -207,24 +207,14 @@ class FlickrSource(Source):
         return {**{k: p.get(k) for k in keys}, "url": url}
 
     def judge(self, records: list[dict], ctx: CrawlContext) -> list[str | None]:
-        lat = [to_float(r.get("latitude")) for r in records]
-        lon = [to_float(r.get("longitude")) for r in records]
-        where = ctx.location_reasons(lat, lon)
-        out: list[str | None] = []
-        for r, la, lo, w in zip(records, lat, lon, where):
-            if math.isnan(la) or math.isnan(lo):
-                out.append(reasons.NO_COORDINATES)
-            elif w is not None:
-                out.append(w)
-            elif str(r.get("license")) not in self.cfg.licenses:
-                out.append(reasons.LICENSE_NOT_ALLOWED)
-            elif not to_float(r.get("accuracy")) >= self.cfg.min_accuracy:
-                out.append(reasons.LOW_GEO_ACCURACY)
-            elif not r.get("url"):
-                out.append(reasons.NO_IMAGE_URL)
-            else:
-                out.append(None)
-        return out
+        return ctx.judge_located(records, "latitude", "longitude", self._check)
+
+    def _check(self, r: dict) -> str | None:
+        if str(r.get("license")) not in self.cfg.licenses:
+            return reasons.LICENSE_NOT_ALLOWED
+        if not to_float(r.get("accuracy")) >= self.cfg.min_accuracy:
+            return reasons.LOW_GEO_ACCURACY
+        return None if r.get("url") else reasons.NO_IMAGE_URL
 
     # ------------------------------------------------------------------------------------------------ download
     def fetcher(self, record: dict) -> Callable[[], Fetched]:

@@ -224,9 +224,7 @@ class Gldv2Source(Source):
         return out
 
     def judge(self, records: list[dict], ctx: CrawlContext) -> list[str | None]:
-        where = ctx.location_reasons([r["lat"] for r in records], [r["lon"] for r in records])
-        return [w if w is not None else (None if r.get("url") else reasons.NO_IMAGE_URL)
-                for r, w in zip(records, where)]
+        return ctx.judge_located(records, "lat", "lon", lambda r: None if r.get("url") else reasons.NO_IMAGE_URL)
 
     # ------------------------------------------------------------------------------------------------ download
     def fetcher(self, record: dict) -> Callable[[], Fetched]:

@@ -211,7 +211,7 @@ class GooglePlacesSource(Source):
         ctx.state.complete_unit(unit.unit_id, keep, rejected, result={"photos": len(ids)})
 
     def judge(self, records: list[dict], ctx: CrawlContext) -> list[str | None]:
-        return ctx.location_reasons([r["lat"] for r in records], [r["lon"] for r in records])
+        return ctx.judge_located(records, "lat", "lon", lambda r: None)
 
     # ------------------------------------------------------------------------------------------------ download
     def fetcher(self, record: dict) -> Callable[[], Fetched]:

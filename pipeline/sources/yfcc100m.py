@@ -12,7 +12,6 @@ the 23-column SQLite/older dump. Text fields are URL-encoded with ``+`` for spac
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import unquote_plus
@@ -121,26 +120,16 @@ class Yfcc100mSource(Source):
         return {"malformed lines skipped": float((state.meta_get("malformed_lines") or {}).get("count", 0))}
 
     def judge(self, records: list[dict], ctx: CrawlContext) -> list[str | None]:
-        lat = [to_float(r.get("latitude")) for r in records]
-        lon = [to_float(r.get("longitude")) for r in records]
-        where = ctx.location_reasons(lat, lon)
-        out: list[str | None] = []
-        for r, la, lo, w in zip(records, lat, lon, where):
-            if math.isnan(la) or math.isnan(lo):
-                out.append(reasons.NO_COORDINATES)
-            elif w is not None:
-                out.append(w)
-            elif str(r.get("marker", "0")).strip() not in ("0", ""):
-                out.append(reasons.NOT_A_PHOTO)
-            elif self.cfg.licenses and unquote_plus(r.get("licensename") or "") not in self.cfg.licenses:
-                out.append(reasons.LICENSE_NOT_ALLOWED)
-            elif not to_float(r.get("accuracy")) >= self.cfg.min_accuracy:
-                out.append(reasons.LOW_GEO_ACCURACY)
-            elif not self._urls(r):
-                out.append(reasons.NO_IMAGE_URL)
-            else:
-                out.append(None)
-        return out
+        return ctx.judge_located(records, "latitude", "longitude", self._check)
+
+    def _check(self, r: dict) -> str | None:
+        if str(r.get("marker", "0")).strip() not in ("0", ""):
+            return reasons.NOT_A_PHOTO
+        if self.cfg.licenses and unquote_plus(r.get("licensename") or "") not in self.cfg.licenses:
+            return reasons.LICENSE_NOT_ALLOWED
+        if not to_float(r.get("accuracy")) >= self.cfg.min_accuracy:
+            return reasons.LOW_GEO_ACCURACY
+        return None if self._urls(r) else reasons.NO_IMAGE_URL
 
     # ------------------------------------------------------------------------------------------------ download
     def _urls(self, record: dict) -> list[str]:
