@@ -168,6 +168,16 @@ def test_redactor_scrubs_secrets_and_key_parameters():
     assert "SECRET-KEY-123" not in out and "AIzaOTHER" not in out and "maxwidth=1600" in out
 
 
+def test_library_debug_logs_do_not_carry_keys(caplog):
+    import googlemaps
+
+    with FakeServer() as srv, caplog.at_level("DEBUG", logger="urllib3"):
+        srv.route("GET", "/maps/api/place/details/json", lambda req: Reply(200, b'{"status": "OK", "result": {}}'))
+        client = googlemaps.Client(key="AIzaSECRET-KEY-789", base_url=srv.url, requests_session=ApiSession())
+        client.place("ChIJx")
+    assert "/maps/api/place/details/json" in caplog.text and "AIzaSECRET-KEY-789" not in caplog.text
+
+
 def test_download_all_checks_limits_and_records_why(tmp_path):
     store = ImageStore(tmp_path)
     with FakeServer() as srv:

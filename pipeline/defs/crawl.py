@@ -74,7 +74,8 @@ class FlickrResource(CrawlResource):
     rest_url: str = DEFAULT_REST_URL
     queries_per_hour: float = 3600.0
     min_taken_date: str = "2000-01-01"
-    max_taken_date: str = Field(default="", description="empty: when the province's crawl first started")
+    max_taken_date: str = Field(default="", description="empty: when the province's crawl first started; set a "
+                                "later date to pick up newer photos")
     licenses: list[str] = Field(default=list(OPEN_LICENSES), description="Flickr licence ids to keep (0 = ARR)")
     min_accuracy: int = 11
     sizes: list[str] = ["url_l", "url_c", "url_z", "url_m"]

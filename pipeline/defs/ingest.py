@@ -13,6 +13,7 @@ from pipeline.core.schema import (
     read_table,
     write_table,
 )
+from pipeline.defs import crawl
 from pipeline.defs.metadata import md_table, plot, progress_logger
 from pipeline.defs.resources import BoundariesResource, DataRootResource
 from pipeline.sources.sample_world import SampleWorldConfig, generate_sample_world
@@ -82,7 +83,9 @@ def _key_to_id(key: str) -> int:
 @dg.asset(
     group_name="catalog",
     kinds={"parquet"},
-    deps=[sample_world_images],
+    # lineage only (keys, so the crawl assets are not pulled into this module's asset list); the catalog reads
+    # whatever crawl partitions exist and works with none
+    deps=[sample_world_images, *(a.key for a in crawl.CRAWL_ASSETS)],
     description="Union of every source's raw manifest, one schema, unique by image bytes; bad rows rejected.",
 )
 def image_catalog(context: dg.AssetExecutionContext, data_root: DataRootResource) -> dg.MaterializeResult:

@@ -14,6 +14,7 @@ import email.utils
 import hashlib
 import io
 import json
+import logging
 import random
 import re
 import sqlite3
@@ -89,6 +90,17 @@ class Redactor:
         for s in self.secrets:
             text = text.replace(s, "***")
         return self._PARAM.sub(r"\1=***", text)
+
+
+class _ScrubLogRecords(logging.Filter):
+    """urllib3 logs request lines at DEBUG, query string (and a Maps key) included: scrub them if anyone listens."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg, record.args = Redactor()(record.getMessage()), ()
+        return True
+
+
+logging.getLogger("urllib3.connectionpool").addFilter(_ScrubLogRecords())
 
 
 class TokenBucket:
