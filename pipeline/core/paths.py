@@ -26,8 +26,22 @@ class DataPaths:
         """Every source's manifest (sample world, and per-province crawl partitions), in a stable order."""
         return sorted((self.root / "raw").glob("**/manifest.parquet"))
 
-    def source_rejections(self, source: str) -> Path:
-        return self.raw_dir(source) / "rejections.parquet"
+    # crawlers (issue 7): per source × province, beside the manifest
+    def crawl_state(self, source: str, partition: str) -> Path:
+        return self.raw_dir(source, partition) / "state.sqlite"
+
+    def source_rejections(self, source: str, partition: str | None = None) -> Path:
+        """Rows a source could not turn into images (beside its manifest)."""
+        return self.raw_dir(source, partition) / "rejections.parquet"
+
+    @property
+    def rate_limits(self) -> Path:
+        """Token buckets shared by every crawl process (one row per API key, named by the key's hash)."""
+        return self.root / "raw" / "rate_limits.sqlite"
+
+    def crawl_cache(self, source: str) -> Path:
+        """Answers shared by every partition of a source (e.g. Wikidata coordinates for GLDv2)."""
+        return self.raw_dir(source) / "cache.sqlite"
 
     @property
     def sample_world_truth(self) -> Path:

@@ -14,6 +14,14 @@ NO_COORDINATES = "no_coordinates"
 INVALID_COORDINATES = "invalid_coordinates"
 FUTURE_DATE = "future_date"
 DUPLICATE_BYTES = "duplicate_bytes"
+# crawl stage: what a source found but did not keep (raw/<source>/<province>/rejections.parquet)
+OTHER_PROVINCE = "other_province"
+LICENSE_NOT_ALLOWED = "license_not_allowed"
+LOW_GEO_ACCURACY = "low_geo_accuracy"
+NOT_A_PHOTO = "not_a_photo"
+NO_IMAGE_URL = "no_image_url"
+IMAGE_TOO_LARGE = "image_too_large"
+DOWNLOAD_FAILED = "download_failed"
 # label stage
 OUTSIDE_PAKISTAN = "outside_pakistan"
 NO_CLIMATE_CLASS = "no_climate_class"
@@ -29,6 +37,13 @@ DESCRIPTIONS: dict[str, str] = {
     INVALID_COORDINATES: "latitude/longitude NaN, infinite or out of range",
     FUTURE_DATE: "the date taken lies in the future: the camera clock or the metadata is broken",
     DUPLICATE_BYTES: "the same bytes (sha256) already entered the catalog from another row; the first row is kept",
+    OTHER_PROVINCE: "the source's coordinate lies in another province: that province's crawl partition keeps it",
+    LICENSE_NOT_ALLOWED: "the licence is not in the source's configured allowlist",
+    LOW_GEO_ACCURACY: "the source's location accuracy is below the configured threshold",
+    NOT_A_PHOTO: "the record is a video, not a photo",
+    NO_IMAGE_URL: "the source gives no URL to download the image from",
+    IMAGE_TOO_LARGE: "the download is over the configured byte or pixel limit",
+    DOWNLOAD_FAILED: "the download failed (HTTP error, or transient errors outlasted the retries: retried next run)",
     OUTSIDE_PAKISTAN: "the coordinate lies in no province polygon of Pakistan",
     NO_CLIMATE_CLASS: "the Köppen-Geiger raster has no class at the coordinate",
 }

@@ -13,6 +13,7 @@ from pipeline.core.schema import (
     read_table,
     write_table,
 )
+from pipeline.defs import crawl
 from pipeline.defs.metadata import md_table, plot, progress_logger
 from pipeline.defs.resources import BoundariesResource, DataRootResource, LocalSourceResource
 from pipeline.sources.local import SOURCE as LOCAL_SOURCE
@@ -133,7 +134,9 @@ def local_images(
 @dg.asset(
     group_name="catalog",
     kinds={"parquet"},
-    deps=[sample_world_images, local_images],
+    # lineage only (keys, so the crawl assets are not pulled into this module's asset list); the catalog reads
+    # whatever crawl partitions exist and works with none
+    deps=[sample_world_images, local_images, *(a.key for a in crawl.CRAWL_ASSETS)],
     description="Union of every source's raw manifest, one schema, unique by image bytes; bad rows rejected.",
 )
 def image_catalog(context: dg.AssetExecutionContext, data_root: DataRootResource) -> dg.MaterializeResult:

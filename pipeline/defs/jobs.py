@@ -13,4 +13,14 @@ run_pipeline_job = dg.define_asset_job(
     executor_def=dg.in_process_executor,
 )
 
-JOBS = [run_pipeline_job]
+CRAWL_JOB = "crawl_job"
+
+# Partitioned by province, so kept out of the unpartitioned main job. One run per province:
+#   dagster job execute -m pipeline.definitions -j crawl_job --tags '{"dagster/partition": "sindh"}'
+crawl_job = dg.define_asset_job(
+    CRAWL_JOB,
+    selection=dg.AssetSelection.groups("crawl"),
+    description="Crawl every enabled real source (Flickr, Google Places, YFCC100M, GLDv2) for one province.",
+)
+
+JOBS = [run_pipeline_job, crawl_job]

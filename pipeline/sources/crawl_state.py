@@ -1,0 +1,280 @@
+"""Persistent crawl state per source × province: which units of work are done and what each item became.
+
+A SQLite file (``raw/<source>/<province>/state.sqlite``, WAL journal) so that a run killed at any instant resumes
+where it stopped: a unit (a Flickr query page, a Places tile, a YFCC chunk) and everything it found are committed in
+one transaction, and a download is recorded once its bytes are in the image store. Items are keyed by the source's
+own id, so an item found twice (overlapping tiles, shifted pages) is stored once.
+
+Item statuses: ``pending`` (to download), ``done`` (in the store), ``rejected`` (with a reason code, final) and
+``failed`` (transient errors outlasted the retries; downloaded again on the next run).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sqlite3
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+PENDING, DONE, REJECTED, FAILED = "pending", "done", "rejected", "failed"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS units (
+    unit_id TEXT PRIMARY KEY, payload TEXT NOT NULL, status TEXT NOT NULL, result TEXT,
+    seq INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS items (
+    item_id TEXT PRIMARY KEY, record TEXT NOT NULL, status TEXT NOT NULL,
+    image_id TEXT, path TEXT, reason TEXT, detail TEXT, attempts INTEGER NOT NULL DEFAULT 0,
+    seq INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS units_status ON units (status, seq);
+CREATE INDEX IF NOT EXISTS items_status ON items (status, seq);
+"""
+
+
+@dataclass(frozen=True)
+class Unit:
+    unit_id: str
+    payload: dict
+
+
+@dataclass(frozen=True)
+class Rejected:
+    item_id: str
+    record: dict
+    reason: str
+    detail: str = ""
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    con = sqlite3.connect(path, timeout=60, isolation_level=None)
+    con.execute("PRAGMA journal_mode=WAL")
+    con.execute("PRAGMA synchronous=NORMAL")
+    return con
+
+
+@contextlib.contextmanager
+def _transaction(con: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    con.execute("BEGIN IMMEDIATE")
+    try:
+        yield con
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
+    con.execute("COMMIT")
+
+
+def _prefix_sql(prefix: str) -> tuple[str, tuple]:
+    return "substr(unit_id, 1, ?) = ?", (len(prefix), prefix)
+
+
+class CrawlState:
+    """Units and items of one source × province; used from one thread (downloads report back to it)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._con = _connect(self.path)
+        self._con.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        self._con.close()
+
+    def __enter__(self) -> "CrawlState":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _tx(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
+        return _transaction(self._con)
+
+    def _next_seq(self, table: str) -> int:
+        return int(self._con.execute(f"SELECT COALESCE(MAX(seq), 0) + 1 FROM {table}").fetchone()[0])
+
+    # ---------------------------------------------------------------------------------------------------- meta
+    def meta_get(self, key: str, default=None):
+        row = self._con.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return json.loads(row[0]) if row else default
+
+    def meta_set(self, key: str, value) -> None:
+        with self._tx() as con:
+            con.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, json.dumps(value)))
+
+    def sync_params(self, params: dict, filter_reasons: Iterable[str]) -> bool:
+        """Record the crawl's parameters; when they changed since the last run, restart discovery.
+
+        Restarting drops the units and the filter rejections (they are found and judged again under the new
+        parameters) but keeps every download, so nothing already in the store is fetched again. Returns True if reset.
+        """
+        canonical = json.loads(json.dumps(params, sort_keys=True, default=str))
+        old = self.meta_get("params")
+        if old == canonical:
+            return False
+        reasons = list(filter_reasons)
+        with self._tx() as con:
+            if old is not None:
+                con.execute("DELETE FROM units")
+                con.execute("DELETE FROM meta WHERE key != 'params'")
+                if reasons:
+                    marks = ",".join("?" * len(reasons))
+                    con.execute(f"DELETE FROM items WHERE status = ? AND reason IN ({marks})", (REJECTED, *reasons))
+            con.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('params', ?)", (json.dumps(canonical),))
+        return old is not None
+
+    # --------------------------------------------------------------------------------------------------- units
+    def add_units(self, units: Iterable[Unit]) -> None:
+        with self._tx() as con:
+            self._insert_units(con, units)
+
+    def _insert_units(self, con: sqlite3.Connection, units: Iterable[Unit]) -> None:
+        seq = self._next_seq("units")
+        for i, u in enumerate(units):
+            con.execute(
+                "INSERT OR IGNORE INTO units (unit_id, payload, status, seq) VALUES (?, ?, ?, ?)",
+                (u.unit_id, json.dumps(u.payload), PENDING, seq + i),
+            )
+
+    def pending_units(self, prefix: str = "") -> list[Unit]:
+        cond, args = _prefix_sql(prefix)
+        rows = self._con.execute(
+            f"SELECT unit_id, payload FROM units WHERE status = ? AND {cond} ORDER BY seq", (PENDING, *args)
+        ).fetchall()
+        return [Unit(uid, json.loads(payload)) for uid, payload in rows]
+
+    def unit_done(self, unit_id: str) -> bool:
+        row = self._con.execute("SELECT status FROM units WHERE unit_id = ?", (unit_id,)).fetchone()
+        return bool(row and row[0] == DONE)
+
+    def unit_ids(self, status: str = DONE) -> set[str]:
+        return {r[0] for r in self._con.execute("SELECT unit_id FROM units WHERE status = ?", (status,))}
+
+    def has_units(self, prefix: str = "") -> bool:
+        cond, args = _prefix_sql(prefix)
+        return self._con.execute(f"SELECT 1 FROM units WHERE {cond} LIMIT 1", args).fetchone() is not None
+
+    def unit_results(self, prefix: str = "") -> list[dict]:
+        cond, args = _prefix_sql(prefix)
+        rows = self._con.execute(
+            f"SELECT result FROM units WHERE status = ? AND {cond} AND result IS NOT NULL ORDER BY seq", (DONE, *args)
+        ).fetchall()
+        return [json.loads(r[0]) for r in rows]
+
+    def complete_unit(
+        self,
+        unit_id: str,
+        items: Iterable[tuple[str, dict]] = (),
+        rejected: Iterable[Rejected] = (),
+        new_units: Iterable[Unit] = (),
+        result: dict | None = None,
+    ) -> None:
+        """Mark ``unit_id`` done together with everything it found, in one transaction (all or nothing)."""
+        with self._tx() as con:
+            seq = self._next_seq("items")
+            n = 0
+            for item_id, record in items:
+                con.execute(
+                    "INSERT OR IGNORE INTO items (item_id, record, status, seq) VALUES (?, ?, ?, ?)",
+                    (item_id, json.dumps(record), PENDING, seq + n),
+                )
+                n += 1
+            for r in rejected:
+                con.execute(
+                    "INSERT OR IGNORE INTO items (item_id, record, status, reason, detail, seq) "
+                    "VALUES (?, ?, ?, ?, ?, ?)",
+                    (r.item_id, json.dumps(r.record), REJECTED, r.reason, r.detail, seq + n),
+                )
+                n += 1
+            self._insert_units(con, new_units)
+            res = json.dumps(result) if result is not None else None
+            cur = con.execute("UPDATE units SET status = ?, result = ? WHERE unit_id = ?", (DONE, res, unit_id))
+            if cur.rowcount == 0:
+                con.execute(
+                    "INSERT INTO units (unit_id, payload, status, result, seq) VALUES (?, '{}', ?, ?, ?)",
+                    (unit_id, DONE, res, self._next_seq("units")),
+                )
+
+    # --------------------------------------------------------------------------------------------------- items
+    def pending_items(self) -> Iterator[tuple[str, dict]]:
+        """Items still to download (new, or failed transiently last time), in discovery order."""
+        rows = self._con.execute(
+            "SELECT item_id, record FROM items WHERE status IN (?, ?) ORDER BY seq", (PENDING, FAILED)
+        ).fetchall()
+        for item_id, record in rows:
+            yield item_id, json.loads(record)
+
+    def record_download(
+        self, item_id: str, image_id: str | None, path: str | None, reason: str | None, detail: str, retry_later: bool
+    ) -> None:
+        status = DONE if image_id else (FAILED if retry_later else REJECTED)
+        with self._tx() as con:
+            con.execute(
+                "UPDATE items SET status = ?, image_id = ?, path = ?, reason = ?, detail = ?, attempts = attempts + 1 "
+                "WHERE item_id = ?",
+                (status, image_id, path, reason, detail, item_id),
+            )
+
+    def update_records(self, updates: dict[str, dict]) -> None:
+        """Merge fields into stored records (e.g. attribution read after discovery)."""
+        with self._tx() as con:
+            for item_id, fields in updates.items():
+                row = con.execute("SELECT record FROM items WHERE item_id = ?", (item_id,)).fetchone()
+                if row:
+                    record = {**json.loads(row[0]), **fields}
+                    con.execute("UPDATE items SET record = ? WHERE item_id = ?", (json.dumps(record), item_id))
+
+    def item_ids(self) -> list[str]:
+        return [r[0] for r in self._con.execute("SELECT item_id FROM items ORDER BY seq")]
+
+    def items(self, statuses: Iterable[str] | None = None) -> pd.DataFrame:
+        """item_id, record (dict), status, image_id, path, reason, detail, attempts — in discovery order."""
+        sql = "SELECT item_id, record, status, image_id, path, reason, detail, attempts FROM items"
+        args: tuple = ()
+        if statuses is not None:
+            statuses = list(statuses)
+            sql += f" WHERE status IN ({','.join('?' * len(statuses))})"
+            args = tuple(statuses)
+        df = pd.read_sql_query(sql + " ORDER BY seq", self._con, params=args)
+        df["record"] = [json.loads(r) for r in df["record"]]
+        return df
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        units = dict(self._con.execute("SELECT status, COUNT(*) FROM units GROUP BY status").fetchall())
+        items = dict(self._con.execute("SELECT status, COUNT(*) FROM items GROUP BY status").fetchall())
+        return {"units": units, "items": items}
+
+
+class JsonCache:
+    """A small on-disk key → JSON cache (SQLite) shared by every partition of a source, e.g. Wikidata answers."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._con = _connect(self.path)
+        self._con.execute("CREATE TABLE IF NOT EXISTS cache (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+
+    def close(self) -> None:
+        self._con.close()
+
+    def get_many(self, keys: Iterable[str]) -> dict[str, object]:
+        keys = list(keys)
+        out: dict[str, object] = {}
+        for i in range(0, len(keys), 500):
+            chunk = keys[i : i + 500]
+            rows = self._con.execute(
+                f"SELECT key, value FROM cache WHERE key IN ({','.join('?' * len(chunk))})", chunk
+            ).fetchall()
+            out.update({k: json.loads(v) for k, v in rows})
+        return out
+
+    def put_many(self, values: dict[str, object]) -> None:
+        with _transaction(self._con) as con:
+            con.executemany(
+                "INSERT OR REPLACE INTO cache (key, value) VALUES (?, ?)",
+                [(k, json.dumps(v)) for k, v in values.items()],
+            )

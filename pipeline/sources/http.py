@@ -1,0 +1,491 @@
+"""HTTP for the crawlers: rate-limited sessions, retries with backoff, and checked parallel image downloads.
+
+Retries happen per *call* (``call_with_retries``), not inside the session, because a retried Flickr call must be
+signed again (fresh OAuth nonce) and an invalid-JSON body is only noticed after the session has returned. The session
+(``ApiSession``) turns 429/5xx into ``RetryableStatus`` carrying Retry-After, waits for a token from the API key's
+bucket before every request, and keeps the last response per thread so a caller can read headers through clients
+(googlemaps) that hide them. Secrets never leave through exception text: ``Redactor`` scrubs what is logged or stored.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import email.utils
+import hashlib
+import io
+import json
+import logging
+import random
+import re
+import sqlite3
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeVar
+
+import requests
+from PIL import Image
+
+from pipeline.core import reasons
+from pipeline.core.store import ImageStore, sniff_extension
+
+T = TypeVar("T")
+
+DEFAULT_USER_AGENT = "GeoPak/0.1 (image-geolocation research crawler; python-requests)"
+
+
+class TransientError(Exception):
+    """Worth retrying: the same request may succeed later."""
+
+    def __init__(self, cause: str, message: str = "", retry_after: float | None = None):
+        super().__init__(message or cause)
+        self.cause = cause
+        self.retry_after = retry_after
+
+
+class RetryableStatus(TransientError):
+    """HTTP 429 or 5xx."""
+
+    def __init__(self, status: int, retry_after: float | None):
+        super().__init__(f"http_{status}", f"HTTP {status}", retry_after)
+        self.status = status
+
+
+class PermanentHTTPError(Exception):
+    """A status that will not change on retry (404, 410, 403, ...)."""
+
+    def __init__(self, status: int):
+        super().__init__(f"HTTP {status}")
+        self.status = status
+
+
+class BadImage(TransientError):
+    """The bytes are not a complete image (HTML error page, truncated JPEG); retried, then rejected."""
+
+    def __init__(self, message: str):
+        super().__init__("bad_image", message)
+
+
+class ImageTooLarge(Exception):
+    """Over the configured byte or pixel limit: permanent."""
+
+
+class CrawlError(RuntimeError):
+    """A crawl could not finish; the message is already scrubbed of secrets."""
+
+
+class Redactor:
+    """Replaces secret values and ``key=...``-style query parameters in any text that is logged or stored."""
+
+    _PARAM = re.compile(r"(?i)\b(key|api_key|apikey|secret|signature|oauth_[a-z_]+)=([^&\s'\"]+)")
+
+    def __init__(self, secrets: Iterable[str] = ()):
+        self.secrets = sorted({s for s in secrets if s}, key=len, reverse=True)
+
+    def __call__(self, text: str) -> str:
+        for s in self.secrets:
+            text = text.replace(s, "***")
+        return self._PARAM.sub(r"\1=***", text)
+
+
+class _ScrubLogRecords(logging.Filter):
+    """urllib3 logs request lines at DEBUG, query string (and a Maps key) included: scrub them if anyone listens."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg, record.args = Redactor()(record.getMessage()), ()
+        return True
+
+
+logging.getLogger("urllib3.connectionpool").addFilter(_ScrubLogRecords())
+
+
+class TokenBucket:
+    """Thread-safe token bucket: ``acquire`` blocks until a token is free; reservations keep waiting threads fair."""
+
+    def __init__(self, rate_per_s: float, capacity: float = 1.0, clock=time.monotonic, sleep=time.sleep):
+        if rate_per_s <= 0:
+            raise ValueError("rate must be positive")
+        self.rate = float(rate_per_s)
+        self.capacity = float(capacity)
+        self._tokens = float(capacity)
+        self._clock = clock
+        self._sleep = sleep
+        self._last = clock()
+        self._lock = threading.Lock()
+
+    def acquire(self) -> float:
+        """Take one token; return the seconds waited."""
+        with self._lock:
+            now = self._clock()
+            self._tokens = min(self.capacity, self._tokens + (now - self._last) * self.rate)
+            self._last = now
+            self._tokens -= 1.0
+            wait_s = -self._tokens / self.rate if self._tokens < 0 else 0.0
+        if wait_s > 0:
+            self._sleep(wait_s)
+        return wait_s
+
+
+class SharedTokenBucket:
+    """A token bucket whose state lives in a SQLite file, so every process crawling with one key shares its budget.
+
+    Dagster runs each province partition in its own process; an in-process bucket would let seven partitions spend
+    seven times the key's allowance. One short ``BEGIN IMMEDIATE`` transaction per token (wall clock, shared).
+    """
+
+    def __init__(self, db_path: str | Path, name: str, rate_per_s: float, capacity: float = 1.0):
+        if rate_per_s <= 0:
+            raise ValueError("rate must be positive")
+        self.rate = float(rate_per_s)
+        self.capacity = float(capacity)
+        self.name = name
+        Path(db_path).parent.mkdir(parents=True, exist_ok=True)
+        self._con = sqlite3.connect(db_path, timeout=60, isolation_level=None, check_same_thread=False)
+        self._con.execute("PRAGMA journal_mode=WAL")
+        self._con.execute("CREATE TABLE IF NOT EXISTS buckets (name TEXT PRIMARY KEY, tokens REAL, last REAL)")
+        self._lock = threading.Lock()
+
+    def acquire(self) -> float:
+        with self._lock:
+            self._con.execute("BEGIN IMMEDIATE")
+            try:
+                row = self._con.execute("SELECT tokens, last FROM buckets WHERE name = ?", (self.name,)).fetchone()
+                now = time.time()
+                tokens = self.capacity if row is None else min(self.capacity, row[0] + (now - row[1]) * self.rate)
+                tokens -= 1.0
+                self._con.execute("INSERT OR REPLACE INTO buckets (name, tokens, last) VALUES (?, ?, ?)",
+                                  (self.name, tokens, now))
+            except BaseException:
+                self._con.execute("ROLLBACK")
+                raise
+            self._con.execute("COMMIT")
+        wait_s = -tokens / self.rate if tokens < 0 else 0.0
+        if wait_s > 0:
+            time.sleep(wait_s)
+        return wait_s
+
+
+Limiter = TokenBucket | SharedTokenBucket
+_LIMITERS: dict[tuple[str, str], Limiter] = {}
+_LIMITERS_LOCK = threading.Lock()
+
+
+def rate_limiter(key: str, rate_per_s: float, db_path: str | Path | None = None, capacity: float = 1.0) -> Limiter:
+    """The bucket for one API key: process-wide, or shared by every process through ``db_path``.
+
+    Buckets are named by a hash of the key, so the key itself is never written down.
+    """
+    name = hashlib.sha256(key.encode()).hexdigest()[:32]
+    slot = (name, str(db_path or ""))
+    with _LIMITERS_LOCK:
+        bucket = _LIMITERS.get(slot)
+        if bucket is None or bucket.rate != rate_per_s or bucket.capacity != capacity:
+            bucket = (SharedTokenBucket(db_path, name, rate_per_s, capacity) if db_path
+                      else TokenBucket(rate_per_s, capacity))
+            _LIMITERS[slot] = bucket
+        return bucket
+
+
+def parse_retry_after(value: str | None, now: dt.datetime | None = None) -> float | None:
+    """Retry-After as seconds: delta-seconds or an HTTP date; None when absent or unreadable."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=dt.timezone.utc)
+    now = now or dt.datetime.now(dt.timezone.utc)
+    return max(0.0, (when - now).total_seconds())
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Exponential backoff with equal jitter (half fixed, half random).
+
+    A server's Retry-After is a floor, capped by ``max_retry_after_s``.
+    """
+
+    max_attempts: int = 6
+    base_delay_s: float = 1.0
+    max_delay_s: float = 60.0
+    max_retry_after_s: float = 600.0
+
+    def delay(self, attempt: int, retry_after: float | None = None, rng: random.Random | None = None) -> float:
+        cap = min(self.max_delay_s, self.base_delay_s * (2**attempt))
+        backoff = (rng or random).uniform(cap / 2, cap)
+        if retry_after is not None:
+            return max(backoff, min(retry_after, self.max_retry_after_s))
+        return backoff
+
+
+@dataclass(frozen=True)
+class HttpSettings:
+    timeout_s: float = 30.0
+    retry: RetryPolicy = RetryPolicy()
+    download_workers: int = 8
+    max_image_bytes: int = 25 * 2**20
+    max_image_pixels: int = 90_000_000
+    user_agent: str = DEFAULT_USER_AGENT
+    rate_limit_db: str | None = None  # SQLite file that shares each key's budget between processes
+
+
+@dataclass
+class HttpStats:
+    """Thread-safe counters a crawl reports as metadata (requests, statuses, retries by cause)."""
+
+    counts: Counter = field(default_factory=Counter)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def add(self, name: str, n: int = 1) -> None:
+        with self._lock:
+            self.counts[name] += n
+
+    def snapshot(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self.counts)
+
+    def group(self, prefix: str) -> dict[str, int]:
+        return {k[len(prefix):]: v for k, v in self.snapshot().items() if k.startswith(prefix)}
+
+
+class ApiSession(requests.Session):
+    """A session that rate-limits, applies a default timeout and raises ``RetryableStatus`` on 429/5xx."""
+
+    def __init__(
+        self,
+        limiter: Limiter | None = None,
+        timeout_s: float = 30.0,
+        user_agent: str = DEFAULT_USER_AGENT,
+        stats: HttpStats | None = None,
+        label: str = "api",
+    ):
+        super().__init__()
+        self.label = label
+        self.limiter = limiter
+        self.timeout_s = timeout_s
+        self.stats = stats or HttpStats()
+        self.headers["User-Agent"] = user_agent
+        self._local = threading.local()
+
+    def request(self, method, url, *args, **kwargs):  # type: ignore[override]
+        if kwargs.get("timeout") is None:
+            kwargs["timeout"] = self.timeout_s
+        if self.limiter is not None:
+            self.limiter.acquire()
+        self.stats.add(f"{self.label}:requests")
+        resp = super().request(method, url, *args, **kwargs)
+        self._local.response = resp
+        self.stats.add(f"{self.label}:status:{resp.status_code}")
+        if resp.status_code == 429 or resp.status_code >= 500:
+            retry_after = parse_retry_after(resp.headers.get("Retry-After"))
+            resp.close()
+            raise RetryableStatus(resp.status_code, retry_after)
+        return resp
+
+    @property
+    def last_response(self) -> requests.Response | None:
+        """The last response this thread received (clients such as googlemaps do not hand it out)."""
+        return getattr(self._local, "response", None)
+
+
+def api_session(http: HttpSettings, stats: HttpStats, key: str, rate_per_s: float) -> ApiSession:
+    """A session for one API key, paced by that key's (shared) token bucket."""
+    return ApiSession(rate_limiter(key, rate_per_s, http.rate_limit_db), http.timeout_s, http.user_agent, stats, "api")
+
+
+def download_session(http: HttpSettings, stats: HttpStats, rate_per_s: float = 0.0) -> ApiSession:
+    """A session for image downloads; ``rate_per_s`` > 0 paces this process's requests to the image host."""
+    limiter = TokenBucket(rate_per_s) if rate_per_s > 0 else None
+    return ApiSession(limiter, http.timeout_s, http.user_agent, stats, "download")
+
+
+def classify(exc: BaseException) -> tuple[str, float | None] | None:
+    """(cause, retry_after) when ``exc`` is transient, else None. Unwraps googlemaps' TransportError."""
+    inner = getattr(exc, "base_exception", None)
+    if isinstance(inner, BaseException):
+        exc = inner
+    if isinstance(exc, TransientError):
+        return exc.cause, exc.retry_after
+    if isinstance(exc, requests.Timeout | TimeoutError):
+        return "timeout", None
+    if isinstance(exc, requests.exceptions.ChunkedEncodingError | requests.exceptions.ContentDecodingError):
+        return "truncated_body", None
+    if isinstance(exc, requests.ConnectionError | ConnectionError):
+        return "connection", None
+    if isinstance(exc, json.JSONDecodeError | UnicodeDecodeError):
+        return "invalid_json", None
+    return None
+
+
+def call_with_retries(
+    fn: Callable[[], T],
+    policy: RetryPolicy,
+    classify_fn: Callable[[BaseException], tuple[str, float | None] | None] = classify,
+    stats: HttpStats | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+) -> T:
+    """Call ``fn`` until it succeeds, a non-transient error occurs, or the attempts run out (then re-raise)."""
+    for attempt in range(policy.max_attempts):
+        try:
+            return fn()
+        except Exception as exc:
+            verdict = classify_fn(exc)
+            if verdict is None or attempt == policy.max_attempts - 1:
+                raise
+            cause, retry_after = verdict
+            if stats is not None:
+                stats.add(f"retry:{cause}")
+            sleep(policy.delay(attempt, retry_after))
+    raise AssertionError("unreachable")
+
+
+# ----------------------------------------------------------------------------------------------------- downloads
+
+_IMAGE_TYPES = ("image/", "application/octet-stream", "binary/octet-stream")
+
+
+@dataclass(frozen=True)
+class Fetched:
+    data: bytes
+    content_type: str | None
+
+
+def read_capped(resp: requests.Response, max_bytes: int) -> bytes:
+    """The body, refusing anything over ``max_bytes`` (by Content-Length up front, else while streaming)."""
+    length = resp.headers.get("Content-Length")
+    if length and length.isdigit() and int(length) > max_bytes:
+        raise ImageTooLarge(f"Content-Length {length} > {max_bytes} bytes")
+    buf = bytearray()
+    for chunk in resp.iter_content(chunk_size=1 << 16):
+        buf += chunk
+        if len(buf) > max_bytes:
+            raise ImageTooLarge(f"body over {max_bytes} bytes")
+    return bytes(buf)
+
+
+def fetch_url(session: requests.Session, url: str, max_bytes: int) -> Fetched:
+    with session.get(url, stream=True) as resp:
+        if resp.status_code != 200:
+            raise PermanentHTTPError(resp.status_code)
+        return Fetched(read_capped(resp, max_bytes), resp.headers.get("Content-Type"))
+
+
+def fetch_first(session: requests.Session, urls: list[str], max_bytes: int) -> Fetched:
+    """Try mirrors in order; a permanent failure moves on to the next URL, transient errors propagate (retry)."""
+    if not urls:
+        raise PermanentHTTPError(0)
+    for i, url in enumerate(urls):
+        try:
+            return fetch_url(session, url, max_bytes)
+        except PermanentHTTPError:
+            if i == len(urls) - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
+def check_image(fetched: Fetched, max_pixels: int) -> None:
+    """Reject what is not a complete image: wrong content type, unknown magic bytes, or a body that fails to decode."""
+    ctype = (fetched.content_type or "").split(";")[0].strip().lower()
+    if ctype and not ctype.startswith(_IMAGE_TYPES):
+        raise BadImage(f"content type {ctype!r}")
+    if sniff_extension(fetched.data) == ".bin":
+        raise BadImage(f"unknown magic bytes {fetched.data[:8]!r}")
+    try:
+        with Image.open(io.BytesIO(fetched.data)) as img:
+            if img.width * img.height > max_pixels:
+                raise ImageTooLarge(f"{img.width}x{img.height} pixels")
+            img.draft("RGB", (64, 64))  # JPEG: decode at 1/8 scale; every coefficient is still read
+            img.load()
+    except ImageTooLarge:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise ImageTooLarge(str(exc)) from exc
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise BadImage(f"does not decode: {exc}") from exc
+
+
+@dataclass(frozen=True)
+class DownloadOutcome:
+    item_id: str
+    image_id: str | None = None
+    path: str | None = None
+    reason: str | None = None  # rejection reason when the item failed for good
+    detail: str = ""
+    retry_later: bool = False  # transient failures that outlasted the retries: try again on the next run
+
+
+Classify = Callable[[BaseException], tuple[str, float | None] | None]
+
+
+def download_one(
+    item_id: str,
+    fetch: Callable[[], Fetched],
+    store: ImageStore,
+    settings: HttpSettings,
+    stats: HttpStats,
+    redact: Redactor,
+    classify_fn: Classify = classify,
+) -> DownloadOutcome:
+    def attempt() -> bytes:
+        fetched = fetch()
+        check_image(fetched, settings.max_image_pixels)
+        return fetched.data
+
+    try:
+        data = call_with_retries(attempt, settings.retry, classify_fn, stats)
+    except ImageTooLarge as exc:
+        return DownloadOutcome(item_id, reason=reasons.IMAGE_TOO_LARGE, detail=redact(str(exc))[:300])
+    except BadImage as exc:
+        return DownloadOutcome(item_id, reason=reasons.NOT_AN_IMAGE, detail=redact(str(exc))[:300])
+    except PermanentHTTPError as exc:
+        return DownloadOutcome(item_id, reason=reasons.DOWNLOAD_FAILED, detail=str(exc))
+    except Exception as exc:  # transient errors that outlasted the retries, or a client error
+        detail = redact(f"{type(exc).__name__}: {exc}")[:300]
+        return DownloadOutcome(item_id, reason=reasons.DOWNLOAD_FAILED, detail=detail, retry_later=True)
+    image_id, rel = store.put(data)
+    stats.add("downloaded_bytes", len(data))
+    return DownloadOutcome(item_id, image_id=image_id, path=rel)
+
+
+def download_all(
+    jobs: Iterable[tuple[str, Callable[[], Fetched]]],
+    store: ImageStore,
+    settings: HttpSettings,
+    stats: HttpStats,
+    redact: Redactor,
+    classify_fn: Classify = classify,
+) -> Iterator[DownloadOutcome]:
+    """Download in ``settings.download_workers`` threads; yield outcomes on the caller's thread as they finish.
+
+    At most a few jobs per worker are in flight, so a million pending items do not become a million futures.
+    """
+    workers = max(1, settings.download_workers)
+    window = workers * 4
+    it = iter(jobs)
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="download") as pool:
+        running: set[Future] = set()
+        exhausted = False
+        while running or not exhausted:
+            while not exhausted and len(running) < window:
+                try:
+                    item_id, fetch = next(it)
+                except StopIteration:
+                    exhausted = True
+                    break
+                running.add(pool.submit(download_one, item_id, fetch, store, settings, stats, redact, classify_fn))
+            if not running:
+                break
+            done, running = wait(running, return_when=FIRST_COMPLETED)
+            for fut in done:
+                yield fut.result()
