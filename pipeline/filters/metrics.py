@@ -1,0 +1,175 @@
+"""Every per-image metric in one decode, in worker processes, cached by ``image_id``.
+
+One pass per image: read the header (size, format, orientation, pixel limit), decode once in JPEG draft mode to
+about ``analysis_size`` px (the full entropy-coded stream is still read, so truncation is detected), orient, make
+it 8-bit grey, then measure sharpness (variance of the 4-neighbour Laplacian), grey-level spread (standard
+deviation, 1-99 percentile range) and a 256-bit perceptual hash (pHash with a 16 x 16 DCT block, stored as hex).
+
+Thresholds are not applied here: the cache holds measurements, so changing a threshold never re-decodes. The cache
+key covers what changes a measurement (metrics version, analysis size, pixel limit, accepted formats).
+This module is imported by spawned workers: it must stay light (no pandas at import, no dagster).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import multiprocessing as mp
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from pipeline.core import reasons
+from pipeline.filters.decode import DEFAULT_MAX_PIXELS, DecodeError, decode, open_image
+
+if TYPE_CHECKING:  # pandas is imported lazily so spawned workers start fast
+    import pandas as pd
+
+METRICS_VERSION = 1  # bump when a measurement changes meaning; cached rows with another key are recomputed
+DEFAULT_FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "TIFF", "BMP")
+Progress = Callable[[int, int], None]
+
+# column -> pandas dtype of the cache table (nullable where a failed decode leaves no value)
+COLUMNS: dict[str, str] = {
+    "image_id": "string",
+    "key": "string",  # MetricsParams.key of the run that measured it
+    "error": "string",  # a reason code from pipeline.core.reasons, or null when the image decoded
+    "error_detail": "string",
+    "format": "string",
+    "mode": "string",
+    "width": "Int64",  # displayed size (after EXIF orientation), from the header
+    "height": "Int64",
+    "orientation": "Int64",
+    "exif_error": "string",
+    "analysis_width": "Int64",
+    "analysis_height": "Int64",
+    "sharpness": "Float64",  # variance of the Laplacian at analysis size
+    "grey_std": "Float64",
+    "grey_range": "Float64",  # 99th - 1st percentile of grey levels
+    "phash": "string",  # 64 hex digits (256 bits); see pipeline.filters.dedup for why 256 and not 64
+}
+PHASH_SIZE = 16  # 16 x 16 DCT coefficients = 256 bits
+
+
+@dataclass(frozen=True)
+class MetricsParams:
+    """What a measurement depends on (part of the cache key)."""
+
+    analysis_size: int = 256  # long side of the grey image the metrics are measured on
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    allowed_formats: tuple[str, ...] = DEFAULT_FORMATS
+    _formats: frozenset[str] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.analysis_size < 32:
+            raise ValueError("analysis_size must be >= 32 px (pHash needs 32 x 32)")
+        object.__setattr__(self, "_formats", frozenset(f.upper() for f in self.allowed_formats))
+
+    @property
+    def key(self) -> str:
+        text = f"v{METRICS_VERSION}|a{self.analysis_size}|px{self.max_pixels}|{','.join(sorted(self._formats))}"
+        return hashlib.sha1(text.encode()).hexdigest()[:16]
+
+
+def laplacian_variance(grey: np.ndarray) -> float:
+    """Variance of the 4-neighbour Laplacian (the usual focus measure); 0 for images under 3 px a side."""
+    a = grey.astype(np.float32, copy=False)
+    if min(a.shape) < 3:
+        return 0.0
+    lap = a[:-2, 1:-1] + a[2:, 1:-1] + a[1:-1, :-2] + a[1:-1, 2:] - 4.0 * a[1:-1, 1:-1]
+    return float(lap.var())
+
+
+def measure(path: str | Path, image_id: str, params: MetricsParams) -> dict[str, Any]:
+    """All metrics of one image; decoding failures become ``error`` (a reason code) and ``error_detail``."""
+    import imagehash
+
+    row: dict[str, Any] = {"image_id": image_id, "key": params.key}
+    if not Path(path).is_file():
+        return {**row, "error": reasons.MISSING_FILE, "error_detail": str(path)}
+    try:
+        opened = open_image(path, params.max_pixels, params._formats)
+    except DecodeError as exc:
+        return {**row, "error": exc.reason, "error_detail": exc.detail}
+    row.update(format=opened.format, mode=opened.mode, width=opened.width, height=opened.height,
+               orientation=opened.orientation)
+    try:
+        grey_img, exif_error = decode(opened, "L", params.analysis_size, params.max_pixels)
+    except DecodeError as exc:
+        return {**row, "error": exc.reason, "error_detail": exc.detail}
+    finally:
+        opened.image.close()
+    grey = np.asarray(grey_img, dtype=np.float32)
+    lo, hi = np.percentile(grey, [1, 99]) if grey.size else (0.0, 0.0)
+    row.update(
+        exif_error=exif_error,
+        analysis_width=grey_img.width,
+        analysis_height=grey_img.height,
+        sharpness=laplacian_variance(grey),
+        grey_std=float(grey.std()),
+        grey_range=float(hi - lo),
+        phash=np.packbits(imagehash.phash(grey_img, hash_size=PHASH_SIZE).hash.ravel()).tobytes().hex(),
+    )
+    return row
+
+
+def _measure_chunk(items: Sequence[tuple[str, str]], params: MetricsParams) -> list[dict[str, Any]]:
+    """Worker task: (image_id, absolute path) pairs -> metric rows."""
+    return [measure(path, image_id, params) for image_id, path in items]
+
+
+def measure_many(
+    items: Sequence[tuple[str, str]],
+    params: MetricsParams,
+    workers: int = 2,
+    chunk_size: int = 32,
+    progress: Progress | None = None,
+) -> list[dict[str, Any]]:
+    """Metrics for (image_id, path) pairs, in order; ``workers`` spawned processes when there is enough work."""
+    n = len(items)
+    chunks = [items[i : i + chunk_size] for i in range(0, n, chunk_size)]
+    out: list[dict[str, Any]] = []
+    if workers > 1 and n >= 2 * chunk_size:
+        with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
+            futures = [pool.submit(_measure_chunk, c, params) for c in chunks]
+            for fut in futures:  # submission order: rows line up with items
+                out.extend(fut.result())
+                if progress is not None:
+                    progress(len(out), n)
+    else:
+        for c in chunks:
+            out.extend(_measure_chunk(c, params))
+            if progress is not None:
+                progress(len(out), n)
+    return out
+
+
+@dataclass(frozen=True)
+class CachedMetrics:
+    metrics: "pd.DataFrame"  # one row per requested image_id, in request order
+    computed: int  # images decoded in this call
+    reused: int  # images taken from the cache
+
+
+def cached_metrics(
+    items: Sequence[tuple[str, str]],
+    params: MetricsParams,
+    cache_path: str | Path,
+    workers: int = 2,
+    chunk_size: int = 32,
+    progress: Progress | None = None,
+) -> CachedMetrics:
+    """Metrics for (image_id, path) pairs, decoding only the ids the cache lacks under the current key."""
+    from pipeline.filters.cache import ImageValueCache
+
+    cache = ImageValueCache(cache_path, COLUMNS)
+    ids = [i for i, _ in items]
+    cached, missing = cache.lookup(ids, params.key)
+    path_of = dict(items)
+    new = cache.frame(measure_many([(i, path_of[i]) for i in missing], params, workers, chunk_size, progress))
+    cache.add(new)
+    out = cache.in_order([cached, new], ids) if ids else cache.frame()
+    return CachedMetrics(cache.frame(out), computed=len(new), reused=len(set(ids)) - len(missing))
