@@ -49,34 +49,41 @@ class Opened:
     width: int
     height: int
     orientation: int
+    exif_note: str | None = None  # a corrupt EXIF block noticed while reading the header
 
 
 @contextlib.contextmanager
 def pixel_limit(max_pixels: int) -> Iterator[None]:
-    """Set PIL's bomb limit for the duration (PIL warns above it and raises above twice it; both become errors)."""
+    """Set PIL's bomb limit for the duration (PIL warns above it and raises above twice it)."""
     old = Image.MAX_IMAGE_PIXELS
     Image.MAX_IMAGE_PIXELS = int(max_pixels)
     ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file must fail, never decode to grey
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            yield
+        yield
     finally:
         Image.MAX_IMAGE_PIXELS = old
+
+
+def _exif_note(caught: list[warnings.WarningMessage]) -> str | None:
+    """PIL reports a corrupt EXIF block only as a warning: keep its text to record (the image is still used)."""
+    notes = sorted({str(w.message).strip() for w in caught if "exif" in str(w.message).lower()})
+    return "; ".join(notes)[:200] or None
 
 
 def _orientation(img: Image.Image) -> int:
     try:
         value = img.getexif().get(ExifTags.Base.Orientation, 1)
         return int(value) if value in range(1, 9) else 1
-    except Exception:  # a corrupt EXIF block: orientation unknown, treated as upright (recorded on transpose)
+    except Exception:  # a corrupt EXIF block: orientation unknown, treated as upright
         return 1
 
 
 def open_image(source: str | Path | bytes, max_pixels: int, allowed_formats: frozenset[str] | None = None) -> Opened:
     """Read the header only. Raises ``DecodeError`` for unrecognised bytes, bombs and disallowed formats."""
     fp = io.BytesIO(source) if isinstance(source, bytes) else source
-    with pixel_limit(max_pixels):
+    with pixel_limit(max_pixels), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        warnings.simplefilter("error", Image.DecompressionBombWarning)  # above the limit: refuse, not warn
         try:
             img = Image.open(fp)
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -85,6 +92,7 @@ def open_image(source: str | Path | bytes, max_pixels: int, allowed_formats: fro
             raise DecodeError(reasons.NOT_AN_IMAGE, f"{type(exc).__name__}: {exc}"[:200]) from exc
         except OSError as exc:
             raise DecodeError(reasons.UNDECODABLE, f"{type(exc).__name__}: {exc}"[:200]) from exc
+        orientation = _orientation(img)
     w, h = img.size
     if w * h > max_pixels:  # belt and braces: PIL's own check is skipped by some plugins
         img.close()
@@ -93,10 +101,9 @@ def open_image(source: str | Path | bytes, max_pixels: int, allowed_formats: fro
     if allowed_formats is not None and fmt not in allowed_formats:
         img.close()
         raise DecodeError(reasons.UNSUPPORTED_FORMAT, f"format {fmt} not in {sorted(allowed_formats)}")
-    orientation = _orientation(img)
     if orientation in _SWAPS_AXES:
         w, h = h, w
-    return Opened(img, fmt, img.mode, int(w), int(h), orientation)
+    return Opened(img, fmt, img.mode, int(w), int(h), orientation, _exif_note(caught))
 
 
 def decode(opened: Opened, mode: str, long_side: int | None, max_pixels: int) -> tuple[Image.Image, str | None]:
@@ -116,6 +123,7 @@ def decode(opened: Opened, mode: str, long_side: int | None, max_pixels: int) ->
         except Exception as exc:  # truncated stream, corrupt data, decoder errors
             raise DecodeError(reasons.UNDECODABLE, f"{type(exc).__name__}: {exc}"[:200]) from exc
     img, exif_error = orient(img)
+    exif_error = exif_error or opened.exif_note
     img = to_mode(img, mode)
     if long_side and max(img.size) > long_side:
         f = long_side / max(img.size)
@@ -126,10 +134,10 @@ def decode(opened: Opened, mode: str, long_side: int | None, max_pixels: int) ->
 def orient(img: Image.Image) -> tuple[Image.Image, str | None]:
     """Apply the EXIF orientation; a corrupt EXIF block leaves the image as stored and is reported."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # PIL warns about odd EXIF; a failure is what we record
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
             out = ImageOps.exif_transpose(img)
-        return (out if out is not None else img), None
+        return (out if out is not None else img), _exif_note(caught)
     except Exception as exc:
         return img, f"{type(exc).__name__}: {exc}"[:200]
 
