@@ -335,3 +335,10 @@ def test_contact_sheet_shows_placeholders_for_unreadable_files(tmp_path):
                              reasons.DECOMPRESSION_BOMB: [(broken, "a:3")], reasons.MISSING_FILE: [(None, "a:4")]})
     sheet = Image.open(io.BytesIO(png))
     assert sheet.format == "PNG" and sheet.height >= 3 * 96
+
+
+def test_empty_catalog(tmp_path, boundaries, offline_clip):
+    from pipeline.core.schema import CATALOG_SCHEMA, empty_frame
+
+    res = run_stage(tmp_path, empty_frame(CATALOG_SCHEMA), boundaries, offline_clip)
+    assert res.kept.empty and res.rejections.empty and res.outcomes.empty
