@@ -259,7 +259,7 @@ def test_two_worker_processes_give_the_same_rows(tmp_path):
     items = [(f"{k:064x}", str(_put(tmp_path, f"w{k}", encode(scene(500 + k, (200, 150)))))) for k in range(6)]
     items.append(("f" * 64, str(_put(tmp_path, "broken", b"<html>"))))
     single = measure_many(items, MetricsParams(), workers=1)
-    pooled = measure_many(items, MetricsParams(), workers=2, chunk_size=2)
+    pooled = measure_many(items, MetricsParams(), workers=2, chunk_size=2, min_pool_items=0)
     assert pooled == single
     assert single[-1]["error"] == reasons.NOT_AN_IMAGE
 

@@ -6,7 +6,8 @@ resized + re-compressed copies differ by up to 2; with 256 bits copies differ by
 by at least 60 (measured on 1,600 images at 160 and 256 px), so a threshold of 24 leaves a wide margin both ways.
 
 Pairs are found by brute force in blocks (XOR + popcount on four uint64 words per hash): O(N^2) but vectorised,
-about a second for 10k images; transitive chains (A~B, B~C) form one group. The best copy of a group is kept:
+about 1.4 s for 10k images on the 2-core dev machine (``bench/bench_filters.py``), so ~2 min for 100k; transitive
+chains (A~B, B~C) form one group. The best copy of a group is kept:
 largest pixel count, then sharpest, then the smallest image_id (so the choice is deterministic).
 """
 
@@ -32,11 +33,15 @@ def hash_matrix(hex_hashes: Sequence[str]) -> np.ndarray:
 
 
 def hamming(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Pairwise Hamming distances between rows of ``a`` (M, 4) and ``b`` (N, 4): an (M, N) int array."""
-    return np.bitwise_count(a[:, None, :] ^ b[None, :, :]).sum(axis=-1, dtype=np.int32)
+    """Pairwise Hamming distances between rows of ``a`` (M, 4) and ``b`` (N, 4): an (M, N) uint16 array.
+    One word at a time, so the temporaries stay (M, N) instead of (M, N, 4)."""
+    d = np.zeros((len(a), len(b)), dtype=np.uint16)
+    for w in range(a.shape[1]):
+        d += np.bitwise_count(a[:, w, None] ^ b[None, :, w])
+    return d
 
 
-def near_pairs(hashes: np.ndarray, max_distance: int, block: int = 512) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def near_pairs(hashes: np.ndarray, max_distance: int, block: int = 256) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """All pairs i < j with distance <= ``max_distance``: (i, j, distance) arrays."""
     n = len(hashes)
     out_i, out_j, out_d = [], [], []
@@ -47,7 +52,7 @@ def near_pairs(hashes: np.ndarray, max_distance: int, block: int = 512) -> tuple
         keep = jj > ii  # jj is offset by ``start`` like ii: j > i in global terms too
         out_i.append(ii[keep] + start)
         out_j.append(jj[keep] + start)
-        out_d.append(d[ii[keep], jj[keep]])
+        out_d.append(d[ii[keep], jj[keep]].astype(np.int32))
     if not out_i:
         return np.zeros(0, int), np.zeros(0, int), np.zeros(0, np.int32)
     return np.concatenate(out_i), np.concatenate(out_j), np.concatenate(out_d)

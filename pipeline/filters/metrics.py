@@ -121,18 +121,22 @@ def _measure_chunk(items: Sequence[tuple[str, str]], params: MetricsParams) -> l
     return [measure(path, image_id, params) for image_id, path in items]
 
 
+MIN_POOL_ITEMS = 256  # a spawned worker costs ~1 s of imports: below this, one process is as fast
+
+
 def measure_many(
     items: Sequence[tuple[str, str]],
     params: MetricsParams,
     workers: int = 2,
     chunk_size: int = 32,
     progress: Progress | None = None,
+    min_pool_items: int = MIN_POOL_ITEMS,
 ) -> list[dict[str, Any]]:
     """Metrics for (image_id, path) pairs, in order; ``workers`` spawned processes when there is enough work."""
     n = len(items)
     chunks = [items[i : i + chunk_size] for i in range(0, n, chunk_size)]
     out: list[dict[str, Any]] = []
-    if workers > 1 and n >= 2 * chunk_size:
+    if workers > 1 and n >= max(min_pool_items, 2 * chunk_size):
         with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
             futures = [pool.submit(_measure_chunk, c, params) for c in chunks]
             for fut in futures:  # submission order: rows line up with items
