@@ -39,6 +39,7 @@ class FilterParams(dg.Config):
     max_pixels: int = _D.max_pixels
     allowed_formats: list[str] = list(_D.allowed_formats)
     analysis_size: int = _D.analysis_size
+    blur_size: int = _D.blur_size
     min_short_side: int = _D.min_short_side
     max_aspect_ratio: float = _D.max_aspect_ratio
     min_grey_std: float = _D.min_grey_std
@@ -63,6 +64,7 @@ class FilterParams(dg.Config):
             max_pixels=self.max_pixels,
             allowed_formats=tuple(f.upper() for f in self.allowed_formats),
             analysis_size=self.analysis_size,
+            blur_size=self.blur_size,
             min_short_side=self.min_short_side,
             max_aspect_ratio=self.max_aspect_ratio,
             min_grey_std=self.min_grey_std,

@@ -2,8 +2,9 @@
 
 Why a 256-bit pHash (16 x 16 DCT block) and not the common 64-bit one: on the sample world, whose renderings
 share a layout (sky over ground), 64-bit pHashes of *different* images come within 4 bits of each other while
-resized + re-compressed copies differ by up to 2; with 256 bits copies differ by at most 12 and different images
-by at least 60 (measured on 1,600 images at 160 and 256 px), so a threshold of 24 leaves a wide margin both ways.
+resized + re-compressed copies differ by up to 2, so no threshold separates them; with 256 bits (from the 256-px
+analysis image) copies differ by at most 12 bits and different images by at least 36 (five sample worlds, 9,100
+images of 160 and 256 px), so the default threshold of 24 sits between the two.
 
 Pairs are found by brute force in blocks (XOR + popcount on four uint64 words per hash): O(N^2) but vectorised,
 about 1.4 s for 10k images on the 2-core dev machine (``bench/bench_filters.py``), so ~2 min for 100k; transitive
