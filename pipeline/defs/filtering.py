@@ -156,8 +156,8 @@ def _examples_md(paths, rejected: pd.DataFrame, per_reason: int, cfg: FilterConf
     if rejected.empty or per_reason <= 0:
         return "_(no rejections)_"
     examples = {
-        reason: [(paths.root / p if isinstance(p, str) else None, f"{src}:{sid}"[-16:])
-                 for p, src, sid in grp[["path", "source", "source_id"]].head(per_reason).itertuples(index=False)]
+        reason: [(paths.root / p if isinstance(p, str) else None, str(sid)[-16:])
+                 for p, sid in grp[["path", "source_id"]].head(per_reason).itertuples(index=False)]
         for reason, grp in rejected.groupby("outcome", sort=False)
     }
     png = contact_sheet_png(dict(sorted(examples.items())), max_pixels=cfg.max_pixels)
