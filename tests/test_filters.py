@@ -6,6 +6,7 @@ import io
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -255,13 +256,27 @@ def test_unreadable_cache_is_rebuilt(tmp_path):
     assert cache.lookup(["a"], "k")[1] == []
 
 
-def test_two_worker_processes_give_the_same_rows(tmp_path):
-    items = [(f"{k:064x}", str(_put(tmp_path, f"w{k}", encode(scene(500 + k, (200, 150)))))) for k in range(6)]
+def test_two_worker_processes_give_the_same_rows(tmp_path, monkeypatch):
+    """This process works from the back and the spawned worker from the front; rows come back in item order
+    whoever measured them. Measuring is slowed down in this process only, so the worker surely takes part."""
+    import pipeline.filters.metrics as metrics
+
+    items = [(f"{k:064x}", str(_put(tmp_path, f"w{k}", encode(scene(500 + k, (200, 150)))))) for k in range(15)]
     items.append(("f" * 64, str(_put(tmp_path, "broken", b"<html>"))))
     single = measure_many(items, MetricsParams(), workers=1)
+    assert single[-1]["error"] == reasons.NOT_AN_IMAGE
+    here = []
+
+    def slow_measure(path, image_id, params):
+        here.append(image_id)
+        time.sleep(0.5)
+        return real_measure(path, image_id, params)
+
+    real_measure = metrics.measure
+    monkeypatch.setattr(metrics, "measure", slow_measure)  # spawned workers import the real one
     pooled = measure_many(items, MetricsParams(), workers=2, chunk_size=2, min_pool_items=0)
     assert pooled == single
-    assert single[-1]["error"] == reasons.NOT_AN_IMAGE
+    assert 0 < len(here) < len(items)  # both processes measured some
 
 
 # ---------------------------------------------------------------------------------------------- indoor (CLIP)

@@ -134,40 +134,59 @@ def _measure_chunk(items: Sequence[tuple[str, str]], params: MetricsParams) -> l
     return [measure(path, image_id, params) for image_id, path in items]
 
 
-MIN_POOL_ITEMS = 256  # a spawned worker costs ~1 s of imports: below this, one process is as fast
+MIN_POOL_ITEMS = 128  # below this, a worker's start-up (~1 s of imports) cannot pay off
 
 
 def measure_many(
     items: Sequence[tuple[str, str]],
     params: MetricsParams,
     workers: int = 2,
-    chunk_size: int = 32,
+    chunk_size: int = 16,
     progress: Progress | None = None,
     min_pool_items: int = MIN_POOL_ITEMS,
 ) -> list[dict[str, Any]]:
-    """Metrics for (image_id, path) pairs, in order; ``workers`` spawned processes when there is enough work."""
+    """Metrics for (image_id, path) pairs, in order, using ``workers`` processes (this one included).
+
+    Spawned workers take chunks from the front while this process, which does not wait for them to start, works
+    from the back: it takes over every chunk no worker has picked up (a cancelled future) and redoes any it reaches
+    that a worker has not finished (at most the two chunks the executor hands a worker ahead), so a slow worker
+    start-up or a busy machine never makes the call slower than one process, and the result never depends on it.
+    """
     n = len(items)
-    chunks = [items[i : i + chunk_size] for i in range(0, n, chunk_size)]
-    out: list[dict[str, Any]] = []
+    chunks = [list(items[i : i + chunk_size]) for i in range(0, n, chunk_size)]
     step = max(chunk_size, n // 10)  # report progress about ten times, not per chunk
-    reported = 0
+    done = reported = 0
 
-    def collect(rows: list[dict[str, Any]]) -> None:
-        nonlocal reported
-        out.extend(rows)
-        if progress is not None and (len(out) - reported >= step or len(out) == n):
-            reported = len(out)
-            progress(len(out), n)
+    def tick(k: int) -> None:
+        nonlocal done, reported
+        done += k
+        if progress is not None and (done - reported >= step or done == n):
+            reported = done
+            progress(done, n)
 
+    results: list[list[dict[str, Any]]] = []
     if workers > 1 and n >= max(min_pool_items, 2 * chunk_size):
-        with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
+        pool = ProcessPoolExecutor(max_workers=workers - 1, mp_context=mp.get_context("spawn"))
+        try:
             futures = [pool.submit(_measure_chunk, c, params) for c in chunks]
-            for fut in futures:  # submission order: rows line up with items
-                collect(fut.result())
+            for k in range(len(chunks) - 1, -1, -1):
+                fut = futures[k]
+                part = None
+                if not fut.cancel() and fut.done():
+                    try:
+                        part = fut.result()
+                    except Exception:  # noqa: BLE001 - a dead worker: measure here instead
+                        part = None
+                results.append(part if part is not None else _measure_chunk(chunks[k], params))
+                tick(len(chunks[k]))
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
+        results.reverse()
     else:
         for c in chunks:
-            collect(_measure_chunk(c, params))
-    return out
+            results.append(_measure_chunk(c, params))
+            tick(len(c))
+    return [row for part in results for row in part]
 
 
 @dataclass(frozen=True)

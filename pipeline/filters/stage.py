@@ -77,7 +77,7 @@ class FilterConfig:
     indoor_threshold: float = 0.8
     clip_batch_size: int = 32
     workers: int = 2
-    chunk_size: int = 32
+    chunk_size: int = 16
 
     @property
     def metrics_params(self) -> MetricsParams:
