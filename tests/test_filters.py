@@ -357,3 +357,13 @@ def test_empty_catalog(tmp_path, boundaries, offline_clip):
 
     res = run_stage(tmp_path, empty_frame(CATALOG_SCHEMA), boundaries, offline_clip)
     assert res.kept.empty and res.rejections.empty and res.outcomes.empty
+
+
+def test_identical_image_id_is_rejected_once_not_kept_twice(tmp_path, boundaries, offline_clip):
+    case = Case("a", encode(scene(700)), None, (240, 180))
+    catalog = catalog_of(ImageStore(tmp_path), [case, case])
+    catalog.loc[1, "source_id"] = "a-again"
+    res = run_stage(tmp_path, catalog, boundaries, offline_clip)
+    assert res.outcomes["outcome"].tolist() == [KEPT, reasons.DUPLICATE_BYTES]
+    assert res.rejections["detail"].iloc[0] == "same image_id as test:a"
+    assert res.metrics_computed == 1  # decoded once
