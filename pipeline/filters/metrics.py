@@ -149,8 +149,10 @@ def measure_many(
 
     Spawned workers take chunks from the front while this process, which does not wait for them to start, works
     from the back: it takes over every chunk no worker has picked up (a cancelled future) and redoes any it reaches
-    that a worker has not finished (at most the two chunks the executor hands a worker ahead), so a slow worker
-    start-up or a busy machine never makes the call slower than one process, and the result never depends on it.
+    that a worker has not finished (at most the two chunks the executor hands a worker ahead). So this process
+    never waits on a worker's start-up, the work splits by speed, and the rows never depend on who measured them.
+    (Two processes only help when a second core is free: on a machine busy with other work they split the CPU
+    time evenly but the wall time stays that of one process.)
     """
     n = len(items)
     chunks = [list(items[i : i + chunk_size]) for i in range(0, n, chunk_size)]
