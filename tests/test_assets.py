@@ -1,4 +1,4 @@
-"""materialize() tests of the source → catalog → labels assets on a small sample world."""
+"""materialize() tests of the source → catalog → filter → labels assets on a small sample world."""
 
 from __future__ import annotations
 
@@ -9,21 +9,16 @@ import pytest
 from pipeline.core import reasons
 from pipeline.core.paths import DataPaths
 from pipeline.core.schema import CATALOG_SCHEMA, LABELLED_SCHEMA, read_table
-from pipeline.defs import ingest, labels
-from pipeline.defs.resources import BoundariesResource, DataRootResource, KoppenRasterResource, LocalSourceResource
+from tests.conftest import asset_resources
+from pipeline.defs import filtering, ingest, labels
 
 
 @pytest.fixture(scope="module")
 def small_world(tmp_path_factory, boundaries_path):
     root = tmp_path_factory.mktemp("data")
-    resources = {
-        "data_root": DataRootResource(path=str(root)),
-        "boundaries": BoundariesResource(source=str(boundaries_path)),
-        "koppen": KoppenRasterResource(),
-        "local_source": LocalSourceResource(),
-    }
-    assets = dg.load_assets_from_modules([ingest, labels])
-    checks = dg.load_asset_checks_from_modules([ingest, labels])
+    resources = asset_resources(root, boundaries_path)
+    assets = dg.load_assets_from_modules([ingest, filtering, labels])
+    checks = dg.load_asset_checks_from_modules([ingest, filtering, labels])
     result = dg.materialize(
         [*assets, *checks],
         resources=resources,
@@ -38,7 +33,8 @@ def test_materialize_succeeds_with_checks(small_world):
     assert result.success
     evaluations = result.get_asset_check_evaluations()
     assert {e.check_name for e in evaluations} == {
-        "image_catalog_unique_ids", "labelled_inside_pakistan", "labelled_koppen_not_null"
+        "image_catalog_unique_ids", "labelled_inside_pakistan", "labelled_koppen_not_null",
+        "filtered_nonempty_per_province", "filtered_disjoint_from_rejections", "filter_rejections_have_reasons",
     }
     assert all(e.passed for e in evaluations)
 
@@ -54,7 +50,8 @@ def test_files_and_metadata(small_world):
     good = truth[truth["defect"] == ""].merge(labelled, on="image_id", suffixes=("_plan", ""))
     assert len(good) == (truth["defect"] == "").sum()
     assert (good["province_key_plan"] == good["province_key"]).all()
-    rejected = pd.concat([pd.read_parquet(paths.catalog_rejections), pd.read_parquet(paths.label_rejections)])
+    rejected = pd.concat([pd.read_parquet(p) for p in (paths.catalog_rejections, paths.filter_rejections,
+                                                       paths.label_rejections)])
     assert {reasons.NO_COORDINATES, reasons.NOT_AN_IMAGE, reasons.OUTSIDE_PAKISTAN} <= set(rejected["reason"])
     # no silent loss: each manifest row is catalogued or rejected
     manifest = pd.read_parquet(paths.raw_manifest("sample_world"))

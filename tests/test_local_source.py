@@ -13,15 +13,21 @@ from PIL import Image
 from pipeline.core import reasons
 from pipeline.core.paths import DataPaths
 from pipeline.core.store import ImageStore
-from pipeline.defs import ingest, labels
-from pipeline.defs.resources import BoundariesResource, DataRootResource, KoppenRasterResource, LocalSourceResource
+from pipeline.defs import filtering, ingest, labels
+from pipeline.defs.resources import LocalSourceResource
 from pipeline.sources.local import LocalSource, LocalSourceConfig, normalise_columns
-from tests.conftest import gps_exif, jpeg_bytes
+from tests.conftest import asset_resources, gps_exif
+from tests.conftest import jpeg_bytes as small_jpeg
+
+
+def jpeg_bytes(**kw) -> bytes:
+    """Photo-sized so the filter stage keeps them."""
+    return small_jpeg(size=(320, 240), **kw)
 
 
 def png_bytes(colour=(10, 120, 200)) -> bytes:
     buf = io.BytesIO()
-    Image.new("RGB", (80, 60), colour).save(buf, "PNG")
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (240, 320, 3), dtype=np.uint8)).save(buf, "PNG")
     return buf.getvalue()
 
 
@@ -144,13 +150,10 @@ def test_main_assets_with_local_source_reach_labels(corpus, tmp_path, boundaries
     folder, csv = corpus
     root = tmp_path / "data"
     result = dg.materialize(
-        [*dg.load_assets_from_modules([ingest, labels]), *dg.load_asset_checks_from_modules([ingest, labels])],
-        resources={
-            "data_root": DataRootResource(path=str(root)),
-            "boundaries": BoundariesResource(source=str(boundaries_path)),
-            "koppen": KoppenRasterResource(),
-            "local_source": LocalSourceResource(folder=str(folder), manifest=str(csv)),
-        },
+        [*dg.load_assets_from_modules([ingest, filtering, labels]), *dg.load_asset_checks_from_modules([ingest, filtering, labels])],
+        resources=asset_resources(
+            root, boundaries_path, local_source=LocalSourceResource(folder=str(folder), manifest=str(csv))
+        ),
         run_config={"ops": {"sample_world_images": {"config": {"enabled": False}}}},
     )
     assert result.success

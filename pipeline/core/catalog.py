@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 
 from pipeline.core import reasons
-from pipeline.core.exif import NotAnImage, read_header
+from pipeline.core.exif import DecompressionBomb, NotAnImage, read_header
 from pipeline.core.schema import CATALOG_SCHEMA, RAW_MANIFEST_SCHEMA, REJECTIONS_SCHEMA, empty_frame, to_table
 from pipeline.core.store import ImageStore
 
@@ -63,7 +63,8 @@ def build_catalog(
         try:
             header = read_header(path.read_bytes())
         except NotAnImage as exc:
-            rejected.append(rejection(STAGE, row, reasons.NOT_AN_IMAGE, str(exc)[:200]))
+            code = reasons.DECOMPRESSION_BOMB if isinstance(exc, DecompressionBomb) else reasons.NOT_AN_IMAGE
+            rejected.append(rejection(STAGE, row, code, str(exc)[:200]))
             continue
         lat, lon = row.get("lat"), row.get("lon")
         if not (_present(lat) and _present(lon)):

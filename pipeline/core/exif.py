@@ -30,6 +30,10 @@ class NotAnImage(ValueError):
     pass
 
 
+class DecompressionBomb(NotAnImage):
+    """The header claims so many pixels that PIL refuses to open it (its limit, twice ``Image.MAX_IMAGE_PIXELS``)."""
+
+
 def _rational(v) -> float:
     return float(v[0]) / float(v[1]) if isinstance(v, tuple) and len(v) == 2 else float(v)
 
@@ -65,7 +69,9 @@ def read_header(data: bytes) -> ImageHeader:
     """Parse header and EXIF only. Raises ``NotAnImage`` for bytes no decoder recognises."""
     try:
         img = Image.open(io.BytesIO(data))
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+    except Image.DecompressionBombError as exc:
+        raise DecompressionBomb(str(exc)) from exc
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise NotAnImage(str(exc) or type(exc).__name__) from exc
     with img:
         width, height = img.size

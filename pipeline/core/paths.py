@@ -80,6 +80,11 @@ class DataPaths:
     def filter_cache(self) -> Path:
         return self.root / "filter" / "metrics_cache.parquet"
 
+    @property
+    def filter_indoor_cache(self) -> Path:
+        """CLIP indoor scores by image_id and weights (only written when real weights were available)."""
+        return self.root / "filter" / "indoor_cache.parquet"
+
     # geocells and splits (issue 4)
     @property
     def geocells(self) -> Path:

