@@ -1,0 +1,215 @@
+"""The evaluation report people read: end-to-end numbers on the location-disjoint test split, the oracle figure
+beside them (labelled as such), baselines, plots, as Markdown, HTML (plots embedded) and Dagster metadata.
+
+Input is one row per test image with the truth and every method's prediction (see ``EVAL_COLUMNS``); the numbers
+are computed here, the predictions come from ``geopak_model``'s predictor.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from pipeline.core.provinces import PROVINCES
+from pipeline.core.report import PROVINCE_COLOURS, markdown_table, png_bytes
+from pipeline.core.store import atomic_write_bytes
+from pipeline.labels.dates import circular_day_difference
+
+ACC_KM = (1, 25, 200, 750)
+# method column prefix -> label in the report; the oracle is never the headline
+METHODS: dict[str, str] = {
+    "pred": "GeoPak end to end (mixture of hypotheses)",
+    "top1": "GeoPak, most probable hypothesis only",
+    "aux": "baseline: auxiliary lat/lon head alone",
+    "majority": "baseline: training set's majority cell centre",
+    "oracle": "ORACLE: true province and cell + predicted offset (not achievable)",
+}
+EVAL_COLUMNS = (
+    "image_id", "lat", "lon", "province_id", "cell_id", "koppen_id", "koppen_group", "day_of_year",
+    "pred_lat", "pred_lon", "pred_province_id", "pred_cell_top5", "pred_koppen_id", "pred_koppen_group",
+    "pred_day_of_year",
+)
+
+
+def haversine_np(lat1, lon1, lat2, lon2) -> np.ndarray:
+    la1, lo1, la2, lo2 = (np.radians(np.asarray(v, dtype=np.float64)) for v in (lat1, lon1, lat2, lon2))
+    a = np.sin((la2 - la1) / 2) ** 2 + np.cos(la1) * np.cos(la2) * np.sin((lo2 - lo1) / 2) ** 2
+    return 2 * 6371.0 * np.arcsin(np.sqrt(np.clip(a, 0.0, 1.0)))
+
+
+@dataclass
+class EvaluationReport:
+    headline: pd.DataFrame
+    provinces: pd.DataFrame
+    confusion: pd.DataFrame
+    other: pd.DataFrame
+    errors: dict[str, np.ndarray]
+    n_images: int
+    plots: dict[str, bytes] = field(default_factory=dict)
+
+    def metric(self, method: str, column: str) -> float:
+        return float(self.headline.set_index("method_key").loc[method, column])
+
+
+def _error_row(key: str, err: np.ndarray) -> dict:
+    return {
+        "method_key": key,
+        "method": METHODS[key],
+        "median_km": float(np.median(err)),
+        "mean_km": float(np.mean(err)),
+        "p90_km": float(np.percentile(err, 90)),
+        **{f"acc_{k}km": float(np.mean(err <= k)) for k in ACC_KM},
+    }
+
+
+def evaluate(df: pd.DataFrame) -> EvaluationReport:
+    """Every metric of the report from the per-image predictions (columns ``EVAL_COLUMNS`` + method columns)."""
+    if df.empty:
+        raise ValueError("no test images to evaluate")
+    errors = {}
+    for key in METHODS:
+        if f"{key}_lat" in df.columns:
+            errors[key] = haversine_np(df["lat"], df["lon"], df[f"{key}_lat"], df[f"{key}_lon"])
+    headline = pd.DataFrame([_error_row(k, e) for k, e in errors.items()])
+
+    true_p = df["province_id"].to_numpy()
+    pred_p = df["pred_province_id"].to_numpy()
+    rows = []
+    for p in PROVINCES:
+        m = true_p == p.id
+        if m.any():
+            rows.append({"province": p.name, "test_images": int(m.sum()), "province_acc": float(np.mean(pred_p[m] == p.id)),
+                         "median_km": float(np.median(errors["pred"][m])), "acc_25km": float(np.mean(errors["pred"][m] <= 25))})
+    provinces = pd.DataFrame(rows)
+    confusion = pd.crosstab(
+        pd.Categorical([PROVINCES[i].key for i in true_p], categories=[p.key for p in PROVINCES]),
+        pd.Categorical([PROVINCES[i].key for i in pred_p], categories=[p.key for p in PROVINCES]),
+        rownames=["true"], colnames=["predicted"], dropna=False,
+    )
+    top5 = df["pred_cell_top5"].apply(lambda v: list(v) if v is not None else [])
+    cell_top1 = np.mean([bool(t) and t[0] == c for t, c in zip(top5, df["cell_id"])])
+    cell_top5 = np.mean([c in t for t, c in zip(top5, df["cell_id"])])
+    other = [
+        ("province accuracy", float(np.mean(pred_p == true_p))),
+        ("province accuracy, macro average over provinces", float(provinces["province_acc"].mean())),
+        ("cell top-1 accuracy", float(cell_top1)),
+        ("cell top-5 accuracy", float(cell_top5)),
+        ("Köppen fine class accuracy", float(np.mean(df["pred_koppen_id"] == df["koppen_id"]))),
+        ("Köppen coarse group accuracy", float(np.mean(df["pred_koppen_group"] == df["koppen_group"]))),
+    ]
+    known = df["day_of_year"].notna() & df["pred_day_of_year"].notna()
+    if known.any():
+        mae = circular_day_difference(df.loc[known, "day_of_year"].astype(float), df.loc[known, "pred_day_of_year"])
+        other.append(("day of year, mean absolute error (days, circular)", float(np.mean(mae))))
+    return EvaluationReport(
+        headline=headline,
+        provinces=provinces,
+        confusion=confusion,
+        other=pd.DataFrame(other, columns=["metric", "value"]),
+        errors=errors,
+        n_images=len(df),
+    )
+
+
+def make_plots(rep: EvaluationReport, df: pd.DataFrame, outlines: dict | None = None) -> dict[str, bytes]:
+    """Error CDF, per-province accuracy bars, and a map of test points coloured by error."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plots = {}
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for key, err in rep.errors.items():
+        xs = np.sort(np.maximum(err, 0.01))
+        ax.plot(xs, np.arange(1, len(xs) + 1) / len(xs), label=METHODS[key], linestyle="--" if key == "oracle" else "-")
+    for k in ACC_KM:
+        ax.axvline(k, color="#bbbbbb", linewidth=0.6)
+    ax.set_xscale("log")
+    ax.set_xlabel("great-circle error (km, log scale)")
+    ax.set_ylabel("share of test images")
+    ax.set_title("Error CDF on the test split")
+    ax.legend(fontsize=7)
+    plots["error_cdf.png"] = png_bytes(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    ax.bar(rep.provinces["province"], rep.provinces["province_acc"], color=PROVINCE_COLOURS[: len(rep.provinces)])
+    for i, (acc, n) in enumerate(zip(rep.provinces["province_acc"], rep.provinces["test_images"])):
+        ax.text(i, acc + 0.01, f"{acc:.0%}\nn={n}", ha="center", fontsize=7)
+    ax.set_ylim(0, 1.15)
+    ax.set_ylabel("province accuracy")
+    ax.set_title("Province accuracy per province (test split)")
+    fig.autofmt_xdate(rotation=25)
+    plots["province_accuracy.png"] = png_bytes(fig)
+
+    fig, ax = plt.subplots(figsize=(6.5, 6))
+    if outlines:
+        for geom in outlines.values():
+            for poly in getattr(geom, "geoms", [geom]):
+                x, y = poly.exterior.xy
+                ax.plot(x, y, color="#555555", linewidth=0.6)
+    sc = ax.scatter(df["lon"], df["lat"], c=np.log10(np.maximum(rep.errors["pred"], 0.1)), s=6, cmap="viridis_r")
+    cb = fig.colorbar(sc, ax=ax, shrink=0.7)
+    cb.set_label("log10 error (km)")
+    ax.set_xlabel("longitude")
+    ax.set_ylabel("latitude")
+    ax.set_title("Test images coloured by end-to-end error")
+    plots["error_map.png"] = png_bytes(fig)
+    rep.plots = plots
+    return plots
+
+
+def _fmt_headline(rep: EvaluationReport) -> pd.DataFrame:
+    t = rep.headline.drop(columns=["method_key"]).copy()
+    for k in ACC_KM:
+        t[f"acc_{k}km"] = (t[f"acc_{k}km"] * 100).round(1)
+    return t.rename(columns={f"acc_{k}km": f"≤{k} km (%)" for k in ACC_KM})
+
+
+def to_markdown(rep: EvaluationReport, title: str, notes: list[str], plot_links: bool = True) -> str:
+    parts = [f"# {title}", "", *[f"- {n}" for n in notes], "",
+             f"Test images: **{rep.n_images}** (location-disjoint test split).", "",
+             "## Distance errors", "", markdown_table(_fmt_headline(rep), floatfmt="{:.1f}"), "",
+             "## Classification", "", markdown_table(rep.other), "",
+             "## Per province", "", markdown_table(rep.provinces), "",
+             "## Province confusion (rows: true, columns: predicted)", "",
+             markdown_table(rep.confusion.reset_index()), ""]
+    if plot_links:
+        parts += ["## Plots", "", *[f"![{name}]({name})" for name in rep.plots], ""]
+    return "\n".join(parts)
+
+
+def to_html(rep: EvaluationReport, title: str, notes: list[str]) -> str:
+    def table(df: pd.DataFrame) -> str:
+        return df.to_html(index=False, float_format=lambda v: f"{v:.3f}", border=0, classes="t")
+
+    imgs = "".join(
+        f'<figure><img alt="{html.escape(n)}" src="data:image/png;base64,{base64.b64encode(b).decode()}">'
+        f"<figcaption>{html.escape(n)}</figcaption></figure>" for n, b in rep.plots.items()
+    )
+    return f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}} .t td,.t th{{padding:3px 8px;border-bottom:1px solid #ddd}}
+figure{{display:inline-block;margin:8px}} img{{max-width:520px}}</style></head><body>
+<h1>{html.escape(title)}</h1><ul>{''.join(f'<li>{html.escape(n)}</li>' for n in notes)}</ul>
+<p>Test images: <b>{rep.n_images}</b> (location-disjoint test split).</p>
+<h2>Distance errors</h2>{table(_fmt_headline(rep))}
+<h2>Classification</h2>{table(rep.other)}
+<h2>Per province</h2>{table(rep.provinces)}
+<h2>Province confusion (rows: true, columns: predicted)</h2>{rep.confusion.to_html(border=0, classes="t")}
+<h2>Plots</h2>{imgs}</body></html>"""
+
+
+def write_report(rep: EvaluationReport, out_dir: Path, title: str, notes: list[str]) -> dict[str, Path]:
+    """Write report.md, report.html and the PNGs into ``out_dir`` atomically."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for name, png in rep.plots.items():
+        paths[name] = atomic_write_bytes(out_dir / name, png)
+    paths["report.md"] = atomic_write_bytes(out_dir / "report.md", to_markdown(rep, title, notes).encode())
+    paths["report.html"] = atomic_write_bytes(out_dir / "report.html", to_html(rep, title, notes).encode())
+    return paths
