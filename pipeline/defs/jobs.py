@@ -8,8 +8,8 @@ MAIN_JOB = "run_pipeline_job"
 
 run_pipeline_job = dg.define_asset_job(
     MAIN_JOB,
-    selection=dg.AssetSelection.groups("sources", "catalog", "labels"),
-    description="Sample world → catalog → labels (grows with every stage).",
+    selection=dg.AssetSelection.groups("sources", "catalog", "labels", "geocells"),
+    description="Sample world → catalog → labels → splits and geocells (grows with every stage).",
     executor_def=dg.in_process_executor,
 )
 
