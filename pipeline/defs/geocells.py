@@ -81,8 +81,8 @@ def dataset_splits(
         metadata={
             **{k: v for k, v in s.items() if isinstance(v, int)},
             "leakage": dg.MetadataValue.md(
-                f"val/test images within {config.min_distance_km} km of a train image: **{s.get('leaks_within_km', 0)}**"
-                f" here vs **{s.get('naive_random_split_leaks_within_km', 0)}** of "
+                f"val/test images within {config.min_distance_km} km of a train image: "
+                f"**{s.get('leaks_within_km', 0)}** here vs **{s.get('naive_random_split_leaks_within_km', 0)}** of "
                 f"{s.get('naive_random_split_held_out', 0)} for a random per-image split of the same images "
                 f"(GEOPAK's split)."
             ),
@@ -97,7 +97,9 @@ def dataset_splits(
     )
 
 
-@dg.asset_check(asset=dataset_splits, blocking=True, description="No val or test image lies within 1 km of a train image.")
+@dg.asset_check(
+    asset=dataset_splits, blocking=True, description="No val or test image lies within 1 km of a train image."
+)
 def dataset_splits_no_leak(data_root: DataRootResource) -> dg.AssetCheckResult:
     df = _labelled(data_root).merge(read_table(data_root.paths.splits, SPLITS_SCHEMA), on="image_id", how="left")
     leaks = leakage_count(df["lat"], df["lon"], df["split"].to_numpy(), km=1.0)
@@ -130,6 +132,7 @@ def geocells(
     if no_train:
         context.log.warning(f"provinces {no_train} have no training images; their cells use held-out images")
         fit = pd.concat([fit, df[df["province_id"].isin(no_train)]])
+    fit = fit.sort_values("image_id", kind="stable")  # the same images give the same cells, whatever the row order
     outlines = _outlines(boundaries)
     built = build_geocells(
         fit["lat"].to_numpy(), fit["lon"].to_numpy(), fit["province_id"].to_numpy(), cfg,
@@ -178,7 +181,7 @@ def geocells_within_cap(data_root: DataRootResource) -> dg.AssetCheckResult:
     group_name="geocells",
     kinds={"parquet"},
     deps=[geocells],
-    description="Every labelled image's cell: the nearest centre of its province within that cell's cap, else the nearest.",
+    description="Every labelled image's cell: the nearest centre of its province within its cap, else the nearest.",
 )
 def cell_assignments(data_root: DataRootResource) -> dg.MaterializeResult:
     paths = data_root.paths
