@@ -7,8 +7,8 @@ Usage: python bench/bench_geocells.py [--points 1000000] [--compare-points 20000
 Points are the sample world's own placement (``plan_sample_world``: GEOPAK's province imbalance, photos jittered
 around GeoNames places ∝ population^0.7, 15 % uniform rural points), without defects. Planning 1M points takes
 about a minute; ``--cache`` keeps them between runs. Each measured step runs in a fresh subprocess so its peak RSS
-(``ru_maxrss``, which includes C allocations) is its own; imports and the gazetteer load are done before the clock
-starts. Goal: full build ≤ 60 s and ≤ 2 GB on 2 cores.
+(VmHWM of /proc/self/status, reset just before the step; it counts C allocations) is its own; imports, reading the
+points and the gazetteer load happen before the clock starts and are resident in the figure. Goal: full build ≤ 60 s and ≤ 2 GB on 2 cores.
 """
 
 from __future__ import annotations
@@ -41,10 +41,20 @@ def _points(n: int, cache: str | None):
     return df
 
 
-def _peak_gb() -> float:
-    import resource
+def _status_gb(field: str) -> float:
+    """A memory field of /proc/self/status (VmRSS: resident now, VmHWM: peak resident), in GB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024**2  # kB
+    raise KeyError(field)
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # Linux: KiB
+
+def _reset_peak() -> None:
+    """Reset VmHWM so the peak measured afterwards is the step's own (Linux ≥ 4.0); ru_maxrss cannot be reset."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
 
 
 def _child(step: str, path: str, n: int) -> None:
@@ -62,8 +72,8 @@ def _child(step: str, path: str, n: int) -> None:
     lat, lon, prov = df["lat"].to_numpy(), df["lon"].to_numpy(), df["province_id"].to_numpy()
     pakistan_places()
     areas = province_areas_km2(ProvinceBoundaries.load().polygons)
-    base = _peak_gb()
-    out: dict = {"step": step, "points": int(len(df)), "rss_before_gb": round(base, 3)}
+    _reset_peak()
+    out: dict = {"step": step, "points": int(len(df)), "rss_before_gb": round(_status_gb("VmRSS"), 3)}
     t0 = time.perf_counter()
     if step == "build":
         built = build_geocells(lat, lon, prov, GeocellConfig(), areas)
@@ -95,7 +105,7 @@ def _child(step: str, path: str, n: int) -> None:
         out.update(clusters=int(labels.max() + 1), noise=float(np.mean(labels < 0)))
         np.save(Path(path).with_name(f"labels_{step}.npy"), labels)
     out["seconds"] = round(time.perf_counter() - t0, 2)
-    out["peak_rss_gb"] = round(_peak_gb(), 3)
+    out["peak_rss_gb"] = round(_status_gb("VmHWM"), 3)
     print("RESULT " + json.dumps(out, default=str), flush=True)
 
 
@@ -132,7 +142,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = str(Path(tmp) / "points.parquet")
         df[["lat", "lon", "province_id"]].to_parquet(path)
-        print(f"cores available: {len(os.sched_getaffinity(0))}; core_dist_n_jobs=2", flush=True)
+        print(f"cores available: {len(os.sched_getaffinity(0))}; load average {os.getloadavg()[0]:.1f} "
+              "(other work on the machine slows every figure below)", flush=True)
 
         build = _run("build", path, args.points)
         pd.set_option("display.width", 250)
@@ -140,7 +151,7 @@ def main() -> None:
         print(pd.DataFrame(build["per_province"]).to_string(index=False))
         print(f"max radius per province (km): {build['max_radius']}")
         print(f"full geocell build, {build['points']:,} points: {build['seconds']:.1f} s wall, peak RSS "
-              f"{build['peak_rss_gb']:.2f} GB ({build['rss_before_gb']:.2f} GB before the build); "
+              f"{build['peak_rss_gb']:.2f} GB ({build['rss_before_gb']:.2f} GB resident before the build); "
               f"{build['cells']} cells, {build['over_cap']} over cap, {build['unassigned']} unassigned "
               f"-> goal ≤ 60 s: {'met' if build['seconds'] <= 60 else 'NOT met'}, ≤ 2 GB: "
               f"{'met' if build['peak_rss_gb'] <= 2 else 'NOT met'}", flush=True)
@@ -159,9 +170,10 @@ def main() -> None:
                                                                                                      "haversine")))
     for r in (eu, hv):
         print(f"HDBSCAN {r['step']:>9} on {r['points']:,} points: {r['seconds']:.1f} s, peak RSS "
-              f"{r['peak_rss_gb']:.2f} GB ({r['rss_before_gb']:.2f} GB before the fit), {r['clusters']} clusters, "
+              f"{r['peak_rss_gb']:.2f} GB ({r['rss_before_gb']:.2f} GB resident before the fit), {r['clusters']} clusters, "
               f"noise {r['noise']:.1%}")
-    print(f"label agreement between the two (adjusted Rand index): {agreement:.3f}")
+    print(f"label agreement between the two (adjusted Rand index): {agreement:.3f}; "
+          f"load average now {os.getloadavg()[0]:.1f}")
     print(f"haversine / projected-Euclidean HDBSCAN: {hv['seconds'] / eu['seconds']:.1f}x time, "
           f"{hv['peak_rss_gb'] / eu['peak_rss_gb']:.1f}x peak RSS")
     print(f"full {build['points']:,}-point build vs one haversine HDBSCAN on {hv['points']:,} points: "

@@ -306,7 +306,7 @@ class _ProvinceFit:
             hit = np.full(len(noise), -1, dtype=np.int64)
         changed = sorted(set(hit[hit >= 0].tolist()))
         groups = [np.concatenate([cells[j].idx, noise[hit == j]]) for j in changed]
-        kept = [c for j, c in enumerate(cells) if j not in set(changed)]
+        kept = [c for j, c in enumerate(cells) if j not in frozenset(changed)]
         return kept + self.enforce(groups + [noise[hit < 0]])
 
     def top_up(self, cells: list[_Cell], target: int, min_cell: int) -> list[_Cell]:

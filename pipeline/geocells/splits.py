@@ -10,7 +10,8 @@ Groups are the connected components of three relations, and a group goes to one 
 
 A dense city is one giant component at 1 km. Putting it whole into train would leave val and test without the
 most photographed places, so groups larger than ``max(min_group_to_tile, max_group_share · n_province)`` are cut
-into ``tile_km`` square tiles (still joined by place and owner-day). Groups are assigned per province (a group's
+into ``tile_km`` square tiles (still joined by place; an owner's day then joins images within one tile only, so a
+day trip across town does not re-join the city). Groups are assigned per province (a group's
 province is its members' most common one) in a seeded random order, each to the split furthest below its target
 fraction. Finally every train image within ``min_distance_km`` of a val or test image — possible only across the
 tiles of a cut group — becomes ``buffer`` (in no split), so no val/test image lies within 1 km of a train image.
