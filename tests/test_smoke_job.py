@@ -36,4 +36,7 @@ def test_dagster_job_execute_main_job(tmp_path):
     assert "RUN_SUCCESS" in proc.stdout + proc.stderr
     labelled = pd.read_parquet(data / "labels" / "labelled_catalog.parquet")
     assert len(labelled) > 150 and labelled["province_key"].nunique() == 7
+    cells = pd.read_parquet(data / "geocells" / "cells.parquet")
+    assigned = pd.read_parquet(data / "geocells" / "assignments.parquet")
+    assert len(cells) > 0 and set(assigned["image_id"]) == set(labelled["image_id"])
     assert list(home.glob("history/runs.db")) or list(home.glob("storage/**")), "run history kept in DAGSTER_HOME"

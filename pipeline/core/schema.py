@@ -142,3 +142,40 @@ def read_table(path: str | Path, schema: pa.Schema | None = None) -> pd.DataFram
     if schema is not None:
         to_table(df, schema)
     return df
+
+# Geocells and splits (issue 4). The model reads exactly these columns.
+SPLITS_SCHEMA = pa.schema(
+    [
+        pa.field("image_id", pa.string(), nullable=False),
+        pa.field("split", pa.string(), nullable=False),  # train | val | test | buffer (in no split)
+        pa.field("group_id", pa.int64(), nullable=False),  # images of one group share a split
+    ]
+)
+GEOCELLS_SCHEMA = pa.schema(
+    [
+        pa.field("cell_id", pa.int64(), nullable=False),  # global, contiguous in province order
+        pa.field("province_id", pa.int8(), nullable=False),
+        pa.field("local_id", pa.int64(), nullable=False),  # index within the province's cell head
+        pa.field("center_lat", pa.float64(), nullable=False),  # a member image's coordinate
+        pa.field("center_lon", pa.float64(), nullable=False),
+        pa.field("radius_km", pa.float64(), nullable=False),  # largest member distance to the centre
+        pa.field("count", pa.int64(), nullable=False),  # member (training) images
+        pa.field("cap_km", pa.float64(), nullable=False),
+        pa.field("urban", pa.bool_(), nullable=False),
+    ]
+)
+GEOCELL_NEIGHBOURS_SCHEMA = pa.schema(
+    [
+        pa.field("cell_id", pa.int64(), nullable=False),
+        pa.field("neighbour_id", pa.int64(), nullable=False),  # same province, nearest first
+        pa.field("distance_km", pa.float64(), nullable=False),
+    ]
+)
+CELL_ASSIGNMENTS_SCHEMA = pa.schema(
+    [
+        pa.field("image_id", pa.string(), nullable=False),
+        pa.field("cell_id", pa.int64(), nullable=False),
+        pa.field("province_id", pa.int8(), nullable=False),
+        pa.field("distance_km", pa.float64(), nullable=False),  # to the cell centre (may exceed the cap off train)
+    ]
+)
