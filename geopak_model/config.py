@@ -130,6 +130,7 @@ class TrainConfig:
     sampler_shares: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_SAMPLER_SHARES))
     run_phases: list[int] = field(default_factory=lambda: [0, 1, 2])
     device: str = "auto"  # auto | cpu | cuda
+    cpu_threads: int = 0  # >0: torch.set_num_threads (tiny head matmuls run faster on 1 thread of a busy CPU)
     amp: bool = True  # bf16 autocast on CUDA
     grad_clip: float = 1.0
     seed: int = 0

@@ -54,15 +54,13 @@ def load_training_table(paths: DataPaths) -> tuple[pd.DataFrame, dict[str, int]]
 
 def label_tensors(table: pd.DataFrame) -> dict[str, torch.Tensor]:
     """The per-image targets every loss reads, as tensors aligned with ``table``'s rows."""
-    return {
-        "province_id": torch.as_tensor(table["province_id"].to_numpy(np.int64)),
-        "cell_id": torch.as_tensor(table["cell_id"].to_numpy(np.int64)),
-        "lat": torch.as_tensor(table["lat"].to_numpy(np.float32)),
-        "lon": torch.as_tensor(table["lon"].to_numpy(np.float32)),
-        "koppen_id": torch.as_tensor(table["koppen_id"].to_numpy(np.int64)),
-        "doy_sin": torch.as_tensor(pd.to_numeric(table["doy_sin"]).to_numpy(np.float32, na_value=np.nan)),
-        "doy_cos": torch.as_tensor(pd.to_numeric(table["doy_cos"]).to_numpy(np.float32, na_value=np.nan)),
-    }
+    def col(name: str, dtype) -> torch.Tensor:
+        values = pd.to_numeric(table[name]).to_numpy(dtype, na_value=np.nan if dtype == np.float32 else None)
+        return torch.tensor(values)
+
+    return {"province_id": col("province_id", np.int64), "cell_id": col("cell_id", np.int64),
+            "lat": col("lat", np.float32), "lon": col("lon", np.float32), "koppen_id": col("koppen_id", np.int64),
+            "doy_sin": col("doy_sin", np.float32), "doy_cos": col("doy_cos", np.float32)}
 
 
 # --- images ---------------------------------------------------------------------------------------------------

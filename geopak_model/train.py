@@ -103,6 +103,8 @@ def _hash(obj: Any) -> str:
 class Trainer:
     def __init__(self, cfg: TrainConfig, log: Callable[[str], None] | None = None, runtime=None):
         self.cfg = cfg
+        if cfg.cpu_threads > 0:
+            torch.set_num_threads(cfg.cpu_threads)
         self.env, self.device = runtime or setup_runtime(cfg.device)
         self._log = log or (lambda m: print(m, flush=True))
         self.paths = DataPaths.at(cfg.data_root)
