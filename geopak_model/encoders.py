@@ -120,6 +120,18 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in sd.items() if isinstance(v, torch.Tensor)}
 
 
+def load_weights(module: nn.Module, sd: dict[str, torch.Tensor], what: str, arch: str,
+                 optional: tuple[str, ...] = ()) -> None:
+    """Load every weight of ``module`` (only keys starting with ``optional`` may be absent), or a clear error."""
+    try:
+        missing, unexpected = module.load_state_dict(sd, strict=False)
+    except RuntimeError as exc:  # shape mismatches
+        raise ValueError(f"{what} do not fit {arch}: {str(exc)[:500]}") from exc
+    missing = [k for k in missing if not k.startswith(optional)] if optional else missing
+    if missing or unexpected:
+        raise ValueError(f"{what} do not fit {arch}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+
+
 class ClipEncoder(nn.Module):
     def __init__(self, visual: nn.Module, width: int, mean=CLIP_MEAN, std=CLIP_STD):
         super().__init__()
@@ -174,15 +186,13 @@ def build_clip(cfg: EncoderConfig, weights_dir: Path | None = None) -> ClipEncod
             quick = bool(mc.get("quick_gelu", False) or tag_cfg.get("quick_gelu", False))
         visual = _build_vision_tower(mc["embed_dim"], vision, quick_gelu=quick)
         width = vision["width"]
+    visual.proj = None  # width-d pooled features, not the contrastive projection
     if path is not None:
         sd = read_state_dict(path)
         if any(k.startswith("visual.") for k in sd):  # a full CLIP checkpoint: keep the vision tower
             sd = {k.removeprefix("visual."): v for k, v in sd.items() if k.startswith("visual.")}
-        missing, unexpected = visual.load_state_dict(sd, strict=False)
-        if missing or unexpected:
-            raise ValueError(f"CLIP weights {path} do not fit {cfg.clip_model}: missing {missing[:5]}, "
-                             f"unexpected {unexpected[:5]}")
-    visual.proj = None  # width-d pooled features, not the contrastive projection
+        sd.pop("proj", None)
+        load_weights(visual, sd, f"CLIP weights {path}", cfg.clip_model)
     return ClipEncoder(visual, width)
 
 
@@ -213,11 +223,7 @@ def build_scene(cfg: EncoderConfig, weights_dir: Path | None = None) -> SceneEnc
     path = resolve_file(cfg.scene_weights, weights_dir, "Places365 ResNet") if cfg.scene_weights else None
     net = getattr(torchvision.models, cfg.scene_arch)(weights=None, num_classes=365)
     if path is not None:
-        sd = read_state_dict(path)
-        missing, unexpected = net.load_state_dict(sd, strict=False)
-        if unexpected or [k for k in missing if not k.startswith("fc.")]:
-            raise ValueError(f"Places365 weights {path} do not fit {cfg.scene_arch}: missing {missing[:5]}, "
-                             f"unexpected {unexpected[:5]}")
+        load_weights(net, read_state_dict(path), f"Places365 weights {path}", cfg.scene_arch, optional=("fc.",))
     out_dim = net.fc.in_features
     net.fc = nn.Identity()
     return SceneEncoder(net, out_dim)
