@@ -85,3 +85,4 @@ def majority_baselines(train: pd.DataFrame, val: pd.DataFrame, cell_lat: np.ndar
            "majority_cell_acc": float((val["cell_id"] == cell).mean())}
     out.update(error_summary(err, "majority_cell_centre_"))
     return out
+

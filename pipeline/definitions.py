@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import dagster as dg
 
-from pipeline.defs import ingest, labels
+from pipeline.defs import ingest, labels, model
 from pipeline.defs.jobs import JOBS
 from pipeline.defs.resources import default_resources
 
 defs = dg.Definitions(
-    assets=dg.load_assets_from_modules([ingest, labels]),
-    asset_checks=dg.load_asset_checks_from_modules([ingest, labels]),
+    assets=dg.load_assets_from_modules([ingest, labels, model]),
+    asset_checks=dg.load_asset_checks_from_modules([ingest, labels, model]),
     jobs=JOBS,
     resources=default_resources(),
 )
