@@ -132,16 +132,27 @@ def load_weights(module: nn.Module, sd: dict[str, torch.Tensor], what: str, arch
         raise ValueError(f"{what} do not fit {arch}: missing {missing[:5]}, unexpected {unexpected[:5]}")
 
 
-class ClipEncoder(nn.Module):
-    def __init__(self, visual: nn.Module, width: int, mean=CLIP_MEAN, std=CLIP_STD):
+class NormalisedEncoder(nn.Module):
+    """``net`` on inputs in [0, 1] normalised with the mean/std it was trained with."""
+
+    def __init__(self, net: nn.Module, out_dim: int, mean: tuple[float, ...], std: tuple[float, ...]):
         super().__init__()
-        self.visual = visual
-        self.out_dim = width
+        self.net = net
+        self.out_dim = out_dim
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.visual((x - self.mean) / self.std)
+        return self.net((x - self.mean) / self.std)
+
+
+class ClipEncoder(NormalisedEncoder):
+    def __init__(self, visual: nn.Module, width: int):
+        super().__init__(visual, width, CLIP_MEAN, CLIP_STD)
+
+    @property
+    def visual(self) -> nn.Module:
+        return self.net
 
     def blocks(self) -> list[nn.Module]:
         return list(self.visual.transformer.resblocks)
@@ -196,16 +207,9 @@ def build_clip(cfg: EncoderConfig, weights_dir: Path | None = None) -> ClipEncod
     return ClipEncoder(visual, width)
 
 
-class SceneEncoder(nn.Module):
+class SceneEncoder(NormalisedEncoder):
     def __init__(self, net: nn.Module, out_dim: int):
-        super().__init__()
-        self.net = net
-        self.out_dim = out_dim
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net((x - self.mean) / self.std)
+        super().__init__(net, out_dim, IMAGENET_MEAN, IMAGENET_STD)
 
     def train(self, mode: bool = True) -> "SceneEncoder":
         super().train(mode)
