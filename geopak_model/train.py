@@ -253,6 +253,18 @@ class Trainer:
             self.log(f"phase {k}: resuming at epoch {start + 1}/{pc.epochs}")
         self.heads.province_prior_shift.copy_(self.prior_shift)
 
+        threads = torch.get_num_threads()
+        if self.cfg.cpu_threads == 0 and self.device.type == "cpu" and k < 2:
+            torch.set_num_threads(1)
+        try:
+            return self._run_epochs(k, state, start, best, best_path, last)
+        finally:
+            torch.set_num_threads(threads)
+
+    def _run_epochs(self, k: int, state: dict[str, Any] | None, start: int, best: dict[str, Any], best_path: Path,
+                    last: Path) -> dict[str, Any]:
+        pc = self.cfg.phase(k)
+        metric, mode = SELECTION[k]
         net, opt, groups = self._build_optimiser(k)
         if state is not None and state.get("optimizer"):
             opt.load_state_dict(state["optimizer"])
