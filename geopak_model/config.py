@@ -236,8 +236,8 @@ def _cpu_small() -> dict[str, Any]:
                   "offset_hidden": 128},
         "phases": [
             {"epochs": 4, "lr": 1e-3, "batch_size": 64},
-            {"epochs": 12, "lr": 2e-3, "batch_size": 64},
-            {"epochs": 1, "lr": 5e-4, "lr_clip": 1e-5, "lr_scene": 1e-5, "batch_size": 16, "batches_per_epoch": 4,
+            {"epochs": 20, "lr": 1e-3, "batch_size": 64, "schedule": "cosine"},
+            {"epochs": 1, "lr": 1e-4, "lr_clip": 1e-5, "lr_scene": 1e-5, "batch_size": 32, "batches_per_epoch": 4,
              "schedule": "cosine"},
         ],
         "loss": {"offset_ramp_epochs": 3},

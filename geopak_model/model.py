@@ -60,6 +60,7 @@ class GeopakHeads(nn.Module):
         self.register_buffer("province_prior_shift", torch.zeros(NUM_PROVINCES))
 
         counts = cells.counts_per_province
+        self.counts = list(counts)  # plain ints: no device sync per province and batch
         self.cell_heads = nn.ModuleList()
         for n in counts:
             h = cfg.cell_head_small if n < cfg.cell_head_threshold else cfg.cell_head_large
@@ -102,8 +103,7 @@ class GeopakHeads(nn.Module):
         """Training: each sample through its true province's head → padded logits (B, max_n) and validity mask."""
         width = self.local_to_global.shape[1]
         logits = e.new_zeros((e.shape[0], width), dtype=torch.float32)
-        for p in range(NUM_PROVINCES):
-            n = int(self.cells_per_province[p])
+        for p, n in enumerate(self.counts):
             idx = (province_ids == p).nonzero(as_tuple=True)[0]
             if n == 0 or idx.numel() == 0:
                 continue
@@ -116,8 +116,7 @@ class GeopakHeads(nn.Module):
         """Inference: every province's head → (B, 7, max_n) logits and (7, max_n) mask."""
         width = self.local_to_global.shape[1]
         out = e.new_zeros((e.shape[0], NUM_PROVINCES, width), dtype=torch.float32)
-        for p in range(NUM_PROVINCES):
-            n = int(self.cells_per_province[p])
+        for p, n in enumerate(self.counts):
             if n:
                 out[:, p, :n] = self.cell_heads[p](e).float()
         return out, self.local_to_global >= 0

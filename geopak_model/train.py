@@ -4,7 +4,8 @@
 Each phase resumes from ``phase<k>_last.pt`` when its fingerprint (config, cells, data, encoder weights) still
 matches, starts from the previous phase's best checkpoint otherwise, and keeps ``phase<k>_best.pt`` chosen on
 the END-TO-END validation median (mixture inference; phase 0: validation province accuracy). Every epoch
-appends a row to ``metrics.jsonl``; ``summary.json`` holds baselines, the best epochs and the final model path.
+appends a row to ``metrics.jsonl``. ``model.pt`` is the better of the phase-1 and phase-2 best checkpoints on the
+whole validation split; ``summary.json`` holds its metrics, the majority baselines and the best epochs.
 
     python -m geopak_model.train --config cfg.json
     python -m geopak_model.train --preset cpu-small --data-root data
@@ -33,11 +34,18 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from geopak_model.cache import build_embedding_cache
+from geopak_model.cache import EmbeddingCache, build_embedding_cache
 from geopak_model.cells import CellTable
 from geopak_model.checkpoint import read_checkpoint, save_checkpoint
 from geopak_model.config import TrainConfig, preset
-from geopak_model.data import FeatureData, ImageDataset, ProvinceBalancedBatchSampler, load_training_table, make_loader
+from geopak_model.data import (
+    FeatureData,
+    ImageDataset,
+    ProvinceBalancedBatchSampler,
+    label_tensors,
+    load_training_table,
+    make_loader,
+)
 from geopak_model.encoders import build_encoders
 from geopak_model.evaluate import evaluate_features, majority_baselines
 from geopak_model.losses import LossContext, effective_number_weights, total_loss
@@ -120,6 +128,7 @@ class Trainer:
             raise ValueError("assignments name cells that are not in cells.parquet")
         self.encoder = build_encoders(cfg.encoder, self.weights_dir)
         self.weights_id = self.encoder.weights_id()
+        self._encoder_tuned = False  # True once phase 2 changed (or a checkpoint replaced) the encoder weights
         self.table = table
         torch.manual_seed(cfg.seed)
         self.heads = GeopakHeads(self.cells, *self.encoder.dims, cfg.model)
@@ -145,8 +154,6 @@ class Trainer:
             stats["seconds"] = round(time.perf_counter() - t0, 2)
             self.log(f"embedding cache {cache.dir}: {stats}")
         self.env.barrier()
-        from geopak_model.cache import EmbeddingCache
-
         cache = EmbeddingCache(self.cache_root, self.weights_id)
         bad = cache.rejected_ids()
         usable = need[~need["image_id"].isin(bad)]
@@ -158,8 +165,6 @@ class Trainer:
             raise ValueError(f"need train and val images; have {len(train)} train and {len(val)} val "
                              f"(splits {self.cfg.train_split!r}/{self.cfg.val_split!r})")
         self.train_table, self.val_table = train, val
-        from geopak_model.data import label_tensors
-
         self.train_data = FeatureData(*cache.load(train["image_id"]), label_tensors(train))
         self.val_data = FeatureData(*cache.load(val["image_id"]), label_tensors(val))
         self._setup_loss()
@@ -210,6 +215,10 @@ class Trainer:
         self.heads.load_state_dict(ckpt["heads"])
         if ckpt.get("encoder") is not None:
             self.encoder.load_state_dict(ckpt["encoder"])
+            self._encoder_tuned = True
+        elif self._encoder_tuned:  # a heads-only checkpoint goes with the original frozen encoders
+            self.encoder.load_state_dict(build_encoders(self.cfg.encoder, self.weights_dir).state_dict())
+            self._encoder_tuned = False
 
     def _write_metrics(self) -> None:
         lines = "".join(json.dumps(r, sort_keys=True) + "\n" for r in self.history)
@@ -317,6 +326,7 @@ class Trainer:
         self.encoder.freeze()
         groups = [{"params": [p for p in self.heads.parameters() if p.requires_grad], "lr": pc.lr, "name": "heads"}]
         if k == 2:
+            self._encoder_tuned = True
             clip_p, scene_p = self.encoder.unfreeze_top(self.cfg.encoder.unfreeze_fraction)
             for params, lr, name in ((clip_p, pc.lr_clip, "clip"), (scene_p, pc.lr_scene, "scene")):
                 if lr > 0:
@@ -393,8 +403,6 @@ class Trainer:
 
     @torch.no_grad()
     def _features_now(self, table: pd.DataFrame, cap: int) -> FeatureData:
-        from geopak_model.data import label_tensors
-
         if cap and len(table) > cap:  # a fixed random subset (the table may be ordered by province)
             table = table.sample(n=cap, random_state=self.cfg.seed).sort_index()
         self.encoder.eval()
@@ -412,19 +420,32 @@ class Trainer:
         return FeatureData(torch.cat(clip), torch.cat(scene), label_tensors(kept))
 
     # --- summary ----------------------------------------------------------------------------------------------
+    def _choose_final(self) -> tuple[int, dict[int, dict[str, float]]]:
+        """The exported model: among the best checkpoints of the location phases (1, 2) of this run, the lowest
+        end-to-end median on the WHOLE validation split (phase-2 epochs may have used a subset, and a short
+        phase 2 can be worse than where it started). Phase 0 only when nothing else ran."""
+        top = max(self.cfg.run_phases)
+        cands = [k for k in (1, 2) if k <= top and self._ckpt(k, "best").exists()] or [top]
+        results = {}
+        for k in cands:
+            self._load_weights(read_checkpoint(self._ckpt(k, "best")))
+            with self.phase_threads(k):
+                results[k] = self._validate(k, full=True)
+        choice = min(cands, key=lambda k: results[k].get("val_median_km", math.inf)) if top > 0 else top
+        self._load_weights(read_checkpoint(self._ckpt(choice, "best")))
+        return choice, results
+
     def _summary(self, phase_info: dict[str, Any]) -> dict[str, Any]:
-        last_phase = str(max(self.cfg.run_phases))
-        best_ckpt = Path(phase_info[last_phase]["checkpoint"])
         model_path = self.run_dir / "model.pt"
+        choice, results = self._choose_final() if self.env.main else (max(self.cfg.run_phases), {})
         if self.env.main:
             with atomic_path(model_path) as tmp:
-                shutil.copyfile(best_ckpt, tmp)
+                shutil.copyfile(self._ckpt(choice, "best"), tmp)
         best_rows = {}
         for k, info in phase_info.items():
             rows = [h for h in self.history if h["phase"] == int(k) and h["epoch"] == info["epoch"]]
             best_rows[k] = rows[-1] if rows else {}
-        # the selected model on the WHOLE validation split (phase 2 epochs may have used a capped subset)
-        final = self._validate(int(last_phase), full=True) if self.env.main else {}
+        final = {"phase": choice, **results.get(choice, {})}
         summary = {
             "model": str(model_path), "run_dir": str(self.run_dir), "preset": self.cfg.preset,
             "device": str(self.device), "world_size": self.env.world,
@@ -435,6 +456,7 @@ class Trainer:
             "baselines": majority_baselines(self.train_table, self.val_table, self.cells.center_lat,
                                             self.cells.center_lon),
             "phases": phase_info, "best_rows": best_rows, "final": final,
+            "final_candidates": {str(k): v.get("val_median_km") for k, v in results.items()},
             "parameters": {"heads": count_params(self.heads), "encoders": count_params(self.encoder)},
         }
         if self.env.main:

@@ -65,7 +65,12 @@ def test_checkpoints_load_weights_only_and_predict(trained):
         ckpt = torch.load(run / f"{name}.pt", map_location="cpu", weights_only=True)
         assert isinstance(ckpt["config"], dict) and "center_lat" in ckpt["cells"]
     assert read_checkpoint(run / "phase1_best.pt")["encoder"] is None  # frozen: rebuilt and checked by id
-    assert read_checkpoint(run / "model.pt")["encoder"] is not None  # phase 2 tuned the encoders
+    assert read_checkpoint(run / "phase2_best.pt")["encoder"] is not None  # phase 2 tuned the encoders
+    # model.pt: the better of the phase-1 and phase-2 bests on the whole val split
+    cands = {int(k): v for k, v in summary["final_candidates"].items()}
+    assert set(cands) == {1, 2} and summary["final"]["phase"] == min(cands, key=cands.get)
+    assert read_checkpoint(run / "model.pt")["phase"] == summary["final"]["phase"]
+    assert summary["final"]["val_images"] == summary["val_images"]
     model, cfg2 = load_model(run / "model.pt")
     assert cfg2.to_dict() == cfg.to_dict()
     labelled = __import__("pandas").read_parquet(root / "labels" / "labelled_catalog.parquet").head(3)
@@ -75,7 +80,8 @@ def test_checkpoints_load_weights_only_and_predict(trained):
         pred = mixture_predict(model.heads, model.heads.fuse(c, s)[0])
     assert pred.lat.shape == (3,) and torch.isfinite(pred.lat).all()
     assert ((pred.lat > 20) & (pred.lat < 40)).all()
-    model1, _ = load_model(run / "phase1_best.pt")  # heads-only checkpoint: encoder weights id verified
+    load_model(run / "phase2_best.pt")
+    load_model(run / "phase1_best.pt")  # heads-only checkpoint: encoder weights id verified
     ck = read_checkpoint(run / "phase1_best.pt")
     ck["encoder_weights_id"] = "0" * 24
     torch.save(ck, run / "tampered.pt")
@@ -101,14 +107,11 @@ def test_resume_and_skip(tmp_path):
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 1
 
 
-def _cli(cfg: TrainConfig, path: Path, nproc: int) -> list[dict]:
+def _torchrun(cfg: TrainConfig, path: Path, nproc: int) -> list[dict]:
     path.write_text(cfg.to_json())
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
-    if nproc == 1:
-        cmd = [sys.executable, "-m", "geopak_model.train", "--config", str(path)]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-               "-m", "geopak_model.train", "--config", str(path)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+           "-m", "geopak_model.train", "--config", str(path)]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     run = Path(cfg.run_dir)
@@ -121,9 +124,9 @@ def test_ddp_two_gloo_processes_match_one(tmp_path):
     build_world(tmp_path, per_cell=4, size=40)
     base = dict(run_phases=[1], model={"dropout": 0.0, "koppen_head": True, "doy_head": True},
                 phases=[{}, {"epochs": 2, "batch_size": 16, "batches_per_epoch": 3}, {}])
-    Trainer(tiny(tmp_path, run_dir=str(tmp_path / "warm"), **base)).prepare_cache()  # cache shared by both runs
-    one = _cli(tiny(tmp_path, run_dir=str(tmp_path / "one"), **base), tmp_path / "one.json", 1)
-    two = _cli(tiny(tmp_path, run_dir=str(tmp_path / "two"), **base), tmp_path / "two.json", 2)
+    Trainer(tiny(tmp_path, run_dir=str(tmp_path / "one"), **base)).run()  # one process (the CLI: asset tests)
+    one = [json.loads(line) for line in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
+    two = _torchrun(tiny(tmp_path, run_dir=str(tmp_path / "two"), **base), tmp_path / "two.json", 2)
     assert len(one) == len(two) == 2
     for a, b in zip(one, two):
         for key in ("train_total", "train_province", "train_cell", "train_offset_km", "val_total", "val_median_km"):
