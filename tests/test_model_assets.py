@@ -29,7 +29,7 @@ def test_materialize_model_group(tmp_path):
     assert cache_md["cached_images"].value == 56 and cache_md["computed_now"].value == 56
     md = result.asset_materializations_for_node("geopak_model")[0].metadata
     ckpt = md["checkpoint"].value
-    assert torch.load(ckpt, map_location="cpu", weights_only=True)["phase"] == 2
+    assert torch.load(ckpt, map_location="cpu", weights_only=True)["phase"] in (1, 2)  # better of phases 1-2
     assert "| province accuracy |" in md["model_vs_baselines"].value
     assert "ORACLE" in md["model_vs_baselines"].value
     assert md["metrics_per_epoch"].value.count("\n") >= 5  # header + separator + 4 epochs
