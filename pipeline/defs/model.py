@@ -123,8 +123,8 @@ def geopak_model(context: dg.AssetExecutionContext, config: ModelParams,
     metrics = pd.read_json(run_dir / "metrics.jsonl", lines=True)
     paths = data_root.paths
     curves = curves_png(metrics, {
-        "loss terms (train)": ["train_total", "train_province", "train_cell", "train_koppen", "train_doy"],
-        "validation loss": ["val_total", "val_province", "val_cell"],
+        "total loss (weighted)": ["train_total", "val_total"],
+        "loss terms": ["train_province", "val_province", "train_cell", "val_cell", "train_koppen", "train_doy"],
         "km (train/val)": ["train_offset_km", "val_median_km", "val_p90_km", "oracle_val_median_km"],
         "accuracy (val)": ["val_province_acc", "val_cell_acc"],
     }, title=f"GEOPAK {cfg.preset}: all phases")
