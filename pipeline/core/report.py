@@ -112,3 +112,25 @@ def bar_chart_png(table: pd.DataFrame, index: str, title: str, stacked: bool = T
     ax.set_ylabel("images")
     fig.autofmt_xdate(rotation=30)
     return png_bytes(fig)
+
+
+def curves_png(df: pd.DataFrame, panels: dict[str, Sequence[str]], title: str = "", x: str | None = None) -> bytes:
+    """One line panel per entry of ``panels`` (panel title -> columns of ``df``), against ``x`` or the row index."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = {k: [c for c in cols if c in df.columns and df[c].notna().any()] for k, cols in panels.items()}
+    panels = {k: v for k, v in panels.items() if v}
+    fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(4.2 * max(1, len(panels)), 3.4), squeeze=False)
+    xs = df[x] if x else np.arange(1, len(df) + 1)
+    for ax, (name, cols) in zip(axes[0], panels.items()):
+        for c in cols:
+            ax.plot(xs, df[c], marker="o", markersize=2.5, linewidth=1.2, label=c)
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel(x or "epoch (all phases)")
+        ax.legend(fontsize=6)
+        ax.grid(alpha=0.3)
+    fig.suptitle(title, fontsize=10)
+    return png_bytes(fig)

@@ -1,0 +1,322 @@
+"""Training data: the joined table (labels + cells + splits), images with geography-safe augmentation, a
+province-balanced batch sampler that draws fresh batches every epoch, and in-memory batches of cached features.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps
+
+from geopak_model.config import AugmentConfig
+from pipeline.core.paths import DataPaths
+from pipeline.core.provinces import NUM_PROVINCES, PROVINCES
+
+LABEL_COLUMNS = ["image_id", "path", "lat", "lon", "province_id", "koppen_id", "koppen_group", "doy_sin", "doy_cos"]
+TABLE_COLUMNS = [*LABEL_COLUMNS, "cell_id", "split"]
+
+
+# --- the joined table ---------------------------------------------------------------------------------------
+def join_training_table(labelled: pd.DataFrame, assignments: pd.DataFrame, splits: pd.DataFrame
+                        ) -> tuple[pd.DataFrame, dict[str, int]]:
+    """Labelled rows that have a cell and a split; counts of rows left out and why (never silently)."""
+    lab = labelled[LABEL_COLUMNS]
+    asg = assignments[["image_id", "cell_id", "province_id"]].rename(columns={"province_id": "cell_province_id"})
+    table = lab.merge(asg, on="image_id", how="left").merge(splits[["image_id", "split"]], on="image_id", how="left")
+    no_cell = table["cell_id"].isna()
+    no_split = table["split"].isna()
+    mismatch = ~no_cell & (table["cell_province_id"] != table["province_id"])
+    if mismatch.any():
+        raise ValueError(f"{int(mismatch.sum())} images are assigned to a cell of another province "
+                         "(assignments.parquet disagrees with the labelled catalog)")
+    kept = table[~no_cell & ~no_split].drop(columns=["cell_province_id"]).copy()
+    kept["cell_id"] = kept["cell_id"].astype(np.int64)
+    kept["province_id"] = kept["province_id"].astype(np.int64)
+    stats = {"labelled": len(labelled), "without_cell": int(no_cell.sum()),
+             "without_split": int((~no_cell & no_split).sum()), "used": len(kept)}
+    return kept.reset_index(drop=True), stats
+
+
+def load_training_table(paths: DataPaths) -> tuple[pd.DataFrame, dict[str, int]]:
+    for p in (paths.labelled, paths.cell_assignments, paths.splits, paths.geocells):
+        if not p.exists():
+            raise FileNotFoundError(f"{p} is missing: materialise the labels, geocells and splits stages first")
+    return join_training_table(pd.read_parquet(paths.labelled), pd.read_parquet(paths.cell_assignments),
+                               pd.read_parquet(paths.splits))
+
+
+def label_tensors(table: pd.DataFrame) -> dict[str, torch.Tensor]:
+    """The per-image targets every loss reads, as tensors aligned with ``table``'s rows."""
+    def col(name: str, dtype) -> torch.Tensor:
+        values = pd.to_numeric(table[name]).to_numpy(dtype, na_value=np.nan if dtype == np.float32 else None)
+        return torch.tensor(values)
+
+    return {"province_id": col("province_id", np.int64), "cell_id": col("cell_id", np.int64),
+            "lat": col("lat", np.float32), "lon": col("lon", np.float32), "koppen_id": col("koppen_id", np.int64),
+            "doy_sin": col("doy_sin", np.float32), "doy_cos": col("doy_cos", np.float32)}
+
+
+# --- images ---------------------------------------------------------------------------------------------------
+def load_image(path: str | Path) -> Image.Image:
+    """RGB, upright as the camera saw it (EXIF orientation applied)."""
+    with Image.open(path) as im:
+        im.load()
+        return ImageOps.exif_transpose(im).convert("RGB")
+
+
+def to_tensor(img: Image.Image) -> torch.Tensor:
+    arr = np.asarray(img, dtype=np.uint8)
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)
+
+
+def eval_view(img: Image.Image, size: int) -> torch.Tensor:
+    """Short side to ``size`` then a centre crop: the view the embedding cache and validation use."""
+    x = to_tensor(img)
+    return _crop_resize(x, *_centre_square(x), size)
+
+
+def _centre_square(x: torch.Tensor) -> tuple[int, int, int, int]:
+    h, w = x.shape[-2:]
+    s = min(h, w)
+    return (h - s) // 2, (w - s) // 2, s, s
+
+
+def _crop_resize(x: torch.Tensor, top: int, left: int, h: int, w: int, size: int) -> torch.Tensor:
+    crop = x[:, top: top + h, left: left + w]
+    return F.interpolate(crop[None], size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0]
+
+
+def _u(g: torch.Generator, lo: float = 0.0, hi: float = 1.0) -> float:
+    return lo + (hi - lo) * float(torch.rand((), generator=g))
+
+
+def augment_view(img: Image.Image, size: int, cfg: AugmentConfig, g: torch.Generator) -> torch.Tensor:
+    """Geography-safe training view: a mild random crop of the centred square's scale, colour jitter, one of
+    fog/rain/overcast, slight blur and sensor noise. No flips (roads, traffic side, text), no rotations
+    (horizon), no perspective warps."""
+    x = to_tensor(img)
+    h, w = x.shape[-2:]
+    base = min(h, w)
+    area = _u(g, *cfg.crop_scale) * base * base
+    ratio = math.exp(_u(g, math.log(cfg.crop_ratio[0]), math.log(cfg.crop_ratio[1])))
+    cw = min(w, max(8, int(round(math.sqrt(area * ratio)))))
+    ch = min(h, max(8, int(round(math.sqrt(area / ratio)))))
+    top = int(_u(g) * (h - ch + 1)) if h > ch else 0
+    left = int(_u(g) * (w - cw + 1)) if w > cw else 0
+    x = _crop_resize(x, min(top, h - ch), min(left, w - cw), ch, cw, size)
+    x = colour_jitter(x, cfg, g)
+    if _u(g) < cfg.weather_p:
+        x = (fog, rain, overcast)[int(_u(g) * 3) % 3](x, g)
+    if _u(g) < cfg.blur_p:
+        sigma = _u(g, *cfg.blur_sigma)
+        x = gaussian_blur(x, sigma)
+    if cfg.noise_std > 0:
+        x = x + torch.randn(x.shape, generator=g) * _u(g, 0.0, cfg.noise_std)
+    return x.clamp_(0.0, 1.0)
+
+
+def _grey(x: torch.Tensor) -> torch.Tensor:
+    return (0.299 * x[0] + 0.587 * x[1] + 0.114 * x[2])[None]
+
+
+def colour_jitter(x: torch.Tensor, cfg: AugmentConfig, g: torch.Generator) -> torch.Tensor:
+    x = x * _u(g, 1 - cfg.brightness, 1 + cfg.brightness)
+    m = _grey(x).mean()
+    x = (x - m) * _u(g, 1 - cfg.contrast, 1 + cfg.contrast) + m
+    gr = _grey(x)
+    x = (x - gr) * _u(g, 1 - cfg.saturation, 1 + cfg.saturation) + gr
+    if cfg.hue > 0:  # small hue rotation in YIQ space
+        theta = _u(g, -cfg.hue, cfg.hue) * 2 * math.pi
+        c, s = math.cos(theta), math.sin(theta)
+        to_yiq = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+        rot = torch.tensor([[1, 0, 0], [0, c, -s], [0, s, c]], dtype=torch.float32)
+        m3 = torch.linalg.inv(to_yiq) @ rot @ to_yiq
+        x = torch.einsum("ij,jhw->ihw", m3, x)
+    return x.clamp(0.0, 1.0)
+
+
+def fog(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Haze toward light grey, denser toward the top of the frame (farther away)."""
+    h = x.shape[-2]
+    strength = _u(g, 0.15, 0.45)
+    ramp = torch.linspace(1.0, 0.5, h)[None, :, None]
+    t = strength * ramp
+    return x * (1 - t) + _u(g, 0.75, 0.9) * t
+
+
+def overcast(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Flat grey light: less saturation and contrast, a little darker and bluer."""
+    gr = _grey(x)
+    x = gr + (x - gr) * _u(g, 0.4, 0.7)
+    m = gr.mean()
+    x = (x - m) * _u(g, 0.7, 0.9) + m * _u(g, 0.8, 0.95)
+    return x * torch.tensor([0.97, 0.99, 1.03])[:, None, None]
+
+
+def rain(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Thin slanted light streaks over a slightly darkened, softened scene."""
+    _, h, w = x.shape
+    drops = (torch.rand((1, 1, h, w), generator=g) < _u(g, 0.002, 0.01)).float()
+    length = max(3, h // 12)
+    angle = _u(g, -0.3, 0.3)
+    k = torch.zeros((length, length))
+    for i in range(length):
+        j = int(round(length / 2 + (i - length / 2) * math.tan(angle)))
+        if 0 <= j < length:
+            k[i, j] = 1.0
+    streaks = F.conv2d(drops, k[None, None], padding=length // 2)[0, :, :h, :w].clamp(max=1.0)
+    x = gaussian_blur(x * _u(g, 0.8, 0.95), 0.6)
+    return x * (1 - 0.35 * streaks) + 0.8 * 0.35 * streaks
+
+
+def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    radius = max(1, int(math.ceil(2.5 * sigma)))
+    t = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    k = torch.exp(-0.5 * (t / max(sigma, 1e-3)) ** 2)
+    k = (k / k.sum()).to(x.dtype)
+    c = x.shape[0]
+    y = F.pad(x[None], (radius, radius, radius, radius), mode="replicate")
+    y = F.conv2d(y, k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
+    y = F.conv2d(y, k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
+    return y[0]
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """Images of ``table`` (paths relative to ``root``) with their targets. Keys are row indices, or
+    (row, seed) pairs from a seeded sampler, in which case the row gets its own augmentation stream (the same
+    batches and views whatever the number of workers)."""
+
+    def __init__(self, table: pd.DataFrame, root: str | Path, size: int, augment: AugmentConfig | None = None):
+        self.paths = [str(Path(root) / p) for p in table["path"]]
+        self.labels = label_tensors(table)
+        self.size = size
+        self.augment = augment
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, torch.Tensor] | None:
+        idx, seed = (key, idx_seed(key)) if isinstance(key, int | np.integer) else key
+        try:
+            img = load_image(self.paths[idx])
+        except (OSError, ValueError):  # recorded by the caller via the None count; the embedding cache lists them
+            return None
+        if self.augment is None:
+            x = eval_view(img, self.size)
+        else:
+            g = torch.Generator().manual_seed(int(seed))
+            x = augment_view(img, self.size, self.augment, g)
+        item = {k: v[idx] for k, v in self.labels.items()}
+        item["image"] = x
+        item["row"] = torch.tensor(int(idx))
+        return item
+
+
+def idx_seed(idx: int) -> int:
+    return int(idx) * 7919 + 1
+
+
+def collate_drop_failed(items: list[dict[str, torch.Tensor] | None]) -> dict[str, torch.Tensor]:
+    """Stack the readable items; ``n_failed`` counts those that could not be read."""
+    ok = [it for it in items if it is not None]
+    if not ok:
+        return {"n_failed": torch.tensor(len(items))}
+    out = torch.utils.data.default_collate(ok)
+    out["n_failed"] = torch.tensor(len(items) - len(ok))
+    return out
+
+
+def make_loader(dataset: torch.utils.data.Dataset, batch_sampler, num_workers: int, pin_memory: bool = False
+                ) -> torch.utils.data.DataLoader:
+    """Workers are spawned, never forked: a forked CUDA context (or forked Dagster process) is unsafe."""
+    return torch.utils.data.DataLoader(
+        dataset, batch_sampler=batch_sampler, num_workers=num_workers, collate_fn=collate_drop_failed,
+        multiprocessing_context="spawn" if num_workers > 0 else None, pin_memory=pin_memory,
+        persistent_workers=False,
+    )
+
+
+# --- sampler --------------------------------------------------------------------------------------------------
+def batch_quotas(shares: dict[str, float], present: Sequence[int], batch_size: int) -> np.ndarray:
+    """Samples per province in a batch (largest remainder), only for provinces that have training images."""
+    raw = np.zeros(NUM_PROVINCES)
+    for p in PROVINCES:
+        if p.id in present:
+            raw[p.id] = max(0.0, float(shares.get(p.key, 1.0)))
+    if raw.sum() <= 0:
+        raise ValueError("no province with training images has a positive sampler share")
+    raw = raw / raw.sum() * batch_size
+    q = np.floor(raw).astype(int)
+    order = np.argsort(-(raw - q), kind="stable")
+    q[order[: batch_size - q.sum()]] += 1
+    return q
+
+
+class ProvinceBalancedBatchSampler:
+    """GEOPAK's balanced batches (fixed per-province quotas, drawn with replacement), but FRESH every epoch:
+    batches are drawn from ``default_rng([seed, epoch])`` (GEOPAK replayed the same batches every epoch).
+
+    Distributed: every rank draws the same global batches and keeps positions ``rank::world_size`` of each,
+    so the union over ranks is exactly the single-process batch. With ``with_seeds`` it yields (row, seed) keys
+    that give every drawn sample its own augmentation stream.
+    """
+
+    def __init__(self, province_ids: np.ndarray, batch_size: int, batches_per_epoch: int, shares: dict[str, float],
+                 seed: int = 0, rank: int = 0, world_size: int = 1, with_seeds: bool = False):
+        self.province_ids = np.asarray(province_ids)
+        if batch_size % world_size:
+            raise ValueError(f"batch size {batch_size} is not divisible by world size {world_size}")
+        present = sorted(set(self.province_ids.tolist()))
+        self.quotas = batch_quotas(shares, present, batch_size)
+        self.pools = [np.flatnonzero(self.province_ids == p) for p in range(NUM_PROVINCES)]
+        self.batch_size = batch_size
+        self.batches = batches_per_epoch or math.ceil(len(self.province_ids) / batch_size)
+        self.seed, self.rank, self.world_size, self.with_seeds = seed, rank, world_size, with_seeds
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.batches
+
+    def __iter__(self) -> Iterator[list]:
+        rng = np.random.default_rng([self.seed, self.epoch])
+        for _ in range(self.batches):
+            parts = [rng.choice(self.pools[p], size=q, replace=True) for p, q in enumerate(self.quotas) if q]
+            batch = rng.permutation(np.concatenate(parts))
+            seeds = rng.integers(0, 2**31 - 1, size=len(batch))
+            mine = slice(self.rank, None, self.world_size)
+            rows, s = batch[mine].tolist(), seeds[mine].tolist()
+            yield list(zip(rows, s)) if self.with_seeds else rows
+
+    def sampling_prior(self) -> np.ndarray:
+        """Share of each province in the batches the model is trained on."""
+        return self.quotas / self.quotas.sum()
+
+
+# --- cached features in memory ------------------------------------------------------------------------------
+@dataclass
+class FeatureData:
+    """Cached encoder features (float16 in memory, float32 per batch) and targets for one split."""
+
+    clip: torch.Tensor
+    scene: torch.Tensor
+    labels: dict[str, torch.Tensor]
+
+    def __len__(self) -> int:
+        return self.clip.shape[0]
+
+    def batch(self, rows: Sequence[int] | torch.Tensor, device: torch.device) -> dict[str, torch.Tensor]:
+        idx = torch.as_tensor(rows, dtype=torch.long)
+        out = {k: v[idx].to(device, non_blocking=True) for k, v in self.labels.items()}
+        out["clip"] = self.clip[idx].to(device, non_blocking=True).float()
+        out["scene"] = self.scene[idx].to(device, non_blocking=True).float()
+        return out

@@ -1,0 +1,88 @@
+"""End-to-end validation: the same mixture inference the predictor uses, plus the losses and the baselines.
+
+Oracle numbers (true cell + predicted offset, what GEOPAK logged and selected on) are reported under keys
+starting with ``oracle_`` and never used for model selection.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import torch
+
+from geopak_model.config import InferenceConfig, LossConfig
+from geopak_model.data import FeatureData
+from geopak_model.geo import haversine_km
+from geopak_model.inference import mixture_predict
+from geopak_model.losses import LossContext, total_loss
+from geopak_model.model import GeopakHeads
+
+ACC_KM = (1, 25, 200, 750)
+
+
+def error_summary(err_km: np.ndarray, prefix: str) -> dict[str, float]:
+    err = np.asarray(err_km, dtype=float)
+    if not len(err):
+        return {}
+    out = {f"{prefix}median_km": float(np.median(err)), f"{prefix}mean_km": float(err.mean()),
+           f"{prefix}p90_km": float(np.percentile(err, 90))}
+    out.update({f"{prefix}acc_{k}km": float((err <= k).mean()) for k in ACC_KM})
+    return out
+
+
+@torch.no_grad()
+def evaluate_features(heads: GeopakHeads, data: FeatureData, ctx: LossContext, loss_cfg: LossConfig,
+                      inf: InferenceConfig, device: torch.device, batch_size: int = 512, amp: bool = False,
+                      parts: tuple[str, ...] = ()) -> dict[str, float]:
+    """Validation metrics ``val_*`` over every row of ``data``."""
+    was_training = heads.training
+    heads.eval()
+    errs, top_errs, oracle_errs, prov_ok, cell_ok = [], [], [], [], []
+    loss_sums: dict[str, float] = {}
+    n = len(data)
+    for start in range(0, n, batch_size):
+        rows = torch.arange(start, min(n, start + batch_size))
+        b = data.batch(rows, device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda"):
+            out = heads(b["clip"], b["scene"], b["province_id"], b["cell_id"], parts)
+            _, logged = total_loss(out, b, ctx, loss_cfg)
+            for k, v in logged.items():
+                loss_sums[k] = loss_sums.get(k, 0.0) + v * len(rows)
+            pred = mixture_predict(heads, out["embedding"], inf.top_provinces, inf.top_cells, inf.prior_correction)
+        errs.append(haversine_km(pred.lat.double(), pred.lon.double(), b["lat"].double(), b["lon"].double()).cpu())
+        top_errs.append(haversine_km(pred.top_lat.double(), pred.top_lon.double(), b["lat"].double(),
+                                     b["lon"].double()).cpu())
+        if "offset_lat" in out:
+            oracle_errs.append(haversine_km(out["offset_lat"].double(), out["offset_lon"].double(),
+                                            b["lat"].double(), b["lon"].double()).cpu())
+        prov_ok.append((pred.province_id == b["province_id"]).cpu())
+        cell_ok.append((pred.top_cell == b["cell_id"]).cpu())
+    if was_training:
+        heads.train()
+    metrics = {f"val_{k}": v / max(n, 1) for k, v in loss_sums.items()}
+    metrics["val_images"] = float(n)
+    metrics["val_province_acc"] = float(torch.cat(prov_ok).float().mean()) if n else float("nan")
+    metrics["val_cell_acc"] = float(torch.cat(cell_ok).float().mean()) if n else float("nan")
+    metrics.update(error_summary(torch.cat(errs).numpy() if n else np.array([]), "val_"))
+    metrics.update(error_summary(torch.cat(top_errs).numpy() if n else np.array([]), "val_top1_"))
+    if oracle_errs:
+        metrics.update(error_summary(torch.cat(oracle_errs).numpy(), "oracle_val_"))
+    return metrics
+
+
+def majority_baselines(train: pd.DataFrame, val: pd.DataFrame, cell_lat: np.ndarray, cell_lon: np.ndarray
+                       ) -> dict[str, float]:
+    """Most frequent training province and cell, and the constant guess at that cell's centre, on val."""
+    if not len(val) or not len(train):
+        return {}
+    prov = int(train["province_id"].value_counts().idxmax())
+    cell = int(train["cell_id"].value_counts().idxmax())
+    err = haversine_km(torch.tensor(val["lat"].to_numpy(float)), torch.tensor(val["lon"].to_numpy(float)),
+                       torch.full((len(val),), float(cell_lat[cell]), dtype=torch.float64),
+                       torch.full((len(val),), float(cell_lon[cell]), dtype=torch.float64)).numpy()
+    out = {"majority_province": prov, "majority_cell": cell,
+           "majority_province_acc": float((val["province_id"] == prov).mean()),
+           "majority_cell_acc": float((val["cell_id"] == cell).mean())}
+    out.update(error_summary(err, "majority_cell_centre_"))
+    return out
+

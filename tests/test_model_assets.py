@@ -1,0 +1,44 @@
+"""materialize() of the model group on a tiny synthetic world: training runs in a subprocess, metadata has the
+checkpoint, per-epoch metrics, curves and the comparison with the majority baselines."""
+
+from __future__ import annotations
+
+import json
+
+import dagster as dg
+import pytest
+import torch
+
+from pipeline.defs import model
+from pipeline.defs.resources import DataRootResource
+from tests.model_world import build_world
+
+
+@pytest.mark.slow
+def test_materialize_model_group(tmp_path):
+    paths = build_world(tmp_path, per_cell=4, size=40)
+    overrides = json.dumps({"cpu_threads": 1, "phases": [{"epochs": 1}, {"epochs": 2}, {"epochs": 1}]})
+    params = {"preset": "test-tiny", "overrides_json": overrides}
+    result = dg.materialize(
+        dg.load_assets_from_modules([model]),
+        resources={"data_root": DataRootResource(path=str(tmp_path))},
+        run_config={"ops": {"embedding_cache": {"config": params}, "geopak_model": {"config": params}}},
+    )
+    assert result.success
+    cache_md = result.asset_materializations_for_node("embedding_cache")[0].metadata
+    assert cache_md["cached_images"].value == 56 and cache_md["computed_now"].value == 56
+    md = result.asset_materializations_for_node("geopak_model")[0].metadata
+    ckpt = md["checkpoint"].value
+    assert torch.load(ckpt, map_location="cpu", weights_only=True)["phase"] in (1, 2)  # better of phases 1-2
+    assert "| province accuracy |" in md["model_vs_baselines"].value
+    assert "ORACLE" in md["model_vs_baselines"].value
+    assert md["metrics_per_epoch"].value.count("\n") >= 5  # header + separator + 4 epochs
+    assert "data:image/png;base64," in md["loss_curves"].value
+    assert paths.report("geopak_training_curves.png").stat().st_size > 1000
+    checks = result.get_asset_check_evaluations()
+    assert [c.check_name for c in checks] == ["beats_majority_baselines"]
+
+
+def test_bad_preset_is_a_clear_failure(tmp_path):
+    with pytest.raises(dg.Failure, match="unknown model preset"):
+        model.train_config(model.ModelParams(preset="nope"), DataRootResource(path=str(tmp_path)))
