@@ -51,3 +51,11 @@ def load_model(path: str | Path, weights_dir: str | Path | None = None) -> tuple
     heads.load_state_dict(ckpt["heads"])
     model = GeopakModel(encoder, heads).eval()
     return model, cfg
+
+
+def save_untrained(path: str | Path, cfg: TrainConfig, cells: CellTable) -> Path:
+    """A checkpoint of freshly initialised heads over ``cells``: for benchmarks and tests of the loading path."""
+    encoder = build_encoders(cfg.encoder)
+    heads = GeopakHeads(cells, *encoder.dims, cfg.model)
+    return save_checkpoint(path, {"config": cfg.to_dict(), "cells": cells.to_state(), "heads": heads.state_dict(),
+                                  "encoder": None, "encoder_weights_id": encoder.weights_id()})

@@ -27,6 +27,7 @@ class Prediction:
     hyp_weight: torch.Tensor  # (B, H) normalised P(prov)·P(cell | prov)
     hyp_lat: torch.Tensor  # (B, H)
     hyp_lon: torch.Tensor
+    coverage: torch.Tensor  # (B,) unnormalised Σ P(prov)·P(cell | prov) over the hypotheses (the mass they hold)
 
     @property
     def top_lat(self) -> torch.Tensor:
@@ -68,6 +69,7 @@ def mixture_predict(heads: GeopakHeads, e: torch.Tensor, top_provinces: int = 2,
     cells = glob.clamp(min=0).reshape(b, -1)
     lat, lon = heads.offsets(e, cells)
     weight = torch.softmax(joint.reshape(b, -1), dim=-1)  # normalised P(prov)·P(cell|prov) over hypotheses
+    coverage = torch.logsumexp(joint.reshape(b, -1), dim=-1).exp()
     xyz = (weight[:, :, None] * unit_xyz(lat, lon)).sum(1)
     mlat, mlon = xyz_to_latlon(xyz)
     flat_valid = valid.reshape(b, -1)
@@ -76,5 +78,5 @@ def mixture_predict(heads: GeopakHeads, e: torch.Tensor, top_provinces: int = 2,
         top_cell=cells.gather(1, weight.argmax(1, keepdim=True)).squeeze(1),
         hyp_cell=torch.where(flat_valid, cells, torch.full_like(cells, -1)),
         hyp_province=p_ids[:, :, None].expand(-1, -1, k_c).reshape(b, -1),
-        hyp_weight=weight, hyp_lat=lat, hyp_lon=lon,
+        hyp_weight=weight, hyp_lat=lat, hyp_lon=lon, coverage=coverage,
     )

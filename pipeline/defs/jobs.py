@@ -8,8 +8,8 @@ MAIN_JOB = "run_pipeline_job"
 
 run_pipeline_job = dg.define_asset_job(
     MAIN_JOB,
-    selection=dg.AssetSelection.groups("sources", "catalog", "filter", "labels", "geocells", "model"),
-    description="Sample world → catalog → filter → labels → splits and geocells → model (grows with every stage).",
+    selection=dg.AssetSelection.groups("sources", "catalog", "filter", "labels", "geocells", "model", "evaluation"),
+    description="Sample world → catalog → filter → labels → splits and geocells → model → evaluation report.",
     executor_def=dg.in_process_executor,
 )
 

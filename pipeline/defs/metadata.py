@@ -21,10 +21,14 @@ def plot(paths: DataPaths, name: str, png: bytes, alt: str) -> dg.MetadataValue:
 
 
 def progress_logger(context: dg.AssetExecutionContext, what: str, every: int = 1000):
-    """A progress callback for long loops: logs every ``every`` items and at the end."""
+    """A progress callback for long loops: logs at the start, each time ``every`` more items (or 10 %) are done,
+    and at the end, however often the loop calls it."""
+    last = [-1]
 
     def report(done: int, total: int) -> None:
-        if done == total or done % every < 500 or done == 1:
+        step = max(1, min(every, total // 10 or 1))
+        if done == total or last[0] < 0 or done - last[0] >= step:
+            last[0] = done
             context.log.info(f"{what}: {done}/{total}")
 
     return report

@@ -164,7 +164,7 @@ def make_plots(rep: EvaluationReport, df: pd.DataFrame, outlines: dict | None = 
     return plots
 
 
-def _fmt_headline(rep: EvaluationReport) -> pd.DataFrame:
+def headline_table(rep: EvaluationReport) -> pd.DataFrame:
     t = rep.headline.drop(columns=["method_key"]).copy()
     for k in ACC_KM:
         t[f"acc_{k}km"] = (t[f"acc_{k}km"] * 100).round(1)
@@ -174,7 +174,7 @@ def _fmt_headline(rep: EvaluationReport) -> pd.DataFrame:
 def to_markdown(rep: EvaluationReport, title: str, notes: list[str], plot_links: bool = True) -> str:
     parts = [f"# {title}", "", *[f"- {n}" for n in notes], "",
              f"Test images: **{rep.n_images}** (location-disjoint test split).", "",
-             "## Distance errors", "", markdown_table(_fmt_headline(rep), floatfmt="{:.1f}"), "",
+             "## Distance errors", "", markdown_table(headline_table(rep), floatfmt="{:.1f}"), "",
              "## Classification", "", markdown_table(rep.other), "",
              "## Per province", "", markdown_table(rep.provinces), "",
              "## Province confusion (rows: true, columns: predicted)", "",
@@ -197,7 +197,7 @@ def to_html(rep: EvaluationReport, title: str, notes: list[str]) -> str:
 figure{{display:inline-block;margin:8px}} img{{max-width:520px}}</style></head><body>
 <h1>{html.escape(title)}</h1><ul>{''.join(f'<li>{html.escape(n)}</li>' for n in notes)}</ul>
 <p>Test images: <b>{rep.n_images}</b> (location-disjoint test split).</p>
-<h2>Distance errors</h2>{table(_fmt_headline(rep))}
+<h2>Distance errors</h2>{table(headline_table(rep))}
 <h2>Classification</h2>{table(rep.other)}
 <h2>Per province</h2>{table(rep.provinces)}
 <h2>Province confusion (rows: true, columns: predicted)</h2>{rep.confusion.to_html(border=0, classes="t")}
@@ -213,3 +213,62 @@ def write_report(rep: EvaluationReport, out_dir: Path, title: str, notes: list[s
     paths["report.md"] = atomic_write_bytes(out_dir / "report.md", to_markdown(rep, title, notes).encode())
     paths["report.html"] = atomic_write_bytes(out_dir / "report.html", to_html(rep, title, notes).encode())
     return paths
+
+
+def test_predictions(
+    predictor, test: pd.DataFrame, train: pd.DataFrame, image_path, batch_size: int = 32, progress=None,
+    top_provinces: int | None = None, top_cells: int | None = None,
+) -> tuple[pd.DataFrame, list[dict]]:
+    """Run the predictor over the test rows; return the per-image frame ``evaluate`` takes and the unreadable ones.
+
+    ``test``/``train`` carry the labelled columns plus ``cell_id`` (and the cells' centres for the majority
+    baseline: ``center_lat``/``center_lon`` of the training set's most frequent cell).
+    """
+    from geopak_model.predictor import ImageLoadError
+
+    majority = train["cell_id"].value_counts().idxmax()
+    mrow = train.loc[train["cell_id"] == majority].iloc[0]
+    rows, failed = [], []
+    records = test.to_dict("records")
+    for start in range(0, len(records), batch_size):
+        chunk = records[start : start + batch_size]
+        try:
+            preds = predictor.predict([image_path(r["path"]) for r in chunk], top_provinces, top_cells, batch_size,
+                                      oracle_cells=[int(r["cell_id"]) for r in chunk])
+        except ImageLoadError:  # find the broken ones, keep the rest
+            preds = []
+            for r in chunk:
+                try:
+                    preds.append(predictor.predict(image_path(r["path"]), top_provinces, top_cells,
+                                                   oracle_cells=[int(r["cell_id"])]))
+                except ImageLoadError as exc:
+                    failed.append({"image_id": r["image_id"], "error": str(exc)})
+                    preds.append(None)
+        for r, p in zip(chunk, preds):
+            if p is None:
+                continue
+            top = p["hypotheses"][0] if p["hypotheses"] else {"lat": p["lat"], "lon": p["lon"]}
+            rows.append({
+                **{k: r.get(k) for k in ("image_id", "lat", "lon", "province_id", "cell_id", "koppen_id",
+                                          "koppen_group", "day_of_year")},
+                "pred_lat": p["lat"], "pred_lon": p["lon"],
+                "top1_lat": top["lat"], "top1_lon": top["lon"],
+                "aux_lat": p["aux_lat"], "aux_lon": p["aux_lon"],
+                "majority_lat": float(mrow["center_lat"]), "majority_lon": float(mrow["center_lon"]),
+                "oracle_lat": p["oracle_lat"], "oracle_lon": p["oracle_lon"],
+                "pred_province_id": [pp.key for pp in PROVINCES].index(p["province"]),
+                "pred_cell_top5": p["top_cells"][:5],
+                "pred_koppen_id": p.get("koppen_id", -1),
+                "pred_koppen_group": int(_coarse(p.get("koppen_id", -1))),
+                "pred_day_of_year": p.get("day_of_year"),
+                "confidence": p["confidence"],
+            })
+        if progress:
+            progress(min(start + batch_size, len(records)), len(records))
+    return pd.DataFrame(rows), failed
+
+
+def _coarse(fine: int) -> int:
+    from pipeline.labels.koppen import coarse_group
+
+    return int(coarse_group(np.array([fine]))[0])
