@@ -123,3 +123,21 @@ def test_no_dagster_outside_the_code_location():
             if any(n == "dagster" or n.startswith("dagster.") or n.startswith("dagster_") for n in names):
                 offenders.append(rel)
     assert offenders == []
+
+
+def test_sweep_removes_only_orphaned_temp_files(tmp_path):
+    import subprocess
+    import sys
+
+    from pipeline.core.store import sweep_orphan_temps
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)
+    (tmp_path / "ab").mkdir()
+    orphan = tmp_path / "ab" / f".x.jpg.{dead_pid}.k2j4_a.tmp"
+    live = tmp_path / "ab" / f".y.jpg.{__import__('os').getpid()}.q9w8e7.tmp"
+    keep = tmp_path / "ab" / "z.jpg"
+    for p in (orphan, live, keep):
+        p.write_bytes(b"x")
+    assert sweep_orphan_temps(tmp_path) == 1
+    assert not orphan.exists() and live.exists() and keep.exists()

@@ -20,7 +20,8 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it replaces ``path`` in one rename, else it is removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    # the writer's pid is in the name, so a later run can tell a killed writer's leftover from a live one's
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -31,6 +32,28 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def sweep_orphan_temps(folder: str | Path) -> int:
+    """Remove temp files left by writers that were killed (SIGKILL, power loss) under ``folder``; keep live ones."""
+    removed = 0
+    for tmp in Path(folder).rglob(".*.tmp"):
+        parts = tmp.name.rsplit(".", 3)  # ".<name>.<pid>.<random>.tmp" -> [..., pid, random, "tmp"]
+        pid = int(parts[1]) if len(parts) == 4 and parts[1].isdigit() else None
+        if pid is None or not _pid_alive(pid):
+            tmp.unlink(missing_ok=True)
+            removed += 1
+    return removed
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:

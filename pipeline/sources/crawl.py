@@ -29,7 +29,7 @@ from pipeline.core.exif import DEFAULT_UTC_OFFSET
 from pipeline.core.paths import DataPaths
 from pipeline.core.provinces import BY_KEY, Province
 from pipeline.core.schema import RAW_MANIFEST_SCHEMA, REJECTIONS_SCHEMA, write_table
-from pipeline.core.store import ImageStore
+from pipeline.core.store import ImageStore, sweep_orphan_temps
 from pipeline.labels.boundaries import ProvinceBoundaries
 from pipeline.sources.crawl_state import DONE, FAILED, REJECTED, CrawlState, Rejected
 from pipeline.sources.http import (
@@ -264,6 +264,7 @@ def run_crawl(
 ) -> CrawlResult:
     """Crawl one province to completion (or resume one); write its manifest and rejections."""
     start = time.monotonic()
+    swept = sweep_orphan_temps(store.root / "images")  # half-written downloads of a killed earlier run
     redact = Redactor(source.secrets())
     province = BY_KEY[province_key]
     with CrawlState(paths.crawl_state(source.name, province_key)) as state:
@@ -271,6 +272,8 @@ def run_crawl(
         reset = state.sync_params(source.params(), source.filter_reasons)
         if reset:
             ctx.info(f"{source.name}/{province_key}: parameters changed, discovery restarts (downloads are kept)")
+        if swept:
+            ctx.info(f"removed {swept} temp files left by a killed earlier run")
         before = state.counts()["items"].get(DONE, 0)
         try:
             source.discover(ctx)
