@@ -62,6 +62,14 @@ def png_markdown(png: bytes, alt: str) -> str:
     return f"![{alt}](data:image/png;base64,{base64.b64encode(png).decode()})"
 
 
+def draw_outlines(ax, outlines: dict | None, colour: str = "#555555") -> None:
+    """Province (or cell) polygon outlines on a matplotlib axis."""
+    for geom in (outlines or {}).values():
+        for poly in getattr(geom, "geoms", [geom]):
+            x, y = poly.exterior.xy
+            ax.plot(x, y, color=colour, linewidth=0.6)
+
+
 def province_map_png(
     lat: Sequence[float],
     lon: Sequence[float],
@@ -76,11 +84,7 @@ def province_map_png(
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.5, 6))
-    if outlines:
-        for geom in outlines.values():
-            for poly in getattr(geom, "geoms", [geom]):
-                x, y = poly.exterior.xy
-                ax.plot(x, y, color="#555555", linewidth=0.6)
+    draw_outlines(ax, outlines)
     lat = np.asarray(lat, float)
     lon = np.asarray(lon, float)
     pid = np.full(len(lat), -1) if province_ids is None else np.asarray(province_ids)

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.core.provinces import PROVINCES
-from pipeline.core.report import PROVINCE_COLOURS, markdown_table, png_bytes
+from pipeline.core.report import PROVINCE_COLOURS, draw_outlines, markdown_table, png_bytes
 from pipeline.core.store import atomic_write_bytes
 from pipeline.labels.dates import circular_day_difference
 
@@ -138,7 +138,8 @@ def make_plots(rep: EvaluationReport, df: pd.DataFrame, outlines: dict | None = 
     plots["error_cdf.png"] = png_bytes(fig)
 
     fig, ax = plt.subplots(figsize=(7, 3.8))
-    ax.bar(rep.provinces["province"], rep.provinces["province_acc"], color=PROVINCE_COLOURS[: len(rep.provinces)])
+    colour_of = {p.name: PROVINCE_COLOURS[p.id] for p in PROVINCES}
+    ax.bar(rep.provinces["province"], rep.provinces["province_acc"], color=[colour_of[n] for n in rep.provinces["province"]])
     for i, (acc, n) in enumerate(zip(rep.provinces["province_acc"], rep.provinces["test_images"])):
         ax.text(i, acc + 0.01, f"{acc:.0%}\nn={n}", ha="center", fontsize=7)
     ax.set_ylim(0, 1.15)
@@ -148,11 +149,7 @@ def make_plots(rep: EvaluationReport, df: pd.DataFrame, outlines: dict | None = 
     plots["province_accuracy.png"] = png_bytes(fig)
 
     fig, ax = plt.subplots(figsize=(6.5, 6))
-    if outlines:
-        for geom in outlines.values():
-            for poly in getattr(geom, "geoms", [geom]):
-                x, y = poly.exterior.xy
-                ax.plot(x, y, color="#555555", linewidth=0.6)
+    draw_outlines(ax, outlines)
     sc = ax.scatter(df["lon"], df["lat"], c=np.log10(np.maximum(rep.errors["pred"], 0.1)), s=6, cmap="viridis_r")
     cb = fig.colorbar(sc, ax=ax, shrink=0.7)
     cb.set_label("log10 error (km)")

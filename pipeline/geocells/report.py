@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.core.provinces import BY_ID
-from pipeline.core.report import PROVINCE_COLOURS, png_bytes
+from pipeline.core.report import PROVINCE_COLOURS, draw_outlines, png_bytes
 from pipeline.geocells.splits import BUFFER, TEST, TRAIN, VAL
 
 
@@ -39,9 +39,7 @@ def _map_axes(outlines: dict | None, title: str):
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 6.5))
-    for geom in (outlines or {}).values():
-        for poly in getattr(geom, "geoms", [geom]):
-            ax.plot(*poly.exterior.xy, color="#444444", linewidth=0.7)
+    draw_outlines(ax, outlines, "#444444")
     ax.set_xlabel("longitude")
     ax.set_ylabel("latitude")
     ax.set_aspect(1 / np.cos(np.radians(30)))
