@@ -65,12 +65,20 @@ def run_training(context: dg.AssetExecutionContext, cfg: TrainConfig, params: Mo
     with subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           text=True, bufsize=1) as proc:
         assert proc.stdout is not None
-        for line in proc.stdout:
-            line = line.rstrip()
-            tail = (tail + [line])[-40:]
-            if line and "UserWarning" not in line:
-                context.log.info(line)
-        code = proc.wait(timeout=params.timeout_s)
+        try:
+            for line in proc.stdout:
+                line = line.rstrip()
+                tail = (tail + [line])[-40:]
+                if line and "UserWarning" not in line:
+                    context.log.info(line)
+            code = proc.wait(timeout=params.timeout_s)
+        except BaseException:  # run terminated from the UI, timeout, interrupt: never leave training orphaned
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            raise
     if code != 0 or not result_path.exists():
         raise dg.Failure(f"training subprocess failed (exit {code})", metadata={"log_tail": dg.MetadataValue.md(
             "```\n" + "\n".join(tail) + "\n```")})
