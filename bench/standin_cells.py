@@ -21,14 +21,8 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.core.gazetteer import EARTH_RADIUS_KM  # noqa: E402
+from pipeline.core.gazetteer import haversine_km  # noqa: E402
 from pipeline.core.paths import DataPaths  # noqa: E402
-
-
-def _km(lat1, lon1, lat2, lon2) -> np.ndarray:
-    p1, p2 = np.radians(lat1), np.radians(lat2)
-    h = np.sin((p2 - p1) / 2) ** 2 + np.cos(p1) * np.cos(p2) * np.sin(np.radians(lon2 - lon1) / 2) ** 2
-    return 2 * EARTH_RADIUS_KM * np.arcsin(np.sqrt(np.clip(h, 0, 1)))
 
 
 def write_standin(paths: DataPaths, per_cell: int = 40, seed: int = 0) -> dict[str, int]:
@@ -45,7 +39,7 @@ def write_standin(paths: DataPaths, per_cell: int = 40, seed: int = 0) -> dict[s
         for local in range(k):
             m = labels == local
             clat, clon = sub["lat"][m].mean(), sub["lon"][m].mean()
-            d = _km(sub["lat"][m].to_numpy(), sub["lon"][m].to_numpy(), clat, clon)
+            d = haversine_km(sub["lat"][m].to_numpy(), sub["lon"][m].to_numpy(), clat, clon)
             cells.append({"cell_id": gid + local, "province_id": int(pid), "local_id": local, "center_lat": clat,
                           "center_lon": clon, "radius_km": float(np.percentile(d, 95)), "count": int(m.sum()),
                           "cap_km": 50.0, "urban": bool(m.sum() >= per_cell)})
@@ -56,7 +50,7 @@ def write_standin(paths: DataPaths, per_cell: int = 40, seed: int = 0) -> dict[s
     nb = []
     for pid, grp in cells_df.groupby("province_id"):
         for a in grp.itertuples():
-            d = _km(a.center_lat, a.center_lon, grp["center_lat"].to_numpy(), grp["center_lon"].to_numpy())
+            d = haversine_km(a.center_lat, a.center_lon, grp["center_lat"].to_numpy(), grp["center_lon"].to_numpy())
             for j in np.argsort(d)[1:9]:
                 nb.append({"cell_id": a.cell_id, "neighbour_id": int(grp["cell_id"].iloc[j]), "distance_km": d[j]})
     group = (lab["lat"] / 0.05).round().astype(int).astype(str) + "_" + (lab["lon"] / 0.05).round().astype(int).astype(str)

@@ -15,7 +15,8 @@ from geopak_model.checkpoint import save_untrained
 from geopak_model.config import preset
 from geopak_model.predictor import GeopakPredictor, ImageLoadError
 from pipeline.cli import main as cli_main
-from pipeline.evaluation.report import ACC_KM, evaluate, haversine_np
+from pipeline.core.gazetteer import haversine_km
+from pipeline.evaluation.report import ACC_KM, evaluate
 from tests.model_world import build_world
 
 
@@ -60,7 +61,7 @@ def test_single_hypothesis_is_centre_plus_clamped_offset(world):
     assert (out["lat"], out["lon"]) == pytest.approx((h["lat"], h["lon"]), abs=1e-4)
     cells = pd.read_parquet(paths.geocells).set_index("cell_id")
     r = cells.loc[h["cell_id"], "radius_km"]
-    assert haversine_np(h["center_lat"], h["center_lon"], h["lat"], h["lon"]) <= 1.5 * r + 1e-6
+    assert haversine_km(h["center_lat"], h["center_lon"], h["lat"], h["lon"]) <= 1.5 * r + 1e-6
 
 
 def test_bad_inputs(world, tmp_path):

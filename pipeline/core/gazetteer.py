@@ -61,6 +61,14 @@ def _place_tree():
 EARTH_RADIUS_KM = 6371.0088
 
 
+def haversine_km(lat1, lon1, lat2, lon2) -> np.ndarray:
+    """Great-circle km between points given in degrees (arrays broadcast), by the haversine formula."""
+    p1, p2 = np.radians(np.asarray(lat1, float)), np.radians(np.asarray(lat2, float))
+    dlon = np.radians(np.subtract(np.asarray(lon2, float), np.asarray(lon1, float)))
+    a = np.sin((p2 - p1) / 2) ** 2 + np.cos(p1) * np.cos(p2) * np.sin(dlon / 2) ** 2
+    return 2 * EARTH_RADIUS_KM * np.arcsin(np.sqrt(np.clip(a, 0.0, 1.0)))
+
+
 def nearest_places(lat: np.ndarray, lon: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Index into `pakistan_places()` of the nearest place to each point, and its great-circle distance in km."""
     chord, idx = _place_tree().query(unit_vectors(lat, lon))

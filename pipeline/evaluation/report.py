@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from pipeline.core.gazetteer import haversine_km
 from pipeline.core.provinces import PROVINCES
 from pipeline.core.report import PROVINCE_COLOURS, draw_outlines, markdown_table, png_bytes
 from pipeline.core.store import atomic_write_bytes
@@ -34,12 +35,6 @@ EVAL_COLUMNS = (
     "pred_lat", "pred_lon", "pred_province_id", "pred_cell_top5", "pred_koppen_id", "pred_koppen_group",
     "pred_day_of_year",
 )
-
-
-def haversine_np(lat1, lon1, lat2, lon2) -> np.ndarray:
-    la1, lo1, la2, lo2 = (np.radians(np.asarray(v, dtype=np.float64)) for v in (lat1, lon1, lat2, lon2))
-    a = np.sin((la2 - la1) / 2) ** 2 + np.cos(la1) * np.cos(la2) * np.sin((lo2 - lo1) / 2) ** 2
-    return 2 * 6371.0 * np.arcsin(np.sqrt(np.clip(a, 0.0, 1.0)))
 
 
 @dataclass
@@ -74,7 +69,7 @@ def evaluate(df: pd.DataFrame) -> EvaluationReport:
     errors = {}
     for key in METHODS:
         if f"{key}_lat" in df.columns:
-            errors[key] = haversine_np(df["lat"], df["lon"], df[f"{key}_lat"], df[f"{key}_lon"])
+            errors[key] = haversine_km(df["lat"], df["lon"], df[f"{key}_lat"], df[f"{key}_lon"])
     headline = pd.DataFrame([_error_row(k, e) for k, e in errors.items()])
 
     true_p = df["province_id"].to_numpy()

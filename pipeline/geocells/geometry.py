@@ -15,7 +15,7 @@ import numpy as np
 import pyproj
 import shapely
 
-from pipeline.core.gazetteer import EARTH_RADIUS_KM, unit_vectors
+from pipeline.core.gazetteer import EARTH_RADIUS_KM, haversine_km, unit_vectors
 
 __all__ = ["EARTH_RADIUS_KM", "Projector", "arc_km", "distance_km", "haversine_km", "km_to_chord", "unit_vectors"]
 
@@ -33,13 +33,6 @@ def km_to_chord(km: float) -> float:
 def distance_km(u: np.ndarray, v: np.ndarray) -> np.ndarray:
     """Great-circle km between unit vectors, row by row (``v`` may be one vector)."""
     return arc_km(np.linalg.norm(np.asarray(u) - np.asarray(v), axis=-1))
-
-
-def haversine_km(lat1, lon1, lat2, lon2) -> np.ndarray:
-    """Great-circle km by the haversine formula (used to check the unit-vector results independently)."""
-    p1, p2 = np.radians(lat1), np.radians(lat2)
-    a = np.sin((p2 - p1) / 2) ** 2 + np.cos(p1) * np.cos(p2) * np.sin(np.radians(np.subtract(lon2, lon1)) / 2) ** 2
-    return 2 * EARTH_RADIUS_KM * np.arcsin(np.sqrt(np.clip(a, 0.0, 1.0)))
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ import pandas as pd
 from pipeline.core import reasons
 from pipeline.core.catalog import rejection
 from pipeline.core.exif import NotAnImage, read_header
-from pipeline.core.gazetteer import EARTH_RADIUS_KM, unit_vectors
+from pipeline.core.gazetteer import haversine_km
 from pipeline.core.provinces import lookup
 from pipeline.core.schema import RAW_MANIFEST_SCHEMA, REJECTIONS_SCHEMA, empty_frame
 from pipeline.core.store import ImageStore, sha256_hex, sniff_extension
@@ -90,11 +90,6 @@ def _float(v) -> float | None:
     except (TypeError, ValueError):
         return None
     return f if math.isfinite(f) else None
-
-
-def _km(lat1, lon1, lat2, lon2) -> float:
-    a, b = unit_vectors([lat1], [lon1])[0], unit_vectors([lat2], [lon2])[0]
-    return float(2 * np.arcsin(min(1.0, np.linalg.norm(a - b) / 2)) * EARTH_RADIUS_KM)
 
 
 class LocalSource:
@@ -247,7 +242,7 @@ class LocalSource:
                 self._reject(base, reasons.INVALID_COORDINATES, f"EXIF lat={lat} lon={lon}")
                 return
         elif header.lat is not None and header.lon is not None:
-            if _km(lat, lon, header.lat, header.lon) > DISAGREEMENT_KM:
+            if haversine_km(lat, lon, header.lat, header.lon) > DISAGREEMENT_KM:
                 self.stats["manifest_exif_disagree"] += 1
         if not bool(self.inside_pakistan(np.array([lat]), np.array([lon]))[0]):
             self._reject(base, reasons.OUTSIDE_PAKISTAN, f"lat={lat:.5f} lon={lon:.5f}")
