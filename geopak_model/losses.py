@@ -135,9 +135,10 @@ class LossContext:
         return LossContext(cw, self.target_idx.to(device), self.target_w.to(device))
 
 
-def total_loss(out: dict[str, torch.Tensor], batch: dict[str, torch.Tensor], ctx: LossContext, cfg: LossConfig,
-               offset_weight: float = 1.0) -> tuple[torch.Tensor, dict[str, float]]:
-    """Weighted sum of every term the outputs allow, and each term's value (unweighted) for the logs."""
+def weighted_terms(out: dict[str, torch.Tensor], batch: dict[str, torch.Tensor], ctx: LossContext,
+                   cfg: LossConfig, offset_weight: float = 1.0
+                   ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """Every loss term the outputs allow (unweighted, graph-connected) and its weight in the total."""
     terms: dict[str, torch.Tensor] = {}
     weights: dict[str, float] = {}
     terms["province"] = province_loss(out["province_logits"], batch["province_id"], ctx.class_weights)
@@ -157,8 +158,8 @@ def total_loss(out: dict[str, torch.Tensor], batch: dict[str, torch.Tensor], ctx
         terms["aux_km"] = haversine_loss(out["aux_lat"], out["aux_lon"], batch["lat"], batch["lon"], located)
         weights["aux_km"] = cfg.aux
     if "koppen_logits" in out:
-        terms["koppen"], coarse = koppen_loss(out["koppen_logits"], batch["koppen_id"], cfg.koppen_fine_weight,
-                                              cfg.koppen_coarse_weight)
+        terms["koppen"], _ = koppen_loss(out["koppen_logits"], batch["koppen_id"], cfg.koppen_fine_weight,
+                                         cfg.koppen_coarse_weight)
         weights["koppen"] = cfg.koppen
     if "doy" in out:
         known = located & torch.isfinite(batch["doy_sin"]) & torch.isfinite(batch["doy_cos"])
@@ -168,6 +169,13 @@ def total_loss(out: dict[str, torch.Tensor], batch: dict[str, torch.Tensor], ctx
         terms["mvmf"] = mvmf_nll(out["mvmf_logits"], out["mvmf_log_kappa"], out["mvmf_centres"], batch["lat"],
                                  batch["lon"], located)
         weights["mvmf"] = cfg.mvmf
+    return terms, weights
+
+
+def total_loss(out: dict[str, torch.Tensor], batch: dict[str, torch.Tensor], ctx: LossContext, cfg: LossConfig,
+               offset_weight: float = 1.0) -> tuple[torch.Tensor, dict[str, float]]:
+    """Weighted sum of every term the outputs allow, and each term's value (unweighted) for the logs."""
+    terms, weights = weighted_terms(out, batch, ctx, cfg, offset_weight)
     total = terms["province"].new_zeros(())
     for k, v in terms.items():
         if weights[k]:
