@@ -2,7 +2,7 @@
 haversine HDBSCAN on 200k points, in one script.
 
 Usage: python bench/bench_geocells.py [--points 1000000] [--compare-points 200000] [--cache /tmp/sw.parquet]
-       [--splits]   (also time the location-disjoint split of the same points)
+       [--splits]   (also time the split of the same points, owner-disjoint and owner×day)
 
 Points are the sample world's own placement (``plan_sample_world``: GEOPAK's province imbalance, photos jittered
 around GeoNames places ∝ population^0.7, 15 % uniform rural points), without defects. Planning 1M points takes
@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+COLUMNS = ["lat", "lon", "province_id", "owner", "taken_at"]
 
 
 def _points(n: int, cache: str | None):
@@ -29,12 +30,12 @@ def _points(n: int, cache: str | None):
 
     if cache and Path(cache).exists():
         df = pd.read_parquet(cache)
-        if len(df) == n:
+        if len(df) == n and {"owner", "taken_at"} <= set(df.columns):
             return df
     from pipeline.sources.sample_world import SampleWorldConfig, plan_sample_world
 
     t0 = time.perf_counter()
-    df = plan_sample_world(SampleWorldConfig(n_images=n, defect_fraction=0.0))[["lat", "lon", "province_id"]]
+    df = plan_sample_world(SampleWorldConfig(n_images=n, defect_fraction=0.0))[COLUMNS]
     print(f"planned {n:,} sample-world points in {time.perf_counter() - t0:.1f} s", flush=True)
     if cache:
         df.to_parquet(cache)
@@ -68,7 +69,7 @@ def _child(step: str, path: str, n: int) -> None:
     from pipeline.geocells.geometry import Projector
     from pipeline.labels.boundaries import ProvinceBoundaries
 
-    df = pd.read_parquet(path, columns=["lat", "lon", "province_id"]).iloc[:n]
+    df = pd.read_parquet(path, columns=COLUMNS).iloc[:n]
     lat, lon, prov = df["lat"].to_numpy(), df["lon"].to_numpy(), df["province_id"].to_numpy()
     pakistan_places()
     areas = province_areas_km2(ProvinceBoundaries.load().polygons)
@@ -85,13 +86,13 @@ def _child(step: str, path: str, n: int) -> None:
             per_province=built.provinces.drop(columns=["notes"]).to_dict("records"),
             max_radius=c.groupby("province_id")["radius_km"].max().round(2).to_dict(),
         )
-    elif step == "splits":  # proximity groups only (the planned points carry no place or owner identities)
-        from pipeline.geocells.splits import make_splits
+    elif step.startswith("splits"):  # the planned points carry owners and times, no place identities
+        from pipeline.geocells.splits import SplitConfig, make_splits
 
-        frame = df.assign(image_id=[f"{i:064x}" for i in range(len(df))], place_id=None, owner=None, taken_at=pd.NaT)
+        frame = df.assign(image_id=[f"{i:064x}" for i in range(len(df))], place_id=None)
         t0 = time.perf_counter()
-        res = make_splits(frame)
-        out.update({k: v for k, v in res.summary.items() if isinstance(v, int)})
+        res = make_splits(frame, SplitConfig(owner_disjoint=step == "splits"))
+        out.update({k: v for k, v in res.summary.items() if isinstance(v, (int, float))})
     else:  # one HDBSCAN fit on the projected plane vs on the sphere, same points and sizes
         import hdbscan
 
@@ -141,7 +142,7 @@ def main() -> None:
     df = _points(args.points, args.cache)
     with tempfile.TemporaryDirectory() as tmp:
         path = str(Path(tmp) / "points.parquet")
-        df[["lat", "lon", "province_id"]].to_parquet(path)
+        df[COLUMNS].to_parquet(path)
         print(f"cores available: {len(os.sched_getaffinity(0))}; load average {os.getloadavg()[0]:.1f} "
               "(other work on the machine slows every figure below)", flush=True)
 
@@ -157,11 +158,14 @@ def main() -> None:
               f"{'met' if build['peak_rss_gb'] <= 2 else 'NOT met'}", flush=True)
 
         if args.splits:
-            sp = _run("splits", path, args.points)
-            print(f"make_splits, {sp['points']:,} points: {sp['seconds']:.1f} s, peak RSS {sp['peak_rss_gb']:.2f} GB; "
-                  f"largest 1 km group {sp['largest_group']:,}, buffer {sp['buffer_images']:,}, leaks "
-                  f"{sp['leaks_within_km']} vs {sp['naive_random_split_leaks_within_km']:,} for a random split",
-                  flush=True)
+            for step, mode in (("splits", "owner-disjoint"), ("splits_owner_day", "owner×day")):
+                sp = _run(step, path, args.points)
+                print(f"make_splits ({mode}), {sp['points']:,} points: {sp['seconds']:.1f} s, peak RSS "
+                      f"{sp['peak_rss_gb']:.2f} GB; train/val/test/buffer {sp['train_images']:,}/{sp['val_images']:,}/"
+                      f"{sp['test_images']:,}/{sp['buffer_images']:,}, leaks {sp['leaks_within_km']} vs "
+                      f"{sp['naive_random_split_leaks_within_km']:,} for a random split; owners in train and val/test "
+                      f"{sp['owners_in_train_and_heldout']} ({sp['heldout_share_with_train_owner']:.1%} of val/test "
+                      "images)", flush=True)
         eu = _run("euclidean", path, args.compare_points)
         hv = _run("haversine", path, args.compare_points)
         from sklearn.metrics import adjusted_rand_score

@@ -54,7 +54,7 @@ def main() -> None:
     from geopak_model.config import preset
     from geopak_model.data import ImageDataset, make_loader
     from geopak_model.losses import total_loss
-    from geopak_model.train import Trainer
+    from geopak_model.train import Trainer, train_one_epoch
     from pipeline.core.paths import DataPaths
     from standin_cells import write_standin
 
@@ -73,8 +73,9 @@ def main() -> None:
     t0 = time.perf_counter()
     tr.prepare_cache()
     t_cache = time.perf_counter() - t0
-    net, opt, groups = tr._build_optimiser(1)
-    sampler = tr._sampler(1)
+    state = tr.new_state(1)
+    opt = state.optimizer
+    sampler = tr.sampler(1)
     start = copy.deepcopy(tr.heads.state_dict()), copy.deepcopy(opt.state_dict())
     print(f"train images {len(tr.train_table)}, {len(sampler)} batches of {cfg.phase(1).batch_size}; encoders "
           f"{cfg.encoder.clip_model}+{cfg.encoder.scene_arch} at {cfg.encoder.image_size}px; torch threads "
@@ -82,7 +83,8 @@ def main() -> None:
 
     with tr.phase_threads(1):  # as training runs it (one thread for heads-only work on CPU)
         t0 = time.perf_counter()
-        cached = tr._train_epoch(1, 0, net, opt, groups, sampler, len(sampler))
+        cached = train_one_epoch(state, tr.batches(1, sampler), len(sampler), cfg, tr.loss_ctx, tr.device,
+                                 tr.amp_dtype, tr.env)
         t_cached = time.perf_counter() - t0
 
     tr.heads.load_state_dict(start[0])
@@ -99,7 +101,7 @@ def main() -> None:
         loss, logged = total_loss(out, batch, tr.loss_ctx, cfg.loss, cached["offset_weight"])
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(groups[0]["params"], cfg.grad_clip)
+        torch.nn.utils.clip_grad_norm_(opt.param_groups[0]["params"], cfg.grad_clip)
         opt.step()
         sums += logged["total"]
     t_loop = time.perf_counter() - t0

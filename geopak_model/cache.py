@@ -3,8 +3,9 @@
 Layout under ``<cache_root>/<weights_id>/``: ``clip-<gen>.npy`` and ``scene-<gen>.npy`` (float16, memory-mapped),
 ``index-<gen>.parquet`` (image_id → row), ``rejections.parquet`` (images that could not be read), and
 ``meta.json`` naming the current generation (written last, atomically: readers never see half an update).
-A different encoder (other weights, architecture or resolution) has another weights id, hence another folder:
-nothing computed with old weights is ever reused; ``prune_other_caches`` deletes those folders.
+A different encoder (other weights, architecture, resolution, CLIP activation, preprocessing, or the autocast
+precision the features are computed in) has another weights id, hence another folder: nothing computed with old
+settings is ever reused; ``prune_other_caches`` deletes those folders. ``meta.json`` records the ``precision``.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import torch
 
 from geopak_model.data import ImageDataset, make_loader
 from geopak_model.encoders import DualEncoder
+from geopak_model.precision import amp_dtype as resolve_amp_dtype
+from geopak_model.precision import autocast, dtype_name
 from pipeline.core import reasons
 from pipeline.core.store import atomic_path, atomic_write_bytes
 
@@ -37,6 +40,11 @@ class EmbeddingCache:
     def _read_meta(self) -> dict:
         p = self.dir / META
         return json.loads(p.read_text()) if p.exists() else {"generation": 0, "rows": 0}
+
+    @property
+    def precision(self) -> str | None:
+        """"fp32", "bf16" or "fp16": what the features were computed in (None: empty, or an old cache)."""
+        return self._meta.get("precision")
 
     @property
     def generation(self) -> int:
@@ -143,14 +151,23 @@ def prune_other_caches(root: str | Path, keep: str) -> list[str]:
 def build_embedding_cache(encoder: DualEncoder, table: pd.DataFrame, data_root: str | Path, cache_root: str | Path,
                           batch_size: int = 64, device: torch.device | str = "cpu", num_workers: int = 0,
                           amp: bool = True, progress: Callable[[int, int], None] | None = None,
-                          weights_id: str | None = None) -> tuple[EmbeddingCache, dict[str, int]]:
+                          weights_id: str | None = None, amp_dtype: str = "auto"
+                          ) -> tuple[EmbeddingCache, dict[str, int]]:
     """Compute features for the images of ``table`` (image_id, path) not cached yet; reuse the rest.
 
+    Features are computed under autocast in ``precision.amp_dtype(device, amp, amp_dtype)`` (bf16, else fp16 on
+    CUDA; float32 on CPU). The cache key is ``encoder.weights_id(<that precision>)``; a ``weights_id`` passed in
+    is checked against it (a key without the precision would let fp32 and bf16 features share a folder).
     Images that cannot be read are recorded in the cache's ``rejections.parquet`` (``missing_file`` or
     ``not_an_image``) and not retried with the same weights.
     """
     device = torch.device(device)
-    wid = weights_id or encoder.weights_id()
+    dtype = resolve_amp_dtype(device, amp, amp_dtype)
+    precision = dtype_name(dtype)
+    wid = encoder.weights_id(precision)
+    if weights_id is not None and weights_id != wid:  # e.g. an id computed for fp32 while autocasting to bf16
+        raise ValueError(f"weights_id {weights_id} does not name this encoder's {precision} features ({wid}); "
+                         f"compute it as encoder.weights_id({precision!r})")
     cache = EmbeddingCache(cache_root, wid)
     table = table.drop_duplicates("image_id")
     skip = cache.rejected_ids()
@@ -165,13 +182,12 @@ def build_embedding_cache(encoder: DualEncoder, table: pd.DataFrame, data_root: 
         ids = todo["image_id"].to_numpy()
         clip_parts, scene_parts, done_ids, failed = [], [], [], []
         done = 0
-        use_amp = amp and device.type == "cuda"
         for rows, batch in zip(batches, loader):
             ok_rows = batch["row"].tolist() if "row" in batch else []
             failed.extend(ids[r] for r in rows if r not in set(ok_rows))
             if ok_rows:
                 x = batch["image"].to(device, non_blocking=True)
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                with autocast(device, dtype):
                     c, s = encoder(x)
                 clip_parts.append(c.float().cpu().numpy().astype(np.float16))
                 scene_parts.append(s.float().cpu().numpy().astype(np.float16))
@@ -181,7 +197,7 @@ def build_embedding_cache(encoder: DualEncoder, table: pd.DataFrame, data_root: 
                 progress(done, len(ds))
         if done_ids:
             cache.add(done_ids, np.concatenate(clip_parts), np.concatenate(scene_parts),
-                      {"encoder": _enc_meta(encoder)})
+                      {"encoder": _enc_meta(encoder), "precision": precision})
         if failed:
             paths = dict(zip(todo["image_id"], todo["path"]))
             why = [reasons.NOT_AN_IMAGE if (Path(data_root) / paths[i]).exists() else reasons.MISSING_FILE
@@ -194,5 +210,6 @@ def build_embedding_cache(encoder: DualEncoder, table: pd.DataFrame, data_root: 
 
 def _enc_meta(encoder: DualEncoder) -> dict:
     e = encoder.cfg
-    return {"clip_model": e.clip_model, "clip_pretrained": e.clip_pretrained, "scene_arch": e.scene_arch,
-            "scene_weights": e.scene_weights, "image_size": e.image_size}
+    return {"clip_model": e.clip_model, "clip_pretrained": e.clip_pretrained,
+            "clip_activation": encoder.clip.activation, "scene_arch": e.scene_arch, "scene_weights": e.scene_weights,
+            "image_size": e.image_size}

@@ -1,6 +1,5 @@
 """The geocell table the model is built on, as arrays: read from the geocell stage's Parquet files, stored in
-checkpoints as plain tensors (so ``torch.load(weights_only=True)`` reads it back), and the distance-aware
-smoothed targets precomputed once per cell instead of looked up per sample.
+checkpoints as plain tensors (so ``torch.load(weights_only=True)`` reads it back).
 """
 
 from __future__ import annotations
@@ -129,19 +128,3 @@ class CellTable:
             "cell_id": np.arange(self.n_cells), "province_id": self.province_id, "local_id": self.local_id,
             "center_lat": self.center_lat, "center_lon": self.center_lon, "radius_km": self.radius_km,
         })
-
-    # --- distance-aware smoothed targets ------------------------------------------------------------------------
-    def smoothed_targets(self, tau_km: dict[str, float]) -> tuple[np.ndarray, np.ndarray]:
-        """Per cell: (local ids (N, K+1), weights (N, K+1)) of exp(−d/τ_province) over itself and its neighbours,
-        normalised to sum to 1; padded entries point at the cell itself with weight 0."""
-        tau = np.array([float(tau_km.get(p.key, 50.0)) for p in PROVINCES])
-        if (tau <= 0).any():
-            raise ValueError("smoothing temperatures tau_km must be positive")
-        n, k = self.neighbour_ids.shape
-        ids = np.concatenate([np.arange(n)[:, None], self.neighbour_ids], axis=1)
-        dist = np.concatenate([np.zeros((n, 1)), self.neighbour_km], axis=1)
-        valid = ids >= 0
-        w = np.where(valid, np.exp(-np.nan_to_num(dist, nan=0.0) / tau[self.province_id][:, None]), 0.0)
-        w /= w.sum(axis=1, keepdims=True)
-        safe = np.where(valid, ids, np.arange(n)[:, None])
-        return self.local_id[safe], w

@@ -29,12 +29,29 @@ class EncoderConfig:
     clip_model: str = "ViT-B-16"  # an open_clip model name, or "custom" (then ``clip_custom`` gives the ViT shape)
     clip_pretrained: str = ""  # "" | an open_clip pretrained tag ("openai", "laion2b_s34b_b88k") | a local file
     clip_custom: dict[str, int] = field(default_factory=dict)  # width, layers, heads, patch_size (custom ViT only)
-    clip_quick_gelu: bool | None = None  # None: from the pretrained tag (OpenAI weights use QuickGELU)
+    # MLP activation of the CLIP ViT: "gelu" | "quick_gelu" (OpenAI's weights) | "auto": from the open_clip tag or
+    # model name; a local file needs "openai" in its name or an explicit setting (see encoders.resolve_clip_activation)
+    clip_activation: str = "auto"
+    # Deprecated, read only from old configs: True/False become clip_activation "quick_gelu"/"gelu"; always None
+    # after construction (``_build`` rejects unknown keys, so the old key has to stay a field).
+    clip_quick_gelu: bool | None = None
     scene_arch: str = "resnet50"  # torchvision resnet50 | resnet18 | resnet34 with a 365-class Places head
     scene_weights: str = ""  # "" | official Places365 checkpoint (``resnet50_places365.pth.tar``) | a state dict
     image_size: int = 224
     init_seed: int = 0
     unfreeze_fraction: float = 0.3  # phase 2: top share of CLIP blocks (+ ln_post); ResNet layer4 always
+
+    def __post_init__(self) -> None:
+        if self.clip_activation not in ("auto", "gelu", "quick_gelu"):
+            raise ValueError(f"encoder.clip_activation must be 'auto', 'gelu' or 'quick_gelu', "
+                             f"got {self.clip_activation!r}")
+        if self.clip_quick_gelu is None:
+            return
+        mapped = "quick_gelu" if self.clip_quick_gelu else "gelu"
+        if self.clip_activation not in ("auto", mapped):
+            raise ValueError(f"encoder: clip_quick_gelu={self.clip_quick_gelu} (deprecated) contradicts "
+                             f"clip_activation={self.clip_activation!r}; keep only clip_activation")
+        self.clip_activation, self.clip_quick_gelu = mapped, None
 
 
 @dataclass
@@ -62,18 +79,21 @@ class ModelConfig:
 class LossConfig:
     province: float = 0.5
     cell: float = 1.0
-    offset: float = 1.0
-    aux: float = 0.1
+    offset: float = 1.0  # × offset error / true cell radius
+    aux: float = 0.1  # × aux error / aux_scale_km
     koppen: float = 0.2
     doy: float = 0.1
     mvmf: float = 0.05
     class_weight_beta: float = 0.9995  # effective-number class weights (GEOPAK's logged weights match 0.9995)
-    tau_km: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_TAU_KM))
+    tau_km: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_TAU_KM))  # upper bound of τ per province
+    smooth_radius_factor: float = 0.5  # smoothing τ = factor × true cell radius (PIGEON-style, tied to cell size)
+    smooth_min_km: float = 1.0
+    offset_min_radius_km: float = 1.0  # the offset error is divided by max(radius, this)
+    aux_scale_km: float = 100.0  # the aux error is divided by this
     n_neighbours: int = 8
     offset_ramp_epochs: int = 5  # phase 1: offset weight min(1, (epoch + 1) / ramp)
     koppen_fine_weight: float = 0.5
     koppen_coarse_weight: float = 0.5
-    water_skips_location: bool = True  # Köppen water (0): no geocell/offset/aux/MvMF/date terms
 
 
 @dataclass
@@ -133,7 +153,8 @@ class TrainConfig:
     # >0: torch.set_num_threads for the whole run. 0: torch's default, except that the heads-only phases (0-1)
     # on CPU run on one thread: their small matmuls are faster there than split over busy cores.
     cpu_threads: int = 0
-    amp: bool = True  # bf16 autocast on CUDA
+    amp: bool = True  # autocast on CUDA (never on CPU)
+    amp_dtype: str = "auto"  # auto (bf16 where supported, else fp16) | bf16 | fp16 (trains with a GradScaler)
     grad_clip: float = 1.0
     seed: int = 0
     num_workers: int = 2  # image DataLoader workers (spawned), phase 2 and the embedding cache

@@ -8,6 +8,7 @@ import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import pandas as pd
@@ -64,11 +65,47 @@ def label_tensors(table: pd.DataFrame) -> dict[str, torch.Tensor]:
 
 
 # --- images ---------------------------------------------------------------------------------------------------
-def load_image(path: str | Path) -> Image.Image:
-    """RGB, upright as the camera saw it (EXIF orientation applied)."""
+# Set by load_image on a JPEG decoded at reduced scale: the upright full-resolution size and the libjpeg scale
+# (1/N). Views are cut in full-resolution coordinates, so a reduced decode yields (nearly) the same view.
+FULL_SIZE_KEY = "geopak_full_size"
+SCALE_KEY = "geopak_decode_scale"
+_SWAPS_AXES = {5, 6, 7, 8}  # EXIF orientations that rotate by 90 degrees (ImageOps.exif_transpose)
+
+
+def load_image(path: str | Path | BinaryIO, min_side: int | None = None) -> Image.Image:
+    """RGB, upright as the camera saw it (EXIF orientation applied).
+
+    With ``min_side``, a JPEG at least twice that size is DCT-scaled while decoding (libjpeg 1/2, 1/4, 1/8) to
+    the smallest scale whose short side stays >= ``min_side``: a 12 MP photo decodes several times faster and
+    the views cut from it barely change. Smaller JPEGs and other formats decode at full size, exactly as without.
+    """
     with Image.open(path) as im:
+        full, scale = im.size, 1
+        if min_side is not None and im.format == "JPEG" and min(im.size) >= 2 * min_side:
+            # draft picks the largest 1/N with both sides still >= the request (N = min(W//s, H//s) rounded down
+            # to 8, 4, 2, 1); a square request makes the EXIF orientation irrelevant
+            drafted = im.draft("RGB", (min_side, min_side))
+            if drafted is not None:
+                scale = round(full[0] / drafted[1][2])
         im.load()
-        return ImageOps.exif_transpose(im).convert("RGB")
+        orientation = im.getexif().get(0x0112, 1) if scale > 1 else 1
+        out = ImageOps.exif_transpose(im).convert("RGB")
+    if scale > 1:
+        out.info[FULL_SIZE_KEY] = full[::-1] if orientation in _SWAPS_AXES else full
+        out.info[SCALE_KEY] = scale
+    return out
+
+
+def augment_min_side(size: int, cfg: AugmentConfig) -> int | None:
+    """Short side the source needs so that the smallest random crop of ``augment_view`` (lowest crop_scale, most
+    extreme aspect ratio) still spans >= ``size`` pixels both ways; None when a crop may be arbitrarily small."""
+    lo, (r0, r1) = cfg.crop_scale[0], cfg.crop_ratio
+    if lo <= 0 or r0 <= 0 or r1 <= 0:
+        return None
+    # crop sides are base*sqrt(scale*ratio) and base*sqrt(scale/ratio) (clamping to the image only keeps them
+    # >= base), so the shortest is base * sqrt(lo) * min(1, sqrt(r_min), 1/sqrt(r_max))
+    shrink = math.sqrt(lo) * min(1.0, math.sqrt(min(r0, r1)), 1.0 / math.sqrt(max(r0, r1)))
+    return math.ceil(size / shrink - 1e-9)
 
 
 def to_tensor(img: Image.Image) -> torch.Tensor:
@@ -76,21 +113,31 @@ def to_tensor(img: Image.Image) -> torch.Tensor:
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)
 
 
+def full_size(img: Image.Image) -> tuple[int, int]:
+    """(width, height) of the image at full resolution, whatever scale it was decoded at."""
+    return img.info.get(FULL_SIZE_KEY, img.size)
+
+
 def eval_view(img: Image.Image, size: int) -> torch.Tensor:
     """Short side to ``size`` then a centre crop: the view the embedding cache and validation use."""
-    x = to_tensor(img)
-    return _crop_resize(x, *_centre_square(x), size)
-
-
-def _centre_square(x: torch.Tensor) -> tuple[int, int, int, int]:
-    h, w = x.shape[-2:]
+    w, h = full_size(img)
     s = min(h, w)
-    return (h - s) // 2, (w - s) // 2, s, s
+    return _crop_resize(img, (h - s) // 2, (w - s) // 2, s, s, size)
 
 
-def _crop_resize(x: torch.Tensor, top: int, left: int, h: int, w: int, size: int) -> torch.Tensor:
-    crop = x[:, top: top + h, left: left + w]
-    return F.interpolate(crop[None], size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0]
+def _crop_resize(img: Image.Image, top: int, left: int, h: int, w: int, size: int) -> torch.Tensor:
+    """The crop (full-resolution pixel coordinates) resized to size x size, antialiased bilinear.
+
+    A full-resolution image goes through torch as it always has (bit-identical views). A reduced decode maps the
+    box to its own coordinates, which are fractional (pixel i covers full pixels [N*i, N*i + N)), so PIL's
+    resize with a float box cuts it there instead of rounding the crop by up to N/2 full pixels.
+    """
+    if FULL_SIZE_KEY not in img.info:
+        x = to_tensor(img)[:, top: top + h, left: left + w]
+        return F.interpolate(x[None], size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0]
+    k = 1.0 / img.info[SCALE_KEY]
+    box = (left * k, top * k, min((left + w) * k, img.width), min((top + h) * k, img.height))
+    return to_tensor(img.resize((size, size), Image.Resampling.BILINEAR, box=box))
 
 
 def _u(g: torch.Generator, lo: float = 0.0, hi: float = 1.0) -> float:
@@ -101,8 +148,7 @@ def augment_view(img: Image.Image, size: int, cfg: AugmentConfig, g: torch.Gener
     """Geography-safe training view: a mild random crop of the centred square's scale, colour jitter, one of
     fog/rain/overcast, slight blur and sensor noise. No flips (roads, traffic side, text), no rotations
     (horizon), no perspective warps."""
-    x = to_tensor(img)
-    h, w = x.shape[-2:]
+    w, h = full_size(img)
     base = min(h, w)
     area = _u(g, *cfg.crop_scale) * base * base
     ratio = math.exp(_u(g, math.log(cfg.crop_ratio[0]), math.log(cfg.crop_ratio[1])))
@@ -110,7 +156,7 @@ def augment_view(img: Image.Image, size: int, cfg: AugmentConfig, g: torch.Gener
     ch = min(h, max(8, int(round(math.sqrt(area / ratio)))))
     top = int(_u(g) * (h - ch + 1)) if h > ch else 0
     left = int(_u(g) * (w - cw + 1)) if w > cw else 0
-    x = _crop_resize(x, min(top, h - ch), min(left, w - cw), ch, cw, size)
+    x = _crop_resize(img, min(top, h - ch), min(left, w - cw), ch, cw, size)
     x = colour_jitter(x, cfg, g)
     if _u(g) < cfg.weather_p:
         x = (fog, rain, overcast)[int(_u(g) * 3) % 3](x, g)
@@ -204,8 +250,9 @@ class ImageDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, torch.Tensor] | None:
         idx, seed = (key, idx_seed(key)) if isinstance(key, int | np.integer) else key
+        need = self.size if self.augment is None else augment_min_side(self.size, self.augment)
         try:
-            img = load_image(self.paths[idx])
+            img = load_image(self.paths[idx], need)
         except (OSError, ValueError):  # recorded by the caller via the None count; the embedding cache lists them
             return None
         if self.augment is None:

@@ -7,6 +7,12 @@
   (``{"state_dict": {"module.conv1.weight": ...}}``); the head is dropped, giving 2048-d (ResNet-50) features.
 - Inputs are RGB in [0, 1]; each encoder normalises inside ``forward`` (CLIP and ImageNet mean/std).
 - Missing weights fail fast with a clear message: nothing is downloaded when ``HF_HUB_OFFLINE`` is set.
+- CLIP's MLP activation is explicit (``EncoderConfig.clip_activation``): OpenAI weights were trained with
+  QuickGELU, almost all others with GELU, and a local file does not say which; "auto" reads it from an open_clip
+  tag or an "openai" in the file name, and otherwise refuses rather than guess.
+- ``DualEncoder.weights_id`` (the embedding-cache key and the checkpoint fingerprint) covers every setting that
+  changes features: the weights, the architecture, the resolved activation, the preprocessing version and the
+  precision the features were computed in.
 - BatchNorm statistics of the ResNet stay frozen even in phase 2 (GEOPAK's ``model.train()`` updated them).
 """
 
@@ -27,6 +33,12 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 SCENE_ARCHS = ("resnet18", "resnet34", "resnet50")
+CLIP_ACTIVATIONS = ("auto", "gelu", "quick_gelu")
+FEATURE_PRECISIONS = ("fp32", "bf16", "fp16")  # precision.dtype_name of the autocast dtype the features came from
+# Bump when the image → tensor path of the embedding cache / predictor changes (``data.load_image`` +
+# ``data.eval_view``): v2 = JPEGs >= 2x the input size are DCT-scaled while decoding, then short-side
+# antialiased bilinear resize + centre crop.
+PREPROCESS_VERSION = "jpeg-draft>=2x, short-side resize + centre crop, v2"
 WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".tar", ".safetensors", ".ckpt")
 
 
@@ -147,8 +159,9 @@ class NormalisedEncoder(nn.Module):
 
 
 class ClipEncoder(NormalisedEncoder):
-    def __init__(self, visual: nn.Module, width: int):
+    def __init__(self, visual: nn.Module, width: int, activation: str = "gelu"):
         super().__init__(visual, width, CLIP_MEAN, CLIP_STD)
+        self.activation = activation  # resolved: "gelu" | "quick_gelu"
 
     @property
     def visual(self) -> nn.Module:
@@ -156,6 +169,42 @@ class ClipEncoder(NormalisedEncoder):
 
     def blocks(self) -> list[nn.Module]:
         return list(self.visual.transformer.resblocks)
+
+
+def resolve_clip_activation(cfg: EncoderConfig) -> str:
+    """``cfg.clip_activation`` as "gelu" or "quick_gelu"; "auto" is resolved without guessing.
+
+    "auto": a model name that says QuickGELU (``*-quickgelu``) or an open_clip tag whose pretrained config sets
+    ``quick_gelu`` (``openai``) → "quick_gelu"; other tags and random init → "gelu"; a local file → "quick_gelu"
+    when its file name contains "openai", else a ``ValueError``: a file does not record its activation, and the
+    wrong one changes every feature without any error.
+    """
+    act = cfg.clip_activation
+    if act not in CLIP_ACTIVATIONS:
+        raise ValueError(f"clip_activation must be one of {CLIP_ACTIVATIONS}, got {act!r}")
+    if act != "auto":
+        return act
+    spec = cfg.clip_pretrained
+    if cfg.clip_model != "custom":
+        import open_clip
+
+        mc = open_clip.get_model_config(cfg.clip_model) or {}
+        if mc.get("quick_gelu", False):
+            return "quick_gelu"
+    if not spec:
+        return "gelu"  # random init: open_clip's default
+    if cfg.clip_model == "custom" or _looks_like_file(spec) or Path(spec).expanduser().is_file():
+        if "openai" in Path(spec).name.lower():
+            return "quick_gelu"
+        raise ValueError(
+            f"clip_activation is 'auto' but CLIP weights {spec!r} are a local file, which does not record the MLP "
+            "activation its model was trained with. Set encoder.clip_activation explicitly: 'quick_gelu' for "
+            "OpenAI's CLIP weights, 'gelu' for LAION/DataComp/most other open_clip weights (or put 'openai' in the "
+            "file name of OpenAI weights)."
+        )
+    from open_clip import pretrained as oc_pre
+
+    return "quick_gelu" if oc_pre.get_pretrained_cfg(cfg.clip_model, spec).get("quick_gelu", False) else "gelu"
 
 
 def clip_weights_path(cfg: EncoderConfig, weights_dir: Path | None) -> Path | None:
@@ -170,18 +219,21 @@ def build_clip(cfg: EncoderConfig, weights_dir: Path | None = None) -> ClipEncod
     from open_clip.transformer import VisionTransformer
 
     path = clip_weights_path(cfg, weights_dir)  # before building: a missing file fails in milliseconds
+    activation = resolve_clip_activation(cfg)
+    quick = activation == "quick_gelu"
     if cfg.clip_model == "custom":
+        from open_clip.transformer import QuickGELU
+
         c = cfg.clip_custom
         for key in ("width", "layers", "heads", "patch_size"):
             if key not in c:
                 raise ValueError(f"custom CLIP ViT needs clip_custom[{key!r}]")
         visual = VisionTransformer(image_size=cfg.image_size, patch_size=c["patch_size"], width=c["width"],
                                    layers=c["layers"], heads=c["heads"], mlp_ratio=c.get("mlp_ratio", 4.0),
-                                   output_dim=c["width"])
+                                   output_dim=c["width"], act_layer=QuickGELU if quick else nn.GELU)
         width = c["width"]
     else:
         import open_clip
-        from open_clip import pretrained as oc_pre
         from open_clip.model import _build_vision_tower
 
         mc = open_clip.get_model_config(cfg.clip_model)
@@ -191,10 +243,6 @@ def build_clip(cfg: EncoderConfig, weights_dir: Path | None = None) -> ClipEncod
         if isinstance(vision.get("layers"), list | tuple) or vision.get("timm_model_name"):
             raise ValueError(f"{cfg.clip_model}: only open_clip ViT vision towers are supported")
         vision["image_size"] = cfg.image_size
-        quick = cfg.clip_quick_gelu
-        if quick is None:  # OpenAI weights were trained with QuickGELU; their tag says so
-            tag_cfg = oc_pre.get_pretrained_cfg(cfg.clip_model, cfg.clip_pretrained) if cfg.clip_pretrained else {}
-            quick = bool(mc.get("quick_gelu", False) or tag_cfg.get("quick_gelu", False))
         visual = _build_vision_tower(mc["embed_dim"], vision, quick_gelu=quick)
         width = vision["width"]
     visual.proj = None  # width-d pooled features, not the contrastive projection
@@ -204,7 +252,7 @@ def build_clip(cfg: EncoderConfig, weights_dir: Path | None = None) -> ClipEncod
             sd = {k.removeprefix("visual."): v for k, v in sd.items() if k.startswith("visual.")}
         sd.pop("proj", None)
         load_weights(visual, sd, f"CLIP weights {path}", cfg.clip_model)
-    return ClipEncoder(visual, width)
+    return ClipEncoder(visual, width, activation)
 
 
 class SceneEncoder(NormalisedEncoder):
@@ -266,20 +314,39 @@ class DualEncoder(nn.Module):
             p.requires_grad_(True)
         return clip_params, scene_params
 
-    def weights_id(self) -> str:
-        """Hash of the config and every weight: the embedding cache key and the reproducibility check."""
-        h = hashlib.blake2b(digest_size=12)
-        h.update(json.dumps(_cfg_identity(self.cfg), sort_keys=True).encode())
+    def weights_id(self, precision: str = "fp32") -> str:
+        """Hash of every setting that changes features and every weight: the embedding-cache key and the
+        checkpoint fingerprint. ``precision`` is the autocast dtype the features are computed in
+        (``precision.dtype_name``: "fp32" on CPU, "bf16"/"fp16" under CUDA autocast)."""
+        return self.weights_ids((precision,))[precision]
+
+    def weights_ids(self, precisions: tuple[str, ...] = FEATURE_PRECISIONS) -> dict[str, str]:
+        """``weights_id`` for each precision, hashing the weights once (to find which precision an id names)."""
+        w = hashlib.blake2b(digest_size=16)
         for name, t in self.state_dict().items():
-            h.update(name.encode())
-            h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-        return h.hexdigest()
+            w.update(name.encode())
+            w.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+        digest = w.digest()
+        out = {}
+        for p in precisions:
+            h = hashlib.blake2b(digest_size=12)
+            h.update(json.dumps(_cfg_identity(self.cfg, self.clip.activation, p), sort_keys=True).encode())
+            h.update(digest)
+            out[p] = h.hexdigest()
+        return out
+
+    def precision_of(self, weights_id: str) -> str | None:
+        """The feature precision whose ``weights_id`` is ``weights_id`` (None: other weights or settings)."""
+        return next((p for p, i in self.weights_ids().items() if i == weights_id), None)
 
 
-def _cfg_identity(cfg: EncoderConfig) -> dict:
-    """The config fields that change features (not where the weights came from, nor phase-2 settings)."""
-    return {"clip_model": cfg.clip_model, "clip_custom": cfg.clip_custom, "scene_arch": cfg.scene_arch,
-            "image_size": cfg.image_size, "preprocess": "short-side resize + centre crop, v1"}
+def _cfg_identity(cfg: EncoderConfig, activation: str, precision: str) -> dict:
+    """The settings that change features (not where the weights came from, nor phase-2 settings)."""
+    if precision not in FEATURE_PRECISIONS:
+        raise ValueError(f"feature precision must be one of {FEATURE_PRECISIONS}, got {precision!r}")
+    return {"clip_model": cfg.clip_model, "clip_custom": cfg.clip_custom, "clip_activation": activation,
+            "scene_arch": cfg.scene_arch, "image_size": cfg.image_size, "preprocess": PREPROCESS_VERSION,
+            "precision": precision}
 
 
 def build_encoders(cfg: EncoderConfig, weights_dir: Path | None = None) -> DualEncoder:
@@ -287,6 +354,7 @@ def build_encoders(cfg: EncoderConfig, weights_dir: Path | None = None) -> DualE
     if cfg.scene_weights:  # fail fast on both weights before any (slow) construction
         resolve_file(cfg.scene_weights, weights_dir, "Places365 ResNet")
     clip_weights_path(cfg, weights_dir)
+    resolve_clip_activation(cfg)  # an unresolvable activation is a config error: before construction too
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.init_seed)
         clip = build_clip(cfg, weights_dir)

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from geopak_model import precision
 from geopak_model.config import InferenceConfig, LossConfig
 from geopak_model.data import FeatureData
 from geopak_model.geo import haversine_km
@@ -33,6 +34,7 @@ def error_summary(err_km: np.ndarray, prefix: str) -> dict[str, float]:
 @torch.no_grad()
 def evaluate_features(heads: GeopakHeads, data: FeatureData, ctx: LossContext, loss_cfg: LossConfig,
                       inf: InferenceConfig, device: torch.device, batch_size: int = 512, amp: bool = False,
+                      amp_dtype: str = "auto",
                       parts: tuple[str, ...] = ()) -> dict[str, float]:
     """Validation metrics ``val_*`` over every row of ``data``."""
     was_training = heads.training
@@ -43,7 +45,7 @@ def evaluate_features(heads: GeopakHeads, data: FeatureData, ctx: LossContext, l
     for start in range(0, n, batch_size):
         rows = torch.arange(start, min(n, start + batch_size))
         b = data.batch(rows, device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda"):
+        with precision.autocast(device, precision.amp_dtype(device, amp, amp_dtype)):
             out = heads(b["clip"], b["scene"], b["province_id"], b["cell_id"], parts)
             _, logged = total_loss(out, b, ctx, loss_cfg)
             for k, v in logged.items():

@@ -6,6 +6,16 @@ top-K cells, each hypothesis = cell centre + radius-clamped offset, weighted by 
 ``confidence`` is the model's probability mass on the hypotheses that lie within ``CONFIDENCE_KM`` of the returned
 point: P(province)·P(cell | province) summed over those hypotheses, without renormalising. It is high only when the
 model is both sure of the place and its hypotheses agree.
+
+Precision: the encoders and heads run under the autocast dtype that training used for the embedding cache and
+validation, derived the same way from the checkpoint's config (``amp``, ``amp_dtype``) by ``precision.amp_dtype``
+for the predictor's device: bf16 (or fp16 where the GPU has no bf16) on CUDA, float32 on CPU. A GPU-trained
+checkpoint used on CPU therefore runs in float32, not bf16: CPU autocast to bf16 is several times slower than
+float32 on CPUs without bf16 matrix units, and float32 is the more exact of the two (the features differ by
+bf16 rounding only). ``GeopakPredictor.precision`` says which one a predictor uses.
+
+Preprocessing is the embedding cache's (``data.load_image`` with DCT-scaled JPEG decoding to >= the input size,
+then ``data.eval_view``), so a file or bytes input gives the same view the cache computed features from.
 """
 
 from __future__ import annotations
@@ -20,9 +30,11 @@ import torch
 from PIL import Image, ImageOps
 
 from geopak_model.checkpoint import load_model
-from geopak_model.data import eval_view
+from geopak_model.config import TrainConfig
+from geopak_model.data import eval_view, load_image
 from geopak_model.geo import haversine_km
 from geopak_model.inference import mixture_predict
+from geopak_model.precision import amp_dtype, autocast, dtype_name
 from pipeline.core.provinces import PROVINCES
 from pipeline.labels.dates import decode_day
 from pipeline.labels.koppen import KOPPEN_CODES
@@ -35,21 +47,23 @@ class ImageLoadError(ValueError):
     """An input that is not a readable image (missing file, not an image, truncated)."""
 
 
-def load_input(x: ImageInput) -> Image.Image:
-    """A path, bytes or PIL image as an upright RGB image; a clear ``ImageLoadError`` otherwise."""
+def load_input(x: ImageInput, min_side: int | None = None) -> Image.Image:
+    """A path, bytes or PIL image as an upright RGB image; a clear ``ImageLoadError`` otherwise.
+
+    ``min_side``: decode a large JPEG file or bytes at a reduced DCT scale whose short side stays >= ``min_side``,
+    exactly as the embedding cache reads its images (``data.load_image``). A PIL image is used as given.
+    """
     try:
         if isinstance(x, Image.Image):
-            img = x
-        elif isinstance(x, (bytes, bytearray)):
-            img = Image.open(io.BytesIO(bytes(x)))
-        elif isinstance(x, (str, Path)):
+            x.load()
+            return ImageOps.exif_transpose(x).convert("RGB")
+        if isinstance(x, (bytes, bytearray)):
+            return load_image(io.BytesIO(bytes(x)), min_side)
+        if isinstance(x, (str, Path)):
             if not Path(x).is_file():
                 raise ImageLoadError(f"{x}: no such file")
-            img = Image.open(x)
-        else:
-            raise ImageLoadError(f"cannot read an image from {type(x).__name__}")
-        img.load()
-        return ImageOps.exif_transpose(img).convert("RGB")
+            return load_image(x, min_side)
+        raise ImageLoadError(f"cannot read an image from {type(x).__name__}")
     except ImageLoadError:
         raise
     except Exception as exc:  # PIL raises many types for broken input
@@ -58,10 +72,13 @@ def load_input(x: ImageInput) -> Image.Image:
 
 
 class GeopakPredictor:
-    def __init__(self, model: torch.nn.Module, cfg, device: torch.device):
+    def __init__(self, model: torch.nn.Module, cfg: TrainConfig, device: torch.device,
+                 dtype: torch.dtype | None = None):
+        """``dtype``: the autocast dtype (None: float32); ``from_checkpoint`` takes it from the training config."""
         self.model = model.eval().to(device)
         self.cfg = cfg
         self.device = device
+        self.dtype = dtype
         heads = model.heads
         self._center_lat = heads.cell_lat.detach().cpu().numpy().astype(float)
         self._center_lon = heads.cell_lon.detach().cpu().numpy().astype(float)
@@ -70,11 +87,24 @@ class GeopakPredictor:
     def from_checkpoint(
         cls, path: str | Path, device: str | torch.device | None = None, weights_dir: str | Path | None = None
     ) -> "GeopakPredictor":
+        """Model and config from ``path``. ``weights_dir``: where encoder weights files named relative to
+        ``<data root>/weights/`` are (``DataPaths.weights_dir``; the pipeline and ``geopak predict`` pass it)."""
         if not Path(path).is_file():
             raise FileNotFoundError(f"no checkpoint at {path}: train one (geopak_model asset) or pass --checkpoint")
         model, cfg = load_model(path, weights_dir)
         dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return cls(model, cfg, dev)
+        # the checkpoint's own precision setting (configs written before amp_dtype existed mean "auto")
+        return cls(model, cfg, dev, amp_dtype(dev, cfg.amp, getattr(cfg, "amp_dtype", "auto")))
+
+    @property
+    def precision(self) -> str:
+        """"fp32", "bf16" or "fp16": what the encoders and heads compute in."""
+        return dtype_name(self.dtype)
+
+    def view(self, x: ImageInput) -> torch.Tensor:
+        """The (3, S, S) input tensor in [0, 1] of one image: the embedding cache's preprocessing."""
+        size = self.cfg.encoder.image_size
+        return eval_view(load_input(x, size), size)
 
     @torch.no_grad()
     def predict(
@@ -93,7 +123,7 @@ class GeopakPredictor:
         out: list[dict[str, Any]] = []
         for start in range(0, len(items), batch_size):
             chunk = items[start : start + batch_size]
-            views = torch.stack([eval_view(load_input(i), self.cfg.encoder.image_size) for i in chunk])
+            views = torch.stack([self.view(i) for i in chunk])
             oracle = None if oracle_cells is None else torch.as_tensor(list(oracle_cells[start : start + batch_size]))
             out.extend(self._predict_batch(views, top_provinces, top_cells, oracle))
         return out[0] if single else out
@@ -102,13 +132,13 @@ class GeopakPredictor:
                        oracle_cells: torch.Tensor | None = None) -> list[dict]:
         inf = self.cfg.inference
         heads = self.model.heads
-        clip_feat, scene_feat = self.model.encoder(images.to(self.device))
-        res = heads(clip_feat, scene_feat, None, None, ("koppen", "doy", "aux"))
-        if oracle_cells is not None:
-            o_lat, o_lon = heads.offsets(res["embedding"], oracle_cells.to(self.device))
-        pred = mixture_predict(
-            heads, res["embedding"], top_provinces or inf.top_provinces, top_cells or inf.top_cells, inf.prior_correction
-        )
+        with autocast(self.device, self.dtype):  # as evaluate_features: encoders, heads and mixture
+            clip_feat, scene_feat = self.model.encoder(images.to(self.device))
+            res = heads(clip_feat, scene_feat, None, None, ("koppen", "doy", "aux"))
+            if oracle_cells is not None:
+                o_lat, o_lon = heads.offsets(res["embedding"], oracle_cells.to(self.device))
+            pred = mixture_predict(heads, res["embedding"], top_provinces or inf.top_provinces,
+                                   top_cells or inf.top_cells, inf.prior_correction)
         dist = haversine_km(pred.hyp_lat.double(), pred.hyp_lon.double(), pred.lat.double()[:, None],
                             pred.lon.double()[:, None])
         mass = pred.hyp_weight.double() * pred.coverage.double()[:, None]

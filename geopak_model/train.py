@@ -7,6 +7,14 @@ the END-TO-END validation median (mixture inference; phase 0: validation provinc
 appends a row to ``metrics.jsonl``. ``model.pt`` is the better of the phase-1 and phase-2 best checkpoints on the
 whole validation split; ``summary.json`` holds its metrics, the majority baselines and the best epochs.
 
+Layout (after open_clip's ``main`` / ``train_one_epoch`` / ``evaluate``): ``TrainState`` is one phase's module,
+optimiser, loss scaler, epoch, best record and history; ``train_one_epoch`` and ``validate`` are functions of
+their arguments; resuming and best/final selection are in ``checkpoint.py``; ``Trainer`` owns the run's data and
+models and drives the phases. Precision comes from ``precision.amp_dtype`` (bf16, fp16 with a GradScaler, or
+fp32 on CPU) and is recorded in every checkpoint and ``summary.json``. Once per epoch (phases >= 1) each weighted
+loss term's gradient norm and share at the fusion layer goes into the epoch row (``grad_norm_*``,
+``grad_share_*``).
+
     python -m geopak_model.train --config cfg.json
     python -m geopak_model.train --preset cpu-small --data-root data
     torchrun --nproc_per_node=2 -m geopak_model.train --config cfg.json     # DDP (gloo on CPU, NCCL on GPU)
@@ -23,8 +31,8 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +44,17 @@ from torch import nn
 
 from geopak_model.cache import EmbeddingCache, build_embedding_cache
 from geopak_model.cells import CellTable
-from geopak_model.checkpoint import read_checkpoint, save_checkpoint
+from geopak_model.checkpoint import (
+    SELECTION,
+    final_candidates,
+    improves,
+    initial_best,
+    phase_checkpoint,
+    read_checkpoint,
+    resume_state,
+    save_checkpoint,
+    select_final,
+)
 from geopak_model.config import TrainConfig, preset
 from geopak_model.data import (
     FeatureData,
@@ -46,21 +64,31 @@ from geopak_model.data import (
     load_training_table,
     make_loader,
 )
-from geopak_model.encoders import build_encoders
+from geopak_model.encoders import DualEncoder, build_encoders
+from geopak_model.diagnostics import fusion_parameters, gradient_share_metrics, term_gradient_norms
 from geopak_model.evaluate import evaluate_features, majority_baselines
-from geopak_model.losses import LossContext, effective_number_weights, total_loss
+from geopak_model.losses import LossContext, effective_number_weights, total_loss, weighted_terms
 from geopak_model.model import GeopakHeads, GeopakModel, count_params
+from geopak_model.precision import amp_dtype, autocast, dtype_name
 from pipeline.core.paths import DataPaths
 from pipeline.core.provinces import NUM_PROVINCES
 from pipeline.core.store import atomic_path, atomic_write_bytes
 
-SELECTION = {0: ("val_province_acc", "max"), 1: ("val_median_km", "min"), 2: ("val_median_km", "min")}
+__all__ = ["SELECTION", "DistEnv", "TrainState", "Trainer", "collective_device", "cosine_lr", "embed_only",
+           "encode_features", "main", "optimiser_step", "setup_runtime", "train_one_epoch", "validate"]
+
+
+def collective_device(backend: str, local_rank: int = 0) -> torch.device:
+    """Where a process group's collectives need their tensors: NCCL only reduces CUDA tensors (a CPU tensor
+    raises "No backend type associated with device type cpu"), gloo reduces CPU tensors."""
+    return torch.device("cuda", local_rank) if str(backend).lower() == "nccl" else torch.device("cpu")
 
 
 @dataclass
 class DistEnv:
     rank: int = 0
     world: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))  # the collectives' device
 
     @property
     def main(self) -> bool:
@@ -68,16 +96,19 @@ class DistEnv:
 
     def barrier(self) -> None:
         if self.world > 1:
-            dist.barrier()
+            if self.device.type == "cuda":
+                dist.barrier(device_ids=[self.device.index or 0])
+            else:
+                dist.barrier()
 
     def mean(self, values: dict[str, float]) -> dict[str, float]:
-        """Average a dict of floats over ranks (identical key order on every rank)."""
+        """Average a dict of floats over ranks (identical key order on every rank), reduced on the group's device."""
         if self.world == 1 or not values:
             return values
         keys = sorted(values)
-        t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
+        t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=self.device)
         dist.all_reduce(t)
-        return {k: float(v) / self.world for k, v in zip(keys, t)}
+        return {k: float(v) / self.world for k, v in zip(keys, t.cpu().tolist())}
 
 
 def setup_runtime(pref: str) -> tuple[DistEnv, torch.device]:
@@ -87,14 +118,13 @@ def setup_runtime(pref: str) -> tuple[DistEnv, torch.device]:
     if pref == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device 'cuda' requested but CUDA is not available")
     if world > 1:
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        if use_cuda:
+            torch.cuda.set_device(local)
         if not dist.is_initialized():
             dist.init_process_group("nccl" if use_cuda else "gloo")
-        env = DistEnv(dist.get_rank(), dist.get_world_size())
-        if use_cuda:
-            local = int(os.environ.get("LOCAL_RANK", "0"))
-            torch.cuda.set_device(local)
-            return env, torch.device("cuda", local)
-        return env, torch.device("cpu")
+        env = DistEnv(dist.get_rank(), dist.get_world_size(), collective_device(dist.get_backend(), local))
+        return env, torch.device("cuda", local) if use_cuda else torch.device("cpu")
     return DistEnv(), torch.device("cuda" if use_cuda else "cpu")
 
 
@@ -105,12 +135,143 @@ def cosine_lr(base: float, step: int, total: int, warmup: int) -> float:
     return base * 0.5 * (1.0 + math.cos(math.pi * min(1.0, t)))
 
 
+def make_scaler(device: torch.device, dtype: torch.dtype | None) -> torch.amp.GradScaler:
+    """A loss scaler, enabled only for fp16 autocast (its gradients underflow; bf16 and fp32 need none)."""
+    return torch.amp.GradScaler(torch.device(device).type, enabled=dtype == torch.float16)
+
+
+def optimiser_step(loss: torch.Tensor, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                   grad_clip: float) -> None:
+    """Backward and step through ``scaler``: gradients are unscaled before clipping (the clip threshold is in
+    true units), and a step whose gradients overflowed is skipped. A disabled scaler is a plain step."""
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    if grad_clip > 0:
+        scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], grad_clip)
+    scaler.step(opt)
+    scaler.update()
+
+
 def _hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+# --- one phase's state and the pure epoch functions (open_clip's train_one_epoch / evaluate split) ------------
+@dataclass
+class TrainState:
+    """What a phase's epochs change and its ``phase<k>_last.pt`` holds: the module the batches run through
+    (``net``: the heads, or encoders + heads in phase 2, DDP-wrapped on several ranks) around ``heads``, the
+    optimiser and loss scaler, the next epoch to train, the best validation record, and the epoch rows so far
+    (every phase of the run)."""
+
+    phase: int
+    heads: GeopakHeads
+    net: nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    epoch: int = 0
+    best: dict[str, Any] = field(default_factory=dict)
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def phase_parts(phase: int) -> tuple[str, ...]:
+    """The outputs a phase trains and validates: phase 0 only the province head, later phases every head."""
+    return ("province",) if phase == 0 else ()
+
+
+def offset_weight(cfg: TrainConfig, phase: int, epoch: int) -> float:
+    """Phase 1 ramps the offset term in over ``loss.offset_ramp_epochs``; other phases use it fully."""
+    return min(1.0, (epoch + 1) / max(1, cfg.loss.offset_ramp_epochs)) if phase == 1 else 1.0
+
+
+def forward_batch(net: nn.Module, b: dict[str, torch.Tensor], parts: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """Images through encoders + heads (phase 2) or cached features through the heads (phases 0-1)."""
+    if "image" in b:
+        return net(b["image"], b["province_id"], b["cell_id"], parts)
+    return net(b["clip"], b["scene"], b["province_id"], b["cell_id"], parts)
+
+
+def train_one_epoch(state: TrainState, batches: Iterable[dict[str, torch.Tensor]], steps_per_epoch: int,
+                    cfg: TrainConfig, ctx: LossContext, device: torch.device, dtype: torch.dtype | None,
+                    env: DistEnv) -> dict[str, float]:
+    """One epoch of ``state.phase`` at ``state.epoch`` over ``batches`` (dicts on ``device``): per-step learning
+    rate, autocast in ``dtype``, scaled step with clipping. Returns the epoch's mean losses over ranks, the last
+    learning rate, the offset weight and (phases >= 1) each weighted term's gradient norm and share at the fusion
+    layer, measured on the epoch's first batch."""
+    k, epoch = state.phase, state.epoch
+    pc = cfg.phase(k)
+    opt, scaler = state.optimizer, state.scaler
+    state.net.train()
+    parts = phase_parts(k)
+    offset_w = offset_weight(cfg, k, epoch)
+    sums: dict[str, float] = {}
+    diag: dict[str, float] = {}
+    steps = 0
+    total_steps = pc.epochs * steps_per_epoch
+    for i, b in enumerate(batches):
+        step = epoch * steps_per_epoch + i
+        for g in opt.param_groups:
+            g["lr"] = cosine_lr(g["base_lr"], step, total_steps, pc.warmup_steps) if pc.schedule == "cosine" \
+                else g["base_lr"]
+        with autocast(device, dtype):
+            out = forward_batch(state.net, b, parts)
+            loss, logged = total_loss(out, b, ctx, cfg.loss, offset_w)
+            if i == 0 and k >= 1:  # once per epoch: each weighted term's pull on the shared fusion layer
+                terms, weights = weighted_terms(out, b, ctx, cfg.loss, offset_w)
+        if i == 0 and k >= 1:  # the optimised terms only (weight 0: a monitor such as the error in km)
+            scale = scaler.get_scale() if scaler.is_enabled() else 1.0
+            weighted = {name: t for name, t in terms.items() if weights.get(name)}
+            diag = gradient_share_metrics(term_gradient_norms(weighted, weights, fusion_parameters(state.heads),
+                                                              scale))
+        optimiser_step(loss, opt, scaler, cfg.grad_clip)
+        for kk, v in logged.items():
+            sums[kk] = sums.get(kk, 0.0) + v
+        sums["gate"] = sums.get("gate", 0.0) + float(out["gate"].detach().float().mean())
+        steps += 1
+    means = {f"train_{kk}": v / max(steps, 1) for kk, v in sums.items()}
+    means = env.mean({**means, **diag})
+    means["lr"] = opt.param_groups[0]["lr"]
+    means["offset_weight"] = offset_w
+    return means
+
+
+def validate(heads: GeopakHeads, data: FeatureData, ctx: LossContext, cfg: TrainConfig, device: torch.device,
+             phase: int) -> dict[str, float]:
+    """``val_*`` metrics of ``heads`` on ``data`` (end-to-end mixture inference; phase 0: the province head)."""
+    return evaluate_features(heads, data, ctx, cfg.loss, cfg.inference, device, amp=cfg.amp,
+                              amp_dtype=cfg.amp_dtype, parts=phase_parts(phase))
+
+
+@torch.no_grad()
+def encode_features(encoder: DualEncoder, table: pd.DataFrame, root: Path, cfg: TrainConfig, device: torch.device,
+                    dtype: torch.dtype | None, cap: int = 0) -> FeatureData:
+    """Features of ``table``'s images through the current encoders (phase 2 changed them), at most ``cap``
+    images (a fixed random subset: the table may be ordered by province; 0 = all)."""
+    if cap and len(table) > cap:
+        table = table.sample(n=cap, random_state=cfg.seed).sort_index()
+    encoder.eval()
+    ds = ImageDataset(table, root, cfg.encoder.image_size, augment=None)
+    bs = cfg.embed_batch_size
+    batches = [list(range(i, min(i + bs, len(ds)))) for i in range(0, len(ds), bs)]
+    clip, scene, rows = [], [], []
+    for batch in make_loader(ds, batches, cfg.num_workers, pin_memory=device.type == "cuda"):
+        with autocast(device, dtype):
+            c, s = encoder(batch["image"].to(device))
+        clip.append(c.float().cpu().half())
+        scene.append(s.float().cpu().half())
+        rows.extend(batch["row"].tolist())
+    kept = table.iloc[rows].reset_index(drop=True)
+    return FeatureData(torch.cat(clip), torch.cat(scene), label_tensors(kept))
+
+
+# --- the run: data, phases, checkpoints, summary ------------------------------------------------------------------
 class Trainer:
-    def __init__(self, cfg: TrainConfig, log: Callable[[str], None] | None = None, runtime=None):
+    """A training run: the data, cells, encoders and heads it shares across phases, each phase's resume / epoch
+    loop / best checkpoint, and the final model selection and summary."""
+
+    def __init__(self, cfg: TrainConfig, log: Callable[[str], None] | None = None,
+                 runtime: tuple[DistEnv, torch.device] | None = None):
         self.cfg = cfg
         if cfg.cpu_threads > 0:
             torch.set_num_threads(cfg.cpu_threads)
@@ -119,21 +280,22 @@ class Trainer:
         self.paths = DataPaths.at(cfg.data_root)
         self.run_dir = Path(cfg.run_dir) if cfg.run_dir else self.paths.model_dir / cfg.run_name
         self.cache_root = Path(cfg.cache_dir) if cfg.cache_dir else self.paths.embeddings_dir
-        self.weights_dir = self.paths.root / "weights"
-        self.amp = cfg.amp and self.device.type == "cuda"
+        self.weights_dir = self.paths.weights_dir
+        self.amp_dtype = amp_dtype(self.device, cfg.amp, cfg.amp_dtype)  # None: float32
+        self.precision = dtype_name(self.amp_dtype)
 
         table, self.table_stats = load_training_table(self.paths)
         self.cells = CellTable.from_parquet(self.paths.geocells, self.paths.geocell_neighbours, cfg.loss.n_neighbours)
         if int(table["cell_id"].max()) >= self.cells.n_cells:
             raise ValueError("assignments name cells that are not in cells.parquet")
         self.encoder = build_encoders(cfg.encoder, self.weights_dir)
-        self.weights_id = self.encoder.weights_id()
+        self.weights_id = self.encoder.weights_id(self.precision)  # the cache key of features in this precision
         self._encoder_tuned = False  # True once phase 2 changed (or a checkpoint replaced) the encoder weights
         self.table = table
         torch.manual_seed(cfg.seed)
         self.heads = GeopakHeads(self.cells, *self.encoder.dims, cfg.model)
         self.history: list[dict[str, Any]] = []
-        self.cache_stats: dict[str, int] = {}
+        self.cache_stats: dict[str, Any] = {}
         self.train_data: FeatureData | None = None
         self.val_data: FeatureData | None = None
 
@@ -142,14 +304,15 @@ class Trainer:
             self._log(msg)
 
     # --- data -------------------------------------------------------------------------------------------------
-    def prepare_cache(self) -> dict[str, int]:
+    def prepare_cache(self) -> dict[str, Any]:
         """Embeddings for every train/val image (rank 0 computes, the others wait), then the split tables."""
         need = self.table[self.table["split"].isin([self.cfg.train_split, self.cfg.val_split])]
+        stats: dict[str, Any] = {}
         if self.env.main:
             t0 = time.perf_counter()
             cache, stats = build_embedding_cache(
                 self.encoder, need, self.paths.root, self.cache_root, self.cfg.embed_batch_size, self.device,
-                self.cfg.num_workers, self.cfg.amp, weights_id=self.weights_id,
+                self.cfg.num_workers, self.cfg.amp, weights_id=self.weights_id, amp_dtype=self.cfg.amp_dtype,
                 progress=lambda d, n: self.log(f"embedding cache: {d}/{n}") if d == n or d % 1024 < 64 else None)
             stats["seconds"] = round(time.perf_counter() - t0, 2)
             self.log(f"embedding cache {cache.dir}: {stats}")
@@ -158,7 +321,7 @@ class Trainer:
         bad = cache.rejected_ids()
         usable = need[~need["image_id"].isin(bad)]
         self.cache_stats = {"weights_id": self.weights_id, "cached_images": len(cache), "unreadable": len(bad),
-                            **(stats if self.env.main else {})}
+                            **stats}
         train = usable[usable["split"] == self.cfg.train_split].reset_index(drop=True)
         val = usable[usable["split"] == self.cfg.val_split].reset_index(drop=True)
         if not len(train) or not len(val):
@@ -173,12 +336,10 @@ class Trainer:
     def _setup_loss(self) -> None:
         counts = np.bincount(self.train_table["province_id"].to_numpy(), minlength=NUM_PROVINCES)
         w = effective_number_weights(counts, self.cfg.loss.class_weight_beta)
-        idx, tw = self.cells.smoothed_targets(self.cfg.loss.tau_km)
-        self.loss_ctx = LossContext(torch.tensor(w, dtype=torch.float32), torch.from_numpy(idx),
-                                    torch.from_numpy(tw).float()).to(self.device)
+        self.loss_ctx = LossContext.build(self.cells, w, self.cfg.loss).to(self.device)
         self.class_weights = w
         # what the model is trained to believe (balanced batches × class weights) vs the true training prior
-        sampler = self._sampler(0)
+        sampler = self.sampler(0)
         trained = sampler.sampling_prior() * w
         true = counts / counts.sum()
         shift = np.where((trained > 0) & (true > 0), np.log(np.maximum(true, 1e-12)) - np.log(np.maximum(trained,
@@ -186,11 +347,24 @@ class Trainer:
         self.prior_shift = torch.tensor(shift - shift[true > 0].mean(), dtype=torch.float32)
         self.heads.province_prior_shift.copy_(self.prior_shift)
 
-    def _sampler(self, k: int, with_seeds: bool = False) -> ProvinceBalancedBatchSampler:
+    def sampler(self, k: int, with_seeds: bool = False) -> ProvinceBalancedBatchSampler:
         pc = self.cfg.phase(k)
         return ProvinceBalancedBatchSampler(
             self.train_table["province_id"].to_numpy(), pc.batch_size, pc.batches_per_epoch, self.cfg.sampler_shares,
             seed=self.cfg.seed + 101 * k, rank=self.env.rank, world_size=self.env.world, with_seeds=with_seeds)
+
+    def batches(self, k: int, sampler: ProvinceBalancedBatchSampler) -> Iterator[dict[str, torch.Tensor]]:
+        """The training batches of one epoch on the device: cached features (phases 0-1) or augmented images."""
+        if k < 2:
+            assert self.train_data is not None
+            for rows in sampler:
+                yield self.train_data.batch(rows, self.device)
+            return
+        ds = ImageDataset(self.train_table, self.paths.root, self.cfg.encoder.image_size, self.cfg.augment)
+        for item in make_loader(ds, sampler, self.cfg.num_workers, pin_memory=self.device.type == "cuda"):
+            if "image" not in item:
+                raise RuntimeError("a training batch had no readable image")
+            yield {kk: v.to(self.device, non_blocking=True) for kk, v in item.items()}
 
     # --- checkpoints ------------------------------------------------------------------------------------------
     def fingerprint(self, k: int) -> str:
@@ -203,13 +377,13 @@ class Trainer:
                       "max_val": c["max_val_images"] if k == 2 else None})
 
     def _ckpt(self, k: int, kind: str) -> Path:
-        return self.run_dir / f"phase{k}_{kind}.pt"
+        return phase_checkpoint(self.run_dir, k, kind)
 
     def _payload(self, k: int, epoch: int, extra: dict[str, Any]) -> dict[str, Any]:
         return {"phase": k, "epoch": epoch, "config": self.cfg.to_dict(), "cells": self.cells.to_state(),
                 "encoder_weights_id": self.weights_id, "heads": self.heads.state_dict(),
                 "encoder": self.encoder.state_dict() if k == 2 else None, "fingerprint": self.fingerprint(k),
-                **extra}
+                "precision": self.precision, **extra}
 
     def _load_weights(self, ckpt: dict[str, Any]) -> None:
         self.heads.load_state_dict(ckpt["heads"])
@@ -220,8 +394,8 @@ class Trainer:
             self.encoder.load_state_dict(build_encoders(self.cfg.encoder, self.weights_dir).state_dict())
             self._encoder_tuned = False
 
-    def _write_metrics(self) -> None:
-        lines = "".join(json.dumps(r, sort_keys=True) + "\n" for r in self.history)
+    def _write_metrics(self, history: list[dict[str, Any]]) -> None:
+        lines = "".join(json.dumps(r, sort_keys=True) + "\n" for r in history)
         atomic_write_bytes(self.run_dir / "metrics.jsonl", lines.encode())
 
     # --- phases -----------------------------------------------------------------------------------------------
@@ -232,42 +406,44 @@ class Trainer:
         phase_info: dict[str, Any] = {}
         for k in sorted(self.cfg.run_phases):
             phase_info[str(k)] = self.run_phase(k)
-        summary = self._summary(phase_info)
-        return summary
+        return self._summary(phase_info)
 
     def run_phase(self, k: int) -> dict[str, Any]:
+        """Resume, continue or start phase ``k``; returns its ``best`` record (metric, value, epoch, checkpoint)."""
         pc = self.cfg.phase(k)
-        metric, mode = SELECTION[k]
-        fp = self.fingerprint(k)
-        last, best_path = self._ckpt(k, "last"), self._ckpt(k, "best")
-        state = read_checkpoint(last) if last.exists() else None
-        if state is not None and state.get("fingerprint") != fp:
-            self.log(f"phase {k}: {last} was trained with other settings/data; starting the phase afresh")
-            state = None
-        if state is not None and state["epoch"] + 1 >= pc.epochs and best_path.exists():
-            self.log(f"phase {k}: already complete ({state['epoch'] + 1}/{pc.epochs} epochs); loading its best")
-            self.history = list(state["history"])
+        best_path = self._ckpt(k, "best")
+        start = resume_state(self.run_dir, k, self.fingerprint(k), pc.epochs)
+        if start.stale:
+            self.log(f"phase {k}: {self._ckpt(k, 'last')} was trained with other settings/data; starting the phase "
+                     "afresh")
+        if start.status == "complete":
+            assert start.last is not None
+            self.log(f"phase {k}: already complete ({start.last['epoch'] + 1}/{pc.epochs} epochs); loading its best")
+            self.history = list(start.last["history"])
             self._load_weights(read_checkpoint(best_path))
-            return state["best"]
-        if state is None:
+            return start.last["best"]
+        if start.status == "fresh":
             self.history = [h for h in self.history if h["phase"] < k]
-            prev = self._ckpt(k - 1, "best") if k > 0 else None
-            if prev is not None and prev.exists():
-                self._load_weights(read_checkpoint(prev))
-                self.log(f"phase {k}: initialised from {prev}")
-            start, best = 0, {"metric": metric, "value": None, "epoch": -1, "checkpoint": str(best_path)}
+            if start.init_from is not None:
+                self._load_weights(read_checkpoint(start.init_from))
+                self.log(f"phase {k}: initialised from {start.init_from}")
+            best = initial_best(k, best_path)
         else:
-            self._load_weights(state)
-            self.history = list(state["history"])
-            start, best = state["epoch"] + 1, state["best"]
-            self.log(f"phase {k}: resuming at epoch {start + 1}/{pc.epochs}")
+            assert start.last is not None
+            self._load_weights(start.last)
+            self.history = list(start.last["history"])
+            best = start.last["best"]
+            self.log(f"phase {k}: resuming at epoch {start.start_epoch + 1}/{pc.epochs}")
         self.heads.province_prior_shift.copy_(self.prior_shift)
 
         with self.phase_threads(k):
-            return self._run_epochs(k, state, start, best, best_path, last)
+            state = self.new_state(k, start.last, start.start_epoch, best)
+            best = self._run_epochs(state)
+        self.history = state.history
+        return best
 
     @contextlib.contextmanager
-    def phase_threads(self, k: int):
+    def phase_threads(self, k: int) -> Iterator[None]:
         """Heads-only phases on CPU run on one thread (unless ``cpu_threads`` says otherwise): their small matmuls
         lose more to thread hand-offs on a busy 2-core machine than they gain (measured ~3x faster)."""
         threads = torch.get_num_threads()
@@ -278,46 +454,10 @@ class Trainer:
         finally:
             torch.set_num_threads(threads)
 
-    def _run_epochs(self, k: int, state: dict[str, Any] | None, start: int, best: dict[str, Any], best_path: Path,
-                    last: Path) -> dict[str, Any]:
-        pc = self.cfg.phase(k)
-        metric, mode = SELECTION[k]
-        net, opt, groups = self._build_optimiser(k)
-        if state is not None and state.get("optimizer"):
-            opt.load_state_dict(state["optimizer"])
-        sampler = self._sampler(k, with_seeds=k == 2)
-        steps_per_epoch = len(sampler)
-        self.log(f"phase {k}: {count_params(self.heads, True) + count_params(self.encoder, True):,} trainable "
-                 f"parameters, {steps_per_epoch} batches of {pc.batch_size} per epoch, {pc.epochs} epochs")
-        for epoch in range(start, pc.epochs):
-            t0 = time.perf_counter()
-            torch.manual_seed(self.cfg.seed + 1000 * k + epoch)  # dropout stream: the same on resume
-            sampler.set_epoch(epoch)
-            train_m = self._train_epoch(k, epoch, net, opt, groups, sampler, steps_per_epoch)
-            row: dict[str, Any] = {"phase": k, "epoch": epoch, **train_m}
-            if self.env.main and ((epoch + 1) % max(1, pc.val_every) == 0 or epoch + 1 == pc.epochs):
-                row.update(self._validate(k))
-            row["seconds"] = round(time.perf_counter() - t0, 2)
-            self.history.append(row)
-            if self.env.main:
-                value = row.get(metric)
-                better = value is not None and not (isinstance(value, float) and math.isnan(value)) and (
-                    best["value"] is None or (value < best["value"] if mode == "min" else value > best["value"]))
-                if better:
-                    best = {"metric": metric, "value": float(value), "epoch": epoch, "checkpoint": str(best_path)}
-                    save_checkpoint(best_path, self._payload(k, epoch, {"best": best, "history": self.history}))
-                save_checkpoint(last, self._payload(k, epoch, {"best": best, "history": self.history,
-                                                               "optimizer": opt.state_dict()}))
-                self._write_metrics()
-                self.log(_epoch_line(row))
-            self.env.barrier()
-        self.env.barrier()
-        self._load_weights(read_checkpoint(best_path))  # the next phase starts from this phase's best
-        if not self.env.main:
-            best = read_checkpoint(last)["best"]
-        return best
-
-    def _build_optimiser(self, k: int):
+    def new_state(self, k: int, last: dict[str, Any] | None = None, epoch: int = 0,
+                  best: dict[str, Any] | None = None) -> TrainState:
+        """Phase ``k``'s trainable parameters, module (DDP on several ranks), optimiser and scaler; the optimiser
+        and scaler states from ``last`` (a ``phase<k>_last.pt`` payload) when resuming."""
         pc = self.cfg.phase(k)
         for p in self.heads.parameters():
             p.requires_grad_(False)
@@ -342,96 +482,79 @@ class Trainer:
         for g in groups:
             g["base_lr"] = g["lr"]
         opt = torch.optim.AdamW(groups, lr=pc.lr, weight_decay=pc.weight_decay, foreach=True)
+        scaler = make_scaler(self.device, self.amp_dtype)
+        if last is not None and last.get("optimizer"):
+            opt.load_state_dict(last["optimizer"])
+        if last is not None and last.get("scaler") and scaler.is_enabled():
+            scaler.load_state_dict(last["scaler"])
         net = module
         if self.env.world > 1:
             net = nn.parallel.DistributedDataParallel(
                 module, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 find_unused_parameters=True)  # a rank's batch half may lack a province: its head is unused
-        return net, opt, groups
+        return TrainState(k, self.heads, net, opt, scaler, epoch, best or initial_best(k, self._ckpt(k, "best")),
+                          list(self.history))
 
-    def _train_epoch(self, k: int, epoch: int, net: nn.Module, opt: torch.optim.Optimizer, groups, sampler,
-                     steps_per_epoch: int) -> dict[str, float]:
+    def _run_epochs(self, state: TrainState) -> dict[str, Any]:
+        k = state.phase
         pc = self.cfg.phase(k)
-        net.train()
-        parts = ("province",) if k == 0 else ()
-        offset_w = min(1.0, (epoch + 1) / max(1, self.cfg.loss.offset_ramp_epochs)) if k == 1 else 1.0
-        sums: dict[str, float] = {}
-        steps = 0
-        total_steps = pc.epochs * steps_per_epoch
-        if k == 2:
-            ds = ImageDataset(self.train_table, self.paths.root, self.cfg.encoder.image_size, self.cfg.augment)
-            batches = make_loader(ds, sampler, self.cfg.num_workers, pin_memory=self.device.type == "cuda")
-        else:
-            batches = sampler
-        for i, item in enumerate(batches):
-            step = epoch * steps_per_epoch + i
-            for g in opt.param_groups:
-                g["lr"] = cosine_lr(g["base_lr"], step, total_steps, pc.warmup_steps) if pc.schedule == "cosine" \
-                    else g["base_lr"]
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-                if k == 2:
-                    if "image" not in item:
-                        raise RuntimeError("a training batch had no readable image")
-                    b = {kk: v.to(self.device, non_blocking=True) for kk, v in item.items()}
-                    out = net(b["image"], b["province_id"], b["cell_id"], parts)
-                else:
-                    b = self.train_data.batch(item, self.device)
-                    out = net(b["clip"], b["scene"], b["province_id"], b["cell_id"], parts)
-                loss, logged = total_loss(out, b, self.loss_ctx, self.cfg.loss, offset_w)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if self.cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], self.cfg.grad_clip)
-            opt.step()
-            for kk, v in logged.items():
-                sums[kk] = sums.get(kk, 0.0) + v
-            sums["gate"] = sums.get("gate", 0.0) + float(out["gate"].detach().float().mean())
-            steps += 1
-        means = {f"train_{kk}": v / max(steps, 1) for kk, v in sums.items()}
-        means = self.env.mean(means)
-        means["lr"] = opt.param_groups[0]["lr"]
-        means["offset_weight"] = offset_w
-        return means
+        metric, mode = SELECTION[k]
+        best_path, last = self._ckpt(k, "best"), self._ckpt(k, "last")
+        sampler = self.sampler(k, with_seeds=k == 2)
+        steps_per_epoch = len(sampler)
+        self.log(f"phase {k}: {count_params(self.heads, True) + count_params(self.encoder, True):,} trainable "
+                 f"parameters, {steps_per_epoch} batches of {pc.batch_size} per epoch, {pc.epochs} epochs, "
+                 f"{self.precision}")
+        while state.epoch < pc.epochs:
+            epoch = state.epoch
+            t0 = time.perf_counter()
+            torch.manual_seed(self.cfg.seed + 1000 * k + epoch)  # dropout stream: the same on resume
+            sampler.set_epoch(epoch)
+            train_m = train_one_epoch(state, self.batches(k, sampler), steps_per_epoch, self.cfg, self.loss_ctx,
+                                      self.device, self.amp_dtype, self.env)
+            row: dict[str, Any] = {"phase": k, "epoch": epoch, **train_m}
+            if self.env.main and ((epoch + 1) % max(1, pc.val_every) == 0 or epoch + 1 == pc.epochs):
+                row.update(self.validate_now(k))
+            row["seconds"] = round(time.perf_counter() - t0, 2)
+            state.history.append(row)
+            if self.env.main:
+                value = row.get(metric)
+                if improves(value, state.best["value"], mode):
+                    state.best = {"metric": metric, "value": float(value), "epoch": epoch,
+                                  "checkpoint": str(best_path)}
+                    save_checkpoint(best_path, self._payload(k, epoch, {"best": state.best,
+                                                                        "history": state.history}))
+                save_checkpoint(last, self._payload(k, epoch, {"best": state.best, "history": state.history,
+                                                               "optimizer": state.optimizer.state_dict(),
+                                                               "scaler": state.scaler.state_dict()}))
+                self._write_metrics(state.history)
+                self.log(_epoch_line(row))
+            self.env.barrier()
+            state.epoch += 1
+        self.env.barrier()
+        self._load_weights(read_checkpoint(best_path))  # the next phase starts from this phase's best
+        if not self.env.main:
+            state.best = read_checkpoint(last)["best"]
+        return state.best
 
-    def _validate(self, k: int, full: bool = False) -> dict[str, float]:
+    def validate_now(self, k: int, full: bool = False) -> dict[str, float]:
+        """Validation of the current heads; phase 2 first re-encodes the val images (capped unless ``full``)."""
         data = self.val_data
         if k == 2:  # the encoders changed: features through the current encoders (capped for cost)
-            data = self._features_now(self.val_table, 0 if full else self.cfg.max_val_images)
-        parts = ("province",) if k == 0 else ()
-        return evaluate_features(self.heads, data, self.loss_ctx, self.cfg.loss, self.cfg.inference, self.device,
-                                 amp=self.amp, parts=parts)
-
-    @torch.no_grad()
-    def _features_now(self, table: pd.DataFrame, cap: int) -> FeatureData:
-        if cap and len(table) > cap:  # a fixed random subset (the table may be ordered by province)
-            table = table.sample(n=cap, random_state=self.cfg.seed).sort_index()
-        self.encoder.eval()
-        ds = ImageDataset(table, self.paths.root, self.cfg.encoder.image_size, augment=None)
-        bs = self.cfg.embed_batch_size
-        batches = [list(range(i, min(i + bs, len(ds)))) for i in range(0, len(ds), bs)]
-        clip, scene, rows = [], [], []
-        for batch in make_loader(ds, batches, self.cfg.num_workers, pin_memory=self.device.type == "cuda"):
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-                c, s = self.encoder(batch["image"].to(self.device))
-            clip.append(c.float().cpu().half())
-            scene.append(s.float().cpu().half())
-            rows.extend(batch["row"].tolist())
-        kept = table.iloc[rows].reset_index(drop=True)
-        return FeatureData(torch.cat(clip), torch.cat(scene), label_tensors(kept))
+            data = encode_features(self.encoder, self.val_table, self.paths.root, self.cfg, self.device,
+                                   self.amp_dtype, 0 if full else self.cfg.max_val_images)
+        assert data is not None
+        return validate(self.heads, data, self.loss_ctx, self.cfg, self.device, k)
 
     # --- summary ----------------------------------------------------------------------------------------------
     def _choose_final(self) -> tuple[int, dict[int, dict[str, float]]]:
-        """The exported model: among the best checkpoints of the location phases (1, 2) of this run, the lowest
-        end-to-end median on the WHOLE validation split (phase-2 epochs may have used a subset, and a short
-        phase 2 can be worse than where it started). Phase 0 only when nothing else ran."""
-        top = max(self.cfg.run_phases)
-        cands = [k for k in (1, 2) if k <= top and self._ckpt(k, "best").exists()] or [top]
+        """The exported model: see ``checkpoint.select_final`` (each candidate re-validated on the WHOLE split)."""
         results = {}
-        for k in cands:
+        for k in final_candidates(self.run_dir, self.cfg.run_phases):
             self._load_weights(read_checkpoint(self._ckpt(k, "best")))
             with self.phase_threads(k):
-                results[k] = self._validate(k, full=True)
-        choice = min(cands, key=lambda k: results[k].get("val_median_km", math.inf)) if top > 0 else top
+                results[k] = self.validate_now(k, full=True)
+        choice = select_final(results, self.cfg.run_phases)
         self._load_weights(read_checkpoint(self._ckpt(choice, "best")))
         return choice, results
 
@@ -448,7 +571,7 @@ class Trainer:
         final = {"phase": choice, **results.get(choice, {})}
         summary = {
             "model": str(model_path), "run_dir": str(self.run_dir), "preset": self.cfg.preset,
-            "device": str(self.device), "world_size": self.env.world,
+            "device": str(self.device), "world_size": self.env.world, "precision": self.precision,
             "table": self.table_stats, "cache": self.cache_stats,
             "train_images": len(self.train_table), "val_images": len(self.val_table),
             "cells": self.cells.n_cells, "cells_per_province": self.cells.counts_per_province,

@@ -5,8 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from pipeline.core.paths import DataPaths
 
 
 def _locate(args: argparse.Namespace) -> int:
@@ -41,13 +45,13 @@ def _locate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _default_checkpoint() -> str:
+def _data_paths(data_root: str | None) -> DataPaths:
+    """``--data-root``, else ``$GEOPAK_DATA_ROOT``, else the repository's ``data/``."""
     import os
 
     from pipeline.core.paths import DEFAULT_DATA_ROOT, DataPaths
 
-    root = os.environ.get("GEOPAK_DATA_ROOT") or str(DEFAULT_DATA_ROOT)
-    return str(DataPaths.at(root).model_dir / "geopak" / "model.pt")
+    return DataPaths.at(data_root or os.environ.get("GEOPAK_DATA_ROOT") or str(DEFAULT_DATA_ROOT))
 
 
 def _predict(args: argparse.Namespace) -> int:
@@ -55,7 +59,10 @@ def _predict(args: argparse.Namespace) -> int:
     from geopak_model.predictor import GeopakPredictor, ImageLoadError, load_input
 
     try:
-        predictor = GeopakPredictor.from_checkpoint(args.checkpoint or _default_checkpoint(), device=args.device)
+        paths = _data_paths(args.data_root)
+        checkpoint = args.checkpoint or str(paths.model_dir / "geopak" / "model.pt")
+        predictor = GeopakPredictor.from_checkpoint(checkpoint, device=args.device,
+                                                    weights_dir=args.weights_dir or paths.weights_dir)
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -65,7 +72,7 @@ def _predict(args: argparse.Namespace) -> int:
         loaded = []
         for name in names:
             try:
-                loaded.append((name, load_input(name)))
+                loaded.append((name, load_input(name, predictor.cfg.encoder.image_size)))
             except ImageLoadError as exc:
                 print(f"error: {exc}", file=sys.stderr)
                 failed += 1
@@ -87,7 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
     loc.set_defaults(func=_locate)
     pr = sub.add_parser("predict", help="predict where images were taken (JSON lines)")
     pr.add_argument("images", nargs="+", metavar="IMAGE")
+    pr.add_argument("--data-root", default=None,
+                    help="data root (default: $GEOPAK_DATA_ROOT, else the repository's data/)")
     pr.add_argument("--checkpoint", default=None, help="model checkpoint (default: <data root>/model/geopak/model.pt)")
+    pr.add_argument("--weights-dir", default=None,
+                    help="folder of encoder weights files the model's config names by relative path, as training "
+                         "found them (default: <data root>/weights)")
     pr.add_argument("--top-provinces", type=int, default=None, help="provinces in the mixture (default: 2)")
     pr.add_argument("--top-cells", type=int, default=None, help="cells per province in the mixture (default: 5)")
     pr.add_argument("--batch-size", type=int, default=32)

@@ -15,11 +15,14 @@ from PIL import Image
 from geopak_model.cache import EmbeddingCache, build_embedding_cache, prune_other_caches
 from geopak_model.config import AugmentConfig, preset
 from geopak_model.data import (
+    FULL_SIZE_KEY,
     ImageDataset,
     ProvinceBalancedBatchSampler,
+    augment_min_side,
     augment_view,
     batch_quotas,
     eval_view,
+    full_size,
     join_training_table,
     load_image,
     load_training_table,
@@ -53,6 +56,45 @@ def test_join_training_table_counts_every_row(world):
     assert len(full) == len(labelled)
 
 
+def test_world_tables_satisfy_the_stage_schemas(world):
+    """The model tests' world is what the pipeline writes: every table reads back under its real schema, the
+    splits are leak-free, train images lie within their cell's cap, and cells/neighbours agree."""
+    from pipeline.core.schema import (
+        CATALOG_SCHEMA,
+        CELL_ASSIGNMENTS_SCHEMA,
+        GEOCELL_NEIGHBOURS_SCHEMA,
+        GEOCELLS_SCHEMA,
+        LABELLED_SCHEMA,
+        SPLITS_SCHEMA,
+        read_table,
+    )
+    from pipeline.geocells.splits import leakage_count
+
+    catalog = read_table(world.catalog, CATALOG_SCHEMA)
+    labelled = read_table(world.labelled, LABELLED_SCHEMA)
+    splits = read_table(world.splits, SPLITS_SCHEMA)
+    cells = read_table(world.geocells, GEOCELLS_SCHEMA)
+    neighbours = read_table(world.geocell_neighbours, GEOCELL_NEIGHBOURS_SCHEMA)
+    assign = read_table(world.cell_assignments, CELL_ASSIGNMENTS_SCHEMA)
+    assert splits["group_id"].dtype == np.int64 and set(splits["split"]) == {"train", "val"}
+    assert len(catalog) == len(labelled) == len(splits) == len(assign) == 42 and len(cells) == 14
+    assert cells["cell_id"].tolist() == list(range(14)) and (cells["radius_km"] <= cells["cap_km"]).all()
+    assert set(neighbours["cell_id"]) == set(cells["cell_id"])
+    df = labelled.merge(splits, on="image_id").merge(assign.drop(columns="province_id"), on="image_id")
+    assert leakage_count(df["lat"], df["lon"], df["split"].to_numpy()) == 0
+    assert (df.groupby("group_id")["split"].nunique() == 1).all()
+    cap = cells.set_index("cell_id").loc[df["cell_id"], "cap_km"].to_numpy()
+    assert (df.loc[df["split"] == "train", "distance_km"] <= cap[(df["split"] == "train").to_numpy()]).all()
+    assert (cells.set_index("cell_id").loc[df["cell_id"], "province_id"].to_numpy() == df["province_id"]).all()
+    assert df["day_of_year"].isna().sum() == 0 and labelled["koppen_id"].min() > 0  # per_cell=3: dates all known
+
+
+def test_world_water_rows_stand_on_koppen_water(tmp_path):
+    paths = build_world(tmp_path, per_cell=4, size=16, water_rows=3)
+    labelled = pd.read_parquet(paths.labelled)
+    assert int((labelled["koppen_id"] == 0).sum()) == 3 and int(labelled["day_of_year"].isna().sum()) == 14
+
+
 def test_load_image_applies_exif_orientation(tmp_path):
     arr = np.zeros((20, 40, 3), np.uint8)
     arr[:, :20] = 255  # left half white
@@ -63,6 +105,101 @@ def test_load_image_applies_exif_orientation(tmp_path):
     assert img.mode == "RGB" and img.size == (20, 40)  # rotated upright: portrait
     x = eval_view(img, 16)
     assert x.shape == (3, 16, 16) and 0.0 <= float(x.min()) and float(x.max()) <= 1.0
+
+
+def _photo_like(w: int, h: int, seed: int = 0) -> np.ndarray:
+    """Gradients, blotches at a few scales and pixel noise: enough detail that a half-pixel crop error shows."""
+    rng = np.random.default_rng(seed)
+    yy = np.linspace(0, 1, h, dtype=np.float32)[:, None, None]
+    xx = np.linspace(0, 1, w, dtype=np.float32)[None, :, None]
+    img = 60 + 120 * yy + 40 * np.sin(7 * xx + 3 * yy) + np.zeros(3, np.float32)
+    for cell in (150, 30, 6):
+        small = np.clip(128 + 40 * rng.standard_normal((h // cell + 2, w // cell + 2, 3)), 0, 255).astype(np.uint8)
+        img = img + (np.asarray(Image.fromarray(small).resize((w, h), Image.Resampling.BILINEAR), np.float32) - 128) / 3
+    img = img + 6 * rng.standard_normal((h, w, 1), dtype=np.float32)
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def _jpeg(path, arr: np.ndarray, **kw) -> None:
+    Image.fromarray(arr).save(path, "JPEG", quality=90, **kw)
+
+
+def test_draft_decode_keeps_the_eval_view(tmp_path):
+    """A big JPEG is DCT-scaled while decoding to the smallest 1/N scale whose short side still covers the view,
+    and the eval view cut from it stays close to the one from a full decode (the crop is mapped exactly)."""
+    _jpeg(tmp_path / "big.jpg", _photo_like(2400, 1800))
+    full = load_image(tmp_path / "big.jpg")
+    assert full.size == (2400, 1800) and FULL_SIZE_KEY not in full.info
+    for size, decoded in ((64, (300, 225)), (224, (300, 225)), (300, (600, 450)), (500, (1200, 900))):
+        img = load_image(tmp_path / "big.jpg", size)
+        assert img.size == decoded and min(img.size) >= size and full_size(img) == (2400, 1800)
+        diff = (eval_view(img, size) - eval_view(full, size)).abs()
+        assert float(diff.mean()) < 0.02, (size, float(diff.mean()))
+    # an odd size (not a multiple of the 8x8 block) and a portrait frame map just as well
+    _jpeg(tmp_path / "odd.jpg", _photo_like(1203, 1805, seed=1))
+    img = load_image(tmp_path / "odd.jpg", 150)
+    assert img.size == (151, 226) and full_size(img) == (1203, 1805)
+    assert float((eval_view(img, 150) - eval_view(load_image(tmp_path / "odd.jpg"), 150)).abs().mean()) < 0.02
+
+
+def test_small_images_and_other_formats_decode_exactly_as_before(tmp_path):
+    arr = _photo_like(300, 200)
+    _jpeg(tmp_path / "small.jpg", arr)  # short side 200 < 2 x 128: no scaling
+    Image.fromarray(_photo_like(1200, 900)).save(tmp_path / "big.png")
+    for name, size in (("small.jpg", 128), ("big.png", 64)):
+        plain, drafted = load_image(tmp_path / name), load_image(tmp_path / name, size)
+        assert drafted.size == plain.size and FULL_SIZE_KEY not in drafted.info
+        assert np.array_equal(np.asarray(plain), np.asarray(drafted))
+        assert torch.equal(eval_view(plain, size), eval_view(drafted, size))
+        g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+        cfg = AugmentConfig()
+        assert torch.equal(augment_view(plain, size, cfg, g1), augment_view(drafted, size, cfg, g2))
+
+
+def test_draft_decode_applies_exif_orientation(tmp_path):
+    arr = _photo_like(1600, 800)
+    arr[:, :800] = 255  # left half white
+    _jpeg(tmp_path / "r.jpg", arr, exif=gps_exif(30.0, 70.0, orientation=6))
+    img = load_image(tmp_path / "r.jpg", 64)
+    assert img.size == (100, 200) and full_size(img) == (800, 1600)  # upright: portrait, the white half on top
+    full = load_image(tmp_path / "r.jpg")
+    assert full.size == (800, 1600)
+    top, bottom = np.asarray(img)[:90].mean(), np.asarray(img)[110:].mean()
+    assert top > 250 > bottom + 50
+    assert float((eval_view(img, 64) - eval_view(full, 64)).abs().mean()) < 0.02
+
+
+def test_augmented_view_from_a_reduced_decode(tmp_path):
+    """The decode for training keeps enough pixels for the smallest crop, and the same seed gives nearly the
+    same view as from the full decode (the crop is drawn in full-resolution coordinates)."""
+    cfg = AugmentConfig()
+    need = augment_min_side(224, cfg)
+    lo, (r0, r1) = cfg.crop_scale[0], cfg.crop_ratio
+    for ratio in (r0, r1):  # the smallest crop of an image whose short side is exactly ``need``
+        assert round(need * (lo * ratio) ** 0.5) >= 224 and round(need * (lo / ratio) ** 0.5) >= 224
+    assert (need - 1) * (lo * r0) ** 0.5 < 224  # and not one pixel more than that (before rounding)
+    assert augment_min_side(32, AugmentConfig(crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0))) == 32
+    assert augment_min_side(32, AugmentConfig(crop_scale=(0.0, 1.0))) is None
+    _jpeg(tmp_path / "big.jpg", _photo_like(2400, 1800))
+    img, full = load_image(tmp_path / "big.jpg", need), load_image(tmp_path / "big.jpg")
+    assert img.size == (600, 450) and min(img.size) >= need
+    for seed in range(4):
+        a = augment_view(img, 224, cfg, torch.Generator().manual_seed(seed))
+        b = augment_view(full, 224, cfg, torch.Generator().manual_seed(seed))
+        assert a.shape == (3, 224, 224) and float((a - b).abs().mean()) < 0.02
+
+
+def test_dataset_decodes_at_the_size_each_view_needs(tmp_path):
+    _jpeg(tmp_path / "big.jpg", _photo_like(2400, 1800))
+    table = pd.DataFrame({"path": ["big.jpg"], "province_id": [1], "cell_id": [0], "lat": [30.0], "lon": [70.0],
+                          "koppen_id": [4], "doy_sin": [0.0], "doy_cos": [1.0]})
+    item = ImageDataset(table, tmp_path, 64)[0]
+    assert torch.equal(item["image"], eval_view(load_image(tmp_path / "big.jpg", 64), 64))
+    cfg = AugmentConfig()
+    aug = ImageDataset(table, tmp_path, 64, cfg)[(0, 5)]
+    ref = augment_view(load_image(tmp_path / "big.jpg", augment_min_side(64, cfg)), 64, cfg,
+                       torch.Generator().manual_seed(5))
+    assert torch.equal(aug["image"], ref)
 
 
 def test_augmentation_is_seeded_and_geography_safe():

@@ -61,7 +61,7 @@ def test_clip_full_checkpoint_file_custom_vit(tmp_path):
     full["text_projection"] = torch.zeros(3)  # a full CLIP checkpoint also has the text tower: ignored
     torch.save({"state_dict": {f"module.{k}": v for k, v in full.items()}}, tmp_path / "clip.pt")
     torch.manual_seed(99)
-    loaded = build_clip(dataclasses.replace(TINY, clip_pretrained=str(tmp_path / "clip.pt")))
+    loaded = build_clip(dataclasses.replace(TINY, clip_pretrained=str(tmp_path / "clip.pt"), clip_activation="gelu"))
     for (k, a), b in zip(src.visual.state_dict().items(), loaded.visual.state_dict().values()):
         assert torch.equal(a, b), k
     x = torch.rand(2, 3, 64, 64)
@@ -72,7 +72,7 @@ def test_clip_full_checkpoint_file_custom_vit(tmp_path):
 
 
 def test_open_clip_named_model_from_local_file(tmp_path):
-    cfg = EncoderConfig(clip_model="ViT-S-32", scene_arch="resnet18", image_size=64)
+    cfg = EncoderConfig(clip_model="ViT-S-32", scene_arch="resnet18", image_size=64, clip_activation="gelu")
     torch.manual_seed(0)
     src = build_clip(cfg)
     assert src.out_dim == 384 and src.visual.proj is None
@@ -140,3 +140,85 @@ def test_unfreeze_top_and_frozen_batchnorm():
     before = bns[0].running_mean.clone()
     enc(torch.rand(2, 3, 64, 64))
     assert torch.equal(before, bns[0].running_mean)
+
+
+def _clip_file(tmp_path, name: str) -> str:
+    """A tiny custom-ViT CLIP checkpoint (full-model key layout) written under ``name``."""
+    torch.manual_seed(5)
+    src = build_clip(TINY)
+    torch.save({f"visual.{k}": v for k, v in src.visual.state_dict().items()}, tmp_path / name)
+    return str(tmp_path / name)
+
+
+def test_clip_activation_changes_features_and_weights_id(tmp_path):
+    """Defect 3: the same CLIP weights under GELU and QuickGELU are different encoders; the cache key must say so."""
+    from open_clip.transformer import QuickGELU
+
+    path = _clip_file(tmp_path, "clip.pt")
+    gelu = build_encoders(dataclasses.replace(TINY, clip_pretrained=path, clip_activation="gelu"))
+    quick = build_encoders(dataclasses.replace(TINY, clip_pretrained=path, clip_activation="quick_gelu"))
+    assert torch.equal(gelu.clip.visual.conv1.weight, quick.clip.visual.conv1.weight)  # same weights
+    assert isinstance(quick.clip.blocks()[0].mlp.gelu, QuickGELU)
+    assert not isinstance(gelu.clip.blocks()[0].mlp.gelu, QuickGELU)
+    assert (gelu.clip.activation, quick.clip.activation) == ("gelu", "quick_gelu")
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        assert not torch.allclose(gelu.clip(x), quick.clip(x), atol=1e-4)
+    assert gelu.weights_id() != quick.weights_id()
+
+
+def test_open_clip_model_honours_activation(tmp_path):
+    """Named open_clip towers take the activation from the config too (not only from a pretrained tag)."""
+    from open_clip.transformer import QuickGELU
+
+    cfg = EncoderConfig(clip_model="ViT-S-32", scene_arch="resnet18", image_size=64)
+    quick = build_clip(dataclasses.replace(cfg, clip_activation="quick_gelu"))
+    assert isinstance(quick.blocks()[0].mlp.gelu, QuickGELU) and quick.activation == "quick_gelu"
+    assert not isinstance(build_clip(cfg).blocks()[0].mlp.gelu, QuickGELU)  # random init, auto → gelu
+
+
+def test_auto_activation_resolution(tmp_path):
+    """Tags decide (openai → QuickGELU); a local file needs 'openai' in its name or an explicit setting."""
+    from geopak_model.encoders import resolve_clip_activation
+
+    b16 = EncoderConfig(clip_model="ViT-B-16")
+    assert resolve_clip_activation(dataclasses.replace(b16, clip_pretrained="openai")) == "quick_gelu"
+    assert resolve_clip_activation(dataclasses.replace(b16, clip_pretrained="laion2b_s34b_b88k")) == "gelu"
+    assert resolve_clip_activation(b16) == "gelu"
+    assert resolve_clip_activation(EncoderConfig(clip_model="ViT-B-16-quickgelu")) == "quick_gelu"
+    hinted = _clip_file(tmp_path, "vit-tiny-openai.pt")
+    assert build_clip(dataclasses.replace(TINY, clip_pretrained=hinted)).activation == "quick_gelu"
+    plain = _clip_file(tmp_path, "clip.pt")
+    with pytest.raises(ValueError, match="Set encoder.clip_activation explicitly"):
+        build_encoders(dataclasses.replace(TINY, clip_pretrained=plain))
+    with pytest.raises(ValueError, match="clip_activation must be"):
+        EncoderConfig(clip_activation="relu")
+
+
+def test_old_configs_with_clip_quick_gelu_still_load():
+    """Checkpoints written before clip_activation existed store clip_quick_gelu; it maps onto the new field."""
+    from geopak_model.config import TrainConfig, preset
+
+    d = preset("test-tiny").to_dict()
+    del d["encoder"]["clip_activation"]
+    d["encoder"]["clip_quick_gelu"] = True
+    enc = TrainConfig.from_dict(d).encoder
+    assert enc.clip_activation == "quick_gelu" and enc.clip_quick_gelu is None
+    d["encoder"]["clip_quick_gelu"] = None
+    assert TrainConfig.from_dict(d).encoder.clip_activation == "auto"
+    with pytest.raises(ValueError, match="contradicts"):
+        EncoderConfig(clip_quick_gelu=False, clip_activation="quick_gelu")
+
+
+def test_weights_id_covers_precision_and_preprocessing(monkeypatch):
+    """Features computed in bf16/fp16 or with another preprocessing are not the fp32 features: other cache keys."""
+    import geopak_model.encoders as encoders
+
+    enc = build_encoders(TINY)
+    ids = enc.weights_ids()
+    assert len(set(ids.values())) == 3 and ids["fp32"] == enc.weights_id()
+    assert enc.precision_of(ids["bf16"]) == "bf16" and enc.precision_of("0" * 24) is None
+    with pytest.raises(ValueError, match="feature precision"):
+        enc.weights_id("fp8")
+    monkeypatch.setattr(encoders, "PREPROCESS_VERSION", "something else")
+    assert enc.weights_id() != ids["fp32"]

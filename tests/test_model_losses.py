@@ -88,20 +88,51 @@ def test_geocell_kl_averages_over_all_samples_not_per_province():
     assert float(masked) == pytest.approx((per[0] + per[1]) / 2, rel=1e-6)
 
 
-def test_smoothed_targets_exp_minus_d_over_tau():
-    cells = pd.DataFrame({"cell_id": [0, 1, 2, 3], "province_id": [0, 0, 0, 1], "local_id": [0, 1, 2, 0],
-                          "center_lat": [25.0, 25.2, 25.4, 31.0], "center_lon": [67.0] * 3 + [74.0],
-                          "radius_km": [10.0] * 4})
-    nb = pd.DataFrame({"cell_id": [0, 0, 1, 3], "neighbour_id": [1, 2, 0, 0], "distance_km": [30.0, 60.0, 30.0, 5.0]})
-    table = CellTable.from_frames(cells, nb, k=8)
-    assert table.neighbour_ids[3, 0] == -1  # the cross-province pair is dropped
-    idx, w = table.smoothed_targets({"sindh": 30.0, "punjab": 60.0})
-    q = smoothed_cell_target(torch.from_numpy(idx), torch.from_numpy(w), 3).numpy()
-    raw = np.array([1.0, math.exp(-1.0), math.exp(-2.0)])
-    np.testing.assert_allclose(q[0], raw / raw.sum(), rtol=1e-12)
-    np.testing.assert_allclose(q[1], np.array([math.exp(-1), 1, 0]) / (1 + math.exp(-1)), rtol=1e-12)
-    np.testing.assert_allclose(q[3], [1.0, 0.0, 0.0])
-    np.testing.assert_allclose(q.sum(1), 1.0)
+def _line_cells(radius_km: float, spacing_km: float, n: int = 9) -> CellTable:
+    """``n`` cells of one province on a meridian, ``spacing_km`` apart, and one cell of another province."""
+    lat = 25.0 + np.arange(n) * spacing_km / KM_PER_DEG_LAT
+    return CellTable.from_frames(pd.DataFrame({
+        "cell_id": np.arange(n + 1), "province_id": [0] * n + [1], "local_id": [*range(n), 0],
+        "center_lat": [*lat, 31.0], "center_lon": [67.0] * n + [74.0], "radius_km": [radius_km] * (n + 1)}))
+
+
+def test_haversine_smoothing_by_hand():
+    cells = _line_cells(radius_km=10.0, spacing_km=20.0)
+    cfg = LossConfig(smooth_radius_factor=0.5, smooth_min_km=1.0)  # τ = 5 km for 10 km cells
+    ctx = LossContext.build(cells, None, cfg)
+    # the true point lies 4 km north of cell 4's centre (inside it)
+    lat = torch.tensor([float(cells.center_lat[4]) + 4.0 / KM_PER_DEG_LAT], dtype=torch.float64)
+    q, true_mass = smoothed_cell_target(lat, torch.tensor([67.0]), torch.tensor([4]), torch.tensor([0]), ctx, cfg)
+    d = np.abs((np.arange(9) - 4) * 20.0 - 4.0)  # distance of the point to each centre
+    raw = np.exp(-(d - 4.0) / 5.0)
+    np.testing.assert_allclose(q[0, :9].numpy(), raw / raw.sum(), rtol=1e-5, atol=1e-6)
+    assert float(true_mass[0]) == pytest.approx(raw[4] / raw.sum(), rel=1e-5)
+    # the other province's cell is never a target; padding width is the widest province's
+    assert q.shape == (1, 9)
+    np.testing.assert_allclose(float(q.sum()), 1.0, rtol=1e-6)
+
+
+def test_smoothing_keeps_small_cells_mostly_their_own():
+    """GEOPAK's fixed τ (30-100 km) on 5 km urban cells left the true cell ~0.15 of the mass: tied to the cell
+    size the true cell keeps most of it, and large rural cells still share with their neighbours."""
+    rng = np.random.default_rng(0)
+    for radius, spacing, fixed_tau in ((5.0, 8.0, 60.0), (40.0, 70.0, 100.0)):
+        cells = _line_cells(radius_km=radius, spacing_km=spacing)
+        n = 200
+        true = torch.from_numpy(rng.integers(1, 8, n))
+        offs = rng.uniform(-radius, radius, n) / KM_PER_DEG_LAT
+        lat = torch.from_numpy(cells.center_lat[true.numpy()] + offs)
+        prov = torch.zeros(n, dtype=torch.long)
+        tied = LossConfig()
+        _, mass = smoothed_cell_target(lat, torch.full((n,), 67.0), true, prov, LossContext.build(cells, None, tied),
+                                       tied)
+        old = LossConfig(smooth_radius_factor=1e6, tau_km={"sindh": fixed_tau})  # τ = the province's fixed τ
+        _, old_mass = smoothed_cell_target(lat, torch.full((n,), 67.0), true, prov,
+                                           LossContext.build(cells, None, old), old)
+        assert float(mass.median()) > 0.5
+        assert float(old_mass.median()) < 0.4  # a fixed τ spreads a small cell over its neighbours
+        if radius > 20:
+            assert float(mass.median()) < 0.95  # neighbours still get some mass
 
 
 def test_haversine_by_hand_and_gradient_at_zero():
@@ -150,7 +181,11 @@ def test_doy_loss_circular():
     assert per == pytest.approx([0.0, 2.0, 1.0], abs=1e-6)
     p = pred.clone().requires_grad_(True)
     out = doy_loss(p, s, c, torch.isfinite(s))
-    assert float(out) == pytest.approx(1.0, abs=1e-6)
+    assert float(out) == pytest.approx(3.0 / 4, abs=1e-6)  # (0 + 2 + 1 + unknown 0) / whole batch of 4
+    # a per-sample mean: two halves' mean equals the whole's (what DDP ranks average), however dates split
+    halves = (doy_loss(pred[:1], s[:1], c[:1], torch.tensor([True])) +
+              doy_loss(pred[1:2], s[1:2], c[1:2], torch.tensor([True]))) / 2
+    assert float(halves) == pytest.approx(float(doy_loss(pred[:2], s[:2], c[:2], torch.tensor([True, True]))))
     out.backward()
     assert torch.isfinite(p.grad).all()
 
@@ -195,8 +230,7 @@ def _batch(water: list[bool]):
     cells = CellTable.from_frames(pd.DataFrame({
         "cell_id": [0, 1], "province_id": [0, 0], "local_id": [0, 1], "center_lat": [25.0, 26.0],
         "center_lon": [67.0, 68.0], "radius_km": [20.0, 20.0]}))
-    idx, w = cells.smoothed_targets({})
-    ctx = LossContext(None, torch.from_numpy(idx), torch.from_numpy(w).float())
+    ctx = LossContext.build(cells, None, LossConfig())
     out = {"province_logits": torch.randn(n, 7, requires_grad=True),
            "cell_logits": torch.randn(n, 2, requires_grad=True), "cell_mask": torch.ones(n, 2, dtype=torch.bool),
            "offset_lat": torch.full((n,), 25.0, requires_grad=True), "offset_lon": torch.full((n,), 67.0),
@@ -209,24 +243,33 @@ def _batch(water: list[bool]):
     return out, batch, ctx
 
 
-def test_water_samples_skip_location_and_date_terms():
+def test_water_photos_are_located_like_any_other():
+    """The water rule came from satellite patches; a ground photo at a lake keeps every location term."""
     out, batch, ctx = _batch([False, False, True])
-    _, with_water = total_loss(out, batch, ctx, LossConfig())
-    keep = [0, 1]
-    out2 = {k: v[keep] if v.dim() and v.shape[0] == 3 else v for k, v in out.items()}
-    b2 = {k: v[keep] for k, v in batch.items()}
-    _, without = total_loss(out2, b2, ctx, LossConfig())
-    for term in ("cell", "offset_km", "aux_km", "doy"):
-        assert with_water[term] == pytest.approx(without[term], rel=1e-6)
-    assert with_water["koppen"] != pytest.approx(without["koppen"])  # Köppen still learns from water
-    assert with_water["offset_km"] == pytest.approx(0.1 * KM_PER_DEG_LAT, rel=1e-3)
+    _, logged = total_loss(out, batch, ctx, LossConfig())
+    out_w, batch_w, _ = _batch([True, True, True])
+    _, logged_w = total_loss(out_w, batch_w, ctx, LossConfig())
+    for term in ("cell", "offset", "aux", "doy"):
+        assert logged_w[term] == pytest.approx(logged[term], rel=1e-6) and logged_w[term] > 0
 
 
-def test_all_water_batch_is_finite_with_gradients():
-    out, batch, ctx = _batch([True, True])
+def test_location_terms_are_normalised():
+    """Offset error in cell radii, aux error in ``aux_scale_km``: the km figures stay as zero-weight monitors."""
+    out, batch, ctx = _batch([False, False])
+    cfg = LossConfig(aux_scale_km=100.0)
+    total, logged = total_loss(out, batch, ctx, cfg)
+    assert logged["offset_km"] == pytest.approx(0.1 * KM_PER_DEG_LAT, rel=1e-3)
+    assert logged["offset"] == pytest.approx(0.1 * KM_PER_DEG_LAT / 20.0, rel=1e-3)  # cell radius 20 km
+    assert logged["aux"] == pytest.approx(logged["aux_km"] / 100.0, rel=1e-6)
+    expected = sum(getattr(cfg, k) * logged[k] for k in ("province", "cell", "offset", "aux", "koppen", "doy"))
+    assert float(total) == pytest.approx(expected, rel=1e-5)
+
+
+def test_unknown_dates_are_masked_and_gradients_finite():
+    out, batch, ctx = _batch([False, False])
+    batch["doy_sin"][:] = float("nan")
     total, logged = total_loss(out, batch, ctx, LossConfig())
-    assert math.isfinite(float(total))
-    assert logged["offset_km"] == 0.0 and logged["doy"] == 0.0 and logged["cell"] == 0.0
+    assert math.isfinite(float(total)) and logged["doy"] == 0.0
     total.backward()
     for k in ("province_logits", "cell_logits", "offset_lat", "koppen_logits", "doy"):
         assert torch.isfinite(out[k].grad).all(), k

@@ -56,6 +56,7 @@ def test_all_phases_metrics_and_selection(trained):
     assert 0 < b["majority_province_acc"] < 1 and "majority_cell_acc" in b and "majority_cell_centre_median_km" in b
     assert summary["train_images"] + summary["val_images"] == 56 and summary["cells"] == 14
     assert json.loads((run / "summary.json").read_text())["model"] == str(run / "model.pt")
+    assert summary["precision"] == "fp32" and read_checkpoint(run / "model.pt")["precision"] == "fp32"  # CPU
 
 
 def test_checkpoints_load_weights_only_and_predict(trained):

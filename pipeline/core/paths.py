@@ -120,6 +120,12 @@ class DataPaths:
         return self.root / "model"
 
     @property
+    def weights_dir(self) -> Path:
+        """Encoder weights files (``resnet50_places365.pth.tar``, CLIP files) that configs name by relative path:
+        training, evaluation and ``geopak predict`` all resolve them here."""
+        return self.root / "weights"
+
+    @property
     def evaluation_dir(self) -> Path:
         return self.root / "evaluation"
 

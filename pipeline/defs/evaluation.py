@@ -45,7 +45,7 @@ def evaluation_report(
 
     paths = data_root.paths
     checkpoint = paths.model_dir / config.run_name / "model.pt"
-    predictor = GeopakPredictor.from_checkpoint(checkpoint)
+    predictor = GeopakPredictor.from_checkpoint(checkpoint, weights_dir=paths.weights_dir)  # where training found them
     test = _split_table(paths, config.split)
     train = _split_table(paths, "train")
     context.log.info(f"evaluating {checkpoint} on {len(test)} {config.split} images")

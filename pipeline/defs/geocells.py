@@ -45,7 +45,8 @@ def _params(name: str, dc: type, doc: str) -> type[dg.Config]:
 
 
 SplitParams = _params(
-    "SplitParams", SplitConfig, "Split fractions and seed, the 1 km separation, and how giant groups are tiled."
+    "SplitParams", SplitConfig,
+    "Split fractions and seed, the 1 km separation, how giant groups are tiled, owner-disjoint or owner×day.",
 )
 GeocellParams = _params(
     "GeocellParams", GeocellConfig, "Radius caps, the urban rule, target counts and HDBSCAN parameters."
@@ -84,8 +85,12 @@ def dataset_splits(
                 f"val/test images within {config.min_distance_km} km of a train image: "
                 f"**{s.get('leaks_within_km', 0)}** here vs **{s.get('naive_random_split_leaks_within_km', 0)}** of "
                 f"{s.get('naive_random_split_held_out', 0)} for a random per-image split of the same images "
-                f"(GEOPAK's split)."
+                f"(GEOPAK's split).\n\nOwners with images in train and in val/test: "
+                f"**{s.get('owners_in_train_and_heldout', 0)}**; val/test images whose owner has train images: "
+                f"**{s.get('heldout_images_with_train_owner', 0)}** "
+                f"({s.get('heldout_share_with_train_owner', 0.0):.1%}; owner-disjoint: {config.owner_disjoint})."
             ),
+            "heldout_share_with_train_owner": float(s.get("heldout_share_with_train_owner", 0.0)),
             "per_province": md_table(result.per_province),
             "map": plot(
                 paths, "dataset_splits_map.png",

@@ -1,6 +1,10 @@
-"""Train / val / test splits that keep places apart (GEOPAK split images at random and leaked places).
+"""Train / val / test splits that keep places and photographers apart (GEOPAK split images at random and leaked
+places).
 
-Groups are the connected components of three relations, and a group goes to one split whole:
+Groups go to one split whole. **Owner-disjoint** (default, ``owner_disjoint=True``): groups are the connected
+components of the same ``owner`` ∪ the same ``place_id``, so no photographer has images in two splits (a model
+must not meet a val/test photographer's style or haunts in training); images of no known owner are grouped as in
+owner×day mode. **Owner×day** (``owner_disjoint=False``, the former behaviour): components of
 
 - **proximity**: two images within ``min_distance_km`` (1 km) of each other. Components come from the Delaunay
   triangulation on an azimuthal equidistant plane (the Euclidean minimum spanning tree is a subgraph of it), so
@@ -11,16 +15,18 @@ Groups are the connected components of three relations, and a group goes to one 
 A dense city is one giant component at 1 km. Putting it whole into train would leave val and test without the
 most photographed places, so groups larger than ``max(min_group_to_tile, max_group_share · n_province)`` are cut
 into ``tile_km`` square tiles (still joined by place; an owner's day then joins images within one tile only, so a
-day trip across town does not re-join the city). Groups are assigned per province (a group's
+day trip across town does not re-join the city). Owner×day groups are assigned per province (a group's
 province is its members' most common one) in a seeded random order, each to the split furthest below its target
-fraction. Finally every train image within ``min_distance_km`` of a val or test image — possible only across the
-tiles of a cut group — becomes ``buffer`` (in no split), so no val/test image lies within 1 km of a train image.
-Deterministic for a given set of images and seed (rows are processed in ``image_id`` order). No Dagster here.
+fraction; owner groups, which span provinces, by the same rule weighted over the provinces they touch. Finally
+the 1 km rule is enforced by ``buffer`` (in no split; :func:`separate`): train images within 1 km of a val or
+test image — and, owner-disjoint, val/test images crowded by train images — so no val/test image lies within
+1 km of a train image. Deterministic for a given set of images and seed (rows are processed in ``image_id``
+order). No Dagster here.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pandas as pd
@@ -34,6 +40,7 @@ from pipeline.geocells.geometry import EARTH_RADIUS_KM, Projector, arc_km, km_to
 TRAIN, VAL, TEST, BUFFER = "train", "val", "test", "buffer"
 SPLITS = (TRAIN, VAL, TEST)
 SPLIT_COLUMNS = ("image_id", "split", "group_id")
+MAX_CROWD = 32  # owner-disjoint: the most train neighbours a val/test image may keep (see separate)
 
 
 @dataclass(frozen=True)
@@ -47,6 +54,7 @@ class SplitConfig:
     min_group_to_tile: int = 50
     tile_km: float = 10.0
     utc_offset_hours: float = 5.0  # Pakistan Standard Time, for the owner's local day
+    owner_disjoint: bool = True  # all of an owner's images in one split; False: only each owner's local day
 
     def __post_init__(self) -> None:
         fr = (self.train, self.val, self.test)
@@ -162,7 +170,12 @@ def _mode_per_group(groups: np.ndarray, values: np.ndarray) -> np.ndarray:
 
 
 def location_groups(df: pd.DataFrame, cfg: SplitConfig) -> tuple[np.ndarray, dict]:
-    """Group id per row (rows in the given order): proximity ∪ place ∪ owner-day, giant groups cut into tiles."""
+    """Group id per row (rows in the given order): proximity ∪ place ∪ owner-day, giant groups cut into tiles.
+
+    With ``cfg.owner_disjoint`` the owner relation replaces owner-day (see :func:`owner_groups`).
+    """
+    if cfg.owner_disjoint:
+        return owner_groups(df, cfg)
     n = len(df)
     lat, lon = df["lat"].to_numpy(float), df["lon"].to_numpy(float)
     near = close_pairs(lat, lon, cfg.min_distance_km)
@@ -189,8 +202,37 @@ def location_groups(df: pd.DataFrame, cfg: SplitConfig) -> tuple[np.ndarray, dic
     return _components(n, [near[keep], code_pairs(tile), place, code_pairs(owner_day)]), info
 
 
+def owner_groups(df: pd.DataFrame, cfg: SplitConfig) -> tuple[np.ndarray, dict]:
+    """Group id per row: owner ∪ place, so no owner spans two splits (a model must not meet a val/test
+    photographer's style or haunts in training).
+
+    Proximity does not join owners — with it, a few owners who shoot in several cities would chain the whole
+    country into one group; the 1 km rule is enforced afterwards by buffering (:func:`separate`). Images of no
+    known owner are grouped as in owner×day mode (proximity ∪ place, giant groups tiled), then joined to owners
+    by place.
+    """
+    n = len(df)
+    who = key_codes(df["owner"])
+    anon = np.flatnonzero(who < 0)
+    edges = [code_pairs(who), code_pairs(key_codes(df["place_id"]))]
+    info = {"proximity_groups": 0, "largest_group": 0, "groups_cut_into_tiles": 0, "images_in_cut_groups": 0}
+    if len(anon):
+        sub = df.iloc[anon].reset_index(drop=True)
+        sub_groups, info = location_groups(sub, replace(cfg, owner_disjoint=False))
+        codes = np.full(n, -1, dtype=np.int64)
+        codes[anon] = sub_groups
+        edges.append(code_pairs(codes))
+    groups = _components(n, edges)
+    owner_sizes = np.bincount(groups[who >= 0], minlength=groups.max() + 1)
+    info = {**info, "owners": int(who.max() + 1), "images_without_owner": int(len(anon)),
+            "largest_owner_group": int(owner_sizes.max(initial=0))}
+    return groups, info
+
+
 def assign_groups(groups: np.ndarray, province_id: np.ndarray, cfg: SplitConfig) -> np.ndarray:
     """Split index (0 train, 1 val, 2 test) per group, stratified by the group's province, seeded."""
+    if cfg.owner_disjoint:
+        return assign_spread_groups(groups, province_id, cfg)
     sizes = np.bincount(groups)
     group_prov = _mode_per_group(groups, province_id)
     out = np.zeros(len(sizes), dtype=np.int64)
@@ -208,6 +250,107 @@ def assign_groups(groups: np.ndarray, province_id: np.ndarray, cfg: SplitConfig)
     return out
 
 
+def assign_spread_groups(groups: np.ndarray, province_id: np.ndarray, cfg: SplitConfig) -> np.ndarray:
+    """Split index per group for groups that span provinces (an owner travels), stratified per province, seeded.
+
+    Groups come in one seeded random order; each goes to the split whose shortfall against its target fraction,
+    summed over the provinces the group touches and weighted by its images there, is largest. For a group in one
+    province this is :func:`assign_groups`' rule; a group's minority provinces count too, so a province where no
+    owner has most of their photos still gets its val and test images.
+    """
+    n_groups = int(groups.max()) + 1
+    pcode, _ = pd.factorize(np.asarray(province_id), sort=True)
+    n_prov = int(pcode.max()) + 1
+    keys, cnt = np.unique(groups.astype(np.int64) * n_prov + pcode, return_counts=True)
+    start = np.searchsorted(keys // n_prov, np.arange(n_groups + 1)).tolist()
+    prov_of, cnt_l = (keys % n_prov).tolist(), cnt.tolist()
+    fr = cfg.fractions.tolist()
+    total = [0.0] * n_prov
+    counts = [[0.0, 0.0, 0.0] for _ in range(n_prov)]
+    out = np.zeros(n_groups, dtype=np.int64)
+    rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, 0x0A11]))
+    for g in rng.permutation(n_groups).tolist():
+        members = list(zip(prov_of[start[g] : start[g + 1]], cnt_l[start[g] : start[g + 1]]))
+        score = [0.0, 0.0, 0.0]
+        for p, c in members:
+            total[p] += c
+            for k in range(3):
+                score[k] += c * (fr[k] * total[p] - counts[p][k])
+        k = max(range(3), key=score.__getitem__)
+        for p, c in members:
+            counts[p][k] += c
+        out[g] = k
+    return out
+
+
+def _near_counts(u_from: np.ndarray, u_to: np.ndarray, km: float, cap: int) -> np.ndarray:
+    """Per row of ``u_from``: how many rows of ``u_to`` lie within ``km`` (great circle), counted up to ``cap``."""
+    if len(u_to) == 0 or len(u_from) == 0 or cap < 1:
+        return np.zeros(len(u_from), dtype=np.int64)
+    k = min(cap, len(u_to))
+    chord, _ = cKDTree(u_to).query(u_from, k=k, distance_upper_bound=km_to_chord(km) * 1.001)
+    chord = np.asarray(chord).reshape(len(u_from), k)
+    ok = np.isfinite(chord)
+    return (ok & (arc_km(np.where(ok, chord, 0.0)) <= km)).sum(axis=1)
+
+
+def separate(
+    lat: np.ndarray, lon: np.ndarray, province_id: np.ndarray, split: np.ndarray, cfg: SplitConfig
+) -> np.ndarray:
+    """Enforce the 1 km rule: a copy of ``split`` where no val/test image lies within ``min_distance_km`` of train.
+
+    Owner×day mode: train images within reach of a val/test image become ``buffer`` (groups are spatial, so this
+    happens only at the tiles of a cut city). Owner-disjoint mode: groups are not spatial, so in a dense city a
+    held-out owner's photo sits among dozens of other owners' train photos, and buffering only train would lose
+    most of a city's training images. There a val/test image with more than ``t`` train images of its province
+    within reach becomes ``buffer`` itself instead; per province, ``t`` is chosen (binary search, neighbours
+    counted up to ``MAX_CROWD``) so that the larger of the two relative losses — train images lost / train,
+    val+test images lost / val+test — is smallest: neither side pays for the rule much more than the other.
+    """
+    split = split.copy()
+    held = np.isin(split, [VAL, TEST])
+    train = split == TRAIN
+    if not held.any() or not train.any():
+        return split
+    u = unit_vectors(lat, lon)
+    km = cfg.min_distance_km
+    if cfg.owner_disjoint:
+        province_id = np.asarray(province_id)
+        for pid in np.unique(province_id):
+            h = np.flatnonzero(held & (province_id == pid))
+            t = np.flatnonzero(train & (province_id == pid))
+            if len(h) and len(t):
+                keep = _balanced_keep(u[h], u[t], km)
+                split[h[~keep]] = BUFFER
+        held = np.isin(split, [VAL, TEST])
+    t = np.flatnonzero(train)
+    split[t[_near_counts(u[t], u[held], km, 1) > 0]] = BUFFER
+    return split
+
+
+def _balanced_keep(u_held: np.ndarray, u_train: np.ndarray, km: float) -> np.ndarray:
+    """Which val/test images to keep: those with at most ``t`` train images within ``km``, ``t`` minimising the
+    larger relative loss (train buffered for the kept ones / train, val+test dropped / val+test)."""
+    crowd = _near_counts(u_held, u_train, km, MAX_CROWD + 1)
+    thresholds = [*range(MAX_CROWD + 1), MAX_CROWD + 1]  # the last keeps every val/test image
+    memo: dict[int, tuple[float, float]] = {}
+
+    def cost(i: int) -> tuple[float, float]:
+        if i not in memo:
+            keep = crowd <= thresholds[i]
+            lost = float((_near_counts(u_train, u_held[keep], km, 1) > 0).sum())
+            memo[i] = (lost / len(u_train), 1.0 - float(keep.sum()) / len(u_held))
+        return memo[i]
+
+    lo, hi = 0, len(thresholds) - 1  # first threshold at which the train loss reaches the val/test loss
+    while lo < hi:
+        mid = (lo + hi) // 2
+        train_loss, held_loss = cost(mid)
+        lo, hi = (lo, mid) if train_loss >= held_loss else (mid + 1, hi)
+    best = min({lo, max(lo - 1, 0)}, key=lambda i: (max(cost(i)), sum(cost(i)), i))
+    return crowd <= thresholds[best]
+
+
 def leakage_count(lat: np.ndarray, lon: np.ndarray, split: np.ndarray, km: float = 1.0) -> int:
     """How many val/test images lie within ``km`` of a train image (great circle)."""
     split = np.asarray(split)
@@ -218,6 +361,18 @@ def leakage_count(lat: np.ndarray, lon: np.ndarray, split: np.ndarray, km: float
     u = unit_vectors(lat, lon)
     chord, _ = cKDTree(u[train]).query(u[held], k=1, distance_upper_bound=km_to_chord(km) * (1 + 1e-9))
     return int(np.sum(arc_km(np.where(np.isfinite(chord), chord, 4.0)) <= km))
+
+
+def owner_overlap(owner: pd.Series | np.ndarray, split: np.ndarray) -> tuple[int, int, int]:
+    """(owners with images in train and in val/test, val/test images whose owner has train images, val/test
+    images with a known owner) — how much a model could learn a held-out photographer in training."""
+    who = key_codes(pd.Series(np.asarray(owner, dtype=object)))
+    split = np.asarray(split)
+    held = np.isin(split, [VAL, TEST]) & (who >= 0)
+    in_train = np.zeros(int(who.max()) + 2, dtype=bool)  # index -1 (unknown) lands on the spare last slot
+    in_train[who[(split == TRAIN) & (who >= 0)]] = True
+    shared = np.intersect1d(np.flatnonzero(in_train[:-1]), who[held])
+    return int(len(shared)), int(in_train[who[held]].sum()), int(held.sum())
 
 
 def naive_split(province_id: np.ndarray, cfg: SplitConfig) -> np.ndarray:
@@ -253,13 +408,7 @@ def make_splits(df: pd.DataFrame, cfg: SplitConfig = SplitConfig()) -> SplitResu
     lat, lon, prov = d["lat"].to_numpy(float), d["lon"].to_numpy(float), d["province_id"].to_numpy(np.int64)
     groups, info = location_groups(d, cfg)
     split = np.array(SPLITS, dtype=object)[assign_groups(groups, prov, cfg)[groups]]
-    held = np.isin(split, [VAL, TEST])
-    train = np.flatnonzero(split == TRAIN)
-    if held.any() and len(train):
-        u = unit_vectors(lat, lon)
-        chord, _ = cKDTree(u[held]).query(u[train], k=1, distance_upper_bound=km_to_chord(cfg.min_distance_km) * 1.001)
-        near = np.isfinite(chord) & (arc_km(np.where(np.isfinite(chord), chord, 0.0)) <= cfg.min_distance_km)
-        split[train[near]] = BUFFER
+    split = separate(lat, lon, prov, split, cfg)
     naive = naive_split(prov, cfg)
     table = pd.DataFrame({"image_id": d["image_id"].to_numpy(), "split": split, "group_id": groups})
     back = np.empty(n, dtype=np.int64)
@@ -273,6 +422,7 @@ def make_splits(df: pd.DataFrame, cfg: SplitConfig = SplitConfig()) -> SplitResu
     for s in SPLITS:
         per_province[f"{s}_share"] = per_province[s] / per_province["images"]
     per_province.insert(0, "province", [BY_ID[int(p)].key if int(p) in BY_ID else str(p) for p in per_province.index])
+    shared_owners, held_with_train_owner, held_with_owner = owner_overlap(d["owner"].to_numpy(), split)
     summary = {
         "images": n,
         "groups": int(groups.max() + 1),
@@ -280,6 +430,9 @@ def make_splits(df: pd.DataFrame, cfg: SplitConfig = SplitConfig()) -> SplitResu
         "buffer_images": int((split == BUFFER).sum()),
         **{f"{s}_images": int((split == s).sum()) for s in SPLITS},
         "leaks_within_km": leakage_count(lat, lon, split, cfg.min_distance_km),
+        "owners_in_train_and_heldout": shared_owners,
+        "heldout_images_with_train_owner": held_with_train_owner,
+        "heldout_share_with_train_owner": held_with_train_owner / max(held_with_owner, 1),
         "naive_random_split_leaks_within_km": leakage_count(lat, lon, naive, cfg.min_distance_km),
         "naive_random_split_held_out": int(np.isin(naive, [VAL, TEST]).sum()),
     }

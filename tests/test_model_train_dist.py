@@ -1,0 +1,62 @@
+"""Distributed runtime without a GPU: the collectives' device follows the process group's backend (NCCL only
+reduces CUDA tensors; a CPU tensor there crashed multi-GPU training at the end of epoch 1)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from geopak_model import train
+from geopak_model.train import DistEnv, collective_device, setup_runtime
+
+
+def test_collective_device_per_backend() -> None:
+    """NCCL -> the rank's CUDA device, gloo -> CPU."""
+    assert collective_device("nccl", 1) == torch.device("cuda", 1)
+    assert collective_device("NCCL", 0) == torch.device("cuda", 0)
+    assert collective_device("gloo", 3) == torch.device("cpu")
+
+
+def test_setup_runtime_nccl_rank_carries_its_cuda_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A torchrun rank on CUDA (faked: no GPU here) gets a DistEnv whose collectives run on cuda:LOCAL_RANK."""
+    calls: dict[str, object] = {}
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.setdefault("set_device", d))
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda backend: calls.setdefault("backend", backend))
+    monkeypatch.setattr(dist, "get_rank", lambda: 1)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(dist, "get_backend", lambda *a: "nccl")
+    env, device = setup_runtime("auto")
+    assert calls == {"set_device": 1, "backend": "nccl"}
+    assert device == torch.device("cuda", 1) and env.device == torch.device("cuda", 1)
+    assert (env.rank, env.world) == (1, 2)
+
+
+def test_mean_reduces_on_the_group_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``DistEnv.mean`` hands all_reduce a tensor on the env's device (meta stands in for CUDA here)."""
+    seen: list[torch.device] = []
+
+    class Reduced(Exception):
+        pass
+
+    def fake_all_reduce(t: torch.Tensor, *a: object, **kw: object) -> None:
+        seen.append(t.device)
+        raise Reduced
+
+    monkeypatch.setattr(dist, "all_reduce", fake_all_reduce)
+    with pytest.raises(Reduced):
+        DistEnv(0, 2, torch.device("meta")).mean({"a": 1.0})
+    assert seen == [torch.device("meta")]
+
+    def sum_of_two(t: torch.Tensor, *a: object, **kw: object) -> None:
+        seen.append(t.device)
+        t.mul_(2)  # two ranks with the same values
+
+    monkeypatch.setattr(dist, "all_reduce", sum_of_two)
+    assert DistEnv(0, 2).mean({"b": 3.0, "a": 1.5}) == {"a": 1.5, "b": 3.0}
+    assert seen[-1] == torch.device("cpu")
+    assert train.DistEnv().device == torch.device("cpu")
