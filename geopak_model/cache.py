@@ -176,7 +176,8 @@ def build_embedding_cache(encoder: DualEncoder, table: pd.DataFrame, data_root: 
              "computed": 0, "unreadable": 0}
     if len(todo):
         encoder = encoder.to(device).eval()
-        ds = ImageDataset(todo.reset_index(drop=True), data_root, encoder.cfg.image_size, augment=None)
+        ds = ImageDataset(todo.reset_index(drop=True), data_root, encoder.cfg.image_size, augment=None,
+                          with_labels=False)
         batches = [list(range(i, min(i + batch_size, len(ds)))) for i in range(0, len(ds), batch_size)]
         loader = make_loader(ds, batches, num_workers, pin_memory=device.type == "cuda")
         ids = todo["image_id"].to_numpy()

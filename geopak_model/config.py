@@ -39,7 +39,8 @@ class EncoderConfig:
     scene_weights: str = ""  # "" | official Places365 checkpoint (``resnet50_places365.pth.tar``) | a state dict
     image_size: int = 224
     init_seed: int = 0
-    unfreeze_fraction: float = 0.3  # phase 2: top share of CLIP blocks (+ ln_post); ResNet layer4 always
+    unfreeze_fraction: float = 0.3  # phase 2: top share of CLIP blocks (+ ln_post); ResNet layer4 always; ≥1: all
+    scene_batch_stats: bool = False  # phase 2 learns BatchNorm statistics (random-init ResNets have none to keep)
 
     def __post_init__(self) -> None:
         if self.clip_activation not in ("auto", "gelu", "quick_gelu"):
@@ -128,10 +129,18 @@ class AugmentConfig:
 
 @dataclass
 class InferenceConfig:
-    top_provinces: int = 2
-    top_cells: int = 5
+    # hypotheses: the top provinces × top cells of each (the geometric median wants the whole distribution; the
+    # cap bounds the work where provinces have thousands of cells)
+    top_provinces: int = 7
+    top_cells: int = 64
     # Undo the balanced sampler's and class weights' prior at inference: logit += log(true prior / trained prior).
     prior_correction: bool = True
+    point: str = "geomedian"  # geomedian | mode | mean: how the hypotheses become one point (inference.py)
+    mode_radius_km: float = 25.0  # cluster radius of the "mode" point and of retrieval refinement
+    refine: bool = True  # the estimate is refined by retrieval when the checkpoint has a gallery (chosen on val)
+    refine_radius_km: float = 100.0  # retrieval refinement: gallery images this close to the estimate ...
+    refine_neighbours: int = 16  # ... the nearest n of them in the fused embedding space ...
+    refine_temperature: float = 0.1  # ... weighted softmax(cosine / T) · P(cell)
 
 
 @dataclass

@@ -237,11 +237,13 @@ def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
 class ImageDataset(torch.utils.data.Dataset):
     """Images of ``table`` (paths relative to ``root``) with their targets. Keys are row indices, or
     (row, seed) pairs from a seeded sampler, in which case the row gets its own augmentation stream (the same
-    batches and views whatever the number of workers)."""
+    batches and views whatever the number of workers). ``with_labels=False``: images only (the embedding cache
+    needs no targets, and embeds test images whose tables carry none of the training encodings)."""
 
-    def __init__(self, table: pd.DataFrame, root: str | Path, size: int, augment: AugmentConfig | None = None):
+    def __init__(self, table: pd.DataFrame, root: str | Path, size: int, augment: AugmentConfig | None = None,
+                 with_labels: bool = True):
         self.paths = [str(Path(root) / p) for p in table["path"]]
-        self.labels = label_tensors(table)
+        self.labels = label_tensors(table) if with_labels else {}
         self.size = size
         self.augment = augment
 

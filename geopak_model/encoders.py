@@ -256,14 +256,19 @@ def build_clip(cfg: EncoderConfig, weights_dir: Path | None = None) -> ClipEncod
 
 
 class SceneEncoder(NormalisedEncoder):
-    def __init__(self, net: nn.Module, out_dim: int):
+    """``frozen_bn``: BatchNorm keeps its (pretrained) statistics in phase 2, since batches of 32-64 mixed
+    provinces would shift them; a random-initialised ResNet has no statistics worth keeping and learns them."""
+
+    def __init__(self, net: nn.Module, out_dim: int, frozen_bn: bool = True):
         super().__init__(net, out_dim, IMAGENET_MEAN, IMAGENET_STD)
+        self.frozen_bn = frozen_bn
 
     def train(self, mode: bool = True) -> "SceneEncoder":
         super().train(mode)
-        for m in self.net.modules():  # frozen statistics: batches of 32-64 mixed provinces would shift them
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.eval()
+        if self.frozen_bn:
+            for m in self.net.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
         return self
 
 
@@ -278,7 +283,7 @@ def build_scene(cfg: EncoderConfig, weights_dir: Path | None = None) -> SceneEnc
         load_weights(net, read_state_dict(path), f"Places365 weights {path}", cfg.scene_arch, optional=("fc.",))
     out_dim = net.fc.in_features
     net.fc = nn.Identity()
-    return SceneEncoder(net, out_dim)
+    return SceneEncoder(net, out_dim, frozen_bn=not cfg.scene_batch_stats)
 
 
 class DualEncoder(nn.Module):
@@ -302,8 +307,16 @@ class DualEncoder(nn.Module):
             p.requires_grad_(False)
 
     def unfreeze_top(self, fraction: float) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-        """Phase 2: the last ``fraction`` of CLIP blocks (at least one) + ``ln_post``, and ResNet ``layer4``."""
+        """Phase 2: the last ``fraction`` of CLIP blocks (at least one) + ``ln_post``, and ResNet ``layer4``.
+
+        ``fraction`` ≥ 1 unfreezes both encoders whole: for random-initialised encoders (the offline presets) there
+        are no pretrained features to protect, and a random stem would cap what the top layers can learn."""
         self.freeze()
+        if fraction >= 1.0:
+            clip_params, scene_params = list(self.clip.parameters()), list(self.scene.parameters())
+            for p in clip_params + scene_params:
+                p.requires_grad_(True)
+            return clip_params, scene_params
         blocks = self.clip.blocks()
         n = max(1, int(len(blocks) * fraction))
         clip_mods = [*blocks[-n:], self.clip.visual.ln_post]

@@ -50,7 +50,8 @@ def evaluate_features(heads: GeopakHeads, data: FeatureData, ctx: LossContext, l
             _, logged = total_loss(out, b, ctx, loss_cfg)
             for k, v in logged.items():
                 loss_sums[k] = loss_sums.get(k, 0.0) + v * len(rows)
-            pred = mixture_predict(heads, out["embedding"], inf.top_provinces, inf.top_cells, inf.prior_correction)
+            pred = mixture_predict(heads, out["embedding"], inf.top_provinces, inf.top_cells, inf.prior_correction,
+                                   inf.point, inf.mode_radius_km)
         errs.append(haversine_km(pred.lat.double(), pred.lon.double(), b["lat"].double(), b["lon"].double()).cpu())
         top_errs.append(haversine_km(pred.top_lat.double(), pred.top_lon.double(), b["lat"].double(),
                                      b["lon"].double()).cpu())

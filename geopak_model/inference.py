@@ -1,24 +1,40 @@
 """Mixture-of-hypotheses prediction (anchor-geopak §8), the one inference path for validation and prediction.
 
-Top-2 provinces × top-5 cells of each; every hypothesis is the cell centre plus the radius-bounded offset
-predicted for that cell; weights P(province)·P(cell | province), normalised; the point estimate is the weighted
-mean on the sphere. Provinces without cells cannot host a hypothesis and are skipped.
+Top-P provinces × top-C cells of each; every hypothesis is the cell centre plus the radius-bounded offset
+predicted for that cell; weights P(province)·P(cell | province), normalised. Provinces without cells cannot host a
+hypothesis and are skipped.
+
+The point estimate is never the probability-weighted mean (GEOPAK's): with hypotheses in two cities the mean lands
+between them, where nobody took the photo. ``point`` chooses a mode-seeking estimate instead:
+
+- ``geomedian``: the spherical geometric median of the weighted hypotheses (Weiszfeld), the point that minimises
+  the expected great-circle error under the model's own distribution; it moves to a city once that city holds
+  more than half the mass, and stays central while the model is unsure;
+- ``mode``: the densest cluster, the hypothesis with the most weight within ``mode_radius_km``, refined to the
+  weighted mean of that cluster (best for the share within a few km, worse for the median when unsure);
+- ``mean``: the old weighted mean, kept only to measure the others against.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
-from geopak_model.geo import unit_xyz, xyz_to_latlon
+from geopak_model.geo import haversine_km, unit_xyz, xyz_to_latlon
 from geopak_model.model import GeopakHeads
+
+
+POINT_METHODS = ("geomedian", "mode", "mean")
 
 
 @dataclass
 class Prediction:
-    lat: torch.Tensor  # (B,) mixture estimate
+    lat: torch.Tensor  # (B,) point estimate (``point`` method)
     lon: torch.Tensor
+    mean_lat: torch.Tensor  # (B,) probability-weighted mean of the hypotheses, for comparison only
+    mean_lon: torch.Tensor
     province_probs: torch.Tensor  # (B, 7), prior-corrected
     province_id: torch.Tensor  # (B,) argmax province
     top_cell: torch.Tensor  # (B,) global id of the most probable hypothesis
@@ -39,15 +55,108 @@ class Prediction:
 
 
 def province_log_probs(heads: GeopakHeads, e: torch.Tensor, prior_correction: bool = True) -> torch.Tensor:
+    """log P(province | image) at inference: prior-corrected (optionally) and temperature-calibrated."""
     logits = heads.province_logits(e).float()
     if prior_correction:
         logits = logits + heads.province_prior_shift
-    return torch.log_softmax(logits, dim=-1)
+    return torch.log_softmax(logits / heads.province_calibration, dim=-1)
+
+
+def cell_log_probs(heads: GeopakHeads, e: torch.Tensor) -> torch.Tensor:
+    """log P(cell | province, image) for every province: (B, 7, W), −inf on padding; temperature-calibrated."""
+    logits_all, mask_all = heads.cell_logits_all(e)
+    logits_all = logits_all / heads.cell_calibration
+    return torch.log_softmax(logits_all.masked_fill(~mask_all[None], float("-inf")), dim=-1)
+
+
+def joint_log_probs(province_logp: torch.Tensor, cell_logp: torch.Tensor, heads: GeopakHeads) -> torch.Tensor:
+    """log P(province)·P(cell | province) over the global cells: (B, N)."""
+    glob = heads.local_to_global  # (7, W)
+    valid = glob >= 0
+    joint = province_logp[:, :, None] + cell_logp  # (B, 7, W)
+    out = joint.new_full((joint.shape[0], heads.cell_lat.shape[0]), float("-inf"))
+    out[:, glob[valid]] = joint[:, valid]
+    return out
+
+
+@torch.no_grad()
+def fit_calibration(heads: GeopakHeads, e: torch.Tensor, cell_ids: torch.Tensor, prior_correction: bool = True,
+                    grid: tuple[float, ...] = (0.5, 0.7, 0.85, 1.0, 1.2, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0)
+                    ) -> dict[str, float]:
+    """Temperature scaling (Guo et al. 2017) of the province and cell logits on held-out images: the pair on
+    ``grid`` that minimises the negative log-likelihood of the true cell under P(province)·P(cell | province).
+
+    The point estimate (a geometric median or a densest cluster of the hypotheses) is only as good as their
+    probabilities; trained on few images per cell the cell heads are over-confident. Sets the heads' buffers and
+    returns the chosen temperatures with the NLL before and after."""
+    old = float(heads.province_calibration), float(heads.cell_calibration)
+
+    def nll(tp: float, tc: float) -> float:
+        heads.province_calibration.fill_(tp)
+        heads.cell_calibration.fill_(tc)
+        joint = joint_log_probs(province_log_probs(heads, e, prior_correction), cell_log_probs(heads, e), heads)
+        return float(-joint.gather(1, cell_ids[:, None]).clamp(min=-50.0).mean())
+
+    before = nll(1.0, 1.0)
+    best = min(((nll(tp, tc), tp, tc) for tp in grid for tc in grid), key=lambda t: t[0])
+    if not np.isfinite(best[0]):
+        heads.province_calibration.fill_(old[0])
+        heads.cell_calibration.fill_(old[1])
+        raise ValueError("calibration NLL is not finite")
+    heads.province_calibration.fill_(best[1])
+    heads.cell_calibration.fill_(best[2])
+    return {"province_temperature": best[1], "cell_temperature": best[2], "val_cell_nll_uncalibrated": before,
+            "val_cell_nll_calibrated": best[0]}
+
+
+def weighted_mean(lat: torch.Tensor, lon: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weighted mean on the sphere of (B, H) points."""
+    return xyz_to_latlon((weight[..., None] * unit_xyz(lat, lon)).sum(-2))
+
+
+def geometric_median(lat: torch.Tensor, lon: torch.Tensor, weight: torch.Tensor, iters: int = 50
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weighted geometric median of (B, H) points on the sphere: Weiszfeld's iteration on unit vectors (chordal
+    distance, which ranks like the great-circle one at these scales), started at the weighted mean."""
+    u = unit_xyz(lat.double(), lon.double())
+    w = weight.double()
+    x = torch.nn.functional.normalize((w[..., None] * u).sum(-2), dim=-1)
+    for _ in range(iters):
+        d = (u - x[..., None, :]).norm(dim=-1).clamp(min=1e-9)  # (B, H)
+        x = torch.nn.functional.normalize(((w / d)[..., None] * u).sum(-2), dim=-1)
+    mlat, mlon = xyz_to_latlon(x)
+    return mlat.to(lat.dtype), mlon.to(lon.dtype)
+
+
+def densest_cluster(lat: torch.Tensor, lon: torch.Tensor, weight: torch.Tensor, radius_km: float
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The hypothesis with the most weight within ``radius_km`` of it, refined to the weighted mean of the
+    hypotheses in that radius: the densest cluster, not a point between clusters."""
+    d = haversine_km(lat[:, :, None].double(), lon[:, :, None].double(), lat[:, None, :].double(),
+                     lon[:, None, :].double())
+    near = (d <= radius_km).to(weight.dtype)  # (B, H, H)
+    density = (near * weight[:, None, :]).sum(-1)
+    best = density.argmax(1)
+    members = near[torch.arange(lat.shape[0]), best] * weight  # (B, H)
+    return weighted_mean(lat, lon, members / members.sum(1, keepdim=True).clamp(min=1e-12))
+
+
+def point_estimate(lat: torch.Tensor, lon: torch.Tensor, weight: torch.Tensor, method: str = "geomedian",
+                   radius_km: float = 25.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """One point per row of weighted (B, H) hypotheses (zero weight = absent); ``method`` in ``POINT_METHODS``."""
+    if method == "geomedian":
+        return geometric_median(lat, lon, weight)
+    if method == "mode":
+        return densest_cluster(lat, lon, weight, radius_km)
+    if method == "mean":
+        return weighted_mean(lat, lon, weight)
+    raise ValueError(f"point method must be one of {POINT_METHODS}, got {method!r}")
 
 
 @torch.no_grad()
 def mixture_predict(heads: GeopakHeads, e: torch.Tensor, top_provinces: int = 2, top_cells: int = 5,
-                    prior_correction: bool = True) -> Prediction:
+                    prior_correction: bool = True, point: str = "geomedian", mode_radius_km: float = 25.0
+                    ) -> Prediction:
     """Predict from the fused embedding ``e`` (B, d) (``heads.fuse`` of the encoder features)."""
     prov_logp = province_log_probs(heads, e, prior_correction)
     has_cells = heads.cells_per_province > 0
@@ -55,8 +164,7 @@ def mixture_predict(heads: GeopakHeads, e: torch.Tensor, top_provinces: int = 2,
     k_p = min(top_provinces, int(has_cells.sum()))
     p_logp, p_ids = sel_logp.topk(k_p, dim=1)  # (B, Kp)
 
-    logits_all, mask_all = heads.cell_logits_all(e)  # (B, 7, W), (7, W)
-    cell_logp = torch.log_softmax(logits_all.masked_fill(~mask_all[None], float("-inf")), dim=-1)
+    cell_logp = cell_log_probs(heads, e)  # (B, 7, W)
     cell_logp = cell_logp.gather(1, p_ids[:, :, None].expand(-1, -1, cell_logp.shape[-1]))  # (B, Kp, W)
     k_c = min(top_cells, cell_logp.shape[-1])
     c_logp, c_local = cell_logp.topk(k_c, dim=-1)  # (B, Kp, Kc); −inf where a province has fewer cells
@@ -70,11 +178,11 @@ def mixture_predict(heads: GeopakHeads, e: torch.Tensor, top_provinces: int = 2,
     lat, lon = heads.offsets(e, cells)
     weight = torch.softmax(joint.reshape(b, -1), dim=-1)  # normalised P(prov)·P(cell|prov) over hypotheses
     coverage = torch.logsumexp(joint.reshape(b, -1), dim=-1).exp()
-    xyz = (weight[:, :, None] * unit_xyz(lat, lon)).sum(1)
-    mlat, mlon = xyz_to_latlon(xyz)
+    mean_lat, mean_lon = weighted_mean(lat, lon, weight)
+    plat, plon = point_estimate(lat, lon, weight, point, mode_radius_km)
     flat_valid = valid.reshape(b, -1)
     return Prediction(
-        lat=mlat, lon=mlon, province_probs=prov_logp.exp(), province_id=prov_logp.argmax(1),
+        lat=plat, lon=plon, mean_lat=mean_lat, mean_lon=mean_lon, province_probs=prov_logp.exp(), province_id=prov_logp.argmax(1),
         top_cell=cells.gather(1, weight.argmax(1, keepdim=True)).squeeze(1),
         hyp_cell=torch.where(flat_valid, cells, torch.full_like(cells, -1)),
         hyp_province=p_ids[:, :, None].expand(-1, -1, k_c).reshape(b, -1),

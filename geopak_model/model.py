@@ -58,6 +58,10 @@ class GeopakHeads(nn.Module):
         self.register_buffer("temperature", torch.tensor(float(cfg.temperature)))
         # log(true prior / trained prior) added to province logits at inference (set by training; 0 = none)
         self.register_buffer("province_prior_shift", torch.zeros(NUM_PROVINCES))
+        # inference temperatures of the province and cell logits, fitted on the validation split after training
+        # (``inference.fit_calibration``); 1 = uncalibrated
+        self.register_buffer("province_calibration", torch.tensor(1.0))
+        self.register_buffer("cell_calibration", torch.tensor(1.0))
 
         counts = cells.counts_per_province
         self.counts = list(counts)  # plain ints: no device sync per province and batch

@@ -33,7 +33,8 @@ from geopak_model.checkpoint import load_model
 from geopak_model.config import TrainConfig
 from geopak_model.data import eval_view, load_image
 from geopak_model.geo import haversine_km
-from geopak_model.inference import mixture_predict
+from geopak_model.inference import mixture_predict, province_log_probs
+from geopak_model.retrieval import Gallery, load_gallery_for, refine
 from geopak_model.precision import amp_dtype, autocast, dtype_name
 from pipeline.core.provinces import PROVINCES
 from pipeline.labels.dates import decode_day
@@ -41,6 +42,7 @@ from pipeline.labels.koppen import KOPPEN_CODES
 
 ImageInput = Union[str, Path, bytes, Image.Image]
 CONFIDENCE_KM = 25.0
+LISTED_HYPOTHESES = 10  # the output lists the most probable ones; the estimate uses them all
 
 
 class ImageLoadError(ValueError):
@@ -73,12 +75,15 @@ def load_input(x: ImageInput, min_side: int | None = None) -> Image.Image:
 
 class GeopakPredictor:
     def __init__(self, model: torch.nn.Module, cfg: TrainConfig, device: torch.device,
-                 dtype: torch.dtype | None = None):
-        """``dtype``: the autocast dtype (None: float32); ``from_checkpoint`` takes it from the training config."""
+                 dtype: torch.dtype | None = None, gallery: Gallery | None = None):
+        """``dtype``: the autocast dtype (None: float32); ``from_checkpoint`` takes it from the training config.
+        ``gallery``: training images in the fused embedding space, for retrieval refinement (None: no
+        refinement; ``from_checkpoint`` loads the one saved beside the checkpoint)."""
         self.model = model.eval().to(device)
         self.cfg = cfg
         self.device = device
         self.dtype = dtype
+        self.gallery = gallery
         heads = model.heads
         self._center_lat = heads.cell_lat.detach().cpu().numpy().astype(float)
         self._center_lon = heads.cell_lon.detach().cpu().numpy().astype(float)
@@ -94,7 +99,8 @@ class GeopakPredictor:
         model, cfg = load_model(path, weights_dir)
         dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
         # the checkpoint's own precision setting (configs written before amp_dtype existed mean "auto")
-        return cls(model, cfg, dev, amp_dtype(dev, cfg.amp, getattr(cfg, "amp_dtype", "auto")))
+        return cls(model, cfg, dev, amp_dtype(dev, cfg.amp, getattr(cfg, "amp_dtype", "auto")),
+                   load_gallery_for(path))
 
     @property
     def precision(self) -> str:
@@ -138,11 +144,19 @@ class GeopakPredictor:
             if oracle_cells is not None:
                 o_lat, o_lon = heads.offsets(res["embedding"], oracle_cells.to(self.device))
             pred = mixture_predict(heads, res["embedding"], top_provinces or inf.top_provinces,
-                                   top_cells or inf.top_cells, inf.prior_correction)
-        dist = haversine_km(pred.hyp_lat.double(), pred.hyp_lon.double(), pred.lat.double()[:, None],
-                            pred.lon.double()[:, None])
-        mass = pred.hyp_weight.double() * pred.coverage.double()[:, None]
-        valid = pred.hyp_cell >= 0
+                                   top_cells or inf.top_cells, inf.prior_correction, inf.point, inf.mode_radius_km)
+            uncorrected = province_log_probs(heads, res["embedding"], prior_correction=False).argmax(1)
+        refined = None
+        if self.gallery is not None:
+            refined = refine(pred, res["embedding"], self.gallery, inf.refine_radius_km, inf.refine_neighbours,
+                             inf.refine_temperature, inf.mode_radius_km)
+        ans_lat, ans_lon = pred.lat.double().cpu(), pred.lon.double().cpu()
+        if refined is not None and inf.refine:
+            ans_lat, ans_lon = refined
+        dist = haversine_km(pred.hyp_lat.double().cpu(), pred.hyp_lon.double().cpu(), ans_lat[:, None],
+                            ans_lon[:, None])
+        mass = (pred.hyp_weight.double() * pred.coverage.double()[:, None]).cpu()
+        valid = (pred.hyp_cell >= 0).cpu()
         confidence = (mass * ((dist <= CONFIDENCE_KM) & valid)).sum(1)
         koppen = res["koppen_logits"].argmax(1).cpu().numpy() if "koppen_logits" in res else None
         doy = None
@@ -169,19 +183,27 @@ class GeopakPredictor:
                     "lat": lat,
                     "lon": lon,
                 })
-            hyps.sort(key=lambda d: -d["weight"])
+            hyps = sorted(hyps, key=lambda d: -d["weight"])[:LISTED_HYPOTHESES]
             probs = pred.province_probs[b].cpu().numpy()
             pid = int(pred.province_id[b])
             item = {
-                "lat": float(pred.lat[b]),
-                "lon": float(pred.lon[b]),
+                # the answer: refined by retrieval when there is a gallery and the config says so
+                "lat": float(ans_lat[b]),
+                "lon": float(ans_lon[b]),
+                "classifier_lat": float(pred.lat[b]),  # the classifier's own point estimate (``inference.point``)
+                "classifier_lon": float(pred.lon[b]),
                 "province": PROVINCES[pid].key,
                 "province_name": PROVINCES[pid].name,
                 "province_probs": {p.key: float(probs[p.id]) for p in PROVINCES},
                 "confidence": float(confidence[b]),
                 "top_cells": [h["cell_id"] for h in hyps],
                 "hypotheses": hyps,
+                "mean_lat": float(pred.mean_lat[b]),  # GEOPAK's probability-weighted mean, for comparison
+                "mean_lon": float(pred.mean_lon[b]),
+                "province_without_prior_correction": PROVINCES[int(uncorrected[b])].key,
             }
+            if refined is not None:
+                item["refined_lat"], item["refined_lon"] = float(refined[0][b]), float(refined[1][b])
             item["aux_lat"], item["aux_lon"] = float(res["aux_lat"][b]), float(res["aux_lon"][b])
             if oracle_cells is not None:
                 item["oracle_lat"], item["oracle_lon"] = float(o_lat[b]), float(o_lon[b])

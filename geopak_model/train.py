@@ -28,7 +28,6 @@ import hashlib
 import json
 import math
 import os
-import shutil
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -67,12 +66,14 @@ from geopak_model.data import (
 from geopak_model.encoders import DualEncoder, build_encoders
 from geopak_model.diagnostics import fusion_parameters, gradient_share_metrics, term_gradient_norms
 from geopak_model.evaluate import evaluate_features, majority_baselines
+from geopak_model.inference import fit_calibration
 from geopak_model.losses import LossContext, effective_number_weights, total_loss, weighted_terms
 from geopak_model.model import GeopakHeads, GeopakModel, count_params
 from geopak_model.precision import amp_dtype, autocast, dtype_name
+from geopak_model.retrieval import GALLERY_FILE, Gallery, file_sha256
 from pipeline.core.paths import DataPaths
 from pipeline.core.provinces import NUM_PROVINCES
-from pipeline.core.store import atomic_path, atomic_write_bytes
+from pipeline.core.store import atomic_write_bytes
 
 __all__ = ["SELECTION", "DistEnv", "TrainState", "Trainer", "collective_device", "cosine_lr", "embed_only",
            "encode_features", "main", "optimiser_step", "setup_runtime", "train_one_epoch", "validate"]
@@ -244,6 +245,16 @@ def validate(heads: GeopakHeads, data: FeatureData, ctx: LossContext, cfg: Train
 
 
 @torch.no_grad()
+def fused_embeddings(heads: GeopakHeads, data: FeatureData, device: torch.device, batch: int = 1024) -> torch.Tensor:
+    """The fused embedding ``e`` of every row of ``data`` (what the cell heads and the gallery work in)."""
+    out = []
+    for start in range(0, len(data), batch):
+        b = data.batch(torch.arange(start, min(len(data), start + batch)), device)
+        out.append(heads.fuse(b["clip"], b["scene"])[0].float())
+    return torch.cat(out) if out else torch.empty(0)
+
+
+@torch.no_grad()
 def encode_features(encoder: DualEncoder, table: pd.DataFrame, root: Path, cfg: TrainConfig, device: torch.device,
                     dtype: torch.dtype | None, cap: int = 0) -> FeatureData:
     """Features of ``table``'s images through the current encoders (phase 2 changed them), at most ``cap``
@@ -258,8 +269,8 @@ def encode_features(encoder: DualEncoder, table: pd.DataFrame, root: Path, cfg: 
     for batch in make_loader(ds, batches, cfg.num_workers, pin_memory=device.type == "cuda"):
         with autocast(device, dtype):
             c, s = encoder(batch["image"].to(device))
-        clip.append(c.float().cpu().half())
-        scene.append(s.float().cpu().half())
+        clip.append(c.float().cpu())  # float32: tuned encoders can leave float16's range
+        scene.append(s.float().cpu())
         rows.extend(batch["row"].tolist())
     kept = table.iloc[rows].reset_index(drop=True)
     return FeatureData(torch.cat(clip), torch.cat(scene), label_tensors(kept))
@@ -558,12 +569,39 @@ class Trainer:
         self._load_weights(read_checkpoint(self._ckpt(choice, "best")))
         return choice, results
 
+    def _export(self, choice: int) -> dict[str, Any]:
+        """``model.pt``: the chosen phase's best weights with inference temperatures fitted on the whole validation
+        split; ``gallery.npz`` beside it: the training images in that model's fused embedding space (retrieval
+        refinement). Returns the calibration and the exported model's validation metrics."""
+        model_path = self.run_dir / "model.pt"
+        ckpt = read_checkpoint(self._ckpt(choice, "best"))
+        val = self.val_data if choice < 2 else encode_features(
+            self.encoder, self.val_table, self.paths.root, self.cfg, self.device, self.amp_dtype)
+        train = self.train_data if choice < 2 else encode_features(
+            self.encoder, self.train_table, self.paths.root, self.cfg, self.device, self.amp_dtype)
+        assert val is not None and train is not None
+        self.heads.eval()
+        calibration = fit_calibration(self.heads, fused_embeddings(self.heads, val, self.device),
+                                      val.labels["cell_id"].to(self.device), self.cfg.inference.prior_correction)
+        ckpt["heads"] = {k: v.detach().cpu() for k, v in self.heads.state_dict().items()}
+        ckpt["calibration"] = calibration
+        ckpt["config"] = self.cfg.to_dict()  # this run's inference settings (not part of a phase's fingerprint)
+        save_checkpoint(model_path, ckpt)
+        gallery = Gallery.from_arrays(fused_embeddings(self.heads, train, self.device).cpu(),
+                                      train.labels["lat"].double().numpy(), train.labels["lon"].double().numpy(),
+                                      train.labels["cell_id"].numpy(), self.cells.n_cells, file_sha256(model_path))
+        gallery.save(self.run_dir / GALLERY_FILE)
+        with self.phase_threads(choice):
+            metrics = validate(self.heads, val, self.loss_ctx, self.cfg, self.device, choice)
+        self.log(f"exported {model_path} (phase {choice}): calibration {calibration}; gallery of {len(gallery)} "
+                 f"training images")
+        return {"calibration": calibration, **metrics}
+
     def _summary(self, phase_info: dict[str, Any]) -> dict[str, Any]:
         model_path = self.run_dir / "model.pt"
         choice, results = self._choose_final() if self.env.main else (max(self.cfg.run_phases), {})
         if self.env.main:
-            with atomic_path(model_path) as tmp:
-                shutil.copyfile(self._ckpt(choice, "best"), tmp)
+            results[choice] = self._export(choice)
         best_rows = {}
         for k, info in phase_info.items():
             rows = [h for h in self.history if h["phase"] == int(k) and h["epoch"] == info["epoch"]]

@@ -142,6 +142,21 @@ def test_unfreeze_top_and_frozen_batchnorm():
     assert torch.equal(before, bns[0].running_mean)
 
 
+def test_unfreeze_everything_and_learned_batch_statistics():
+    """Random-initialised encoders (the offline presets) have nothing pretrained to protect: fraction 1 tunes them
+    whole, and ``scene_batch_stats`` lets BatchNorm learn statistics instead of keeping its meaningless ones."""
+    enc = build_encoders(dataclasses.replace(TINY, scene_batch_stats=True))
+    clip_p, scene_p = enc.unfreeze_top(1.0)
+    assert all(p.requires_grad for p in enc.parameters())
+    assert len(clip_p) + len(scene_p) == len(list(enc.parameters()))
+    enc.train()
+    bns = [m for m in enc.scene.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert all(m.training for m in bns)
+    before = bns[0].running_mean.clone()
+    enc(torch.rand(2, 3, 64, 64))
+    assert not torch.equal(before, bns[0].running_mean)
+
+
 def _clip_file(tmp_path, name: str) -> str:
     """A tiny custom-ViT CLIP checkpoint (full-model key layout) written under ``name``."""
     torch.manual_seed(5)

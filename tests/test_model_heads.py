@@ -11,8 +11,8 @@ import torch
 
 from geopak_model.cells import CellTable
 from geopak_model.config import ModelConfig
-from geopak_model.geo import KM_PER_DEG_LAT, unit_xyz, xyz_to_latlon
-from geopak_model.inference import mixture_predict
+from geopak_model.geo import KM_PER_DEG_LAT, haversine_km, unit_xyz, xyz_to_latlon
+from geopak_model.inference import fit_calibration, mixture_predict, point_estimate
 from geopak_model.model import GeopakHeads
 
 
@@ -109,7 +109,7 @@ def test_mixture_of_hypotheses_by_hand():
             heads.cell_heads[p][-1].weight.zero_()
             heads.cell_heads[p][-1].bias.copy_(torch.log(torch.tensor(probs)))
     e = torch.randn(2, 16)
-    pred = mixture_predict(heads, e, top_provinces=2, top_cells=2, prior_correction=False)
+    pred = mixture_predict(heads, e, top_provinces=2, top_cells=2, prior_correction=False, point="mean")
     # top-2 provinces with cells: 0 (0.3) and 1 (0.2); top-2 cells each
     w = np.array([0.3 * 0.5, 0.3 * 0.3, 0.2 * 0.9, 0.2 * 0.1])
     w /= w.sum()
@@ -120,12 +120,75 @@ def test_mixture_of_hypotheses_by_hand():
     lat, lon = xyz_to_latlon(xyz)
     assert float(pred.lat[0]) == pytest.approx(float(lat), abs=1e-4)
     assert float(pred.lon[0]) == pytest.approx(float(lon), abs=1e-4)
+    assert float(pred.mean_lat[0]) == pytest.approx(float(lat), abs=1e-4)  # always reported beside the estimate
     assert pred.top_cell.tolist() == [3, 3]  # 0.18 beats 0.15
     assert int(pred.province_id[0]) == 4  # the province answer itself is still the argmax
     # top-5 cells of a 2-cell province: the missing hypotheses weigh nothing
     pred5 = mixture_predict(heads, e, top_provinces=2, top_cells=5, prior_correction=False)
     assert (pred5.hyp_weight[pred5.hyp_cell < 0] == 0).all()
     assert float(pred5.hyp_weight[0].sum()) == pytest.approx(1.0)
+
+
+def _two_cities(share_a: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Hypotheses around Karachi (three, 2 km apart) and Lahore (two), Karachi holding ``share_a``."""
+    lat = torch.tensor([[24.86, 24.88, 24.84, 31.55, 31.57]], dtype=torch.float64)
+    lon = torch.tensor([[67.00, 67.01, 67.02, 74.34, 74.35]], dtype=torch.float64)
+    w = torch.tensor([[share_a / 3] * 3 + [(1 - share_a) / 2] * 2], dtype=torch.float64)
+    return lat, lon, w
+
+
+def test_point_estimates_seek_a_mode_instead_of_landing_between_cities():
+    """Defect 8: the weighted mean of two cities lies in neither; the geometric median and the densest cluster
+    land in the city holding most of the mass."""
+    lat, lon, w = _two_cities(0.6)
+    karachi = (24.86, 67.01)
+    mean = point_estimate(lat, lon, w, "mean")
+    assert haversine_km(torch.tensor(karachi[0]), torch.tensor(karachi[1]), mean[0].float(), mean[1].float()) > 300
+    for method in ("geomedian", "mode"):
+        la, lo = point_estimate(lat, lon, w, method, radius_km=25.0)
+        d = float(haversine_km(torch.tensor(karachi[0]), torch.tensor(karachi[1]), la.float(), lo.float()))
+        assert d < 5.0, (method, d)
+    # the densest cluster wins on mass, not on the single heaviest hypothesis
+    lat, lon, _ = _two_cities(0.5)
+    w = torch.tensor([[0.2, 0.2, 0.2, 0.4, 0.0]], dtype=torch.float64)
+    la, _ = point_estimate(lat, lon, w, "mode", radius_km=25.0)
+    assert float(la) == pytest.approx(24.86, abs=0.05)
+    with pytest.raises(ValueError):
+        point_estimate(lat, lon, w, "centroid")
+
+
+def test_geometric_median_minimises_expected_distance():
+    torch.manual_seed(0)
+    lat = 24 + 8 * torch.rand(1, 40, dtype=torch.float64)
+    lon = 62 + 12 * torch.rand(1, 40, dtype=torch.float64)
+    w = torch.rand(1, 40, dtype=torch.float64)
+    w /= w.sum()
+    la, lo = point_estimate(lat, lon, w, "geomedian")
+
+    def cost(a: torch.Tensor, b: torch.Tensor) -> float:
+        return float((w * haversine_km(a, b, lat, lon)).sum())
+
+    best = cost(la, lo)
+    for dla, dlo in ((0.05, 0), (-0.05, 0), (0, 0.05), (0, -0.05)):
+        assert best <= cost(la + dla, lo + dlo) + 1e-6
+
+
+def test_calibration_fits_temperatures_that_lower_the_nll():
+    """Over-confident heads (logits ×4 of the truth) get a cell temperature > 1 and a lower NLL."""
+    cells = cell_table({0: 4, 1: 3})
+    heads = GeopakHeads(cells, 8, 8, SMALL).eval()
+    torch.manual_seed(0)
+    e = torch.randn(400, 16)
+    logits, _ = heads.cell_logits_all(e)
+    true_p = torch.softmax(logits[:, 0, :4] / 4.0, -1)  # truth: much flatter than the heads say
+    cell_ids = torch.multinomial(true_p, 1).squeeze(1)  # province 0's local ids are global ids 0..3
+    with torch.no_grad():
+        heads.province_head[-1].weight.zero_()
+        heads.province_head[-1].bias.copy_(torch.tensor([5.0, -5, -5, -5, -5, -5, -5]))
+    got = fit_calibration(heads, e, cell_ids, prior_correction=False)
+    assert got["cell_temperature"] >= 2.0
+    assert got["val_cell_nll_calibrated"] < got["val_cell_nll_uncalibrated"]
+    assert float(heads.cell_calibration) == pytest.approx(got["cell_temperature"])
 
 
 def test_prior_correction_shifts_province_probabilities():

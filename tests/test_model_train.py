@@ -17,6 +17,8 @@ from geopak_model.config import TrainConfig, preset
 from geopak_model.data import eval_view, load_image
 from geopak_model.inference import mixture_predict
 from geopak_model.train import Trainer
+from geopak_model.predictor import GeopakPredictor
+from geopak_model.retrieval import load_gallery_for
 from tests.model_world import build_world
 
 REPO = Path(__file__).resolve().parents[1]
@@ -81,6 +83,16 @@ def test_checkpoints_load_weights_only_and_predict(trained):
         pred = mixture_predict(model.heads, model.heads.fuse(c, s)[0])
     assert pred.lat.shape == (3,) and torch.isfinite(pred.lat).all()
     assert ((pred.lat > 20) & (pred.lat < 40)).all()
+    # model.pt carries inference temperatures fitted on val; the gallery beside it is tied to its bytes
+    final = read_checkpoint(run / "model.pt")
+    cal = final["calibration"]
+    assert cal["val_cell_nll_calibrated"] <= cal["val_cell_nll_uncalibrated"] + 1e-9
+    assert float(final["heads"]["cell_calibration"]) == pytest.approx(cal["cell_temperature"])
+    gallery = load_gallery_for(run / "model.pt")
+    assert gallery is not None and len(gallery) == summary["train_images"]
+    predictor = GeopakPredictor.from_checkpoint(run / "model.pt", device="cpu")
+    out = predictor.predict(root / labelled["path"].iloc[0])
+    assert predictor.gallery is not None and 20 < out["refined_lat"] < 40
     load_model(run / "phase2_best.pt")
     load_model(run / "phase1_best.pt")  # heads-only checkpoint: encoder weights id verified
     ck = read_checkpoint(run / "phase1_best.pt")

@@ -24,12 +24,17 @@ from pipeline.labels.dates import circular_day_difference
 ACC_KM = (1, 25, 200, 750)
 # method column prefix -> label in the report; the oracle is never the headline
 METHODS: dict[str, str] = {
-    "pred": "GeoPak end to end (mixture of hypotheses)",
+    "pred": "GeoPak end to end (+ retrieval refinement)",
+    "classifier": "GeoPak without refinement (geometric median)",
     "top1": "GeoPak, most probable hypothesis only",
-    "aux": "baseline: auxiliary lat/lon head alone",
+    "mean": "GeoPak, weighted mean (GEOPAK's inference)",
+    "aux": "GeoPak's auxiliary lat/lon head alone",
+    "province_median": "baseline: predicted province's median training point",
+    "knn": "baseline: nearest training image (kNN on frozen features)",
     "majority": "baseline: training set's majority cell centre",
-    "oracle": "ORACLE: true province and cell + predicted offset (not achievable)",
+    "oracle": "ORACLE: true cell + predicted offset (not achievable)",
 }
+BASELINES = ("province_median", "knn", "majority")  # what GeoPak must beat (the oracle is not a baseline)
 EVAL_COLUMNS = (
     "image_id", "lat", "lon", "province_id", "cell_id", "koppen_id", "koppen_group", "day_of_year",
     "pred_lat", "pred_lon", "pred_province_id", "pred_cell_top5", "pred_koppen_id", "pred_koppen_group",
@@ -68,7 +73,7 @@ def evaluate(df: pd.DataFrame) -> EvaluationReport:
         raise ValueError("no test images to evaluate")
     errors = {}
     for key in METHODS:
-        if f"{key}_lat" in df.columns:
+        if f"{key}_lat" in df.columns and df[f"{key}_lat"].notna().all():
             errors[key] = haversine_km(df["lat"], df["lon"], df[f"{key}_lat"], df[f"{key}_lon"])
     headline = pd.DataFrame([_error_row(k, e) for k, e in errors.items()])
 
@@ -89,23 +94,44 @@ def evaluate(df: pd.DataFrame) -> EvaluationReport:
     top5 = df["pred_cell_top5"].apply(lambda v: list(v) if v is not None else [])
     cell_top1 = np.mean([bool(t) and t[0] == c for t, c in zip(top5, df["cell_id"])])
     cell_top5 = np.mean([c in t for t, c in zip(top5, df["cell_id"])])
+
+    def macro(pred: np.ndarray) -> float:
+        return float(np.mean([np.mean(pred[true_p == p.id] == p.id) for p in PROVINCES if (true_p == p.id).any()]))
+
+    def col(name: str, default=np.nan) -> np.ndarray:
+        return df[name].to_numpy() if name in df.columns else np.full(len(df), default)
+
+    maj_p = col("majority_province_id", -1)
+    maj_cells = df["majority_cells_top5"].apply(list) if "majority_cells_top5" in df.columns else None
+    raw_p = col("pred_province_uncorrected_id", -1)
     other = [
-        ("province accuracy", float(np.mean(pred_p == true_p))),
-        ("province accuracy, macro average over provinces", float(provinces["province_acc"].mean())),
-        ("cell top-1 accuracy", float(cell_top1)),
-        ("cell top-5 accuracy", float(cell_top5)),
-        ("Köppen fine class accuracy", float(np.mean(df["pred_koppen_id"] == df["koppen_id"]))),
-        ("Köppen coarse group accuracy", float(np.mean(df["pred_koppen_group"] == df["koppen_group"]))),
+        ("province accuracy (prior correction on)", float(np.mean(pred_p == true_p)), float(np.mean(maj_p == true_p))),
+        ("province accuracy (prior correction off)", float(np.mean(raw_p == true_p)), float(np.mean(maj_p == true_p))),
+        ("province accuracy, macro average over provinces (correction on)", macro(pred_p), macro(maj_p)),
+        ("province accuracy, macro average over provinces (correction off)", macro(raw_p), macro(maj_p)),
+        ("cell top-1 accuracy", float(cell_top1),
+         float(np.mean([bool(m) and m[0] == c for m, c in zip(maj_cells, df["cell_id"])])) if maj_cells is not None
+         else np.nan),
+        ("cell top-5 accuracy", float(cell_top5),
+         float(np.mean([c in m for m, c in zip(maj_cells, df["cell_id"])])) if maj_cells is not None else np.nan),
+        ("Köppen fine class accuracy", float(np.mean(df["pred_koppen_id"] == df["koppen_id"])),
+         float(np.mean(col("majority_koppen_id", -1) == df["koppen_id"].to_numpy()))),
+        ("Köppen coarse group accuracy", float(np.mean(df["pred_koppen_group"] == df["koppen_group"])),
+         float(np.mean(col("majority_koppen_group", -1) == df["koppen_group"].to_numpy()))),
     ]
     known = df["day_of_year"].notna() & df["pred_day_of_year"].notna()
     if known.any():
-        mae = circular_day_difference(df.loc[known, "day_of_year"].astype(float), df.loc[known, "pred_day_of_year"])
-        other.append(("day of year, mean absolute error (days, circular)", float(np.mean(mae))))
+        truth = df.loc[known, "day_of_year"].astype(float)
+        mae = circular_day_difference(truth, df.loc[known, "pred_day_of_year"])
+        base = df.loc[known, "majority_day_of_year"].astype(float) if "majority_day_of_year" in df.columns else None
+        other.append(("day of year, mean absolute error (days, circular; lower is better)", float(np.mean(mae)),
+                      float(np.mean(circular_day_difference(truth, base))) if base is not None and base.notna().all()
+                      else np.nan))
     return EvaluationReport(
         headline=headline,
         provinces=provinces,
         confusion=confusion,
-        other=pd.DataFrame(other, columns=["metric", "value"]),
+        other=pd.DataFrame(other, columns=["metric", "GeoPak", "majority baseline"]),
         errors=errors,
         n_images=len(df),
     )
@@ -154,6 +180,23 @@ def make_plots(rep: EvaluationReport, df: pd.DataFrame, outlines: dict | None = 
     plots["error_map.png"] = png_bytes(fig)
     rep.plots = plots
     return plots
+
+
+def baseline_verdict(rep: EvaluationReport, method: str = "pred") -> dict:
+    """Does ``method`` beat every baseline present on the median error (lower) and the share within 25 km
+    (higher)? With a Markdown table of the comparison."""
+    rows, passed = [], True
+    for b in BASELINES:
+        if b not in rep.errors:
+            continue
+        med_ok = rep.metric(method, "median_km") < rep.metric(b, "median_km")
+        acc_ok = rep.metric(method, "acc_25km") > rep.metric(b, "acc_25km")
+        passed &= med_ok and acc_ok
+        rows.append({"baseline": METHODS[b], "baseline median km": rep.metric(b, "median_km"),
+                     "GeoPak median km": rep.metric(method, "median_km"), "median beaten": med_ok,
+                     "baseline ≤25 km %": 100 * rep.metric(b, "acc_25km"),
+                     "GeoPak ≤25 km %": 100 * rep.metric(method, "acc_25km"), "≤25 km beaten": acc_ok})
+    return {"passed": passed and bool(rows), "table": markdown_table(pd.DataFrame(rows), floatfmt="{:.1f}")}
 
 
 def headline_table(rep: EvaluationReport) -> pd.DataFrame:
@@ -210,17 +253,25 @@ def write_report(rep: EvaluationReport, out_dir: Path, title: str, notes: list[s
 def test_predictions(
     predictor, test: pd.DataFrame, train: pd.DataFrame, image_path, batch_size: int = 32, progress=None,
     top_provinces: int | None = None, top_cells: int | None = None,
+    knn: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[pd.DataFrame, list[dict]]:
     """Run the predictor over the test rows; return the per-image frame ``evaluate`` takes and the unreadable ones.
 
     ``test``/``train`` carry the labelled columns plus ``cell_id`` (and the cells' centres for the majority
-    baseline: ``center_lat``/``center_lon`` of the training set's most frequent cell).
+    baseline: ``center_lat``/``center_lon`` of the training set's most frequent cell). ``knn``: the kNN
+    baseline's (lat, lon) per test row (``baselines.knn_locations``), if computed. Every baseline comes from the
+    training split alone.
     """
     from geopak_model.predictor import ImageLoadError
+    from pipeline.evaluation.baselines import majority_answers, province_medians
 
     majority = train["cell_id"].value_counts().idxmax()
     mrow = train.loc[train["cell_id"] == majority].iloc[0]
+    medians = province_medians(train)
+    answers = majority_answers(train)
+    knn_of = dict(zip(test["image_id"], zip(*knn))) if knn is not None else {}
     rows, failed = [], []
+    keys = [pp.key for pp in PROVINCES]
     records = test.to_dict("records")
     for start in range(0, len(records), batch_size):
         chunk = records[start : start + batch_size]
@@ -240,15 +291,26 @@ def test_predictions(
             if p is None:
                 continue
             top = p["hypotheses"][0] if p["hypotheses"] else {"lat": p["lat"], "lon": p["lon"]}
+            pid = keys.index(p["province"])
+            extra = {"classifier_lat": p["classifier_lat"], "classifier_lon": p["classifier_lon"]}
+            if knn is not None:
+                extra["knn_lat"], extra["knn_lon"] = knn_of[r["image_id"]]
             rows.append({
                 **{k: r.get(k) for k in ("image_id", "lat", "lon", "province_id", "cell_id", "koppen_id",
                                           "koppen_group", "day_of_year")},
                 "pred_lat": p["lat"], "pred_lon": p["lon"],
                 "top1_lat": top["lat"], "top1_lon": top["lon"],
                 "aux_lat": p["aux_lat"], "aux_lon": p["aux_lon"],
+                "mean_lat": p["mean_lat"], "mean_lon": p["mean_lon"],
+                "province_median_lat": medians[pid][0], "province_median_lon": medians[pid][1],
+                **extra,
                 "majority_lat": float(mrow["center_lat"]), "majority_lon": float(mrow["center_lon"]),
                 "oracle_lat": p["oracle_lat"], "oracle_lon": p["oracle_lon"],
-                "pred_province_id": [pp.key for pp in PROVINCES].index(p["province"]),
+                "pred_province_id": pid,
+                "pred_province_uncorrected_id": keys.index(p["province_without_prior_correction"]),
+                "majority_province_id": answers["province_id"], "majority_cells_top5": answers["cells_top5"],
+                "majority_koppen_id": answers["koppen_id"], "majority_koppen_group": answers["koppen_group"],
+                "majority_day_of_year": answers["day_of_year"],
                 "pred_cell_top5": p["top_cells"][:5],
                 "pred_koppen_id": p.get("koppen_id", -1),
                 "pred_koppen_group": int(_coarse(p.get("koppen_id", -1))),
