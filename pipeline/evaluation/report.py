@@ -208,7 +208,7 @@ def headline_table(rep: EvaluationReport) -> pd.DataFrame:
 
 def to_markdown(rep: EvaluationReport, title: str, notes: list[str], plot_links: bool = True) -> str:
     parts = [f"# {title}", "", *[f"- {n}" for n in notes], "",
-             f"Test images: **{rep.n_images}** (location-disjoint test split).", "",
+             f"Test images: **{rep.n_images}** (location- and owner-disjoint test split).", "",
              "## Distance errors", "", markdown_table(headline_table(rep), floatfmt="{:.1f}"), "",
              "## Classification", "", markdown_table(rep.other), "",
              "## Per province", "", markdown_table(rep.provinces), "",
@@ -231,7 +231,7 @@ def to_html(rep: EvaluationReport, title: str, notes: list[str]) -> str:
 <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}} .t td,.t th{{padding:3px 8px;border-bottom:1px solid #ddd}}
 figure{{display:inline-block;margin:8px}} img{{max-width:520px}}</style></head><body>
 <h1>{html.escape(title)}</h1><ul>{''.join(f'<li>{html.escape(n)}</li>' for n in notes)}</ul>
-<p>Test images: <b>{rep.n_images}</b> (location-disjoint test split).</p>
+<p>Test images: <b>{rep.n_images}</b> (location- and owner-disjoint test split).</p>
 <h2>Distance errors</h2>{table(headline_table(rep))}
 <h2>Classification</h2>{table(rep.other)}
 <h2>Per province</h2>{table(rep.provinces)}
