@@ -17,8 +17,8 @@ from geopak_model.geo import haversine_km
 from geopak_model.inference import mixture_predict
 from geopak_model.losses import LossContext, total_loss
 from geopak_model.model import GeopakHeads
+from geopak_model.report import ACC_KM
 
-ACC_KM = (1, 25, 200, 750)
 
 
 def error_summary(err_km: np.ndarray, prefix: str) -> dict[str, float]:

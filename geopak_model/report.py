@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import pandas as pd
 
+# Accuracy thresholds (km) of every error summary: training logs, validation and the evaluation report.
+ACC_KM = (1, 25, 200, 750)
+
 
 def baseline_comparison(summary: dict) -> pd.DataFrame:
     """The final model's end-to-end validation numbers next to the majority baselines (and the oracle, labelled)."""

@@ -15,13 +15,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from geopak_model.report import ACC_KM
 from pipeline.core.gazetteer import haversine_km
 from pipeline.core.provinces import PROVINCES
 from pipeline.core.report import PROVINCE_COLOURS, draw_outlines, markdown_table, png_bytes
 from pipeline.core.store import atomic_write_bytes
 from pipeline.labels.dates import circular_day_difference
 
-ACC_KM = (1, 25, 200, 750)
 # method column prefix -> label in the report; the oracle is never the headline
 METHODS: dict[str, str] = {
     "pred": "GeoPak end to end (+ retrieval refinement)",
