@@ -18,6 +18,7 @@ from PIL import Image, ImageOps
 
 from geopak_model.config import AugmentConfig
 from pipeline.core.paths import DataPaths
+from pipeline.filters.decode import DEFAULT_MAX_PIXELS, DecodeError, open_image
 from pipeline.core.provinces import NUM_PROVINCES, PROVINCES
 
 LABEL_COLUMNS = ["image_id", "path", "lat", "lon", "province_id", "koppen_id", "koppen_group", "doy_sin", "doy_cos"]
@@ -78,8 +79,11 @@ def load_image(path: str | Path | BinaryIO, min_side: int | None = None) -> Imag
     With ``min_side``, a JPEG at least twice that size is DCT-scaled while decoding (libjpeg 1/2, 1/4, 1/8) to
     the smallest scale whose short side stays >= ``min_side``: a 12 MP photo decodes several times faster and
     the views cut from it barely change. Smaller JPEGs and other formats decode at full size, exactly as without.
+    The header goes through the filter stage's ``open_image`` first, so a decompression bomb is refused here
+    too (``DecodeError``), before any pixel is decoded.
     """
-    with Image.open(path) as im:
+    source = path.read() if hasattr(path, "read") else path
+    with open_image(source, DEFAULT_MAX_PIXELS).image as im:
         full, scale = im.size, 1
         if min_side is not None and im.format == "JPEG" and min(im.size) >= 2 * min_side:
             # draft picks the largest 1/N with both sides still >= the request (N = min(W//s, H//s) rounded down
@@ -255,7 +259,8 @@ class ImageDataset(torch.utils.data.Dataset):
         need = self.size if self.augment is None else augment_min_side(self.size, self.augment)
         try:
             img = load_image(self.paths[idx], need)
-        except (OSError, ValueError):  # recorded by the caller via the None count; the embedding cache lists them
+        # unreadable: recorded by the caller via the None count; the embedding cache lists them
+        except (OSError, ValueError, DecodeError):
             return None
         if self.augment is None:
             x = eval_view(img, self.size)

@@ -303,3 +303,25 @@ def test_unreadable_images_are_recorded_not_fatal(world, tmp_path):
     assert rej[rows["image_id"].iloc[3]] == reasons.MISSING_FILE
     _, again = build_embedding_cache(enc, rows, broken, tmp_path / "emb", batch_size=2)
     assert again["computed"] == 0 and again["unreadable"] == 0  # not retried with the same weights
+
+
+def test_model_loader_refuses_decompression_bombs_like_the_filter(tmp_path):
+    """The model's loader shares the filter's header check: a header claiming more than the pixel limit is
+    refused before decoding (the dataset then skips the row, the predictor reports it)."""
+    import io
+
+    from geopak_model.data import ImageDataset, load_image
+    from pipeline.filters.decode import DEFAULT_MAX_PIXELS, DecodeError
+
+    buf = io.BytesIO()
+    Image.new("L", (9000, 9000)).save(buf, "PNG")  # 81 MP > the 64 MP limit, a few KB on disk
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(buf.getvalue())
+    assert 9000 * 9000 > DEFAULT_MAX_PIXELS
+    with pytest.raises(DecodeError) as err:
+        load_image(bomb)
+    assert err.value.reason == "decompression_bomb"
+    with pytest.raises(DecodeError):
+        load_image(io.BytesIO(buf.getvalue()))
+    table = pd.DataFrame({"path": ["bomb.png"]})
+    assert ImageDataset(table, tmp_path, 32, with_labels=False)[0] is None
