@@ -30,9 +30,30 @@ SELECTION: dict[int, tuple[str, str]] = {0: ("val_province_acc", "max"), 1: ("va
                                          2: ("val_median_km", "min")}
 
 
+# torch's zip container adds per-tensor records and alignment padding; pickled numbers and strings are small
+_CONTAINER_OVERHEAD = 1 << 20
+_PER_TENSOR_OVERHEAD = 512
+
+
+def payload_bytes(obj: Any) -> int:
+    """An estimate of the bytes ``torch.save`` writes for ``obj`` (tensor storage plus container overhead), so a
+    checkpoint that cannot fit fails before writing with the size it needs."""
+    if isinstance(obj, torch.Tensor):
+        return obj.untyped_storage().nbytes() + _PER_TENSOR_OVERHEAD
+    if isinstance(obj, dict):
+        return sum(payload_bytes(v) for v in obj.values()) + 64 * len(obj)
+    if isinstance(obj, list | tuple):
+        return sum(payload_bytes(v) for v in obj) + 16 * len(obj)
+    if isinstance(obj, str | bytes):
+        return len(obj) + 16
+    return 16
+
+
 def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
-    with atomic_path(path) as tmp:
-        torch.save({"format": FORMAT, **payload}, tmp)
+    """Write atomically; raises ``pipeline.core.store.DiskFullError`` (ENOSPC) when it does not fit."""
+    data = {"format": FORMAT, **payload}
+    with atomic_path(path, need_bytes=payload_bytes(data) + _CONTAINER_OVERHEAD) as tmp:
+        torch.save(data, tmp)
     return Path(path)
 
 

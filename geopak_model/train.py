@@ -72,6 +72,7 @@ from geopak_model.model import GeopakHeads, GeopakModel, count_params
 from geopak_model.precision import amp_dtype, autocast, dtype_name
 from geopak_model.retrieval import GALLERY_FILE, Gallery, file_sha256
 from pipeline.core.paths import DataPaths
+from pipeline.core.processes import exit_with_parent
 from pipeline.core.provinces import NUM_PROVINCES
 from pipeline.core.store import atomic_write_bytes
 
@@ -649,6 +650,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--embed-only", action="store_true", help="only build the embedding cache")
     ap.add_argument("--result", help="write the run summary (or cache stats) JSON here")
     args = ap.parse_args(argv)
+    if os.environ.get("GEOPAK_EXIT_WITH_PARENT") == "1":  # launched by a pipeline step: never outlive it
+        exit_with_parent(os.getppid())
     if args.config:
         cfg = TrainConfig.from_json_file(args.config)
     else:

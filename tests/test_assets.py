@@ -35,6 +35,7 @@ def test_materialize_succeeds_with_checks(small_world):
     assert {e.check_name for e in evaluations} == {
         "image_catalog_unique_ids", "labelled_inside_pakistan", "labelled_koppen_not_null",
         "filtered_nonempty_per_province", "filtered_disjoint_from_rejections", "filter_rejections_have_reasons",
+        "labelled_provinces_from_polygons",
     }
     assert all(e.passed for e in evaluations)
 

@@ -7,7 +7,13 @@ import pandas as pd
 import pytest
 
 from pipeline.core.gazetteer import pakistan_places
-from pipeline.labels.boundaries import OUTSIDE, GazetteerProvinces, ProvinceBoundaries, load_province_locator
+from pipeline.labels.boundaries import (
+    OUTSIDE,
+    BoundaryFileError,
+    GazetteerProvinces,
+    ProvinceBoundaries,
+    load_province_locator,
+)
 from pipeline.labels.dates import (
     circular_day_difference,
     day_of_year,
@@ -107,8 +113,10 @@ def test_province_polygons_known_cities(boundaries):
 def test_boundaries_errors_and_fallback(tmp_path):
     bad = tmp_path / "bad.geojson"
     bad.write_text("not json")
-    assert isinstance(load_province_locator(bad), GazetteerProvinces)
-    assert isinstance(load_province_locator(tmp_path / "missing.geojson"), GazetteerProvinces)
+    with pytest.raises(BoundaryFileError):  # a configured file that cannot be read never falls back silently
+        load_province_locator(bad)
+    with pytest.raises(BoundaryFileError):
+        load_province_locator(tmp_path / "missing.geojson")
     one = tmp_path / "one.geojson"
     one.write_text(
         '{"type":"FeatureCollection","features":[{"type":"Feature","properties":{"shapeName":"Sindh"},'

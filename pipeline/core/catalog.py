@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 
 from pipeline.core import reasons
-from pipeline.core.exif import DecompressionBomb, NotAnImage, read_header
+from pipeline.core.exif import DEFAULT_UTC_OFFSET, DecompressionBomb, NotAnImage, read_header
 from pipeline.core.schema import CATALOG_SCHEMA, RAW_MANIFEST_SCHEMA, REJECTIONS_SCHEMA, empty_frame, to_table
 from pipeline.core.store import ImageStore
 
@@ -36,6 +36,16 @@ def rejection(stage: str, row, reason: str, detail: str = "") -> dict:
         "reason": reason,
         "detail": detail,
     }
+
+
+def future_date_detail(taken_utc: dt.datetime | pd.Timestamp, offset: dt.timezone | None) -> str:
+    """The date as the camera showed it: local time with its offset, Pakistan time when the photo has none.
+
+    The run's own clock is left out so identical runs write identical rejection files.
+    """
+    local = pd.Timestamp(taken_utc).tz_convert(offset or DEFAULT_UTC_OFFSET)
+    where = "camera local time" if offset is not None else "Pakistan time, no offset recorded"
+    return f"taken {local.isoformat(sep=' ')} ({where}) lies in the future"
 
 
 def build_catalog(
@@ -70,17 +80,20 @@ def build_catalog(
         if not (_present(lat) and _present(lon)):
             lat, lon = header.lat, header.lon
         if lat is None or lon is None:
-            detail = header.exif_error or "no GPS in source metadata or EXIF"
+            detail = header.gps_error or "no GPS in source metadata or EXIF"
             rejected.append(rejection(STAGE, row, reasons.NO_COORDINATES, detail))
             continue
         lat, lon = float(lat), float(lon)
         if not (math.isfinite(lat) and math.isfinite(lon) and -90 <= lat <= 90 and -180 <= lon <= 180):
             rejected.append(rejection(STAGE, row, reasons.INVALID_COORDINATES, f"lat={lat} lon={lon}"))
             continue
-        taken = row.get("taken_at")
-        taken = pd.Timestamp(taken).tz_convert("UTC") if _present(taken) else header.taken_at
+        from_source = _present(row.get("taken_at"))
+        taken = pd.Timestamp(row.get("taken_at")).tz_convert("UTC") if from_source else header.taken_at
         if taken is not None and pd.Timestamp(taken) > pd.Timestamp(now):
-            rejected.append(rejection(STAGE, row, reasons.FUTURE_DATE, pd.Timestamp(taken).isoformat()))
+            # the camera's offset is known when the date is the EXIF one (a source may have copied it)
+            same = header.taken_at is not None and pd.Timestamp(header.taken_at) == pd.Timestamp(taken)
+            offset = header.utc_offset if same else None
+            rejected.append(rejection(STAGE, row, reasons.FUTURE_DATE, future_date_detail(taken, offset)))
             continue
         image_id = str(row["image_id"])
         if image_id in seen:

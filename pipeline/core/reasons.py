@@ -58,7 +58,8 @@ DESCRIPTIONS: dict[str, str] = {
     OUTSIDE_PAKISTAN: "the coordinate lies in no province polygon of Pakistan",
     NO_CLIMATE_CLASS: "the Köppen-Geiger raster has no class at the coordinate",
     UNDECODABLE: "the header is readable but the pixel data is truncated or corrupt",
-    DECOMPRESSION_BOMB: "the header claims more pixels than the configured limit; refused before decoding",
+    DECOMPRESSION_BOMB: "the header claims more pixels than the pixel limit (the filter's configured one; PIL's "
+    "at the source and the catalog); refused before decoding, with this one code at every stage",
     UNSUPPORTED_FORMAT: "an image format not accepted for photos: containers this installation cannot decode (HEIC, AVIF) or formats PIL reads but photos never use (GIF, ICO, PSD, ...)",
     TOO_SMALL: "the shorter side (after EXIF orientation) is below the configured minimum",
     BAD_ASPECT_RATIO: "long side / short side above the configured maximum (strips, extreme panoramas)",

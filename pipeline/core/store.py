@@ -3,25 +3,98 @@
 Images live at ``<root>/images/ab/cd/<sha256><ext>``: the same bytes are stored once whatever the source, and a
 crashed write never leaves a half-written file under its final name (temp file in the same folder, fsync, rename).
 Catalog rows hold paths relative to the data root so a data root can be moved or mounted elsewhere.
+
+A write that does not fit raises ``DiskFullError`` (an ``OSError`` with errno ENOSPC) naming the path, the bytes
+needed and the bytes left: checked before the write when the size is known, and converted from whatever the writer
+raised when the disk fills during it (torch reports a full disk as ``RuntimeError: [enforce fail at
+inline_container.cc:...] ... file write failed``, which does not say "No space left on device").
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 
+# below this many free bytes, a writer's unexplained "write failed" is taken as a full disk
+LOW_SPACE_BYTES = 16 * 2**20
+
+
+class DiskFullError(OSError):
+    """Not enough free space for a write: the message says the path, the bytes needed and the bytes left."""
+
+    def __init__(self, path: str | Path, needed: int | None, free: int, written: int | None = None):
+        self.path, self.needed, self.free, self.written = str(path), needed, free, written
+        if needed is not None:
+            need = f"needs {needed:,} bytes"
+        elif written is not None:
+            need = f"needs more than the {written:,} bytes written before the disk filled"
+        else:
+            need = "needs more space"
+        super().__init__(errno.ENOSPC, f"No space left on device: writing {path} {need}, {free:,} bytes left "
+                                       f"on its file system; free some space or move the data root")
+        self.filename = str(path)
+
+    def __reduce__(self) -> tuple[type, tuple[str, int | None, int, int | None]]:
+        return DiskFullError, (self.path, self.needed, self.free, self.written)
+
+    def __str__(self) -> str:
+        return f"[Errno {self.errno}] {self.strerror}"
+
+
+def free_bytes(path: str | Path) -> int:
+    """Bytes an unprivileged writer may still use on the file system of ``path`` (or of its nearest existing
+    ancestor, for a path not created yet)."""
+    p = Path(path).absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return int(shutil.disk_usage(p).free)
+
+
+def ensure_free_space(path: str | Path, needed: int) -> None:
+    """Raise ``DiskFullError`` unless ``needed`` bytes fit on the file system where ``path`` will be written."""
+    free = free_bytes(path)
+    if needed > free:
+        raise DiskFullError(path, needed, free)
+
+
+def _is_disk_full(exc: BaseException) -> bool:
+    """ENOSPC (or EDQUOT) from the OS, also when a library wraps it in its own message (pyarrow)."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(exc)
+    return isinstance(exc, OSError) and ("No space left on device" in text or "errno 28" in text.lower())
+
+
+def _is_write_failure(exc: BaseException) -> bool:
+    """A writer's failure that does not say why (torch's PytorchStreamWriter on a full disk)."""
+    text = str(exc)
+    return isinstance(exc, RuntimeError | OSError) and ("file write failed" in text or "enforce fail" in text)
+
+
 @contextlib.contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success it replaces ``path`` in one rename, else it is removed."""
+def atomic_path(path: str | Path, need_bytes: int | None = None) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success it replaces ``path`` in one rename, else it is removed.
+
+    ``need_bytes`` (when the size is known or can be bounded) is checked against the free space first; a full disk
+    during the write is raised as ``DiskFullError`` whatever the writer raised."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # the writer's pid is in the name, so a later run can tell a killed writer's leftover from a live one's
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if need_bytes is not None:
+            ensure_free_space(path, need_bytes)
+        # the writer's pid is in the name, so a later run can tell a killed writer's leftover from a live one's
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        if isinstance(exc, DiskFullError) or not _is_disk_full(exc):
+            raise
+        raise DiskFullError(path, need_bytes, free_bytes(path)) from exc
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -29,8 +102,16 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         with open(tmp_path, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp_path, path)
-    except BaseException:
+    except BaseException as exc:
+        full = None
+        if not isinstance(exc, DiskFullError) and (_is_disk_full(exc) or _is_write_failure(exc)):
+            free = free_bytes(tmp_path)  # measured before the temp file is removed: what the writer ran into
+            written = tmp_path.stat().st_size if tmp_path.exists() else None
+            if _is_disk_full(exc) or free < LOW_SPACE_BYTES:
+                full = DiskFullError(path, need_bytes, free, written)
         tmp_path.unlink(missing_ok=True)
+        if full is not None:
+            raise full from exc
         raise
 
 
@@ -57,7 +138,7 @@ def sweep_orphan_temps(folder: str | Path) -> int:
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    with atomic_path(path) as tmp:
+    with atomic_path(path, need_bytes=len(data)) as tmp:
         tmp.write_bytes(data)
     return Path(path)
 

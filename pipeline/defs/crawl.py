@@ -7,8 +7,8 @@ or files is skipped with a warning and an observation saying why; it never fails
 ``EnvVar`` and never reach logs, metadata or files.
 """
 
-import os
 from collections.abc import Iterator
+from typing import Optional
 
 import dagster as dg
 import pandas as pd
@@ -18,7 +18,7 @@ from pipeline.core.paths import DataPaths
 from pipeline.core.provinces import PROVINCE_KEYS
 from pipeline.core.report import province_map_png
 from pipeline.defs.metadata import md_table, plot
-from pipeline.defs.resources import BoundariesResource, DataRootResource, _env_or
+from pipeline.defs.resources import BoundariesResource, DataRootResource, LaunchEnvResource
 from pipeline.labels.boundaries import ProvinceBoundaries
 from pipeline.sources.crawl import CrawlResult, Source, run_crawl
 from pipeline.sources.flickr import DEFAULT_REST_URL, OPEN_LICENSES, FlickrConfig, FlickrSource
@@ -31,8 +31,9 @@ PROVINCE_PARTITIONS = dg.StaticPartitionsDefinition(list(PROVINCE_KEYS))
 CRAWL_GROUP = "crawl"
 
 
-class CrawlResource(dg.ConfigurableResource):
-    """Settings every crawler shares: HTTP timeouts, retries and parallel downloads."""
+class CrawlResource(LaunchEnvResource):
+    """Settings every crawler shares: HTTP timeouts, retries and parallel downloads. Secrets and paths left empty
+    are read from the environment at run start (``env``), so they never enter the run config."""
 
     enabled: bool = True
     timeout_s: float = 30.0
@@ -83,13 +84,14 @@ class FlickrResource(CrawlResource):
     min_window_hours: float = 1.0
 
     def missing(self) -> str | None:
-        if not (self.api_key and self.api_secret):
+        if not (self.text("api_key") and self.text("api_secret")):
             return "FLICKR_API_KEY and FLICKR_API_SECRET are not set"
         return None
 
     def source(self, http: HttpSettings, stats: HttpStats) -> Source:
-        cfg = FlickrConfig(self.api_key, self.api_secret, self.rest_url, self.queries_per_hour, self.min_taken_date,
-                           self.max_taken_date, tuple(self.licenses), self.min_accuracy, tuple(self.sizes),
+        cfg = FlickrConfig(self.text("api_key"), self.text("api_secret"), self.rest_url, self.queries_per_hour,
+                           self.min_taken_date, self.max_taken_date, tuple(self.licenses), self.min_accuracy,
+                           tuple(self.sizes),
                            min_tile_deg=self.min_tile_deg, min_window_s=int(self.min_window_hours * 3600))
         return FlickrSource(cfg, http, stats)
 
@@ -98,7 +100,7 @@ class GooglePlacesResource(CrawlResource):
     """Google Places (legacy) via googlemaps. OPT-IN: Google's terms restrict storing and redistributing Places
     content. Set GOOGLE_MAPS_API_KEY and GEOPAK_GOOGLE_PLACES_ENABLED=1 (or enabled: true) to run it."""
 
-    enabled: bool = False
+    enabled: Optional[bool] = None  # None: GEOPAK_GOOGLE_PLACES_ENABLED at run start, else off
     api_key: str = ""
     base_url: str = DEFAULT_BASE_URL
     queries_per_second: float = 10.0
@@ -111,17 +113,17 @@ class GooglePlacesResource(CrawlResource):
     page_token_delay_s: float = 2.0
 
     def skip_reason(self) -> str | None:
-        if not self.enabled:
+        if not self.flag("enabled", default=False):
             return ("opt-in only (Google's terms restrict storing and redistributing Places content): set "
                     "GEOPAK_GOOGLE_PLACES_ENABLED=1 or google_places.enabled=true")
         return self.missing()
 
     def missing(self) -> str | None:
-        return None if self.api_key else "GOOGLE_MAPS_API_KEY is not set"
+        return None if self.text("api_key") else "GOOGLE_MAPS_API_KEY is not set"
 
     def source(self, http: HttpSettings, stats: HttpStats) -> Source:
-        cfg = PlacesConfig(self.api_key, self.base_url, self.queries_per_second, self.tile_deg, self.min_tile_deg,
-                           self.place_type, self.keyword, self.max_photos_per_place, self.max_width,
+        cfg = PlacesConfig(self.text("api_key"), self.base_url, self.queries_per_second, self.tile_deg,
+                           self.min_tile_deg, self.place_type, self.keyword, self.max_photos_per_place, self.max_width,
                            self.page_token_delay_s)
         return GooglePlacesSource(cfg, http, stats)
 
@@ -137,11 +139,13 @@ class Yfcc100mResource(CrawlResource):
     downloads_per_second: float = 20.0
 
     def missing(self) -> str | None:
-        return None if self.metadata_path else "GEOPAK_YFCC100M_METADATA (path of yfcc100m_dataset) is not set"
+        if self.text("metadata_path"):
+            return None
+        return "GEOPAK_YFCC100M_METADATA (path of yfcc100m_dataset) is not set"
 
     def source(self, http: HttpSettings, stats: HttpStats) -> Source:
-        cfg = YfccConfig(self.metadata_path, self.mirror_url_template, self.min_accuracy, tuple(self.licenses),
-                         self.block_mb, self.downloads_per_second)
+        cfg = YfccConfig(self.text("metadata_path"), self.text("mirror_url_template"), self.min_accuracy,
+                         tuple(self.licenses), self.block_mb, self.downloads_per_second)
         return Yfcc100mSource(cfg, http, stats)
 
 
@@ -158,12 +162,13 @@ class Gldv2Resource(CrawlResource):
     downloads_per_second: float = 20.0
 
     def missing(self) -> str | None:
-        if not (self.train_csv and self.categories_csv):
+        if not (self.text("train_csv") and self.text("categories_csv")):
             return "GEOPAK_GLDV2_TRAIN_CSV and GEOPAK_GLDV2_CATEGORIES_CSV are not set"
         return None
 
     def source(self, http: HttpSettings, stats: HttpStats) -> Source:
-        cfg = Gldv2Config(self.train_csv, self.categories_csv, self.attribution_csv, self.wikidata_api_url,
+        cfg = Gldv2Config(self.text("train_csv"), self.text("categories_csv"), self.text("attribution_csv"),
+                          self.wikidata_api_url,
                           self.wikidata_requests_per_second, block_mb=self.block_mb,
                           downloads_per_second=self.downloads_per_second)
         return Gldv2Source(cfg, http, stats)
@@ -184,7 +189,7 @@ def _crawl(
     paths = data_root.paths
     http = resource.http_settings(paths)
     stats = HttpStats()
-    locator = ProvinceBoundaries.load(boundaries.source or None)  # crawling needs the polygons, not the fallback
+    locator = boundaries.polygons()  # crawling needs the polygons, not the fallback
     result = run_crawl(resource.source(http, stats), province, paths, data_root.store, locator, http, stats,
                        log=context.log.info)
     yield dg.MaterializeResult(metadata=_metadata(result, paths, locator))
@@ -259,19 +264,15 @@ def gldv2_photos(context: dg.AssetExecutionContext, gldv2: Gldv2Resource, data_r
 CRAWL_ASSETS = [flickr_photos, google_places_photos, yfcc100m_photos, gldv2_photos]
 
 
-def _flag(name: str) -> bool:
-    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
-
-
 def crawl_resources() -> dict[str, CrawlResource]:
-    """Secrets and paths through EnvVar when set (resolved at launch, hidden in the UI); empty means 'skip'."""
+    """Secrets and paths from the environment at run start (never in run config or the UI); empty means 'skip'."""
     return {
-        "flickr": FlickrResource(api_key=_env_or("FLICKR_API_KEY", ""), api_secret=_env_or("FLICKR_API_SECRET", "")),
-        "google_places": GooglePlacesResource(enabled=_flag("GEOPAK_GOOGLE_PLACES_ENABLED"),
-                                              api_key=_env_or("GOOGLE_MAPS_API_KEY", "")),
-        "yfcc100m": Yfcc100mResource(metadata_path=_env_or("GEOPAK_YFCC100M_METADATA", ""),
-                                     mirror_url_template=_env_or("GEOPAK_YFCC100M_MIRROR", "")),
-        "gldv2": Gldv2Resource(train_csv=_env_or("GEOPAK_GLDV2_TRAIN_CSV", ""),
-                               categories_csv=_env_or("GEOPAK_GLDV2_CATEGORIES_CSV", ""),
-                               attribution_csv=_env_or("GEOPAK_GLDV2_ATTRIBUTION_CSV", "")),
+        "flickr": FlickrResource(env={"api_key": "FLICKR_API_KEY", "api_secret": "FLICKR_API_SECRET"}),
+        "google_places": GooglePlacesResource(env={"enabled": "GEOPAK_GOOGLE_PLACES_ENABLED",
+                                                   "api_key": "GOOGLE_MAPS_API_KEY"}),
+        "yfcc100m": Yfcc100mResource(env={"metadata_path": "GEOPAK_YFCC100M_METADATA",
+                                          "mirror_url_template": "GEOPAK_YFCC100M_MIRROR"}),
+        "gldv2": Gldv2Resource(env={"train_csv": "GEOPAK_GLDV2_TRAIN_CSV",
+                                    "categories_csv": "GEOPAK_GLDV2_CATEGORIES_CSV",
+                                    "attribution_csv": "GEOPAK_GLDV2_ATTRIBUTION_CSV"}),
     }

@@ -156,7 +156,7 @@ def _examples_md(paths, rejected: pd.DataFrame, per_reason: int, cfg: FilterConf
     if rejected.empty or per_reason <= 0:
         return "_(no rejections)_"
     examples = {
-        reason: [(paths.root / p if isinstance(p, str) else None, str(sid)[-16:])
+        reason: [(paths.root / p if isinstance(p, str) else None, str(sid))
                  for p, sid in grp[["path", "source_id"]].head(per_reason).itertuples(index=False)]
         for reason, grp in rejected.groupby("outcome", sort=False)
     }
@@ -169,21 +169,49 @@ def _province_counts(boundaries: BoundariesResource, df: pd.DataFrame) -> pd.Ser
     return pd.Series(ids).value_counts()
 
 
-@dg.asset_check(
-    asset=filtered_catalog, blocking=True,
-    description="Every province that had catalog rows inside it still has at least one kept image.",
-)
-def filtered_nonempty_per_province(data_root: DataRootResource, boundaries: BoundariesResource) -> dg.AssetCheckResult:
-    paths = data_root.paths
-    before = _province_counts(boundaries, pd.read_parquet(paths.catalog, columns=["lat", "lon"]))
-    after = _province_counts(boundaries, pd.read_parquet(paths.filtered, columns=["lat", "lon"]))
+class ProvinceLossParams(dg.Config):
+    """When the filter's losses in a province block the run: a meaningful number of images, most of them lost."""
+
+    min_images: int = 20  # provinces with fewer catalog images only WARN, whatever they lose
+    max_lost_fraction: float = 0.5  # losing at least this share of them is a real loss
+
+
+def _province_loss_table(before: pd.Series, after: pd.Series) -> pd.DataFrame:
     table = pd.DataFrame(
         [(p.key, int(before.get(p.id, 0)), int(after.get(p.id, 0))) for p in PROVINCES],
         columns=["province_key", "catalog", "kept"],
     )
-    emptied = table[(table["catalog"] > 0) & (table["kept"] == 0)]["province_key"].tolist()
+    table["lost_fraction"] = (1 - table["kept"] / table["catalog"].where(table["catalog"] > 0)).fillna(0.0).round(3)
+    return table
+
+
+@dg.asset_check(
+    asset=filtered_catalog, blocking=True,
+    description="Blocking (ERROR) when a province with at least `min_images` (20) catalog images loses at least "
+    "`max_lost_fraction` (50 %) of them to the filter; WARN when a smaller province loses that share or is emptied "
+    "(e.g. its only image rejected). The numbers are the check's config.",
+)
+def filtered_nonempty_per_province(
+    config: ProvinceLossParams, data_root: DataRootResource, boundaries: BoundariesResource
+) -> dg.AssetCheckResult:
+    paths = data_root.paths
+    before = _province_counts(boundaries, pd.read_parquet(paths.catalog, columns=["lat", "lon"]))
+    after = _province_counts(boundaries, pd.read_parquet(paths.filtered, columns=["lat", "lon"]))
+    table = _province_loss_table(before, after)
+    lossy = (table["catalog"] > 0) & ((table["lost_fraction"] >= config.max_lost_fraction) | (table["kept"] == 0))
+    severe = lossy & (table["catalog"] >= config.min_images)
+    minor = lossy & ~severe
     return dg.AssetCheckResult(
-        passed=not emptied, metadata={"emptied_provinces": ", ".join(emptied) or "none", "per_province": md_table(table)}
+        passed=not lossy.any(),
+        severity=dg.AssetCheckSeverity.ERROR if severe.any() else dg.AssetCheckSeverity.WARN,
+        metadata={
+            "blocking_losses": ", ".join(table.loc[severe, "province_key"]) or "none",
+            "warned_losses": ", ".join(table.loc[minor, "province_key"]) or "none",
+            "emptied_provinces": ", ".join(table.loc[(table["catalog"] > 0) & (table["kept"] == 0), "province_key"])
+            or "none",
+            "rule": f"ERROR: >= {config.min_images} images and >= {config.max_lost_fraction:.0%} lost; else WARN",
+            "per_province": md_table(table),
+        },
     )
 
 

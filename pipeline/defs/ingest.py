@@ -17,7 +17,7 @@ from pipeline.defs import crawl
 from pipeline.defs.metadata import md_table, plot, progress_logger
 from pipeline.defs.resources import BoundariesResource, DataRootResource, LocalSourceResource
 from pipeline.sources.local import SOURCE as LOCAL_SOURCE
-from pipeline.sources.local import LocalSource, LocalSourceConfig
+from pipeline.sources.local import LocalSource
 from pipeline.sources.sample_world import SampleWorldConfig, generate_sample_world
 
 
@@ -100,12 +100,7 @@ def local_images(
 ) -> dg.MaterializeResult:
     paths = data_root.paths
     manifest_path = paths.raw_manifest(LOCAL_SOURCE)
-    cfg = LocalSourceConfig(
-        folder=local_source.folder or None,
-        manifest=local_source.manifest or None,
-        copy_into_store=local_source.copy_into_store,
-        default_license=local_source.default_license or None,
-    )
+    cfg = local_source.config()  # settings resolved from the environment at run start
     if not cfg.enabled:
         # the catalog unions whatever manifests exist: a disabled source must not leave a stale one behind
         manifest_path.unlink(missing_ok=True)

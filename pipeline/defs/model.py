@@ -59,7 +59,8 @@ def run_training(context: dg.AssetExecutionContext, cfg: TrainConfig, params: Mo
     if params.nproc > 1 and "--embed-only" not in extra:
         launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(params.nproc)]
     cmd = [*launcher, "-m", "geopak_model.train", "--config", str(cfg_path), "--result", str(result_path), *extra]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
+    env = {**os.environ, "GEOPAK_EXIT_WITH_PARENT": "1",  # the trainer dies with this step, never outlives it
+           "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
     context.log.info(f"running: {' '.join(cmd)}")
     tail: list[str] = []
     with subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,

@@ -23,6 +23,7 @@ import numpy as np
 from PIL import ExifTags, Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from pipeline.core import reasons
+from pipeline.core.exif import error_detail
 
 DEFAULT_MAX_PIXELS = 64_000_000
 DRAFT_FORMATS = frozenset({"JPEG", "MPO"})  # formats whose decoder can scale while decoding
@@ -70,6 +71,14 @@ def _exif_note(caught: list[warnings.WarningMessage]) -> str | None:
     return "; ".join(notes)[:200] or None
 
 
+def _size(path: str | Path) -> int | None:
+    """The file's size, to say "empty file" rather than PIL's "cannot identify"; None when it cannot be read."""
+    try:
+        return Path(path).stat().st_size
+    except OSError:
+        return None
+
+
 def _orientation(img: Image.Image) -> int:
     try:
         value = img.getexif().get(ExifTags.Base.Orientation, 1)
@@ -81,6 +90,7 @@ def _orientation(img: Image.Image) -> int:
 def open_image(source: str | Path | bytes, max_pixels: int, allowed_formats: frozenset[str] | None = None) -> Opened:
     """Read the header only. Raises ``DecodeError`` for unrecognised bytes, bombs and disallowed formats."""
     fp = io.BytesIO(source) if isinstance(source, bytes) else source
+    size = len(source) if isinstance(source, bytes) else _size(source)
     with pixel_limit(max_pixels), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         warnings.simplefilter("error", Image.DecompressionBombWarning)  # above the limit: refuse, not warn
@@ -89,9 +99,9 @@ def open_image(source: str | Path | bytes, max_pixels: int, allowed_formats: fro
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
             raise DecodeError(reasons.DECOMPRESSION_BOMB, str(exc)[:200]) from exc
         except (UnidentifiedImageError, ValueError, SyntaxError, EOFError, struct.error) as exc:
-            raise DecodeError(reasons.NOT_AN_IMAGE, f"{type(exc).__name__}: {exc}"[:200]) from exc
+            raise DecodeError(reasons.NOT_AN_IMAGE, error_detail(exc, size)[:200]) from exc
         except OSError as exc:
-            raise DecodeError(reasons.UNDECODABLE, f"{type(exc).__name__}: {exc}"[:200]) from exc
+            raise DecodeError(reasons.UNDECODABLE, error_detail(exc, size)[:200]) from exc
         orientation = _orientation(img)
     w, h = img.size
     if w * h > max_pixels:  # belt and braces: PIL's own check is skipped by some plugins
@@ -121,7 +131,7 @@ def decode(opened: Opened, mode: str, long_side: int | None, max_pixels: int) ->
         try:
             img.load()
         except Exception as exc:  # truncated stream, corrupt data, decoder errors
-            raise DecodeError(reasons.UNDECODABLE, f"{type(exc).__name__}: {exc}"[:200]) from exc
+            raise DecodeError(reasons.UNDECODABLE, error_detail(exc)[:200]) from exc
     img, exif_error = orient(img)
     exif_error = exif_error or opened.exif_note
     img = to_mode(img, mode)
@@ -139,7 +149,7 @@ def orient(img: Image.Image) -> tuple[Image.Image, str | None]:
             out = ImageOps.exif_transpose(img)
         return (out if out is not None else img), _exif_note(caught)
     except Exception as exc:
-        return img, f"{type(exc).__name__}: {exc}"[:200]
+        return img, error_detail(exc)[:200]
 
 
 def to_mode(img: Image.Image, mode: str) -> Image.Image:

@@ -129,3 +129,23 @@ def group_near_duplicates(
         np.bitwise_count(hashes ^ hashes[kept]).sum(axis=1, dtype=np.int32) if n else np.zeros(0, np.int32)
     )
     return DuplicateGroups(kept, sizes.astype(np.int64), dist)
+
+
+@dataclass(frozen=True)
+class CopyFacts:
+    """What a near-duplicate rejection says about one copy: who it is and why it lost or won."""
+
+    source: str
+    source_id: str
+    width: int
+    height: int
+    sharpness: float
+
+
+def near_duplicate_detail(kept: CopyFacts, this: CopyFacts, group_size: int, distance: int) -> str:
+    """Name the kept copy by its source and source_id, the names a curator can look up (not a content hash)."""
+    return (
+        f"near duplicate of {kept.source}:{kept.source_id} (kept: {kept.width}x{kept.height}, sharpness "
+        f"{kept.sharpness:.1f}; this: {this.width}x{this.height}, sharpness {this.sharpness:.1f}); "
+        f"pHash distance {distance}/256, group of {group_size}"
+    )

@@ -16,9 +16,7 @@ This module is imported by spawned workers: it must stay light (no pandas at imp
 from __future__ import annotations
 
 import hashlib
-import multiprocessing as mp
 from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,6 +25,7 @@ import numpy as np
 from PIL import Image
 
 from pipeline.core import reasons
+from pipeline.core.processes import exit_with_parent, spawn_pool
 from pipeline.filters.decode import DEFAULT_MAX_PIXELS, DecodeError, decode, open_image
 
 if TYPE_CHECKING:  # pandas is imported lazily so spawned workers start fast
@@ -166,9 +165,10 @@ def measure_many(
             reported = done
             progress(done, n)
 
+    exit_with_parent()  # in a step worker: stop measuring when the launcher is killed
     results: list[list[dict[str, Any]]] = []
     if workers > 1 and n >= max(min_pool_items, 2 * chunk_size):
-        pool = ProcessPoolExecutor(max_workers=workers - 1, mp_context=mp.get_context("spawn"))
+        pool = spawn_pool(workers - 1)  # its workers exit when this process dies
         try:
             futures = [pool.submit(_measure_chunk, c, params) for c in chunks]
             for k in range(len(chunks) - 1, -1, -1):

@@ -28,7 +28,7 @@ from pipeline.core.schema import REJECTIONS_SCHEMA, empty_frame
 from pipeline.core.store import ImageStore
 from pipeline.filters.cache import ImageValueCache
 from pipeline.filters.decode import DEFAULT_MAX_PIXELS
-from pipeline.filters.dedup import group_near_duplicates
+from pipeline.filters.dedup import CopyFacts, group_near_duplicates, near_duplicate_detail
 from pipeline.filters.geotag import DEFAULT_ACCURACY_RULES, AccuracyRule, geotag_reasons
 from pipeline.filters.indoor import ClipSpec, IndoorClassifier, check_weights, indoor_scores
 from pipeline.filters.licenses import DEFAULT_ALLOWED, license_reasons
@@ -171,9 +171,14 @@ def filter_catalog(
         out = np.flatnonzero(g.rejected)
         if len(out):
             kk = g.kept_index[out]
+            srcs = df.loc[rows, "source"].astype(str).tolist()
+            sids = df.loc[rows, "source_id"].astype(str).tolist()
+
+            def facts(k: int) -> CopyFacts:
+                return CopyFacts(srcs[k], sids[k], int(w[k]), int(h[k]), float(sharp[k]))
+
             v.set(rows[out], reasons.NEAR_DUPLICATE, [
-                f"group {ids[k][:12]} of {g.group_size[o]}: kept {ids[k]} ({w[k]}x{h[k]}, sharpness {sharp[k]:.1f}); "
-                f"this {w[o]}x{h[o]}, sharpness {sharp[o]:.1f}, pHash distance {g.distance[o]}/256"
+                near_duplicate_detail(facts(k), facts(o), int(g.group_size[o]), int(g.distance[o]))
                 for o, k in zip(out, kk)
             ])
 

@@ -2,8 +2,10 @@
 
 The polygons come from a configurable file path or URL (GeoJSON, Shapefile, GeoPackage — anything GDAL reads);
 the default is the copy of geoBoundaries' simplified ADM1 file shipped in ``pipeline/data`` (public domain).
-When no boundary file can be read, ``GazetteerProvinces`` assigns the province of the nearest GeoNames place within
-a distance cap; its agreement with the polygons is measured by the tests and stated in the README.
+A configured file that cannot be read is an error (``BoundaryFileError``, with the reason): the fallback is never
+silent. Only when no file is configured and the shipped one cannot be read does ``GazetteerProvinces`` assign the
+province of the nearest GeoNames place within a distance cap; its agreement with the polygons is measured by the
+tests and stated in the README, and its ``reason`` says why it is in use.
 """
 
 from __future__ import annotations
@@ -19,11 +21,31 @@ from pipeline.core.gazetteer import nearest_places, pakistan_places
 from pipeline.core.provinces import PROVINCES, lookup
 
 OUTSIDE = -1
+_MAX_REASON_CHARS = 400
 DEFAULT_BOUNDARIES = "geoBoundaries-PAK-ADM1_simplified.geojson"
 
 
 def default_boundaries_path() -> Path:
     return Path(str(resources.files("pipeline") / "data" / DEFAULT_BOUNDARIES))
+
+
+class BoundaryFileError(RuntimeError):
+    """A boundary file that must be used could not be read; raised instead of silently labelling by gazetteer."""
+
+
+def _why(err: BaseException) -> str:
+    text = f"{type(err).__name__}: {err}"
+    return text if len(text) <= _MAX_REASON_CHARS else text[: _MAX_REASON_CHARS - 1] + "…"
+
+
+def boundaries_cache_key(path_or_url: str | Path | None) -> tuple[str, int | None, int | None]:
+    """Identity of a boundary source for caching: path, mtime and size (a URL or a missing file: the path only)."""
+    src = str(path_or_url or default_boundaries_path())
+    try:
+        st = Path(src).stat()
+    except (OSError, ValueError):  # a URL, or a file that is not there (yet)
+        return src, None, None
+    return src, st.st_mtime_ns, st.st_size
 
 
 @dataclass
@@ -82,6 +104,7 @@ class GazetteerProvinces:
 
     max_km: float = 60.0
     source: str = "gazetteer fallback (nearest GeoNames place)"
+    reason: str = ""  # why the polygons are not in use
 
     def locate(self, lat: np.ndarray, lon: np.ndarray) -> np.ndarray:
         lat = np.asarray(lat, dtype=np.float64)
@@ -96,9 +119,25 @@ class GazetteerProvinces:
         return out
 
 
-def load_province_locator(path_or_url: str | Path | None = None) -> ProvinceBoundaries | GazetteerProvinces:
-    """Polygons when the file can be read, else the gazetteer fallback (the caller records which in metadata)."""
+def load_province_locator(
+    path_or_url: str | Path | None = None, allow_fallback: bool = True
+) -> ProvinceBoundaries | GazetteerProvinces:
+    """The configured file's polygons, or ``BoundaryFileError`` with the reason: a configured file is never replaced.
+
+    With none configured, the shipped geoBoundaries file; only if that cannot be read (and ``allow_fallback``) the
+    gazetteer fallback, whose ``reason`` the caller records in metadata and a WARN check.
+    """
+    if path_or_url:
+        try:
+            return ProvinceBoundaries.load(path_or_url)
+        except Exception as err:  # unreadable, missing or malformed file, or an unreachable URL
+            reason = f"configured boundary file {str(path_or_url)!r} could not be read: {_why(err)}"
+            raise BoundaryFileError(reason) from err
     try:
-        return ProvinceBoundaries.load(path_or_url)
-    except Exception:  # unreadable, missing or malformed file, or an unreachable URL
-        return GazetteerProvinces()
+        return ProvinceBoundaries.load(None)
+    except Exception as err:
+        shipped = default_boundaries_path()
+        reason = f"no boundary file configured and the shipped {shipped} could not be read: {_why(err)}"
+        if not allow_fallback:
+            raise BoundaryFileError(reason) from err
+        return GazetteerProvinces(reason=reason)

@@ -4,6 +4,10 @@ Every source implements ``Source``; ``run_crawl`` owns the crawl state, the down
 no secret leaves in an error message. Outputs per source × province under ``raw/<source>/<province>/``:
 ``manifest.parquet`` (RAW_MANIFEST_SCHEMA; the catalog unions every ``raw/**/manifest.parquet``) and
 ``rejections.parquet`` (REJECTIONS_SCHEMA, stage ``crawl``), both rebuilt from the state on every run.
+
+One source × province is crawled by one process at a time (an OS lock, ``crawl.lock`` beside the state, which a
+second crawler waits ``lock_wait_s`` for and then fails naming the holder's pid), and a crawl running in a spawned
+worker (a Dagster step) stops when its launcher dies, so a killed run's orphan never races the rerun.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from pipeline.core import reasons
 from pipeline.core.catalog import rejection
 from pipeline.core.exif import DEFAULT_UTC_OFFSET
 from pipeline.core.paths import DataPaths
+from pipeline.core.processes import exclusive_lock, exit_with_parent
 from pipeline.core.provinces import BY_KEY, Province
 from pipeline.core.schema import RAW_MANIFEST_SCHEMA, REJECTIONS_SCHEMA, write_table
 from pipeline.core.store import ImageStore, sweep_orphan_temps
@@ -261,12 +266,35 @@ def run_crawl(
     stats: HttpStats,
     log: Log = print,
     discover_only: bool = False,
+    lock_wait_s: float = 30.0,
 ) -> CrawlResult:
-    """Crawl one province to completion (or resume one); write its manifest and rejections."""
+    """Crawl one province to completion (or resume one); write its manifest and rejections.
+
+    Raises ``LockHeldError`` when another process still crawls the same source and province after ``lock_wait_s``.
+    """
     start = time.monotonic()
+    exit_with_parent()  # in a step worker: stop crawling when the launcher is killed
+    province = BY_KEY[province_key]
+    state_path = paths.crawl_state(source.name, province_key)
+    with exclusive_lock(state_path.with_name("crawl.lock"), f"the {source.name}/{province_key} crawl", lock_wait_s):
+        return _run_locked(source, province, paths, store, boundaries, http, stats, log, discover_only, start)
+
+
+def _run_locked(
+    source: Source,
+    province: Province,
+    paths: DataPaths,
+    store: ImageStore,
+    boundaries: ProvinceBoundaries,
+    http: HttpSettings,
+    stats: HttpStats,
+    log: Log,
+    discover_only: bool,
+    start: float,
+) -> CrawlResult:
+    province_key = province.key
     swept = sweep_orphan_temps(store.root / "images")  # half-written downloads of a killed earlier run
     redact = Redactor(source.secrets())
-    province = BY_KEY[province_key]
     with CrawlState(paths.crawl_state(source.name, province_key)) as state:
         ctx = CrawlContext(province, boundaries, state, store, paths, http, stats, redact, log)
         reset = state.sync_params(source.params(), source.filter_reasons)

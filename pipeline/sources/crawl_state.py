@@ -6,7 +6,8 @@ one transaction, and a download is recorded once its bytes are in the image stor
 own id, so an item found twice (overlapping tiles, shifted pages) is stored once.
 
 Item statuses: ``pending`` (to download), ``done`` (in the store), ``rejected`` (with a reason code, final) and
-``failed`` (transient errors outlasted the retries; downloaded again on the next run).
+``failed`` (transient errors outlasted the retries; downloaded again on the next run). ``done`` is final: no later
+report (a late or duplicate download, another process) sets a finished item back to failed, rejected or pending.
 """
 
 from __future__ import annotations
@@ -35,6 +36,9 @@ CREATE TABLE IF NOT EXISTS items (
 );
 CREATE INDEX IF NOT EXISTS units_status ON units (status, seq);
 CREATE INDEX IF NOT EXISTS items_status ON items (status, seq);
+-- a finished download is final, whoever writes: an update that would move it out of 'done' is skipped
+CREATE TRIGGER IF NOT EXISTS items_done_is_final BEFORE UPDATE OF status ON items
+WHEN OLD.status = 'done' AND NEW.status != 'done' BEGIN SELECT RAISE(IGNORE); END;
 """
 
 
@@ -212,12 +216,13 @@ class CrawlState:
     def record_download(
         self, item_id: str, image_id: str | None, path: str | None, reason: str | None, detail: str, retry_later: bool
     ) -> None:
+        """Record a download's outcome; an item already ``done`` keeps its stored image (never downgraded)."""
         status = DONE if image_id else (FAILED if retry_later else REJECTED)
         with self._tx() as con:
             con.execute(
                 "UPDATE items SET status = ?, image_id = ?, path = ?, reason = ?, detail = ?, attempts = attempts + 1 "
-                "WHERE item_id = ?",
-                (status, image_id, path, reason, detail, item_id),
+                "WHERE item_id = ? AND status != ?",
+                (status, image_id, path, reason, detail, item_id, DONE),
             )
 
     def update_records(self, updates: dict[str, dict]) -> None:

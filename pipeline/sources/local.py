@@ -4,8 +4,10 @@ Folder mode walks a directory tree and reads GPS and DateTimeOriginal from each 
 GEOPAK / OSV-5M style tables whose columns may be spelled ``lat``/``latitude``, ``lon``/``lng``/``long``/
 ``longitude``, ``path``/``file``/``image_path``/``filepath`` or ``url``; when a manifest gives coordinates and
 the file's EXIF has others, the manifest wins and the disagreement is counted. Files are copied into the
-content-addressed store (or referenced in place) so later stages never depend on the original folder; a re-run
-hashes only files whose size or modification time changed. Every bad row or file gets one reason code.
+content-addressed store (or referenced in place) so later stages never depend on the original folder; a re-run,
+in either mode, hashes and copies only files whose path, size or modification time changed (the others' headers are
+read again, so changed manifest metadata still applies). Every bad row or file gets one reason code. A photo whose
+EXIF date is zeroed or impossible keeps its coordinates with no date; ``exif_date_unusable`` counts them.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import pandas as pd
 
 from pipeline.core import reasons
 from pipeline.core.catalog import rejection
-from pipeline.core.exif import NotAnImage, read_header
+from pipeline.core.exif import DecompressionBomb, ImageHeader, NotAnImage, error_detail, read_header
 from pipeline.core.gazetteer import haversine_km
 from pipeline.core.provinces import lookup
 from pipeline.core.schema import RAW_MANIFEST_SCHEMA, REJECTIONS_SCHEMA, empty_frame
@@ -107,14 +109,20 @@ class LocalSource:
         self.store = store
         self.inside_pakistan = inside_pakistan
         self.fetch = fetch or _http_get
-        # (source_id, size, mtime_ns) → previous row, so unchanged files are not hashed or copied again
-        self._previous = {}
+        # (file URI, size, mtime_ns) → previous row, so unchanged files are not hashed or copied again
+        self._previous: dict[tuple[str, int, int], dict] = {}
         if previous is not None and len(previous):
             for row in previous.to_dict("records"):
-                self._previous[(row["source_id"], row.get("file_size"), row.get("file_mtime_ns"))] = row
+                size, mtime = row.get("file_size"), row.get("file_mtime_ns")
+                if any(v is None or pd.isna(v) for v in (row.get("source_url"), size, mtime)):
+                    continue  # a downloaded row (no file stat): nothing to compare against
+                self._previous[(str(row["source_url"]), int(size), int(mtime))] = row
         self.rows: list[dict] = []
         self.rejected: list[dict] = []
-        self.stats = {"files_seen": 0, "manifest_rows": 0, "reused": 0, "new": 0, "manifest_exif_disagree": 0}
+        self.stats = {
+            "files_seen": 0, "manifest_rows": 0, "reused": 0, "new": 0, "manifest_exif_disagree": 0,
+            "exif_date_unusable": 0,
+        }
         self._seen_source_ids: set[str] = set()
 
     # ---- public -------------------------------------------------------------------------------------------
@@ -206,22 +214,39 @@ class LocalSource:
             self._reject(base, reasons.MISSING_FILE, str(path))
             return
         st = path.stat()
-        prev = self._previous.get((base["source_id"], st.st_size, st.st_mtime_ns))
-        if prev is not None and self.store.abspath(prev["path"]).is_file() and lat is None:
-            self.stats["reused"] += 1
-            self._accept({**prev})
-            return
-        self._add_bytes(path.read_bytes(), base, lat, lon, file_stat=(st.st_size, st.st_mtime_ns), origin=path)
+        file_stat = (st.st_size, st.st_mtime_ns)
+        prev = self._previous.get((path.resolve().as_uri(), st.st_size, st.st_mtime_ns))
+        if prev is not None and self._still_stored(prev):
+            try:
+                header = read_header(path)  # header only: the bytes are neither hashed nor copied again
+            except NotAnImage:
+                header = None  # changed in place with the same size and mtime: take the slow path
+            if header is not None:
+                stored = (str(prev["image_id"]), str(prev["path"]))
+                self._decide(base, lat, lon, header, stored, file_stat, data=None, origin=path)
+                return
+        self._add_bytes(path.read_bytes(), base, lat, lon, file_stat=file_stat, origin=path)
+
+    def _still_stored(self, prev: dict) -> bool:
+        """The previous row's image is where it says and was stored the way this run stores (copied or referenced)."""
+        rel = prev.get("path")
+        if _missing(rel) or _missing(prev.get("image_id")):
+            return False
+        referenced = Path(str(rel)).is_absolute()
+        return referenced != self.cfg.copy_into_store and self.store.abspath(str(rel)).is_file()
 
     def _add_url(self, url: str, base: dict, lat: float, lon: float) -> None:
         try:
             data = self.fetch(url, self.cfg.download_timeout_s)
         except Exception as exc:  # network errors are a per-row rejection, not a crash
-            self._reject(base, reasons.DOWNLOAD_FAILED, f"{type(exc).__name__}: {exc}"[:200])
+            self._reject(base, reasons.DOWNLOAD_FAILED, error_detail(exc)[:200])  # no reprs with addresses
             return
         self._add_bytes(data, base, lat, lon, file_stat=(None, None), origin=None)
 
-    def _add_bytes(self, data: bytes, base, lat, lon, file_stat, origin: Path | None) -> None:
+    def _add_bytes(
+        self, data: bytes, base: dict, lat: float | None, lon: float | None,
+        file_stat: tuple[int | None, int | None], origin: Path | None,
+    ) -> None:
         ext = sniff_extension(data)
         if ext in UNSUPPORTED_EXTS and data:
             is_container = ext != ".bin"
@@ -230,12 +255,23 @@ class LocalSource:
             return
         try:
             header = read_header(data)
+        except DecompressionBomb as exc:  # the same code as the catalog and the filter stage
+            self._reject(base, reasons.DECOMPRESSION_BOMB, str(exc)[:200])
+            return
         except NotAnImage as exc:
             self._reject(base, reasons.NOT_AN_IMAGE, str(exc)[:200])
             return
+        self._decide(base, lat, lon, header, None, file_stat, data=data, origin=origin)
+
+    def _decide(
+        self, base: dict, lat: float | None, lon: float | None, header: ImageHeader,
+        stored: tuple[str, str] | None, file_stat: tuple[int | None, int | None],
+        data: bytes | None, origin: Path | None,
+    ) -> None:
+        """Accept or reject one image from its header; ``stored`` is (image_id, path) of an unchanged file."""
         if lat is None or lon is None:
             if header.lat is None or header.lon is None:
-                self._reject(base, reasons.NO_COORDINATES, header.exif_error or "no GPS in EXIF")
+                self._reject(base, reasons.NO_COORDINATES, header.gps_error or "no GPS in EXIF")
                 return
             lat, lon = header.lat, header.lon
             if not (-90 <= lat <= 90 and -180 <= lon <= 180):
@@ -248,14 +284,19 @@ class LocalSource:
             self._reject(base, reasons.OUTSIDE_PAKISTAN, f"lat={lat:.5f} lon={lon:.5f}")
             return
         taken = base.get("taken_at")
-        if taken is None and header.taken_at is not None:
+        date_unusable = False
+        if taken is None:
             taken = header.taken_at
-        if self.cfg.copy_into_store or origin is None:
+            date_unusable = taken is None and header.date_error is not None
+        if stored is not None:
+            image_id, rel = stored
+        elif self.cfg.copy_into_store or origin is None:
+            assert data is not None
             image_id, rel = self.store.put(data)
         else:
+            assert data is not None
             image_id, rel = sha256_hex(data), str(origin.resolve())
-        self.stats["new"] += 1
-        self._accept(
+        accepted = self._accept(
             {
                 "source": SOURCE,
                 "source_id": base["source_id"],
@@ -275,13 +316,17 @@ class LocalSource:
                 "file_mtime_ns": file_stat[1],
             }
         )
+        if accepted:
+            self.stats["reused" if stored is not None else "new"] += 1
+            self.stats["exif_date_unusable"] += int(date_unusable)
 
-    def _accept(self, row: dict) -> None:
+    def _accept(self, row: dict) -> bool:
         if row["source_id"] in self._seen_source_ids:
             self._reject(row, reasons.DUPLICATE_ROW, "the same file or row is listed twice")
-            return
+            return False
         self._seen_source_ids.add(row["source_id"])
         self.rows.append(row)
+        return True
 
     def _reject(self, base: dict, reason: str, detail: str) -> None:
         self.rejected.append(rejection(STAGE, {"source": SOURCE, **base}, reason, detail))

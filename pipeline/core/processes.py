@@ -1,0 +1,158 @@
+"""Process hygiene: no process of a run outlives its launcher, and one piece of work runs in one process at a time.
+
+Killing ``dagster job execute`` (SIGKILL, a closed terminal, an OOM kill) does not kill the processes it started:
+Dagster's multiprocess executor runs each step in a spawned child, and spawned pool workers block forever on their
+task queue. Such orphans went on crawling and raced the rerun. So:
+
+* ``exit_with_parent`` starts a watchdog thread in a spawned child that ends the process within ``poll_s`` of its
+  parent's death (the parent is gone when this process is re-parented). ``run_crawl`` and the metrics pool call it
+  in Dagster step processes; ``spawn_pool`` workers call it at start-up. It does nothing in a process that was not
+  started by ``multiprocessing`` (the launcher itself, an in-process run, a test), unless given a pid to watch.
+  Everything a run writes is atomic (SQLite transactions, temp file + rename), so ending at any instant is safe.
+* ``exclusive_lock`` holds an OS file lock (``flock``) for the duration of a piece of work; a second process waits a
+  little (an orphan being reaped releases it) and then fails naming the holder's pid. The OS releases the lock when
+  its holder dies, so a killed run never leaves it behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import multiprocessing as mp
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+_watch_guard = threading.Lock()
+_watched_pid: int | None = None
+
+
+def launcher_pid() -> int | None:
+    """The pid of the process that started this one through ``multiprocessing`` (Dagster's step launcher, a pool's
+    owner); None when this process was not started that way."""
+    parent = mp.parent_process()
+    return parent.pid if parent is not None else None
+
+
+def _die(parent_pid: int) -> None:
+    with contextlib.suppress(Exception):
+        sys.stderr.write(f"geopak: process {parent_pid}, which started process {os.getpid()}, is gone: "
+                         f"stopping {os.getpid()} so it does not outlive its run\n")
+        sys.stderr.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _watch(parent_pid: int, poll_s: float) -> None:
+    while os.getppid() == parent_pid:
+        time.sleep(poll_s)
+    _die(parent_pid)
+
+
+def exit_with_parent(parent_pid: int | None = None, poll_s: float = 0.2) -> int | None:
+    """End this process (SIGKILL) within about ``poll_s`` once ``parent_pid`` is no longer its parent.
+
+    ``parent_pid`` defaults to the ``multiprocessing`` parent; returns the pid watched, or None when there is none
+    (then nothing is started). Idempotent: one watchdog thread per process."""
+    global _watched_pid
+    pid = parent_pid if parent_pid is not None else launcher_pid()
+    if pid is None:
+        return None
+    with _watch_guard:
+        if _watched_pid is not None:
+            return _watched_pid
+        if os.getppid() != pid:  # the parent died before we got here
+            _die(pid)
+        threading.Thread(target=_watch, args=(pid, poll_s), name="geopak-parent-watchdog", daemon=True).start()
+        _watched_pid = pid
+    return pid
+
+
+def _init_pool_worker(parent_pid: int) -> None:
+    exit_with_parent(parent_pid)
+
+
+def spawn_pool(max_workers: int) -> ProcessPoolExecutor:
+    """A process pool of spawned workers that exit when the process that made the pool dies (a plain pool's idle
+    workers wait on their task queue forever, and keep multiprocessing's resource tracker alive with them)."""
+    return ProcessPoolExecutor(max_workers=max_workers, mp_context=mp.get_context("spawn"),
+                               initializer=_init_pool_worker, initargs=(os.getpid(),))
+
+
+def pid_running(pid: int) -> bool:
+    """Whether ``pid`` is a live process on this host (an exited one awaiting its reaper, a zombie, is not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True  # no /proc (macOS): signal 0 succeeded
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def process_started_at(pid: int) -> float | None:
+    """When ``pid`` started (seconds since the epoch, about 1 s precision), from /proc; None where unknown. Tells a
+    recycled pid from the process that once had it."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        btime = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                     if line.startswith("btime "))
+        return btime + int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22 of stat: start time in clock ticks
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+
+
+class LockHeldError(RuntimeError):
+    """Another live process holds the lock; the message names its pid."""
+
+    def __init__(self, what: str, path: Path, holder: str):
+        self.what, self.path, self.holder = what, path, holder
+        super().__init__(f"{what} is already running in process {holder or '(unknown pid)'} (lock {path}); wait "
+                         f"for it to finish or stop that process, then run again")
+
+    def __reduce__(self) -> tuple[type, tuple[str, Path, str]]:
+        return LockHeldError, (self.what, self.path, self.holder)
+
+
+def _holder(fd: int) -> str:
+    with contextlib.suppress(OSError):
+        return os.pread(fd, 64, 0).decode(errors="replace").strip()
+    return ""
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: str | Path, what: str, wait_s: float = 30.0, poll_s: float = 0.1) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``path`` (created if needed) for the ``with`` block.
+
+    If another process holds it, wait up to ``wait_s`` (a killed run's orphan may still be on its way out), then
+    raise ``LockHeldError`` naming the holder's pid. The lock file's content is the holder's pid."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise LockHeldError(what, path, _holder(fd)) from None
+                time.sleep(poll_s)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        try:
+            yield
+        finally:
+            os.ftruncate(fd, 0)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
