@@ -120,3 +120,17 @@ def test_disk_full_error_pickles():
     err = pickle.loads(pickle.dumps(DiskFullError("/d/x", 10, 2)))
     assert (err.path, err.needed, err.free, err.errno) == ("/d/x", 10, 2, errno.ENOSPC)
     assert "No space left on device" in str(err)
+
+
+def test_tables_check_space_before_writing(tmp_path, monkeypatch):
+    """Every stage table goes through ``write_table``: it asks for the table's size before writing a byte."""
+    import pandas as pd
+    import pyarrow as pa
+
+    from pipeline.core.schema import write_table
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr("shutil.disk_usage", lambda p: usage(10**9, 10**9 - 100, 100))
+    with pytest.raises(DiskFullError, match="No space left on device"):
+        write_table(pd.DataFrame({"x": range(1000)}), tmp_path / "t.parquet", pa.schema([("x", pa.int64())]))
+    assert not list(tmp_path.iterdir())

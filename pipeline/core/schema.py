@@ -131,7 +131,7 @@ def _check_values(table: pa.Table) -> None:
 def write_table(df: pd.DataFrame, path: str | Path, schema: pa.Schema, check_values: bool = True) -> Path:
     """Validate and write Parquet atomically (temp file + rename)."""
     table = to_table(df, schema, check_values)
-    with atomic_path(path) as tmp:
+    with atomic_path(path, need_bytes=table.nbytes) as tmp:  # uncompressed size: a generous bound
         pq.write_table(table, tmp, compression="zstd")
     return Path(path)
 

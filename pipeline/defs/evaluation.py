@@ -5,6 +5,7 @@ import datetime as dt
 import dagster as dg
 import pandas as pd
 
+from pipeline.core.store import atomic_path
 from pipeline.defs.metadata import md_table, plot, progress_logger
 from pipeline.defs.model import geopak_model
 from pipeline.defs.resources import BoundariesResource, DataRootResource
@@ -85,7 +86,8 @@ def evaluation_report(
         "on the sample world these are synthetic images: the numbers test the pipeline, not real-world accuracy",
     ]
     written = write_report(rep, out_dir, f"GeoPak evaluation ({config.split} split)", notes)
-    df.to_parquet(out_dir / "predictions.parquet")
+    with atomic_path(out_dir / "predictions.parquet") as tmp:
+        df.to_parquet(tmp)
     verdict = baseline_verdict(rep)
     check = dg.AssetCheckResult(
         check_name="beats_every_baseline", passed=bool(verdict["passed"]), severity=dg.AssetCheckSeverity.WARN,
