@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -141,3 +142,19 @@ def test_sweep_removes_only_orphaned_temp_files(tmp_path):
         p.write_bytes(b"x")
     assert sweep_orphan_temps(tmp_path) == 1
     assert not orphan.exists() and live.exists() and keep.exists()
+
+
+def test_every_reason_code_is_defined_and_described_once():
+    """A code assigned twice, or described twice, silently overwrites the first description."""
+
+    from pipeline.core import reasons
+
+    tree = ast.parse(Path(reasons.__file__).read_text())
+    names = [t.id for node in tree.body if isinstance(node, ast.Assign) for t in node.targets
+             if isinstance(t, ast.Name) and t.id.isupper() and t.id != "DESCRIPTIONS"]
+    assert len(names) == len(set(names)), sorted(n for n in names if names.count(n) > 1)
+    desc = next(node.value for node in tree.body if isinstance(node, ast.AnnAssign)
+                and getattr(node.target, "id", "") == "DESCRIPTIONS")
+    keys = [k.id for k in desc.keys]
+    assert len(keys) == len(set(keys)), sorted(k for k in keys if keys.count(k) > 1)
+    assert set(keys) == set(names)

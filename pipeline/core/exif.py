@@ -17,8 +17,10 @@ from typing import Any
 from PIL import ExifTags, Image, UnidentifiedImageError
 from PIL.TiffImagePlugin import IFDRational
 
+from pipeline.core.provinces import PAKISTAN_UTC_OFFSET_HOURS
+
 # Pakistan Standard Time; assumed when EXIF gives a local time without OffsetTimeOriginal (no DST since 2009).
-DEFAULT_UTC_OFFSET = dt.timezone(dt.timedelta(hours=5))
+DEFAULT_UTC_OFFSET = dt.timezone(dt.timedelta(hours=PAKISTAN_UTC_OFFSET_HOURS))
 _ORIENTATION_SWAPS_AXES = {5, 6, 7, 8}
 _OBJECT_REPR = re.compile(r"<([\w.]+) object at 0x[0-9a-fA-F]+>")
 _OFFSET = re.compile(r"^([+-])(\d{2}):(\d{2})$")

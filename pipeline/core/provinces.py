@@ -10,6 +10,9 @@ import re
 import unicodedata
 from dataclasses import dataclass
 
+# Pakistan Standard Time, UTC+5 all year (no DST since 2009): the one definition every stage uses.
+PAKISTAN_UTC_OFFSET_HOURS = 5
+
 
 @dataclass(frozen=True)
 class Province:

@@ -21,7 +21,7 @@ LOW_GEO_ACCURACY = "low_geo_accuracy"
 NOT_A_PHOTO = "not_a_photo"
 NO_IMAGE_URL = "no_image_url"
 IMAGE_TOO_LARGE = "image_too_large"
-DOWNLOAD_FAILED = "download_failed"
+# (a crawl download that failed is DOWNLOAD_FAILED, defined with the sources' codes above)
 # label stage
 OUTSIDE_PAKISTAN = "outside_pakistan"
 NO_CLIMATE_CLASS = "no_climate_class"
@@ -35,12 +35,11 @@ BLURRED = "blurred"
 NEAR_DUPLICATE = "near_duplicate"
 NULL_ISLAND = "null_island"
 INACCURATE_GEOTAG = "inaccurate_geotag"
-LICENSE_NOT_ALLOWED = "license_not_allowed"
+# (a licence off the allowlist is LICENSE_NOT_ALLOWED, at the crawl and the filter alike)
 INDOOR = "indoor"
 
 DESCRIPTIONS: dict[str, str] = {
     MALFORMED_DATE: "the source gives a date that cannot be parsed",
-    DOWNLOAD_FAILED: "the image could not be downloaded (HTTP error, timeout, connection error)",
     DUPLICATE_ROW: "the same file or manifest row is listed more than once",
     MISSING_FILE: "the manifest names a file that is not in the image store",
     NOT_AN_IMAGE: "the bytes are not an image any decoder recognises (HTML error page, empty file, unknown format)",
@@ -49,18 +48,19 @@ DESCRIPTIONS: dict[str, str] = {
     FUTURE_DATE: "the date taken lies in the future: the camera clock or the metadata is broken",
     DUPLICATE_BYTES: "the same bytes (sha256) already entered the catalog from another row; the first row is kept",
     OTHER_PROVINCE: "the source's coordinate lies in another province: that province's crawl partition keeps it",
-    LICENSE_NOT_ALLOWED: "the licence is not in the source's configured allowlist",
     LOW_GEO_ACCURACY: "the source's location accuracy is below the configured threshold",
     NOT_A_PHOTO: "the record is a video, not a photo",
     NO_IMAGE_URL: "the source gives no URL to download the image from",
     IMAGE_TOO_LARGE: "the download is over the configured byte or pixel limit",
-    DOWNLOAD_FAILED: "the download failed (HTTP error, or transient errors outlasted the retries: retried next run)",
+    DOWNLOAD_FAILED: "the image could not be downloaded (HTTP error, timeout, connection error, or transient errors "
+    "outlasted the retries): retried on the next run",
     OUTSIDE_PAKISTAN: "the coordinate lies in no province polygon of Pakistan",
     NO_CLIMATE_CLASS: "the Köppen-Geiger raster has no class at the coordinate",
     UNDECODABLE: "the header is readable but the pixel data is truncated or corrupt",
     DECOMPRESSION_BOMB: "the header claims more pixels than the pixel limit (the filter's configured one; PIL's "
     "at the source and the catalog); refused before decoding, with this one code at every stage",
-    UNSUPPORTED_FORMAT: "an image format not accepted for photos: containers this installation cannot decode (HEIC, AVIF) or formats PIL reads but photos never use (GIF, ICO, PSD, ...)",
+    UNSUPPORTED_FORMAT: "an image format not accepted for photos: containers this installation cannot decode "
+    "(HEIC, AVIF) or formats PIL reads but photos never use (GIF, ICO, PSD, ...)",
     TOO_SMALL: "the shorter side (after EXIF orientation) is below the configured minimum",
     BAD_ASPECT_RATIO: "long side / short side above the configured maximum (strips, extreme panoramas)",
     NEAR_UNIFORM: "almost no grey-level variation: blank, lens cap, over/under-exposed frame",

@@ -34,7 +34,7 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 from scipy.spatial import Delaunay, QhullError, cKDTree
 
-from pipeline.core.provinces import BY_ID
+from pipeline.core.provinces import BY_ID, PAKISTAN_UTC_OFFSET_HOURS
 from pipeline.geocells.geometry import EARTH_RADIUS_KM, Projector, arc_km, km_to_chord, unit_vectors
 
 TRAIN, VAL, TEST, BUFFER = "train", "val", "test", "buffer"
@@ -53,7 +53,7 @@ class SplitConfig:
     max_group_share: float = 0.05
     min_group_to_tile: int = 50
     tile_km: float = 10.0
-    utc_offset_hours: float = 5.0  # Pakistan Standard Time, for the owner's local day
+    utc_offset_hours: float = PAKISTAN_UTC_OFFSET_HOURS  # Pakistan Standard Time, for the owner's local day
     owner_disjoint: bool = True  # all of an owner's images in one split; False: only each owner's local day
 
     def __post_init__(self) -> None:

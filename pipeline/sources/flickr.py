@@ -19,8 +19,9 @@ import flickrapi
 from flickrapi.exceptions import FlickrError
 
 from pipeline.core import reasons
+from pipeline.core.exif import DEFAULT_UTC_OFFSET
 from pipeline.sources.crawl import CrawlContext, Source, local_datetime_to_utc, to_float
-from pipeline.sources.crawl_state import Unit
+from pipeline.sources.crawl_state import CrawlState, Unit
 from pipeline.sources.http import (
     Fetched,
     HttpSettings,
@@ -90,9 +91,14 @@ class Query:
     page: int = 1
 
     @property
-    def unit_id(self) -> str:
+    def key(self) -> str:
+        """The query without its page: every page of one search shares it."""
         b = ",".join(f"{v:.6f}" for v in self.bbox)
-        return f"q:{b}:{self.t0}-{self.t1}:p{self.page}"
+        return f"q:{b}:{self.t0}-{self.t1}"
+
+    @property
+    def unit_id(self) -> str:
+        return f"{self.key}:p{self.page}"
 
     def payload(self) -> dict:
         return dataclasses.asdict(self)
@@ -140,6 +146,18 @@ class FlickrSource(Source):
     def secrets(self) -> list[str]:
         return [self.cfg.api_key, self.cfg.api_secret]
 
+    def summary(self, state: CrawlState) -> dict[str, float]:
+        """``units: total`` counted once per search, not once per page (every page repeats the search's total).
+
+        A search that was split is left out (its children cover it); of a paged search the largest page total counts
+        (uploads during the crawl can raise it between pages). This replaces the per-page sum of the generic summary.
+        """
+        per_query: dict[str, float] = {}
+        for r in state.unit_results("q:"):
+            if "query" in r and "photos" in r:
+                per_query[r["query"]] = max(per_query.get(r["query"], 0.0), float(r.get("total") or 0))
+        return {"units: total": float(sum(per_query.values()))}
+
     def classify(self, exc: BaseException) -> tuple[str, float | None] | None:
         if isinstance(exc, FlickrError):
             return ("flickr_unavailable", None) if exc.code in _TRANSIENT_CODES else None
@@ -148,7 +166,7 @@ class FlickrSource(Source):
     # ------------------------------------------------------------------------------------------------ discovery
     def discover(self, ctx: CrawlContext) -> None:
         if not ctx.state.has_units("q:"):
-            end = self.cfg.max_taken_date or (dt.datetime.now(dt.timezone.utc) + dt.timedelta(hours=5)).strftime(
+            end = self.cfg.max_taken_date or (dt.datetime.now(DEFAULT_UTC_OFFSET)).strftime(
                 "%Y-%m-%d %H:%M:%S"
             )
             root = Query(ctx.bbox, _naive_seconds(self.cfg.min_taken_date), _naive_seconds(end))
@@ -183,7 +201,7 @@ class FlickrSource(Source):
             children = [c for c in q.split(self.cfg.min_tile_deg, self.cfg.min_window_s) if ctx.intersects(c.bbox)]
             if children:
                 ctx.state.complete_unit(unit_id, new_units=[Unit(c.unit_id, c.payload()) for c in children],
-                                        result={"total": total, "split": len(children)})
+                                        result={"query": q.key, "total": total, "split": len(children)})
                 return
             capped = True
             ctx.info(f"flickr/{ctx.province.key}: {total} results in a {self.cfg.min_tile_deg}° × "
@@ -198,7 +216,7 @@ class FlickrSource(Source):
             pages = math.ceil(min(total, self.cfg.result_cap) / self.cfg.per_page)
             new_units = [Query(q.bbox, q.t0, q.t1, page) for page in range(2, pages + 1)]
         ctx.state.complete_unit(unit_id, keep, rejected, [Unit(n.unit_id, n.payload()) for n in new_units],
-                                result={"total": total, "photos": len(ids), "capped": capped})
+                                result={"query": q.key, "total": total, "photos": len(ids), "capped": capped})
 
     def _record(self, p: dict) -> dict:
         url = next((p[s] for s in self.cfg.sizes if p.get(s)), None)
