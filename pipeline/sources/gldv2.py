@@ -7,13 +7,22 @@ the P625 of its main topic (P301). Answers, including "no item" and "no coordina
 streamed in blocks (resumable) for the images of the province's landmarks; all images of one landmark share
 ``place_id = "gldv2:<landmark_id>"`` (the leakage-free splits keep them together). ``train_attribution.csv``, when
 configured, adds author, licence and title.
+
+Offline: a local landmark-coordinates file (``coordinates_path``, CSV or Parquet; for example an extract of a
+Wikidata dump) replaces the Wikidata requests, which number in the thousands on a first run. Its rows give ``lat``
+and ``lon`` for a ``landmark_id`` and/or a ``wikidata_id`` (``category``, a Commons category, ties a Wikidata id to
+the landmarks of that category; otherwise the category's item comes from earlier cached answers). With such a file
+Wikidata is never asked; landmarks it does not cover are counted, not located.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from collections.abc import Callable
-from dataclasses import dataclass
-from urllib.parse import unquote
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
 
 import pandas as pd
 import pyarrow as pa
@@ -23,6 +32,7 @@ from pipeline.core import reasons
 from pipeline.sources.crawl import CrawlContext, Source, read_delimited, scan_in_chunks
 from pipeline.sources.crawl_state import JsonCache
 from pipeline.sources.http import (
+    CrawlError,
     Fetched,
     HttpSettings,
     HttpStats,
@@ -47,10 +57,76 @@ class Gldv2Config:
     batch_size: int = 50  # wbgetentities takes at most 50 titles or ids
     block_mb: float = 16
     downloads_per_second: float = 20.0  # 0: unlimited
+    coordinates_path: str = ""  # a local landmark-coordinates file: no Wikidata requests at all
 
 
 class WikidataError(RuntimeError):
     pass
+
+
+_ALIASES = {"lat": ("lat", "latitude"), "lon": ("lon", "lng", "longitude"), "landmark_id": ("landmark_id",),
+            "wikidata_id": ("wikidata_id", "qid", "item", "wikidata"), "category": ("category", "commons_category")}
+
+
+@dataclass(frozen=True)
+class LocalCoordinates:
+    """A landmark-coordinates file, indexed for lookups: by landmark id, by Wikidata id, and category → Wikidata id."""
+
+    by_landmark: dict[str, tuple[float, float]] = field(default_factory=dict)
+    by_qid: dict[str, tuple[float, float]] = field(default_factory=dict)
+    qid_by_category: dict[str, str] = field(default_factory=dict)
+    skipped_rows: int = 0
+
+
+def _qid(value: object) -> str:
+    """'Q123', 'q123' or 'http://www.wikidata.org/entity/Q123' → 'Q123' ('' when it is none of these)."""
+    text = str(value or "").strip().rsplit("/", 1)[-1].upper()
+    return text if text[:1] == "Q" and text[1:].isdigit() else ""
+
+
+def read_coordinates(path: str) -> LocalCoordinates:
+    """Read a CSV/Parquet of ``landmark_id`` and/or ``wikidata_id`` (aliases: qid, item) → ``lat``, ``lon``.
+
+    Rows without a usable id or coordinate are skipped and counted; a file without the needed columns is an error
+    that names them, so a wrong file fails the run instead of locating nothing.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise CrawlError(f"gldv2: the landmark-coordinates file {path} does not exist")
+    raw = pd.read_parquet(p) if p.suffix.lower() in {".parquet", ".pq"} else \
+        pd.read_csv(p, dtype=str, keep_default_na=False, compression="infer")
+    lower = {str(c).strip().lower(): c for c in raw.columns}
+    cols = {name: next((lower[a] for a in aliases if a in lower), None) for name, aliases in _ALIASES.items()}
+    if cols["lat"] is None or cols["lon"] is None or (cols["landmark_id"] is None and cols["wikidata_id"] is None):
+        raise CrawlError(f"gldv2: the landmark-coordinates file {p.name} needs lat, lon and landmark_id or "
+                         f"wikidata_id columns; it has {', '.join(map(str, raw.columns[:10]))}")
+    lat = pd.to_numeric(raw[cols["lat"]], errors="coerce")
+    lon = pd.to_numeric(raw[cols["lon"]], errors="coerce")
+    out = LocalCoordinates()
+    skipped = 0
+    for i in range(len(raw)):
+        la, lo = float(lat.iat[i]), float(lon.iat[i])
+        landmark = str(raw[cols["landmark_id"]].iat[i]).strip() if cols["landmark_id"] is not None else ""
+        qid = _qid(raw[cols["wikidata_id"]].iat[i]) if cols["wikidata_id"] is not None else ""
+        if math.isnan(la) or math.isnan(lo) or abs(la) > 90 or abs(lo) > 180 or not (landmark or qid):
+            skipped += 1
+            continue
+        if landmark:
+            out.by_landmark[landmark] = (la, lo)
+        if qid:
+            out.by_qid[qid] = (la, lo)
+            if cols["category"] is not None and (cat := _category_key(raw[cols["category"]].iat[i])):
+                out.qid_by_category[cat] = qid
+    return dataclasses.replace(out, skipped_rows=skipped)
+
+
+def _category_key(value: object) -> str | None:
+    """A Commons category as a URL, 'Category:Name' or 'Name' → the canonical 'Category:Name' (None when empty)."""
+    text = str(value or "").strip()
+    if not text:
+        return None
+    title = category_title(text) if "/wiki/" in text else text if text.startswith("Category:") else f"Category:{text}"
+    return _canon(title) if title else None
 
 
 def category_title(url: str) -> str | None:
@@ -134,6 +210,28 @@ def resolve_categories(
     return answers
 
 
+def local_answers(titles: list[str], cache: JsonCache, local: LocalCoordinates) -> dict[str, dict]:
+    """Title → answer from the coordinates file alone (no requests): by the file's category column, else by the
+    Wikidata id of an earlier cached answer; a cached answer with coordinates is the fallback."""
+    cached = cache.get_many(f"category:{t}" for t in titles)
+    answers: dict[str, dict] = {}
+    for t in titles:
+        c: dict = cached.get(f"category:{t}") or {}  # type: ignore[assignment]
+        by_cat = local.qid_by_category.get(_canon(t))
+        by_item = next((q for q in (c.get("qid"), c.get("category_qid")) if q and q in local.by_qid), None)
+        if by_cat and by_cat in local.by_qid:
+            answers[t] = {"qid": by_cat, "lat": local.by_qid[by_cat][0], "lon": local.by_qid[by_cat][1],
+                          "via": "coordinates file (category)"}
+        elif by_item:
+            answers[t] = {"qid": by_item, "lat": local.by_qid[by_item][0], "lon": local.by_qid[by_item][1],
+                          "via": "coordinates file (wikidata_id)"}
+        elif "lat" in c:
+            answers[t] = c
+        else:
+            answers[t] = {"qid": c.get("qid"), "via": "not in the coordinates file"}
+    return answers
+
+
 class Gldv2Source(Source):
     name = "gldv2"
     filter_reasons = (reasons.NO_IMAGE_URL,)
@@ -149,7 +247,9 @@ class Gldv2Source(Source):
     def params(self) -> dict:
         c = self.cfg
         return {"train_csv": c.train_csv, "categories_csv": c.categories_csv, "attribution_csv": c.attribution_csv,
-                "block_mb": c.block_mb}
+                "block_mb": c.block_mb,
+                # only when set, so that crawls from before the option keep their state
+                **({"coordinates_path": c.coordinates_path} if c.coordinates_path else {})}
 
     # ------------------------------------------------------------------------------------------------ discovery
     def _get_entities(self, params: dict) -> dict:
@@ -174,24 +274,69 @@ class Gldv2Source(Source):
         titles = sorted(set(cats["title"].dropna()))
         cache = JsonCache(ctx.paths.crawl_cache(self.name))
         try:
-            answers = resolve_categories(
-                titles, cache, lambda p: ctx.retry(lambda: self._get_entities(p), self.classify), self.cfg.batch_size
-            )
+            if self.cfg.coordinates_path:
+                local = read_coordinates(self.cfg.coordinates_path)
+                answers = local_answers(titles, cache, local)
+            else:
+                local = LocalCoordinates()
+                answers = self._ask_wikidata(titles, cache, ctx)
         finally:
             cache.close()
-        located = cats[cats["title"].map(lambda t: t in answers and "lat" in answers[t])].copy()
-        located["lat"] = [answers[t]["lat"] for t in located["title"]]
-        located["lon"] = [answers[t]["lon"] for t in located["title"]]
+        lat, lon, qid = [], [], []
+        for landmark, title in zip(cats["landmark_id"], cats["title"]):
+            a = (answers.get(title) or {}) if isinstance(title, str) else {}
+            la, lo = local.by_landmark.get(str(landmark)) or (a.get("lat", math.nan), a.get("lon", math.nan))
+            lat.append(la)
+            lon.append(lo)
+            qid.append(a.get("qid"))
+        cats = cats.assign(lat=lat, lon=lon, qid=qid)
+        located = cats[cats["lat"].notna() & cats["lon"].notna()]
         where = ctx.location_reasons(located["lat"], located["lon"]) if len(located) else []
         mine = located[[w is None for w in where]]
-        kept = {str(r.landmark_id): {"lat": r.lat, "lon": r.lon, "qid": answers[r.title]["qid"], "category": r.title}
+        kept = {str(r.landmark_id): {"lat": float(r.lat), "lon": float(r.lon), "qid": r.qid,
+                                     "category": r.title if isinstance(r.title, str) else ""}
                 for r in mine.itertuples()}
         vias = pd.Series([answers[t]["via"] for t in titles if t in answers]).value_counts().to_dict()
-        ctx.state.meta_set("landmark_counts", {"landmarks": len(cats), "categories": len(titles),
-                                               "located": len(located), "in_province": len(kept), "via": vias})
+        counts = {"landmarks": len(cats), "categories": len(titles), "located": len(located), "in_province": len(kept),
+                  "via": vias}
+        if self.cfg.coordinates_path:
+            counts.update({"located by landmark_id in the coordinates file":
+                           int(cats["landmark_id"].astype(str).isin(local.by_landmark).sum()),
+                           "coordinates file rows skipped": local.skipped_rows})
+        ctx.state.meta_set("landmark_counts", counts)
         ctx.state.meta_set("landmarks", kept)
         ctx.info(f"gldv2/{ctx.province.key}: {len(located)} of {len(cats)} landmarks located, {len(kept)} here")
         return kept
+
+    def _ask_wikidata(self, titles: list[str], cache: JsonCache, ctx: CrawlContext) -> dict[str, dict]:
+        """Resolve through Wikidata; when it cannot be reached, fail with a short message (how many requests failed,
+        one host/path, how many categories are left: never a full URL, whose query string lists 50 titles) that
+        points to the offline alternative."""
+        failures = 0
+
+        def ask(params: dict) -> dict:
+            def once() -> dict:
+                nonlocal failures
+                try:
+                    return self._get_entities(params)
+                except Exception:
+                    failures += 1
+                    raise
+
+            return ctx.retry(once, self.classify)
+
+        try:
+            return resolve_categories(titles, cache, ask, self.cfg.batch_size)
+        except Exception as exc:
+            left = len(titles) - len(cache.get_many(f"category:{t}" for t in titles))
+            url = urlsplit(self.cfg.wikidata_api_url)
+            host = f"{url.hostname}{f':{url.port}' if url.port else ''}{url.path}"
+            raise CrawlError(
+                f"gldv2/{ctx.province.key}: Wikidata lookups failed ({failures} failed requests, the last: "
+                f"{type(exc).__name__} from {host}); {left} of {len(titles)} categories are unresolved (answers so far "
+                "are cached). To run without the network, set GEOPAK_GLDV2_COORDINATES to a landmark-coordinates "
+                "file (CSV/Parquet: landmark_id or wikidata_id, lat, lon)."
+            ) from None
 
     def discover(self, ctx: CrawlContext) -> None:
         kept = self.landmarks(ctx)
@@ -240,6 +385,6 @@ class Gldv2Source(Source):
             "owner": record.get("author") or None,
             "license": record.get("license") or None,
             "title": record.get("title") or None,
-            "tags": record["category"].removeprefix("Category:"),
+            "tags": str(record.get("category") or "").removeprefix("Category:") or None,
             "place_id": f"gldv2:{record['landmark_id']}",
         }
