@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from pipeline.core.provinces import PAKISTAN_UTC_OFFSET_HOURS
+
 SOURCE = "sample_world"
 LICENSE = "CC0-1.0"
 CAMERA_MAKE = "GeoPak"
 CAMERA_MODEL = "GeoPak SampleWorld"
-UTC_OFFSET_HOURS = 5  # Pakistan Standard Time, no DST
+UTC_OFFSET_HOURS = PAKISTAN_UTC_OFFSET_HOURS  # the one definition (pipeline.core.provinces)
 RENDER_VERSION = 1  # bump when the appearance changes, so caches keyed on it can be invalidated
 
 # Catalog-level defects (the catalog must notice them) then filter-level ones (valid geotagged JPEGs in Pakistan).
