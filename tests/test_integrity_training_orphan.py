@@ -69,3 +69,44 @@ def test_without_the_watch_a_trainer_would_be_orphaned(tmp_path):
         assert running(trainer)
     finally:
         os.kill(trainer, signal.SIGKILL)
+
+
+class _CancelledRun(BaseException):
+    """What Dagster raises in a step when the run is terminated from the UI (a BaseException, like ours)."""
+
+
+def test_cancelled_model_step_terminates_its_training_subprocess(tmp_path):
+    """Terminating the run while the model step streams the trainer's log: the step terminates the trainer."""
+    from types import SimpleNamespace
+
+    from pipeline.defs.model import ModelParams, run_training
+
+    build_world(tmp_path, per_cell=4, size=40)
+    cfg = preset("test-tiny", data_root=str(tmp_path), cpu_threads=1,
+                 phases=[{"epochs": 100000}, {"epochs": 1}, {"epochs": 1}])
+
+    def info(msg: str) -> None:
+        if msg.startswith("phase 0 epoch"):  # training is under way: the run is terminated now
+            raise _CancelledRun()
+
+    context = SimpleNamespace(log=SimpleNamespace(info=info))
+    pids_before = {int(p) for p in os.listdir("/proc") if p.isdigit()}
+    try:
+        run_training(context, cfg, ModelParams(preset="test-tiny"), tmp_path / "model" / "geopak", [])
+    except _CancelledRun:
+        pass
+    else:
+        raise AssertionError("the cancellation did not reach the step")
+    left = [p for p in _new_pids(pids_before) if running(p) and "geopak_model.train" in _cmdline(p)]
+    assert not left, "the training subprocess outlived the cancelled step"
+
+
+def _new_pids(before: set[int]) -> list[int]:
+    return [int(p) for p in os.listdir("/proc") if p.isdigit() and int(p) not in before]
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+    except OSError:
+        return ""
