@@ -50,15 +50,14 @@ from scipy.spatial import cKDTree
 
 from pipeline.core.gazetteer import pakistan_places
 from pipeline.core.provinces import BY_ID
+from pipeline.core.schema import GEOCELL_NEIGHBOURS_SCHEMA, GEOCELLS_SCHEMA
 from pipeline.geocells.geometry import Projector, arc_km, distance_km, km_to_chord, unit_vectors
 
 if TYPE_CHECKING:
     import geopandas as gpd
 
-CELL_COLUMNS = (
-    "cell_id", "province_id", "local_id", "center_lat", "center_lon", "radius_km", "count", "cap_km", "urban",
-)
-NEIGHBOUR_COLUMNS = ("cell_id", "neighbour_id", "distance_km")
+CELL_COLUMNS = tuple(GEOCELLS_SCHEMA.names)  # the schema is the one definition of the tables' columns
+NEIGHBOUR_COLUMNS = tuple(GEOCELL_NEIGHBOURS_SCHEMA.names)
 _EPS_KM = 1e-9
 # Parallel core distances (``core_dist_n_jobs``) start a joblib worker pool, which costs more than it saves below
 # this many points (measured on 2 cores: 50k points, first fit 13.5 s with 2 jobs vs 5.6 s with 1).

@@ -35,11 +35,12 @@ from scipy.sparse.csgraph import connected_components
 from scipy.spatial import Delaunay, QhullError, cKDTree
 
 from pipeline.core.provinces import BY_ID, PAKISTAN_UTC_OFFSET_HOURS
+from pipeline.core.schema import SPLITS_SCHEMA
 from pipeline.geocells.geometry import EARTH_RADIUS_KM, Projector, arc_km, km_to_chord, unit_vectors
 
 TRAIN, VAL, TEST, BUFFER = "train", "val", "test", "buffer"
 SPLITS = (TRAIN, VAL, TEST)
-SPLIT_COLUMNS = ("image_id", "split", "group_id")
+SPLIT_COLUMNS = tuple(SPLITS_SCHEMA.names)  # the schema is the one definition of the table's columns
 MAX_CROWD = 32  # owner-disjoint: the most train neighbours a val/test image may keep (see separate)
 
 
