@@ -97,7 +97,9 @@ def test_cancelled_model_step_terminates_its_training_subprocess(tmp_path):
         pass
     else:
         raise AssertionError("the cancellation did not reach the step")
-    left = [p for p in _new_pids(pids_before) if running(p) and "geopak_model.train" in _cmdline(p)]
+    # this test's trainer only (its config lies under tmp_path): other test files may be training in parallel
+    left = [p for p in _new_pids(pids_before) if running(p) and "geopak_model.train" in _cmdline(p)
+            and str(tmp_path) in _cmdline(p)]
     assert not left, "the training subprocess outlived the cancelled step"
 
 
