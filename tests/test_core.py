@@ -158,3 +158,15 @@ def test_every_reason_code_is_defined_and_described_once():
     keys = [k.id for k in desc.keys]
     assert len(keys) == len(set(keys)), sorted(k for k in keys if keys.count(k) > 1)
     assert set(keys) == set(names)
+
+
+def test_one_missing_value_predicate_for_every_spelling():
+    import numpy as np
+
+    from pipeline.core.values import is_missing
+
+    for v in (None, float("nan"), np.float32("nan"), np.float64("nan"), pd.NA, pd.NaT, np.datetime64("NaT")):
+        assert is_missing(v), repr(v)
+    for v in (0, 0.0, "x", " x ", pd.Timestamp("2020-01-01"), np.float32(1.5), [1], {"a": 1}, b""):
+        assert not is_missing(v), repr(v)
+    assert not is_missing("  ") and is_missing("  ", blank_text=True) and is_missing("", blank_text=True)

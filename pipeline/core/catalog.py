@@ -17,13 +17,14 @@ from pipeline.core import reasons
 from pipeline.core.exif import DEFAULT_UTC_OFFSET, DecompressionBomb, NotAnImage, read_header
 from pipeline.core.schema import CATALOG_SCHEMA, RAW_MANIFEST_SCHEMA, REJECTIONS_SCHEMA, empty_frame, to_table
 from pipeline.core.store import ImageStore
+from pipeline.core.values import is_missing
 
 Progress = Callable[[int, int], None]
 STAGE = "catalog"
 
 
 def _present(v) -> bool:
-    return v is not None and not (isinstance(v, float) and math.isnan(v)) and v is not pd.NaT and not pd.isna(v)
+    return not is_missing(v)
 
 
 def rejection(stage: str, row, reason: str, detail: str = "") -> dict:

@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.core import reasons
+from pipeline.core.values import is_missing
 
 DEFAULT_SOURCE = "*"
 FAMILIES = ("cc", "cc0", "public_domain", "no_known_restrictions", "us_government", "all_rights_reserved")
@@ -47,7 +48,7 @@ _PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = tuple(
 
 def license_family(value: str | None) -> str | None:
     """The family of a licence string, or None when it is missing or not recognised."""
-    if value is None or (isinstance(value, float) and np.isnan(value)):
+    if is_missing(value):
         return None
     text = " ".join(str(value).strip().lower().split())
     if not text:
@@ -75,7 +76,7 @@ def license_reasons(
     for k, (src, lic) in enumerate(zip(catalog["source"].astype(str), catalog["license"])):
         fam = license_family(lic)
         ok = allowed.get(src, allowed.get(DEFAULT_SOURCE, ()))
-        missing = lic is None or (isinstance(lic, float) and np.isnan(lic)) or not str(lic).strip()
+        missing = is_missing(lic, blank_text=True)
         if missing:
             if src not in free:
                 reason[k], detail[k] = reasons.LICENSE_NOT_ALLOWED, f"{src}: no licence reported"

@@ -35,6 +35,7 @@ from pipeline.core.processes import exclusive_lock, exit_with_parent
 from pipeline.core.provinces import BY_KEY, Province
 from pipeline.core.schema import RAW_MANIFEST_SCHEMA, REJECTIONS_SCHEMA, write_table
 from pipeline.core.store import ImageStore, sweep_orphan_temps
+from pipeline.core.values import is_missing
 from pipeline.labels.boundaries import ProvinceBoundaries
 from pipeline.sources.crawl_state import DONE, FAILED, REJECTED, CrawlState, Rejected
 from pipeline.sources.http import (
@@ -55,7 +56,7 @@ Log = Callable[[str], None]
 
 def local_datetime_to_utc(text: object) -> dt.datetime | None:
     """A source's naive local 'date taken' ('2015-06-01 12:34:56[.0]') as UTC, assuming Pakistan time like EXIF."""
-    if text is None or (isinstance(text, float) and math.isnan(text)):
+    if is_missing(text):
         return None
     value = str(text).strip()[:19]
     try:

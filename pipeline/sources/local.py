@@ -27,6 +27,7 @@ from pipeline.core.gazetteer import haversine_km
 from pipeline.core.provinces import lookup
 from pipeline.core.schema import RAW_MANIFEST_SCHEMA, REJECTIONS_SCHEMA, empty_frame
 from pipeline.core.store import ImageStore, sha256_hex, sniff_extension
+from pipeline.core.values import is_missing
 
 SOURCE = "local"
 STAGE = "source"
@@ -172,7 +173,7 @@ class LocalSource:
             if progress:
                 progress(i + 1, len(df))
             self.stats["manifest_rows"] += 1
-            get = lambda k: rec.get(cols[k]) if k in cols and not _missing(rec.get(cols[k])) else None  # noqa: E731
+            get = lambda k: rec.get(cols[k]) if k in cols and not is_missing(rec.get(cols[k]), blank_text=True) else None  # noqa: E731
             key = get("id") or get("path") or get("url") or f"row{i}"
             sid = f"manifest:{mpath.name}:{key}"
             base = {"source_id": sid, "title": get("title"), "owner": get("owner"), "license": get("license")}
@@ -230,7 +231,7 @@ class LocalSource:
     def _still_stored(self, prev: dict) -> bool:
         """The previous row's image is where it says and was stored the way this run stores (copied or referenced)."""
         rel = prev.get("path")
-        if _missing(rel) or _missing(prev.get("image_id")):
+        if is_missing(rel, blank_text=True) or is_missing(prev.get("image_id"), blank_text=True):
             return False
         referenced = Path(str(rel)).is_absolute()
         return referenced != self.cfg.copy_into_store and self.store.abspath(str(rel)).is_file()
@@ -330,10 +331,6 @@ class LocalSource:
 
     def _reject(self, base: dict, reason: str, detail: str) -> None:
         self.rejected.append(rejection(STAGE, {"source": SOURCE, **base}, reason, detail))
-
-
-def _missing(v) -> bool:
-    return v is None or (isinstance(v, float) and math.isnan(v)) or (isinstance(v, str) and not v.strip())
 
 
 def _http_get(url: str, timeout: float) -> bytes:

@@ -10,7 +10,7 @@ import numpy as np
 from pipeline.sources.sample_world.config import LICENSE, MANIFEST_COLUMNS, SOURCE, SampleWorldConfig
 from pipeline.sources.sample_world.defects import render_image
 from pipeline.sources.sample_world.plan import plan_sample_world
-from pipeline.sources.sample_world.scene import _missing
+from pipeline.core.values import is_missing
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -29,7 +29,7 @@ def _plain_rows(plan: "pd.DataFrame") -> list[dict[str, Any]]:
     for rec in plan.to_dict("records"):
         row: dict[str, Any] = {}
         for k, v in rec.items():
-            if _missing(v):
+            if is_missing(v):
                 v = None
             elif hasattr(v, "to_pydatetime"):
                 v = v.to_pydatetime()

@@ -10,6 +10,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageChops, ImageDraw
 
+from pipeline.core.values import is_missing
+
 from pipeline.sources.sample_world.config import UTC_OFFSET_HOURS, SampleWorldConfig
 from pipeline.sources.sample_world.landmarks import _draw_clutter, _draw_landmark, _hut
 from pipeline.sources.sample_world.styles import (
@@ -27,22 +29,13 @@ from pipeline.sources.sample_world.styles import (
 _ASPECTS: tuple[tuple[int, int], ...] = ((4, 3), (3, 4), (16, 9), (1, 1), (3, 2), (2, 3))
 
 
-def _missing(v: Any) -> bool:
-    """None, NaN, pd.NA or NaT, without importing pandas (render workers stay light)."""
-    if v is None:
-        return True
-    if isinstance(v, float):
-        return math.isnan(v)
-    return type(v).__name__ in ("NAType", "NaTType")
-
-
 def _row(row: Mapping[str, Any] | Any, key: str, default: Any = None) -> Any:
     """A field of a plan row (dict, Series or namedtuple-like mapping), ``default`` when absent or missing."""
     try:
         v = row[key]
     except (KeyError, IndexError):
         return default
-    return default if _missing(v) else v
+    return default if is_missing(v) else v
 
 def _local_time(row: Mapping[str, Any]) -> tuple[str, int]:
     """EXIF DateTimeOriginal (local Pakistan time) and the local hour, from the UTC ``taken_at``."""
