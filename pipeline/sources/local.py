@@ -112,11 +112,16 @@ class LocalSource:
         self.fetch = fetch or _http_get
         # (file URI, size, mtime_ns) → previous row, so unchanged files are not hashed or copied again
         self._previous: dict[tuple[str, int, int], dict] = {}
+        # URL → previous row: a manifest URL whose image is already stored is not downloaded again
+        self._previous_urls: dict[str, dict] = {}
         if previous is not None and len(previous):
             for row in previous.to_dict("records"):
                 size, mtime = row.get("file_size"), row.get("file_mtime_ns")
-                if any(v is None or pd.isna(v) for v in (row.get("source_url"), size, mtime)):
-                    continue  # a downloaded row (no file stat): nothing to compare against
+                if is_missing(row.get("source_url"), blank_text=True):
+                    continue
+                if is_missing(size) or is_missing(mtime):  # a downloaded row (no file stat)
+                    self._previous_urls[str(row["source_url"])] = row
+                    continue
                 self._previous[(str(row["source_url"]), int(size), int(mtime))] = row
         self.rows: list[dict] = []
         self.rejected: list[dict] = []
@@ -237,6 +242,16 @@ class LocalSource:
         return referenced != self.cfg.copy_into_store and self.store.abspath(str(rel)).is_file()
 
     def _add_url(self, url: str, base: dict, lat: float, lon: float) -> None:
+        prev = self._previous_urls.get(url)
+        if prev is not None and self._still_stored(prev):  # downloaded before: the stored copy stands in
+            try:
+                header = read_header(self.store.abspath(str(prev["path"])))
+            except NotAnImage:
+                header = None  # the stored copy is damaged: download again
+            if header is not None:
+                stored = (str(prev["image_id"]), str(prev["path"]))
+                self._decide(base, lat, lon, header, stored, (None, None), data=None, origin=None)
+                return
         try:
             data = self.fetch(url, self.cfg.download_timeout_s)
         except Exception as exc:  # network errors are a per-row rejection, not a crash
