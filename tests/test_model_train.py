@@ -4,6 +4,7 @@ loadable with weights_only=True, resuming, the CLI, and DDP (2 gloo processes) a
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -150,3 +151,24 @@ def test_ddp_two_gloo_processes_match_one(tmp_path):
     # agree to a few lr (1e-3), the losses above to 1e-4 relative
     for k, v in ref["heads"].items():
         assert torch.allclose(ck["heads"][k].float(), v.float(), atol=5e-3), k
+
+
+def test_a_province_without_training_images(tmp_path):
+    """All of one province's images held out (a tiny province under owner-disjoint splits): training runs, the
+    province gets no class weight and is never predicted (its prior shift is −20), and its held-out images are
+    still evaluated end to end rather than dropped."""
+    import pandas as pd
+
+    paths = build_world(tmp_path, per_cell=3, size=40)
+    labelled = pd.read_parquet(paths.labelled)
+    splits = pd.read_parquet(paths.splits)
+    ajk = set(labelled.loc[labelled["province_id"] == 6, "image_id"])  # AJK
+    assert ajk
+    splits.loc[splits["image_id"].isin(ajk) & (splits["split"] == "train"), "split"] = "val"
+    splits.to_parquet(paths.splits)
+    summary = Trainer(tiny(tmp_path, run_phases=[0, 1])).run()
+    assert summary["class_weights"][6] == 0.0
+    model, _ = load_model(tmp_path / "model" / "geopak" / "model.pt")
+    assert float(model.heads.province_prior_shift[6]) == pytest.approx(-20.0, abs=1.0)
+    assert summary["final"]["val_images"] == summary["val_images"] >= len(ajk)
+    assert math.isfinite(summary["final"]["val_median_km"])
