@@ -18,7 +18,7 @@ from PIL import Image, ImageOps
 
 from geopak_model.config import AugmentConfig
 from pipeline.core.paths import DataPaths
-from pipeline.filters.decode import DEFAULT_MAX_PIXELS, DecodeError, open_image
+from pipeline.filters.decode import DEFAULT_FORMATS, DEFAULT_MAX_PIXELS, DecodeError, open_image
 from pipeline.core.provinces import NUM_PROVINCES, PROVINCES
 
 LABEL_COLUMNS = ["image_id", "path", "lat", "lon", "province_id", "koppen_id", "koppen_group", "doy_sin", "doy_cos"]
@@ -79,11 +79,11 @@ def load_image(path: str | Path | BinaryIO, min_side: int | None = None) -> Imag
     With ``min_side``, a JPEG at least twice that size is DCT-scaled while decoding (libjpeg 1/2, 1/4, 1/8) to
     the smallest scale whose short side stays >= ``min_side``: a 12 MP photo decodes several times faster and
     the views cut from it barely change. Smaller JPEGs and other formats decode at full size, exactly as without.
-    The header goes through the filter stage's ``open_image`` first, so a decompression bomb is refused here
-    too (``DecodeError``), before any pixel is decoded.
+    The header goes through the filter stage's ``open_image`` first, with its pixel limit and photo formats, so a
+    decompression bomb or a GIF is refused here too (``DecodeError``), before any pixel is decoded.
     """
     source = path.read() if hasattr(path, "read") else path
-    with open_image(source, DEFAULT_MAX_PIXELS).image as im:
+    with open_image(source, DEFAULT_MAX_PIXELS, frozenset(DEFAULT_FORMATS)).image as im:
         full, scale = im.size, 1
         if min_side is not None and im.format == "JPEG" and min(im.size) >= 2 * min_side:
             # draft picks the largest 1/N with both sides still >= the request (N = min(W//s, H//s) rounded down

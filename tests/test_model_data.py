@@ -325,3 +325,17 @@ def test_model_loader_refuses_decompression_bombs_like_the_filter(tmp_path):
         load_image(io.BytesIO(buf.getvalue()))
     table = pd.DataFrame({"path": ["bomb.png"]})
     assert ImageDataset(table, tmp_path, 32, with_labels=False)[0] is None
+
+
+def test_model_loader_accepts_only_photo_formats(tmp_path):
+    """The same photo formats as the filter: a GIF given to the predictor is refused, not decoded."""
+    import io
+
+    from geopak_model.data import load_image
+    from pipeline.filters.decode import DecodeError
+
+    buf = io.BytesIO()
+    Image.new("P", (64, 64)).save(buf, "GIF")
+    with pytest.raises(DecodeError) as err:
+        load_image(io.BytesIO(buf.getvalue()))
+    assert err.value.reason == "unsupported_format"

@@ -26,6 +26,7 @@ from pipeline.core import reasons
 from pipeline.core.exif import error_detail
 
 DEFAULT_MAX_PIXELS = 64_000_000
+DEFAULT_FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "TIFF", "BMP")  # photo formats; GIF, ICO, PSD... are not photos
 DRAFT_FORMATS = frozenset({"JPEG", "MPO"})  # formats whose decoder can scale while decoding
 _SWAPS_AXES = frozenset({5, 6, 7, 8})  # EXIF orientations that rotate by 90 degrees
 _BACKGROUND = (255, 255, 255)  # transparent pixels are shown on white, as viewers do

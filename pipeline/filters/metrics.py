@@ -26,13 +26,12 @@ from PIL import Image
 
 from pipeline.core import reasons
 from pipeline.core.processes import exit_with_parent, spawn_pool
-from pipeline.filters.decode import DEFAULT_MAX_PIXELS, DecodeError, decode, open_image
+from pipeline.filters.decode import DEFAULT_FORMATS, DEFAULT_MAX_PIXELS, DecodeError, decode, open_image
 
 if TYPE_CHECKING:  # pandas is imported lazily so spawned workers start fast
     import pandas as pd
 
 METRICS_VERSION = 2  # bump when a measurement changes meaning; cached rows with another key are recomputed
-DEFAULT_FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "TIFF", "BMP")
 Progress = Callable[[int, int], None]
 
 # column -> pandas dtype of the cache table (nullable where a failed decode leaves no value)

@@ -27,12 +27,12 @@ from pipeline.core.provinces import BY_ID
 from pipeline.core.schema import REJECTIONS_SCHEMA, empty_frame
 from pipeline.core.store import ImageStore
 from pipeline.filters.cache import ImageValueCache
-from pipeline.filters.decode import DEFAULT_MAX_PIXELS
+from pipeline.filters.decode import DEFAULT_FORMATS, DEFAULT_MAX_PIXELS
 from pipeline.filters.dedup import CopyFacts, group_near_duplicates, near_duplicate_detail
 from pipeline.filters.geotag import DEFAULT_ACCURACY_RULES, AccuracyRule, geotag_reasons
 from pipeline.filters.indoor import ClipSpec, IndoorClassifier, check_weights, indoor_scores
 from pipeline.filters.licenses import DEFAULT_ALLOWED, license_reasons
-from pipeline.filters.metrics import DEFAULT_FORMATS, MetricsParams, cached_metrics
+from pipeline.filters.metrics import MetricsParams, cached_metrics
 
 STAGE = "filter"
 KEPT = "kept"
