@@ -87,3 +87,15 @@ def asset_resources(root, boundaries_path, **overrides) -> dict:
         "local_source": LocalSourceResource(),
         **overrides,
     }
+
+
+def materialize_evaluation(root, boundaries_path) -> dict:
+    """Materialise ``evaluation_report`` over the model at ``root`` (its upstream as a source asset); the metadata."""
+    import dagster as dg
+
+    from pipeline.defs import evaluation, model
+
+    result = dg.materialize([model.geopak_model.to_source_asset(), evaluation.evaluation_report],
+                            resources=asset_resources(root, boundaries_path), selection=[evaluation.evaluation_report])
+    assert result.success
+    return result.asset_materializations_for_node("evaluation_report")[0].metadata

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 from collections import OrderedDict
 
-import dagster as dg
 import pandas as pd
 import pytest
 import torch
@@ -97,12 +96,7 @@ def test_cli_predict_finds_weights_under_the_data_root(world, elsewhere, capsys,
 
 def test_evaluation_asset_finds_weights(world, elsewhere, boundaries_path):
     paths, _, _, _ = world
-    from pipeline.defs import evaluation, model
-    from tests.conftest import asset_resources
+    from tests.conftest import materialize_evaluation
 
-    result = dg.materialize([model.geopak_model.to_source_asset(), evaluation.evaluation_report],
-                            resources=asset_resources(paths.root, boundaries_path),
-                            selection=[evaluation.evaluation_report])
-    assert result.success
-    md = result.asset_materializations_for_node("evaluation_report")[0].metadata
+    md = materialize_evaluation(paths.root, boundaries_path)
     assert md["test_images"].value == 14 and md["unreadable_images"].value == 0

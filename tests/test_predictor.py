@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 
-import dagster as dg
 import numpy as np
 import pandas as pd
 import pytest
@@ -140,14 +139,9 @@ def test_evaluate_metrics_by_hand():
 
 def test_evaluation_asset(world, boundaries_path):
     paths, _, _ = world
-    from pipeline.defs import evaluation, model
-    from tests.conftest import asset_resources
+    from tests.conftest import materialize_evaluation
 
-    result = dg.materialize([model.geopak_model.to_source_asset(), evaluation.evaluation_report],
-                            resources=asset_resources(paths.root, boundaries_path),
-                            selection=[evaluation.evaluation_report])
-    assert result.success
-    md = result.asset_materializations_for_node("evaluation_report")[0].metadata
+    md = materialize_evaluation(paths.root, boundaries_path)
     assert md["test_images"].value == 14 and md["unreadable_images"].value == 0
     table = md["distance_errors"].value
     assert "ORACLE" in table and "majority cell centre" in table and "kNN" in table and "predicted province" in table
