@@ -19,7 +19,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
+import math
+
 import torch
 
 from geopak_model.geo import haversine_km, unit_xyz, xyz_to_latlon
@@ -99,7 +100,7 @@ def fit_calibration(heads: GeopakHeads, e: torch.Tensor, cell_ids: torch.Tensor,
 
     before = nll(1.0, 1.0)
     best = min(((nll(tp, tc), tp, tc) for tp in grid for tc in grid), key=lambda t: t[0])
-    if not np.isfinite(best[0]):
+    if not math.isfinite(best[0]):
         heads.province_calibration.fill_(old[0])
         heads.cell_calibration.fill_(old[1])
         raise ValueError("calibration NLL is not finite")

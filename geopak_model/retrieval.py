@@ -119,9 +119,9 @@ def refine(pred: Prediction, e: torch.Tensor, gallery: Gallery, radius_km: float
     lat_out, lon_out = pred.lat.detach().double().cpu().clone(), pred.lon.detach().double().cpu().clone()
     hyp_cell, hyp_w = pred.hyp_cell.cpu(), pred.hyp_weight.double().cpu()
     n_cells = gallery.cell_start.shape[0] - 1
-    d = haversine_km(lat_out[:, None], lon_out[:, None], gallery.lat[None], gallery.lon[None])  # (B, N)
-    for b in range(q.shape[0]):
-        cand = torch.nonzero(d[b] <= radius_km).squeeze(1)
+    for b in range(q.shape[0]):  # one query at a time: memory O(gallery), not O(batch × gallery)
+        d = haversine_km(lat_out[b], lon_out[b], gallery.lat, gallery.lon)
+        cand = torch.nonzero(d <= radius_km).squeeze(1)
         if not len(cand):
             continue
         cell_w = torch.zeros(n_cells, dtype=torch.float64)  # P(cell) of the hypotheses, 0 for the others

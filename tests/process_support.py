@@ -4,16 +4,8 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from pathlib import Path
 
-
-def running(pid: int) -> bool:
-    """Alive and not a zombie (an exited orphan may wait a moment for init to reap it)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+from pipeline.core.processes import pid_running as running  # alive and not a zombie
 
 
 def wait_until(cond: Callable[[], bool], deadline_s: float) -> bool:

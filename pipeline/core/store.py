@@ -21,6 +21,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from pipeline.core.processes import pid_running
+
 
 # below this many free bytes, a writer's unexplained "write failed" is taken as a full disk
 LOW_SPACE_BYTES = 16 * 2**20
@@ -115,23 +117,13 @@ def atomic_path(path: str | Path, need_bytes: int | None = None) -> Iterator[Pat
         raise
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def sweep_orphan_temps(folder: str | Path) -> int:
     """Remove temp files left by writers that were killed (SIGKILL, power loss) under ``folder``; keep live ones."""
     removed = 0
     for tmp in Path(folder).rglob(".*.tmp"):
         parts = tmp.name.rsplit(".", 3)  # ".<name>.<pid>.<random>.tmp" -> [..., pid, random, "tmp"]
         pid = int(parts[1]) if len(parts) == 4 and parts[1].isdigit() else None
-        if pid is None or not _pid_alive(pid):
+        if pid is None or not pid_running(pid):
             tmp.unlink(missing_ok=True)
             removed += 1
     return removed
