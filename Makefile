@@ -25,6 +25,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile tests
 
 ui: $(STAMP)
+	$(BIN)/python -m pipeline.report_server & server=$$!; trap 'kill $$server' EXIT INT TERM; \
 	$(BIN)/dagster dev -m pipeline.definitions
 
 bench: $(STAMP)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,25 +22,39 @@ DEFAULT_TAU_KM: dict[str, float] = {
 DEFAULT_SAMPLER_SHARES: dict[str, float] = {p.key: (2.0 if p.key == "sindh" else 1.0) for p in PROVINCES}
 
 
+def _f(default: Any = MISSING, doc: str = "", *, factory: Any = MISSING, **bounds: Any) -> Any:
+    """A field with its description and bounds as plain dataclass metadata (``doc``, ``ge``/``gt``/``le``/``lt``,
+    ``choices``): the pipeline's Launchpad shows and enforces them (``pipeline.defs.config``); no Dagster here."""
+    meta = {"doc": doc, **bounds}
+    if factory is not MISSING:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
 @dataclass
 class EncoderConfig:
     """Which encoders, at which resolution, with which weights (``""`` = random init, seeded by ``init_seed``)."""
 
-    clip_model: str = "ViT-B-16"  # an open_clip model name, or "custom" (then ``clip_custom`` gives the ViT shape)
-    clip_pretrained: str = ""  # "" | an open_clip pretrained tag ("openai", "laion2b_s34b_b88k") | a local file
-    clip_custom: dict[str, int] = field(default_factory=dict)  # width, layers, heads, patch_size (custom ViT only)
-    # MLP activation of the CLIP ViT: "gelu" | "quick_gelu" (OpenAI's weights) | "auto": from the open_clip tag or
-    # model name; a local file needs "openai" in its name or an explicit setting (see encoders.resolve_clip_activation)
-    clip_activation: str = "auto"
-    # Deprecated, read only from old configs: True/False become clip_activation "quick_gelu"/"gelu"; always None
-    # after construction (``_build`` rejects unknown keys, so the old key has to stay a field).
-    clip_quick_gelu: bool | None = None
-    scene_arch: str = "resnet50"  # torchvision resnet50 | resnet18 | resnet34 with a 365-class Places head
-    scene_weights: str = ""  # "" | official Places365 checkpoint (``resnet50_places365.pth.tar``) | a state dict
-    image_size: int = 224
-    init_seed: int = 0
-    unfreeze_fraction: float = 0.3  # phase 2: top share of CLIP blocks (+ ln_post); ResNet layer4 always; ≥1: all
-    scene_batch_stats: bool = False  # phase 2 learns BatchNorm statistics (random-init ResNets have none to keep)
+    clip_model: str = _f("ViT-B-16", 'an open_clip model name, or "custom" (then clip_custom gives the ViT shape)')
+    clip_pretrained: str = _f("", '"" (random init) | an open_clip pretrained tag ("openai", '
+                              '"laion2b_s34b_b88k") | a local weights file')
+    clip_custom: dict[str, int] = _f(doc="custom ViT only: width, layers, heads, patch_size", factory=dict)
+    clip_activation: str = _f("auto", 'MLP activation of the CLIP ViT: "gelu" | "quick_gelu" (OpenAI\'s weights) | '
+                              '"auto": from the open_clip tag or model name; a local file needs "openai" in its '
+                              'name or an explicit setting (encoders.resolve_clip_activation)',
+                              choices=("auto", "gelu", "quick_gelu"))
+    # _build rejects unknown keys, so the old key has to stay a field
+    clip_quick_gelu: bool | None = _f(None, "deprecated, read only from old configs: true/false become "
+                                      'clip_activation "quick_gelu"/"gelu"; always empty after construction')
+    scene_arch: str = _f("resnet50", "torchvision ResNet with a 365-class Places head",
+                         choices=("resnet50", "resnet18", "resnet34"))
+    scene_weights: str = _f("", '"" (random init) | the official Places365 checkpoint '
+                            "(resnet50_places365.pth.tar) | a state dict file")
+    image_size: int = _f(224, "square input size of both encoders (px)", ge=16)
+    init_seed: int = _f(0, "seed of the random initialisation of encoders without weights", ge=0)
+    unfreeze_fraction: float = _f(0.3, "phase 2: top share of CLIP blocks trained (+ ln_post; ResNet layer4 "
+                                  "always); ≥ 1: all", ge=0.0)
+    scene_batch_stats: bool = _f(False, "phase 2 learns BatchNorm statistics (random-init ResNets have none to keep)")
 
     def __post_init__(self) -> None:
         if self.clip_activation not in ("auto", "gelu", "quick_gelu"):
@@ -57,120 +71,143 @@ class EncoderConfig:
 
 @dataclass
 class ModelConfig:
-    proj_dim: int = 512
-    province_hidden: int = 256
-    temperature: float = 1.2  # province logits are divided by it (GEOPAK's ProvinceHead)
-    cell_head_small: int = 256  # hidden width of a province's geocell head with < ``cell_head_threshold`` cells
-    cell_head_large: int = 512
-    cell_head_threshold: int = 30
-    cell_emb_dim: int = 96
-    province_emb_dim: int = 32
-    offset_hidden: int = 256
-    dropout: float = 0.1
-    offset_radius_scale: float = 1.0  # the offset may move at most radius·scale from the cell centre
-    min_offset_radius_km: float = 1.0  # cells of one point still get a little room
-    koppen_head: bool = True
-    doy_head: bool = True
-    mvmf_head: bool = False  # mixture of von Mises-Fisher over the cell centres (Phileo's coordinate head)
-    log_kappa_min: float = 0.0
-    log_kappa_max: float = 16.0
+    """Widths of the heads and embeddings (GEOPAK's province -> geocell -> offset hierarchy)."""
+
+    proj_dim: int = _f(512, "width of the fused image embedding", ge=1)
+    province_hidden: int = _f(256, "hidden width of the province head", ge=1)
+    temperature: float = _f(1.2, "province logits are divided by it (GEOPAK's ProvinceHead)", gt=0.0)
+    cell_head_small: int = _f(256, "hidden width of a province's geocell head with < cell_head_threshold cells",
+                              ge=1)
+    cell_head_large: int = _f(512, "hidden width of a province's geocell head with ≥ cell_head_threshold cells",
+                              ge=1)
+    cell_head_threshold: int = _f(30, "cell count from which a province gets the large geocell head", ge=1)
+    cell_emb_dim: int = _f(96, "width of the geocell embedding fed to the offset head", ge=1)
+    province_emb_dim: int = _f(32, "width of the province embedding fed to the offset head", ge=1)
+    offset_hidden: int = _f(256, "hidden width of the offset head", ge=1)
+    dropout: float = _f(0.1, "dropout in the heads", ge=0.0, lt=1.0)
+    offset_radius_scale: float = _f(1.0, "the offset may move at most radius × scale from the cell centre", gt=0.0)
+    min_offset_radius_km: float = _f(1.0, "cells of one point still get this much room for the offset (km)",
+                                     ge=0.0)
+    koppen_head: bool = _f(True, "auxiliary Köppen-Geiger climate head")
+    doy_head: bool = _f(True, "auxiliary day-of-year head")
+    mvmf_head: bool = _f(False, "mixture of von Mises-Fisher over the cell centres (Phileo's coordinate head)")
+    log_kappa_min: float = _f(0.0, "lower clamp of the mvMF log concentrations")
+    log_kappa_max: float = _f(16.0, "upper clamp of the mvMF log concentrations")
 
 
 @dataclass
 class LossConfig:
-    province: float = 0.5
-    cell: float = 1.0
-    offset: float = 1.0  # × offset error / true cell radius
-    aux: float = 0.1  # × aux error / aux_scale_km
-    koppen: float = 0.2
-    doy: float = 0.1
-    mvmf: float = 0.05
-    class_weight_beta: float = 0.9995  # effective-number class weights (GEOPAK's logged weights match 0.9995)
-    tau_km: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_TAU_KM))  # upper bound of τ per province
-    smooth_radius_factor: float = 0.5  # smoothing τ = factor × true cell radius (PIGEON-style, tied to cell size)
-    smooth_min_km: float = 1.0
-    offset_min_radius_km: float = 1.0  # the offset error is divided by max(radius, this)
-    aux_scale_km: float = 100.0  # the aux error is divided by this
-    n_neighbours: int = 8
-    offset_ramp_epochs: int = 5  # phase 1: offset weight min(1, (epoch + 1) / ramp)
-    koppen_fine_weight: float = 0.5
-    koppen_coarse_weight: float = 0.5
+    """Weights of the loss terms and how the geocell target is smoothed."""
+
+    province: float = _f(0.5, "weight of the province cross-entropy", ge=0.0)
+    cell: float = _f(1.0, "weight of the (smoothed) geocell cross-entropy", ge=0.0)
+    offset: float = _f(1.0, "weight of offset error / true cell radius", ge=0.0)
+    aux: float = _f(0.1, "weight of aux error / aux_scale_km", ge=0.0)
+    koppen: float = _f(0.2, "weight of the Köppen-Geiger loss", ge=0.0)
+    doy: float = _f(0.1, "weight of the day-of-year loss", ge=0.0)
+    mvmf: float = _f(0.05, "weight of the mvMF negative log-likelihood", ge=0.0)
+    class_weight_beta: float = _f(0.9995, "effective-number class weights (GEOPAK's logged weights match 0.9995)",
+                                  ge=0.0, lt=1.0)
+    tau_km: dict[str, float] = _f(doc="upper bound of the smoothing τ per province (km), replaced whole",
+                                  factory=lambda: dict(DEFAULT_TAU_KM))
+    smooth_radius_factor: float = _f(0.5, "smoothing τ = factor × true cell radius (PIGEON-style, tied to cell "
+                                     "size)", ge=0.0)
+    smooth_min_km: float = _f(1.0, "smallest smoothing τ (km)", gt=0.0)
+    offset_min_radius_km: float = _f(1.0, "the offset error is divided by max(radius, this) (km)", gt=0.0)
+    aux_scale_km: float = _f(100.0, "the aux error is divided by this (km)", gt=0.0)
+    n_neighbours: int = _f(8, "neighbouring cells considered by the smoothed target", ge=0)
+    offset_ramp_epochs: int = _f(5, "phase 1: offset weight min(1, (epoch + 1) / ramp)", ge=1)
+    koppen_fine_weight: float = _f(0.5, "share of the Köppen loss on the fine classes", ge=0.0)
+    koppen_coarse_weight: float = _f(0.5, "share of the Köppen loss on the coarse (main) classes", ge=0.0)
 
 
 @dataclass
 class PhaseConfig:
-    epochs: int = 1
-    lr: float = 1e-3  # heads, embeddings, fusion
-    lr_clip: float = 0.0  # phase 2 only
-    lr_scene: float = 0.0  # phase 2 only
-    weight_decay: float = 1e-5
-    batch_size: int = 64
-    batches_per_epoch: int = 0  # 0: ceil(train images / batch size)
-    schedule: str = "none"  # none | cosine (per step, after ``warmup_steps``)
-    warmup_steps: int = 0
-    val_every: int = 1
+    """One training phase: 0 warms the heads, 1 trains the heads, 2 fine-tunes the encoders."""
+
+    epochs: int = _f(1, "epochs of this phase", ge=0)
+    lr: float = _f(1e-3, "learning rate of the heads, embeddings and fusion", ge=0.0)
+    lr_clip: float = _f(0.0, "learning rate of the CLIP encoder (phase 2 only)", ge=0.0)
+    lr_scene: float = _f(0.0, "learning rate of the scene encoder (phase 2 only)", ge=0.0)
+    weight_decay: float = _f(1e-5, "AdamW weight decay", ge=0.0)
+    batch_size: int = _f(64, "images per batch", ge=1)
+    batches_per_epoch: int = _f(0, "0: ceil(train images / batch size)", ge=0)
+    schedule: str = _f("none", "learning-rate schedule, per step after warmup_steps", choices=("none", "cosine"))
+    warmup_steps: int = _f(0, "linear warm-up steps", ge=0)
+    val_every: int = _f(1, "validate every this many epochs (and after the last)", ge=1)
 
 
 @dataclass
 class AugmentConfig:
     """Geography-safe augmentation: nothing that mirrors the scene or tilts the horizon much."""
 
-    crop_scale: tuple[float, float] = (0.7, 1.0)
-    crop_ratio: tuple[float, float] = (0.9, 1.1)
-    brightness: float = 0.2
-    contrast: float = 0.2
-    saturation: float = 0.2
-    hue: float = 0.02
-    weather_p: float = 0.3  # one of fog / rain / overcast
-    blur_p: float = 0.2
-    blur_sigma: tuple[float, float] = (0.1, 1.0)
-    noise_std: float = 0.02
+    crop_scale: tuple[float, float] = _f((0.7, 1.0), "random resized crop: [min, max] share of the image area")
+    crop_ratio: tuple[float, float] = _f((0.9, 1.1), "random resized crop: [min, max] aspect ratio")
+    brightness: float = _f(0.2, "colour jitter: brightness", ge=0.0)
+    contrast: float = _f(0.2, "colour jitter: contrast", ge=0.0)
+    saturation: float = _f(0.2, "colour jitter: saturation", ge=0.0)
+    hue: float = _f(0.02, "colour jitter: hue", ge=0.0, le=0.5)
+    weather_p: float = _f(0.3, "probability of one of fog / rain / overcast", ge=0.0, le=1.0)
+    blur_p: float = _f(0.2, "probability of a Gaussian blur", ge=0.0, le=1.0)
+    blur_sigma: tuple[float, float] = _f((0.1, 1.0), "[min, max] sigma of the blur (px)")
+    noise_std: float = _f(0.02, "standard deviation of added Gaussian noise", ge=0.0)
 
 
 @dataclass
 class InferenceConfig:
+    """How the predicted distribution becomes one point."""
+
     # hypotheses: the top provinces × top cells of each (the geometric median wants the whole distribution; the
     # cap bounds the work where provinces have thousands of cells)
-    top_provinces: int = 7
-    top_cells: int = 64
-    # Undo the balanced sampler's and class weights' prior at inference: logit += log(true prior / trained prior).
-    prior_correction: bool = True
-    point: str = "geomedian"  # geomedian | mode | mean: how the hypotheses become one point (inference.py)
-    mode_radius_km: float = 25.0  # cluster radius of the "mode" point and of retrieval refinement
-    refine: bool = True  # the estimate is refined by retrieval when the checkpoint has a gallery (chosen on val)
-    refine_radius_km: float = 100.0  # retrieval refinement: gallery images this close to the estimate ...
-    refine_neighbours: int = 16  # ... the nearest n of them in the fused embedding space ...
-    refine_temperature: float = 0.1  # ... weighted softmax(cosine / T) · P(cell)
+    top_provinces: int = _f(7, "hypotheses: the top provinces …", ge=1)
+    top_cells: int = _f(64, "… × the top cells of each", ge=1)
+    prior_correction: bool = _f(True, "undo the balanced sampler's and class weights' prior at inference: "
+                                "logit += log(true prior / trained prior)")
+    point: str = _f("geomedian", "how the hypotheses become one point (inference.py)",
+                    choices=("geomedian", "mode", "mean"))
+    mode_radius_km: float = _f(25.0, 'cluster radius of the "mode" point and of retrieval refinement (km)', gt=0.0)
+    refine: bool = _f(True, "refine the estimate by retrieval when the checkpoint has a gallery (chosen on val)")
+    refine_radius_km: float = _f(100.0, "retrieval refinement: gallery images this close to the estimate … (km)",
+                                 gt=0.0)
+    refine_neighbours: int = _f(16, "… the nearest n of them in the fused embedding space …", ge=1)
+    refine_temperature: float = _f(0.1, "… weighted softmax(cosine / T) · P(cell)", gt=0.0)
 
 
 @dataclass
 class TrainConfig:
-    data_root: str = "data"
-    run_dir: str = ""  # "" -> <data_root>/model/<run_name>
-    cache_dir: str = ""  # "" -> <data_root>/embeddings
-    run_name: str = "geopak"
-    preset: str = "gpu-full"
-    encoder: EncoderConfig = field(default_factory=EncoderConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-    phases: list[PhaseConfig] = field(default_factory=list)
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
-    inference: InferenceConfig = field(default_factory=InferenceConfig)
-    sampler_shares: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_SAMPLER_SHARES))
-    run_phases: list[int] = field(default_factory=lambda: [0, 1, 2])
-    device: str = "auto"  # auto | cpu | cuda
-    # >0: torch.set_num_threads for the whole run. 0: torch's default, except that the heads-only phases (0-1)
-    # on CPU run on one thread: their small matmuls are faster there than split over busy cores.
-    cpu_threads: int = 0
-    amp: bool = True  # autocast on CUDA (never on CPU)
-    amp_dtype: str = "auto"  # auto (bf16 where supported, else fp16) | bf16 | fp16 (trains with a GradScaler)
-    grad_clip: float = 1.0
-    seed: int = 0
-    num_workers: int = 2  # image DataLoader workers (spawned), phase 2 and the embedding cache
-    embed_batch_size: int = 64
-    max_val_images: int = 0  # 0 = all; caps per-epoch validation cost in phase 2 (images through the encoders)
-    train_split: str = "train"
-    val_split: str = "val"
+    """Everything one training run needs; a checkpoint stores it."""
+
+    data_root: str = _f("data", "root folder of the pipeline's files")
+    run_dir: str = _f("", 'the run\'s folder; "" -> <data_root>/model/<run_name>')
+    cache_dir: str = _f("", 'embedding cache folder; "" -> <data_root>/embeddings')
+    run_name: str = _f("geopak", "name of the run (its folder under model/)")
+    preset: str = _f("gpu-full", "the preset this config was built from (set by preset())")
+    encoder: EncoderConfig = _f(doc="the image encoders", factory=EncoderConfig)
+    model: ModelConfig = _f(doc="the heads", factory=ModelConfig)
+    loss: LossConfig = _f(doc="the loss terms", factory=LossConfig)
+    phases: list[PhaseConfig] = _f(doc="phases 0 (warm-up), 1 (heads), 2 (fine-tuning); overrides are merged "
+                                   "index by index", factory=list)
+    augment: AugmentConfig = _f(doc="training augmentation", factory=AugmentConfig)
+    inference: InferenceConfig = _f(doc="prediction from the distribution", factory=InferenceConfig)
+    sampler_shares: dict[str, float] = _f(doc="province -> relative share of each batch (balanced sampler), "
+                                          "replaced whole", factory=lambda: dict(DEFAULT_SAMPLER_SHARES))
+    run_phases: list[int] = _f(doc="which phases this run trains", factory=lambda: [0, 1, 2])
+    device: str = _f("auto", "where to train", choices=("auto", "cpu", "cuda"))
+    # 0: torch's default, except that the heads-only phases (0-1) on CPU run on one thread: their small matmuls
+    # are faster there than split over busy cores.
+    cpu_threads: int = _f(0, "> 0: torch.set_num_threads for the whole run; 0: torch's default (heads-only "
+                          "phases on CPU: one thread)", ge=0)
+    amp: bool = _f(True, "autocast on CUDA (never on CPU)")
+    amp_dtype: str = _f("auto", "auto (bf16 where supported, else fp16) | bf16 | fp16 (trains with a GradScaler)",
+                        choices=("auto", "bf16", "fp16"))
+    grad_clip: float = _f(1.0, "gradient-norm clip (0: off)", ge=0.0)
+    seed: int = _f(0, "seed of sampling, augmentation and initialisation", ge=0)
+    num_workers: int = _f(2, "image DataLoader workers (spawned), phase 2 and the embedding cache", ge=0)
+    embed_batch_size: int = _f(64, "images per batch when filling the embedding cache", ge=1)
+    max_val_images: int = _f(0, "0 = all; caps per-epoch validation cost in phase 2 (images through the encoders)",
+                             ge=0)
+    train_split: str = _f("train", "split trained on")
+    val_split: str = _f("val", "split validated on")
 
     def to_dict(self) -> dict[str, Any]:
         return _plain(dataclasses.asdict(self))

@@ -4,11 +4,13 @@ province-balanced batch sampler that draws fresh batches every epoch, and in-mem
 
 from __future__ import annotations
 
+import io
 import math
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -17,7 +19,9 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 
 from geopak_model.config import AugmentConfig
+from pipeline.core import reasons
 from pipeline.core.paths import DataPaths
+from pipeline.core.store import sha256_hex
 from pipeline.filters.decode import DEFAULT_FORMATS, DEFAULT_MAX_PIXELS, DecodeError, open_image
 from pipeline.core.provinces import NUM_PROVINCES, PROVINCES
 
@@ -63,6 +67,45 @@ def label_tensors(table: pd.DataFrame) -> dict[str, torch.Tensor]:
     return {"province_id": col("province_id", np.int64), "cell_id": col("cell_id", np.int64),
             "lat": col("lat", np.float32), "lon": col("lon", np.float32), "koppen_id": col("koppen_id", np.int64),
             "doy_sin": col("doy_sin", np.float32), "doy_cos": col("doy_cos", np.float32)}
+
+
+# --- reading bytes, checked against their id (issue 13.4) ------------------------------------------------------
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+class BytesChangedError(ValueError):
+    """The bytes read for an image no longer hash to its ``image_id`` (truncated, replaced or edited in place
+    since the catalog stage hashed them): its cached features, labels and metrics would describe other bytes."""
+
+    reason = reasons.BYTES_CHANGED
+
+
+def read_verified(path: str | Path, image_id: str | None) -> bytes:
+    """The file's bytes, hashed once as read and checked against ``image_id`` (the sha256 the catalog gave
+    them). Ids that are not sha256 digests (hand-made tables) cannot be checked and are not. Raises
+    ``BytesChangedError`` on a mismatch, ``OSError`` when the file cannot be read."""
+    data = Path(path).read_bytes()
+    if image_id is not None and _SHA256.fullmatch(str(image_id)):
+        got = sha256_hex(data)
+        if got != image_id:
+            raise BytesChangedError(f"{path}: the {len(data)} bytes read hash to {got[:12]}…, not to the image id "
+                                    f"{str(image_id)[:12]}… they were catalogued under")
+    return data
+
+
+class Unreadable(NamedTuple):
+    """A dataset row that could not be used, and why (a ``pipeline.core.reasons`` code)."""
+
+    row: int
+    reason: str
+
+
+def read_failure_reason(path: str | Path, exc: BaseException) -> str:
+    """The rejection code for a read that raised ``exc``: bytes that changed, a file that is gone, or bytes no
+    decoder takes (as the embedding cache has always recorded them)."""
+    if isinstance(exc, BytesChangedError):
+        return reasons.BYTES_CHANGED
+    return reasons.NOT_AN_IMAGE if Path(path).exists() else reasons.MISSING_FILE
 
 
 # --- images ---------------------------------------------------------------------------------------------------
@@ -247,6 +290,8 @@ class ImageDataset(torch.utils.data.Dataset):
     def __init__(self, table: pd.DataFrame, root: str | Path, size: int, augment: AugmentConfig | None = None,
                  with_labels: bool = True):
         self.paths = [str(Path(root) / p) for p in table["path"]]
+        # every read is checked against the id the bytes were catalogued under (read_verified)
+        self.image_ids = table["image_id"].astype(str).tolist() if "image_id" in table else [None] * len(table)
         self.labels = label_tensors(table) if with_labels else {}
         self.size = size
         self.augment = augment
@@ -254,14 +299,14 @@ class ImageDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, torch.Tensor] | None:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, torch.Tensor] | Unreadable:
         idx, seed = (key, idx_seed(key)) if isinstance(key, int | np.integer) else key
         need = self.size if self.augment is None else augment_min_side(self.size, self.augment)
-        try:
-            img = load_image(self.paths[idx], need)
-        # unreadable: recorded by the caller via the None count; the embedding cache lists them
-        except (OSError, ValueError, DecodeError):
-            return None
+        try:  # one read: the buffer is hashed against the image id, then decoded
+            img = load_image(io.BytesIO(read_verified(self.paths[idx], self.image_ids[idx])), need)
+        # unreadable: the collate lists the row and the reason; the embedding cache records them
+        except (OSError, ValueError, DecodeError) as exc:
+            return Unreadable(int(idx), read_failure_reason(self.paths[idx], exc))
         if self.augment is None:
             x = eval_view(img, self.size)
         else:
@@ -277,14 +322,21 @@ def idx_seed(idx: int) -> int:
     return int(idx) * 7919 + 1
 
 
-def collate_drop_failed(items: list[dict[str, torch.Tensor] | None]) -> dict[str, torch.Tensor]:
-    """Stack the readable items; ``n_failed`` counts those that could not be read."""
-    ok = [it for it in items if it is not None]
-    if not ok:
-        return {"n_failed": torch.tensor(len(items))}
-    out = torch.utils.data.default_collate(ok)
-    out["n_failed"] = torch.tensor(len(items) - len(ok))
+def collate_drop_failed(items: list[dict[str, torch.Tensor] | Unreadable]) -> dict:
+    """Stack the readable items; ``n_failed`` counts those that could not be read, ``failed_rows`` and
+    ``failed_reasons`` (plain lists) say which and why. A batch with no readable item has no ``image``."""
+    ok = [it for it in items if not isinstance(it, Unreadable)]
+    bad = [it for it in items if isinstance(it, Unreadable)]
+    out = torch.utils.data.default_collate(ok) if ok else {}
+    out["n_failed"] = torch.tensor(len(bad))
+    out["failed_rows"] = [b.row for b in bad]
+    out["failed_reasons"] = [b.reason for b in bad]
     return out
+
+
+def tensors_to(batch: dict, device: torch.device) -> dict[str, torch.Tensor]:
+    """The batch's tensors on ``device`` (the failure lists stay behind)."""
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items() if isinstance(v, torch.Tensor)}
 
 
 def make_loader(dataset: torch.utils.data.Dataset, batch_sampler, num_workers: int, pin_memory: bool = False

@@ -18,6 +18,11 @@ loss term's gradient norm and share at the fusion layer goes into the epoch row 
     python -m geopak_model.train --config cfg.json
     python -m geopak_model.train --preset cpu-small --data-root data
     torchrun --nproc_per_node=2 -m geopak_model.train --config cfg.json     # DDP (gloo on CPU, NCCL on GPU)
+
+The pipeline's model steps launch it as ``python -m pipeline.train_entry [torchrun options] -- <these arguments>``
+through Dagster Pipes; ``run_cli``'s ``log`` / ``on_epoch`` callbacks are how that entry point reports (this
+package never imports Dagster). ``--embed-chunk-images`` / ``--embed-chunk-seconds``: how often the embedding
+build commits a shard (a killed build loses at most one chunk).
 """
 
 from __future__ import annotations
@@ -41,7 +46,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from geopak_model.cache import EmbeddingCache, build_embedding_cache
+from geopak_model.cache import CHUNK_IMAGES, CHUNK_SECONDS, EmbeddingCache, build_embedding_cache
 from geopak_model.cells import CellTable
 from geopak_model.checkpoint import (
     SELECTION,
@@ -62,6 +67,7 @@ from geopak_model.data import (
     label_tensors,
     load_training_table,
     make_loader,
+    tensors_to,
 )
 from geopak_model.encoders import DualEncoder, build_encoders
 from geopak_model.diagnostics import fusion_parameters, gradient_share_metrics, term_gradient_norms
@@ -71,13 +77,14 @@ from geopak_model.losses import LossContext, effective_number_weights, total_los
 from geopak_model.model import GeopakHeads, GeopakModel, count_params
 from geopak_model.precision import amp_dtype, autocast, dtype_name
 from geopak_model.retrieval import GALLERY_FILE, Gallery, file_sha256
+from pipeline.core import reasons
 from pipeline.core.paths import DataPaths
 from pipeline.core.processes import exit_with_parent
 from pipeline.core.provinces import NUM_PROVINCES
 from pipeline.core.store import atomic_write_bytes
 
 __all__ = ["SELECTION", "DistEnv", "TrainState", "Trainer", "collective_device", "cosine_lr", "embed_only",
-           "encode_features", "main", "optimiser_step", "setup_runtime", "train_one_epoch", "validate"]
+           "encode_features", "main", "optimiser_step", "run_cli", "setup_runtime", "train_one_epoch", "validate"]
 
 
 def collective_device(backend: str, local_rank: int = 0) -> torch.device:
@@ -257,9 +264,10 @@ def fused_embeddings(heads: GeopakHeads, data: FeatureData, device: torch.device
 
 @torch.no_grad()
 def encode_features(encoder: DualEncoder, table: pd.DataFrame, root: Path, cfg: TrainConfig, device: torch.device,
-                    dtype: torch.dtype | None, cap: int = 0) -> FeatureData:
+                    dtype: torch.dtype | None, cap: int = 0, failures: dict[str, int] | None = None) -> FeatureData:
     """Features of ``table``'s images through the current encoders (phase 2 changed them), at most ``cap``
-    images (a fixed random subset: the table may be ordered by province; 0 = all)."""
+    images (a fixed random subset: the table may be ordered by province; 0 = all). Images that cannot be read
+    now (their bytes changed since the cache was built) are left out and counted by reason in ``failures``."""
     if cap and len(table) > cap:
         table = table.sample(n=cap, random_state=cfg.seed).sort_index()
     encoder.eval()
@@ -268,13 +276,25 @@ def encode_features(encoder: DualEncoder, table: pd.DataFrame, root: Path, cfg: 
     batches = [list(range(i, min(i + bs, len(ds)))) for i in range(0, len(ds), bs)]
     clip, scene, rows = [], [], []
     for batch in make_loader(ds, batches, cfg.num_workers, pin_memory=device.type == "cuda"):
+        count_failures(batch, failures)
+        if "image" not in batch:
+            continue
         with autocast(device, dtype):
             c, s = encoder(batch["image"].to(device))
         clip.append(c.float().cpu())  # float32: tuned encoders can leave float16's range
         scene.append(s.float().cpu())
         rows.extend(batch["row"].tolist())
+    if not rows:
+        raise RuntimeError(f"none of the {len(table)} images could be read ({failures})")
     kept = table.iloc[rows].reset_index(drop=True)
     return FeatureData(torch.cat(clip), torch.cat(scene), label_tensors(kept))
+
+
+def count_failures(batch: dict, failures: dict[str, int] | None) -> None:
+    """Add a loader batch's unreadable rows to ``failures`` (reason -> count)."""
+    if failures is not None:
+        for why in batch.get("failed_reasons", []):
+            failures[why] = failures.get(why, 0) + 1
 
 
 # --- the run: data, phases, checkpoints, summary ------------------------------------------------------------------
@@ -283,8 +303,16 @@ class Trainer:
     loop / best checkpoint, and the final model selection and summary."""
 
     def __init__(self, cfg: TrainConfig, log: Callable[[str], None] | None = None,
-                 runtime: tuple[DistEnv, torch.device] | None = None):
+                 runtime: tuple[DistEnv, torch.device] | None = None,
+                 on_epoch: Callable[[dict[str, Any]], None] | None = None,
+                 embed_chunk: tuple[int, float] = (CHUNK_IMAGES, CHUNK_SECONDS)):
+        """``log``: where rank 0's progress lines go (default: stdout). ``on_epoch``: called on rank 0 with every
+        epoch's metrics row (the Pipes entry point reports them to Dagster). ``embed_chunk``: the embedding
+        build commits a shard every that many images or seconds."""
         self.cfg = cfg
+        self._on_epoch = on_epoch
+        self.embed_chunk = embed_chunk
+        self.read_failures: dict[str, int] = {}  # images unreadable after the cache was built (phase 2, export)
         if cfg.cpu_threads > 0:
             torch.set_num_threads(cfg.cpu_threads)
         self.env, self.device = runtime or setup_runtime(cfg.device)
@@ -325,15 +353,25 @@ class Trainer:
             cache, stats = build_embedding_cache(
                 self.encoder, need, self.paths.root, self.cache_root, self.cfg.embed_batch_size, self.device,
                 self.cfg.num_workers, self.cfg.amp, weights_id=self.weights_id, amp_dtype=self.cfg.amp_dtype,
-                progress=lambda d, n: self.log(f"embedding cache: {d}/{n}") if d == n or d % 1024 < 64 else None)
+                progress=lambda d, n: self.log(f"embedding cache: {d}/{n}") if d == n or d % 1024 < 64 else None,
+                chunk_images=self.embed_chunk[0], chunk_seconds=self.embed_chunk[1])
             stats["seconds"] = round(time.perf_counter() - t0, 2)
             self.log(f"embedding cache {cache.dir}: {stats}")
         self.env.barrier()
         cache = EmbeddingCache(self.cache_root, self.weights_id)
-        bad = cache.rejected_ids()
+        rejections = cache.rejections()
+        bad = set(rejections["image_id"])
         usable = need[~need["image_id"].isin(bad)]
+        # this run's images the cache could not use, by reason (bytes_changed: excluded, never trained on)
+        mine = rejections[rejections["image_id"].isin(need["image_id"])]
+        by_reason = {str(k): int(v) for k, v in mine["reason"].value_counts().sort_index().items()}
         self.cache_stats = {"weights_id": self.weights_id, "cached_images": len(cache), "unreadable": len(bad),
-                            **stats}
+                            **stats, "excluded_by_reason": by_reason,
+                            "bytes_changed": by_reason.get(reasons.BYTES_CHANGED, 0),
+                            "bytes_changed_ids": sorted(mine.loc[mine["reason"] == reasons.BYTES_CHANGED,
+                                                                 "image_id"])[:100]}
+        if by_reason:
+            self.log(f"excluded from training and validation: {by_reason}")
         train = usable[usable["split"] == self.cfg.train_split].reset_index(drop=True)
         val = usable[usable["split"] == self.cfg.val_split].reset_index(drop=True)
         if not len(train) or not len(val):
@@ -374,9 +412,13 @@ class Trainer:
             return
         ds = ImageDataset(self.train_table, self.paths.root, self.cfg.encoder.image_size, self.cfg.augment)
         for item in make_loader(ds, sampler, self.cfg.num_workers, pin_memory=self.device.type == "cuda"):
+            if item["failed_rows"]:  # read after the cache was built: the bytes changed or the file went away
+                count_failures(item, self.read_failures)
+                self.log(f"phase {k}: {len(item['failed_rows'])} training images unreadable now "
+                         f"({', '.join(item['failed_reasons'])}); left out of the batch")
             if "image" not in item:
                 raise RuntimeError("a training batch had no readable image")
-            yield {kk: v.to(self.device, non_blocking=True) for kk, v in item.items()}
+            yield tensors_to(item, self.device)
 
     # --- checkpoints ------------------------------------------------------------------------------------------
     def fingerprint(self, k: int) -> str:
@@ -541,6 +583,8 @@ class Trainer:
                                                                "scaler": state.scaler.state_dict()}))
                 self._write_metrics(state.history)
                 self.log(_epoch_line(row))
+                if self._on_epoch is not None:
+                    self._on_epoch(row)
             self.env.barrier()
             state.epoch += 1
         self.env.barrier()
@@ -554,7 +598,7 @@ class Trainer:
         data = self.val_data
         if k == 2:  # the encoders changed: features through the current encoders (capped for cost)
             data = encode_features(self.encoder, self.val_table, self.paths.root, self.cfg, self.device,
-                                   self.amp_dtype, 0 if full else self.cfg.max_val_images)
+                                   self.amp_dtype, 0 if full else self.cfg.max_val_images, self.read_failures)
         assert data is not None
         return validate(self.heads, data, self.loss_ctx, self.cfg, self.device, k)
 
@@ -577,9 +621,11 @@ class Trainer:
         model_path = self.run_dir / "model.pt"
         ckpt = read_checkpoint(self._ckpt(choice, "best"))
         val = self.val_data if choice < 2 else encode_features(
-            self.encoder, self.val_table, self.paths.root, self.cfg, self.device, self.amp_dtype)
+            self.encoder, self.val_table, self.paths.root, self.cfg, self.device, self.amp_dtype,
+            failures=self.read_failures)
         train = self.train_data if choice < 2 else encode_features(
-            self.encoder, self.train_table, self.paths.root, self.cfg, self.device, self.amp_dtype)
+            self.encoder, self.train_table, self.paths.root, self.cfg, self.device, self.amp_dtype,
+            failures=self.read_failures)
         assert val is not None and train is not None
         self.heads.eval()
         calibration = fit_calibration(self.heads, fused_embeddings(self.heads, val, self.device),
@@ -612,6 +658,7 @@ class Trainer:
             "model": str(model_path), "run_dir": str(self.run_dir), "preset": self.cfg.preset,
             "device": str(self.device), "world_size": self.env.world, "precision": self.precision,
             "table": self.table_stats, "cache": self.cache_stats,
+            "unreadable_after_cache": dict(self.read_failures),
             "train_images": len(self.train_table), "val_images": len(self.val_table),
             "cells": self.cells.n_cells, "cells_per_province": self.cells.counts_per_province,
             "class_weights": [round(float(x), 4) for x in self.class_weights],
@@ -633,23 +680,35 @@ def _epoch_line(row: dict[str, Any]) -> str:
     return f"phase {row['phase']} epoch {row['epoch'] + 1}: " + " ".join(parts) + f" ({row.get('seconds', 0)} s)"
 
 
-def embed_only(cfg: TrainConfig, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+def embed_only(cfg: TrainConfig, log: Callable[[str], None] | None = None,
+               embed_chunk: tuple[int, float] = (CHUNK_IMAGES, CHUNK_SECONDS)) -> dict[str, Any]:
     """Build/refresh the embedding cache for the train and val images (the ``embedding_cache`` asset)."""
-    trainer = Trainer(cfg, log)
+    trainer = Trainer(cfg, log, embed_chunk=embed_chunk)
     stats = trainer.prepare_cache()
     return {**stats, "cache_dir": str(trainer.cache_root / trainer.weights_id),
             "train_images": len(trainer.train_table), "val_images": len(trainer.val_table)}
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m geopak_model.train", description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", help="TrainConfig JSON (see geopak_model/config.py)")
     ap.add_argument("--preset", help="cpu-small | gpu-full | test-tiny (used when --config is not given)")
     ap.add_argument("--data-root", help="override data_root")
     ap.add_argument("--phases", help="comma-separated phases to run, e.g. 1,2")
     ap.add_argument("--embed-only", action="store_true", help="only build the embedding cache")
+    ap.add_argument("--embed-chunk-images", type=int, default=CHUNK_IMAGES,
+                    help="the embedding build commits a shard every this many images (a kill loses at most one)")
+    ap.add_argument("--embed-chunk-seconds", type=float, default=CHUNK_SECONDS,
+                    help="... or every this many seconds of work, whichever comes first")
     ap.add_argument("--result", help="write the run summary (or cache stats) JSON here")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def run_cli(argv: list[str] | None = None, log: Callable[[str], None] | None = None,
+            on_epoch: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any] | None:
+    """Parse ``argv``, train (or only embed), write ``--result`` on rank 0. Returns the result on rank 0, None on
+    the other ranks. ``log`` / ``on_epoch`` as for ``Trainer`` (the Pipes entry point passes its own)."""
+    args = parser().parse_args(argv)
     if os.environ.get("GEOPAK_EXIT_WITH_PARENT") == "1":  # launched by a pipeline step: never outlive it
         exit_with_parent(os.getppid())
     if args.config:
@@ -660,11 +719,19 @@ def main(argv: list[str] | None = None) -> int:
         cfg.data_root = args.data_root
     if args.phases:
         cfg.run_phases = [int(p) for p in args.phases.split(",")]
-    result = embed_only(cfg) if args.embed_only else Trainer(cfg).run()
-    if args.result and (not dist.is_initialized() or dist.get_rank() == 0):
+    chunk = (args.embed_chunk_images, args.embed_chunk_seconds)
+    result = embed_only(cfg, log, chunk) if args.embed_only else Trainer(cfg, log, on_epoch=on_epoch,
+                                                                          embed_chunk=chunk).run()
+    main_rank = not dist.is_initialized() or dist.get_rank() == 0
+    if args.result and main_rank:
         atomic_write_bytes(args.result, json.dumps(result, indent=2, default=float).encode())
     if dist.is_initialized():
         dist.destroy_process_group()
+    return result if main_rank else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    run_cli(argv)
     return 0
 
 

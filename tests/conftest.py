@@ -78,10 +78,17 @@ def gps_exif(lat: float, lon: float, when: str | None = "2021:03:14 09:26:53", o
 
 def asset_resources(root, boundaries_path, **overrides) -> dict:
     """Every resource the offline assets need, pointed at a temporary data root (tests never read env vars)."""
-    from pipeline.defs.resources import BoundariesResource, DataRootResource, KoppenRasterResource, LocalSourceResource
+    from pipeline.defs.resources import (
+        BoundariesResource,
+        ComputeResource,
+        DataRootResource,
+        KoppenRasterResource,
+        LocalSourceResource,
+    )
 
     return {
         "data_root": DataRootResource(path=str(root)),
+        "compute": ComputeResource(),  # local processes: no Dask scheduler unless a test starts one
         "boundaries": BoundariesResource(source=str(boundaries_path)),
         "koppen": KoppenRasterResource(),
         "local_source": LocalSourceResource(),

@@ -64,6 +64,52 @@ def ict_places(n_dense: int = 90, seed: int = 3) -> list[FakePlace]:
     return dense + sparse
 
 
+def few_places(n: int = 8, n_without_photos: int = 3, photos: int = 2, seed: int = 5) -> list[FakePlace]:
+    """A handful of places in Islamabad (one search page, no paging): ``n`` with photos, some without any."""
+    rng = random.Random(seed)
+    out = [FakePlace(f"ChIJfew{i:02d}", 33.70 + rng.uniform(-0.02, 0.02), 73.05 + rng.uniform(-0.03, 0.03), photos,
+                     rng.random()) for i in range(n)]
+    out += [FakePlace(f"ChIJbare{i:02d}", 33.70 + rng.uniform(-0.02, 0.02), 73.05 + rng.uniform(-0.03, 0.03), 0,
+                      rng.random()) for i in range(n_without_photos)]
+    return out
+
+
+def places_expected(places: list[FakePlace], boundaries, province: str = "ict") -> set[str]:
+    """The item ids (``place_id:n``) a complete crawl of ``province`` stores."""
+    import numpy as np
+
+    from pipeline.core.provinces import BY_KEY
+
+    where = boundaries.locate(np.array([p.lat for p in places]), np.array([p.lon for p in places]))
+    return {f"{p.place_id}:{i}" for p, w in zip(places, where) if w == BY_KEY[province].id
+            for i in range(min(p.n_photos, 10))}
+
+
+def places_source(base_url: str, http: HttpSettings, stats: HttpStats, key: str = GOOGLE_KEY, clock=None, **cfg):
+    """A Places crawler against the fake: fast pacing, short page-token waits, 0.2° tiles."""
+    from pipeline.sources.google_places import GooglePlacesSource, PlacesConfig
+
+    defaults = dict(queries_per_second=1000, tile_deg=0.2, min_tile_deg=0.005, page_token_delay_s=0.01,
+                    max_width=800)
+    extra = {"clock": clock} if clock is not None else {}
+    return GooglePlacesSource(PlacesConfig(key, base_url=base_url, **{**defaults, **cfg}), http, stats, **extra)
+
+
+def crawl_places(root: Path, boundaries, base_url: str, http: HttpSettings | None = None, province: str = "ict",
+                 **kw):
+    """One Google Places crawl of ``province`` into ``root`` (source settings in ``kw``, see ``places_source``)."""
+    from pipeline.core.paths import DataPaths
+    from pipeline.core.store import ImageStore
+    from pipeline.sources.crawl import run_crawl
+
+    discover_only = kw.pop("discover_only", False)
+    stats = HttpStats()
+    http = http or fast_http(attempts=3)
+    source = places_source(base_url, http, stats, **kw)
+    return run_crawl(source, province, DataPaths.at(root), ImageStore(root), boundaries, http, stats,
+                     log=lambda m: None, discover_only=discover_only)
+
+
 def assert_store_intact(root: Path) -> int:
     """Every stored file is named by the sha256 of its bytes and decodes completely; no temp file is left behind."""
     from PIL import Image

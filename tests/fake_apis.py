@@ -335,9 +335,43 @@ def _haversine_m(lat1, lon1, lat2, lon2):
     return 2 * r * np.arcsin(np.sqrt(a))
 
 
-def places_routes(server: FakeServer, places: list[FakePlace], api_key: str, token_delay_s: float = 0.05) -> None:
+@dataclass
+class PlacesControl:
+    """Knobs of the fake Places service a test turns while it runs, and what it counted.
+
+    ``photo_quota``: Place Photo requests answered before the quota runs out (then HTTP 403, as Google documents);
+    ``json_quota``: JSON requests (search, details) answered before ``OVER_QUERY_LIMIT`` with Google's daily-quota
+    message; ``token_ttl_s``: a page token older than this is ``INVALID_REQUEST`` (expired); ``image_faults``:
+    photo_reference → ``"html"`` (an HTML error page with status 200) or ``"cut"`` (the JPEG's first half, with a
+    matching Content-Length) served by the image host, until the test removes the entry."""
+
+    photo_quota: int | None = None
+    json_quota: int | None = None
+    token_ttl_s: float | None = None
+    image_faults: dict[str, str] = field(default_factory=dict)
+    photo_requests: int = 0
+    json_requests: int = 0
+    details_ids: list[str] = field(default_factory=list)  # place ids asked for in Place Details, in order
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def _over(self, kind: str) -> bool:
+        with self.lock:
+            n = getattr(self, f"{kind}_requests") + 1
+            setattr(self, f"{kind}_requests", n)
+            quota = getattr(self, f"{kind}_quota")
+            return quota is not None and n > quota
+
+
+QUOTA_MESSAGE = ("You have exceeded your daily request quota for this API. If you did not set a custom daily request "
+                 "quota, verify your project has an active billing account: http://g.co/dev/maps-no-account")
+
+
+def places_routes(server: FakeServer, places: list[FakePlace], api_key: str, token_delay_s: float = 0.05,
+                  control: PlacesControl | None = None) -> PlacesControl:
     """Legacy Places web service: nearbysearch (20 per page, ≤ 60, page tokens valid after a delay), details
-    (≤ 10 photos with html_attributions), photo (302 redirect to the bytes, like the real service)."""
+    (≤ 10 photos with html_attributions), photo (302 redirect to the bytes, like the real service); quotas, page
+    token expiry and bad image bytes as ``PlacesControl`` says (returned, to be changed while the server runs)."""
+    ctl = control or PlacesControl()
     lat = np.array([p.lat for p in places])
     lon = np.array([p.lon for p in places])
     by_id = {p.place_id: p for p in places}
@@ -348,6 +382,9 @@ def places_routes(server: FakeServer, places: list[FakePlace], api_key: str, tok
         if req.params.get("key") != api_key:
             return json_reply({"status": "REQUEST_DENIED", "error_message": "The provided API key is invalid.",
                                "results": [], "html_attributions": []})
+        if ctl._over("json"):
+            return json_reply({"status": "OVER_QUERY_LIMIT", "error_message": QUOTA_MESSAGE, "results": [],
+                               "html_attributions": []})
         return None
 
     def result(p: FakePlace) -> dict:
@@ -370,7 +407,8 @@ def places_routes(server: FakeServer, places: list[FakePlace], api_key: str, tok
         if "pagetoken" in req.params:
             with lock:
                 entry = tokens.get(req.params["pagetoken"])
-            if entry is None or time.monotonic() - entry[0] < token_delay_s:
+            age = time.monotonic() - entry[0] if entry is not None else None
+            if age is None or age < token_delay_s or (ctl.token_ttl_s is not None and age > ctl.token_ttl_s):
                 return json_reply({"status": "INVALID_REQUEST", "results": [], "html_attributions": []})
             return page(entry[1], entry[2])
         la, lo = (float(v) for v in req.params["location"].split(","))
@@ -385,6 +423,8 @@ def places_routes(server: FakeServer, places: list[FakePlace], api_key: str, tok
     def details(req: Request) -> Reply:
         if (bad := denied(req)) is not None:
             return bad
+        with ctl.lock:
+            ctl.details_ids.append(req.params.get("placeid", ""))
         p = by_id.get(req.params.get("placeid", ""))
         if p is None:
             return json_reply({"status": "NOT_FOUND", "html_attributions": []})
@@ -397,12 +437,36 @@ def places_routes(server: FakeServer, places: list[FakePlace], api_key: str, tok
             return Reply(403, b"<html>forbidden</html>", "text/html")
         if not (req.params.get("maxwidth") or req.params.get("maxheight")):
             return Reply(400, b"<html>bad request</html>", "text/html")
+        if ctl._over("photo"):  # Google: "HTTP 403 status to indicate that the quota has been exceeded"
+            return Reply(403, _QUOTA_PNG, "image/png")
         return Reply(302, b"", "text/html", {"Location": f"{server.url}/places-photo/{req.params['photoreference']}"})
+
+    def image(req: Request) -> Reply:
+        ref = req.path[len("/places-photo/"):]
+        data = unique_jpeg(ref)
+        fault = ctl.image_faults.get(ref)
+        if fault == "html":
+            return Reply(200, b"<!DOCTYPE html><html><body>Error 502 (Server Error)</body></html>", "text/html")
+        if fault == "cut":
+            return Reply(200, data[: len(data) // 2], "image/jpeg")
+        return Reply(200, data, "image/jpeg")
 
     server.route("GET", "/maps/api/place/nearbysearch/json", nearby)
     server.route("GET", "/maps/api/place/details/json", details)
     server.route("GET", "/maps/api/place/photo", photo)
-    image_routes(server, "/places-photo/")
+    server.route("GET", "/places-photo/", image)
+    return ctl
+
+
+def _png(width: int = 8, height: int = 8) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (width, height), (200, 30, 30)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+_QUOTA_PNG = _png()  # the real service answers a quota 403 with an image saying so
 
 
 def _photos(p: FakePlace) -> list[dict]:

@@ -60,5 +60,5 @@ def test_files_and_metadata(small_world):
     md = result.asset_materializations_for_node("labelled_catalog")[0].metadata
     assert md["rows"].value == len(labelled)
     assert "| province_key |" in md["rows_per_province_and_source"].value
-    assert "data:image/png;base64," in md["map"].value
+    assert ".preview.png" in md["map"].value  # a served preview, shown inline
     assert paths.report("labelled_catalog_map.png").stat().st_size > 1000

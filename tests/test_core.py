@@ -121,6 +121,8 @@ def test_no_dagster_outside_the_code_location():
         for node in ast.walk(tree):
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
                 [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            if rel == "pipeline/train_entry.py":  # the trainer's launcher speaks the Pipes protocol, nothing more
+                names = [n for n in names if n != "dagster_pipes"]
             if any(n == "dagster" or n.startswith("dagster.") or n.startswith("dagster_") for n in names):
                 offenders.append(rel)
     assert offenders == []

@@ -66,4 +66,4 @@ def test_metadata_tables_and_maps(run):
     assert "max_radius_km" in cells_md["per_province"].value and cells_md["cells_over_cap"].value == 0
     for name in ("dataset_splits_map.png", "geocells_map.png"):
         assert paths.report(name).stat().st_size > 5000
-    assert "data:image/png;base64," in cells_md["map"].value
+    assert "geocells_map.preview.png" in cells_md["map"].value

@@ -10,7 +10,8 @@ import dagster as dg
 import pandas as pd
 import pytest
 
-from pipeline.defs.crawl import GooglePlacesResource, crawl_resources
+from pipeline.defs.crawl import FlickrResource, GooglePlacesResource, crawl_resources
+from pipeline.defs.resources import DataRootResource
 from tests.conftest import gps_exif, jpeg_bytes
 from tests.crawl_support import GOOGLE_KEY
 
@@ -98,3 +99,27 @@ def test_explicit_field_wins_over_env(clean_env):
     explicit_off = GooglePlacesResource(enabled=False, env={"enabled": "GEOPAK_GOOGLE_PLACES_ENABLED",
                                                             "api_key": "GOOGLE_MAPS_API_KEY"})
     assert "opt-in" in _probe_run(explicit_off)[1]
+
+
+def test_run_config_naming_a_resource_keeps_its_environment_variables(clean_env, tmp_path):
+    """Run config that sets one field of a resource (as the Launchpad does) rebuilds it from its config; the
+    variables it reads at run start are the class's own, so they still apply (the data root once silently
+    became the repository's data/)."""
+    seen = {}
+
+    @dg.asset
+    def probe(data_root: DataRootResource, flickr: FlickrResource) -> None:
+        seen["root"] = str(data_root.paths.root)
+        seen["flickr_missing"] = flickr.missing()
+
+    clean_env.setenv("GEOPAK_DATA_ROOT", str(tmp_path / "root"))
+    clean_env.setenv("FLICKR_API_KEY", "k-not-shown")
+    clean_env.setenv("FLICKR_API_SECRET", "s-not-shown")
+    result = dg.materialize(
+        [probe], resources={"data_root": DataRootResource(), "flickr": FlickrResource()},
+        run_config={"resources": {"data_root": {"config": {"stage_lock_wait_s": 5.0}},
+                                  "flickr": {"config": {"rest_url": "http://127.0.0.1:9/"}}}},
+    )
+    assert result.success
+    assert Path(seen["root"]) == tmp_path / "root"
+    assert seen["flickr_missing"] is None

@@ -3,25 +3,25 @@ checkpoint, per-epoch metrics, curves and the comparison with the majority basel
 
 from __future__ import annotations
 
-import json
-
 import dagster as dg
+import pydantic
 import pytest
 import torch
 
 from pipeline.defs import model
-from pipeline.defs.resources import DataRootResource
+from pipeline.defs.resources import DataRootResource, TorchrunResource
 from tests.model_world import build_world
 
 
 @pytest.mark.slow
 def test_materialize_model_group(tmp_path):
     paths = build_world(tmp_path, per_cell=4, size=40)
-    overrides = json.dumps({"cpu_threads": 1, "phases": [{"epochs": 1}, {"epochs": 2}, {"epochs": 1}]})
-    params = {"preset": "test-tiny", "overrides_json": overrides}
+    overrides = {"cpu_threads": 1, "phases": [{"epochs": 1}, {"epochs": 2}, {"epochs": 1}]}
+    params = {"preset": "test-tiny", "overrides": overrides}
     result = dg.materialize(
         dg.load_assets_from_modules([model]),
-        resources={"data_root": DataRootResource(path=str(tmp_path))},
+        resources={"data_root": DataRootResource(path=str(tmp_path)), "torchrun": TorchrunResource(),
+                   "pipes_subprocess_client": dg.PipesSubprocessClient()},
         run_config={"ops": {"embedding_cache": {"config": params}, "geopak_model": {"config": params}}},
     )
     assert result.success
@@ -33,12 +33,12 @@ def test_materialize_model_group(tmp_path):
     assert "| province accuracy |" in md["model_vs_baselines"].value
     assert "ORACLE" in md["model_vs_baselines"].value
     assert md["metrics_per_epoch"].value.count("\n") >= 5  # header + separator + 4 epochs
-    assert "data:image/png;base64," in md["loss_curves"].value
+    assert "geopak_training_curves.preview.png" in md["loss_curves"].value
     assert paths.report("geopak_training_curves.png").stat().st_size > 1000
     checks = result.get_asset_check_evaluations()
     assert [c.check_name for c in checks] == ["beats_majority_baselines"]
 
 
 def test_bad_preset_is_a_clear_failure(tmp_path):
-    with pytest.raises(dg.Failure, match="unknown model preset"):
+    with pytest.raises(pydantic.ValidationError, match="preset"):  # the Launchpad lists the presets to pick from
         model.train_config(model.ModelParams(preset="nope"), DataRootResource(path=str(tmp_path)))

@@ -276,7 +276,8 @@ def test_embedding_cache_reuse_growth_and_invalidation(world, tmp_path):
     assert stats2["computed"] == 4 and stats2["reused"] == 10 and cache2.generation == 2
     c2, _ = cache2.load(first["image_id"].iloc[::-1])
     assert torch.equal(c2, clip.flip(0))  # old rows kept, looked up by image id
-    assert sorted(p.name for p in cache2.dir.iterdir()) == ["clip-2.npy", "index-2.parquet", "meta.json", "scene-2.npy"]
+    shard_files = sorted(p.name.split("-")[0] + p.name[p.name.index("."):] for p in (cache2.dir / "shards").iterdir())
+    assert shard_files == [f"00000{i}.{kind}" for i in (0, 1) for kind in ("clip.npy", "index.parquet", "scene.npy")]
 
     other = build_encoders(dataclasses.replace(TINY_ENC, init_seed=1))  # other weights -> other cache
     cache3, stats3 = build_embedding_cache(other, table.head(14), world.root, root, batch_size=8)
@@ -299,7 +300,7 @@ def test_unreadable_images_are_recorded_not_fatal(world, tmp_path):
     cache, stats = build_embedding_cache(enc, rows, broken, tmp_path / "emb", batch_size=2)
     assert stats["computed"] == 3 and stats["unreadable"] == 2
     rej = pd.read_parquet(cache.dir / "rejections.parquet").set_index("image_id")["reason"]
-    assert rej[rows["image_id"].iloc[1]] == reasons.NOT_AN_IMAGE
+    assert rej[rows["image_id"].iloc[1]] == reasons.BYTES_CHANGED  # catalogued bytes replaced by HTML
     assert rej[rows["image_id"].iloc[3]] == reasons.MISSING_FILE
     _, again = build_embedding_cache(enc, rows, broken, tmp_path / "emb", batch_size=2)
     assert again["computed"] == 0 and again["unreadable"] == 0  # not retried with the same weights
@@ -310,7 +311,7 @@ def test_model_loader_refuses_decompression_bombs_like_the_filter(tmp_path):
     refused before decoding (the dataset then skips the row, the predictor reports it)."""
     import io
 
-    from geopak_model.data import ImageDataset, load_image
+    from geopak_model.data import ImageDataset, Unreadable, load_image
     from pipeline.filters.decode import DEFAULT_MAX_PIXELS, DecodeError
 
     buf = io.BytesIO()
@@ -324,7 +325,7 @@ def test_model_loader_refuses_decompression_bombs_like_the_filter(tmp_path):
     with pytest.raises(DecodeError):
         load_image(io.BytesIO(buf.getvalue()))
     table = pd.DataFrame({"path": ["bomb.png"]})
-    assert ImageDataset(table, tmp_path, 32, with_labels=False)[0] is None
+    assert ImageDataset(table, tmp_path, 32, with_labels=False)[0] == Unreadable(0, reasons.NOT_AN_IMAGE)
 
 
 def test_model_loader_accepts_only_photo_formats(tmp_path):

@@ -146,7 +146,7 @@ def test_evaluation_asset(world, boundaries_path):
     table = md["distance_errors"].value
     assert "ORACLE" in table and "majority cell centre" in table and "kNN" in table and "predicted province" in table
     assert "baseline_comparison" in md and isinstance(md["beats_every_baseline"].value, bool)
-    assert "data:image/png;base64," in md["error_cdf"].value
+    assert "evaluation_error_cdf.preview.png" in md["error_cdf"].value
     html_path = md["report_html"].value
     text = open(html_path).read()
     assert "<img" in text and "ORACLE" in text

@@ -56,6 +56,20 @@ class DataPaths:
         return self.root / "catalog" / "rejections.parquet"
 
     @property
+    def catalog_state(self) -> Path:
+        """What the last catalog build resolved (per-manifest shards, header cache): rebuilds read only changes."""
+        return self.root / "catalog" / "state"
+
+    # YFCC100M discovery (issue 13): one pass over the metadata file, one candidates file per province
+    def yfcc_candidates(self, province: str) -> Path:
+        return self.raw_dir("yfcc100m") / "candidates" / f"{province}.parquet"
+
+    @property
+    def yfcc_discovery(self) -> Path:
+        """The discovery pass's own record: the metadata file it read (path, size, mtime) and its counts."""
+        return self.raw_dir("yfcc100m") / "candidates" / "discovery.json"
+
+    @property
     def labelled(self) -> Path:
         return self.root / "labels" / "labelled_catalog.parquet"
 
@@ -78,11 +92,13 @@ class DataPaths:
 
     @property
     def filter_cache(self) -> Path:
+        """Image metrics by image_id: a folder of Parquet shards, one per committed chunk (pd.read_parquet reads it)."""
         return self.root / "filter" / "metrics_cache.parquet"
 
     @property
     def filter_indoor_cache(self) -> Path:
-        """CLIP indoor scores by image_id and weights (only written when real weights were available)."""
+        """CLIP indoor scores by image_id and weights (only written when real weights were available); a folder of
+        Parquet shards like ``filter_cache``."""
         return self.root / "filter" / "indoor_cache.parquet"
 
     # geocells and splits (issue 4)

@@ -124,16 +124,18 @@ class LockHeldError(RuntimeError):
 
 def _holder(fd: int) -> str:
     with contextlib.suppress(OSError):
-        return os.pread(fd, 64, 0).decode(errors="replace").strip()
+        return os.pread(fd, 256, 0).decode(errors="replace").strip()
     return ""
 
 
 @contextlib.contextmanager
-def exclusive_lock(path: str | Path, what: str, wait_s: float = 30.0, poll_s: float = 0.1) -> Iterator[None]:
+def exclusive_lock(path: str | Path, what: str, wait_s: float = 30.0, poll_s: float = 0.1,
+                   holder: str | None = None) -> Iterator[None]:
     """Hold an exclusive ``flock`` on ``path`` (created if needed) for the ``with`` block.
 
     If another process holds it, wait up to ``wait_s`` (a killed run's orphan may still be on its way out), then
-    raise ``LockHeldError`` naming the holder's pid. The lock file's content is the holder's pid."""
+    raise ``LockHeldError`` naming the holder. The lock file's content is ``holder`` (default: this pid), e.g.
+    ``"4242 (run 1f0c...)"`` so the error names the Dagster run that holds it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
@@ -148,7 +150,7 @@ def exclusive_lock(path: str | Path, what: str, wait_s: float = 30.0, poll_s: fl
                     raise LockHeldError(what, path, _holder(fd)) from None
                 time.sleep(poll_s)
         os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        os.pwrite(fd, f"{holder or os.getpid()}\n".encode(), 0)
         try:
             yield
         finally:

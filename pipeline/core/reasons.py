@@ -21,12 +21,14 @@ LOW_GEO_ACCURACY = "low_geo_accuracy"
 NOT_A_PHOTO = "not_a_photo"
 NO_IMAGE_URL = "no_image_url"
 IMAGE_TOO_LARGE = "image_too_large"
+COORDINATES_EXPIRED = "coordinates_expired"  # Google Places: coordinates older than the terms allow
 # (a crawl download that failed is DOWNLOAD_FAILED, defined with the sources' codes above)
 # label stage
 OUTSIDE_PAKISTAN = "outside_pakistan"
 NO_CLIMATE_CLASS = "no_climate_class"
 # filter stage (pipeline/filters): decoding, image quality, duplicates, geotag, licence, content
 UNDECODABLE = "undecodable"
+BYTES_CHANGED = "bytes_changed"  # the stored file's sha256 is no longer its image_id
 DECOMPRESSION_BOMB = "decompression_bomb"
 TOO_SMALL = "too_small"
 BAD_ASPECT_RATIO = "bad_aspect_ratio"
@@ -52,11 +54,15 @@ DESCRIPTIONS: dict[str, str] = {
     NOT_A_PHOTO: "the record is a video, not a photo",
     NO_IMAGE_URL: "the source gives no URL to download the image from",
     IMAGE_TOO_LARGE: "the download is over the configured byte or pixel limit",
+    COORDINATES_EXPIRED: "Google Places coordinates older than the 30 days Google's terms allow caching them: "
+    "deleted until Place Details is fetched again for the place_id (which the terms let us keep)",
     DOWNLOAD_FAILED: "the image could not be downloaded (HTTP error, timeout, connection error, or transient errors "
     "outlasted the retries): retried on the next run",
     OUTSIDE_PAKISTAN: "the coordinate lies in no province polygon of Pakistan",
     NO_CLIMATE_CLASS: "the Köppen-Geiger raster has no class at the coordinate",
     UNDECODABLE: "the header is readable but the pixel data is truncated or corrupt",
+    BYTES_CHANGED: "the stored file's bytes no longer hash to its image_id (sha256): truncated or replaced after "
+    "it was catalogued; the detail gives both id prefixes",
     DECOMPRESSION_BOMB: "the header claims more pixels than the pixel limit (the filter's configured one; PIL's "
     "at the source and the catalog); refused before decoding, with this one code at every stage",
     UNSUPPORTED_FORMAT: "an image format not accepted for photos: containers this installation cannot decode "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import re
 from collections.abc import Sequence
 
 import numpy as np
@@ -15,16 +16,38 @@ PROVINCE_COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#17becf", "#ff7
 
 
 def markdown_table(df: pd.DataFrame, max_rows: int = 30, floatfmt: str = "{:.3f}") -> str:
-    """A GitHub-style Markdown table (first ``max_rows`` rows), readable in the Dagster UI."""
+    """A GitHub-style Markdown table (first ``max_rows`` rows, saying how many more), readable in the Dagster UI.
+
+    Numbers are rounded to what they mean: columns named ``*km*`` to 0.1 km, other floats by ``floatfmt``
+    (fractions and scores: 3 digits). Cells are never cut: a long value is shown whole.
+    """
     if df.empty:
         return "_(no rows)_"
     shown = df.head(max_rows)
-    cells = [[_fmt(v, floatfmt) for v in row] for row in shown.itertuples(index=False)]
-    header = "| " + " | ".join(map(str, shown.columns)) + " |"
+    fmts = [column_floatfmt(c, floatfmt) for c in shown.columns]
+    cells = [[_fmt(v, f) for v, f in zip(row, fmts)] for row in shown.itertuples(index=False)]
+    header = "| " + " | ".join(_fmt(c, floatfmt) or " " for c in shown.columns) + " |"
     sep = "|" + "|".join(" ---: " if pd.api.types.is_numeric_dtype(shown[c]) else " --- " for c in shown.columns) + "|"
     body = ["| " + " | ".join(r) + " |" for r in cells]
     more = [f"\n_{len(df) - max_rows} more rows not shown_"] if len(df) > max_rows else []
     return "\n".join([header, sep, *body, *more])
+
+
+def column_floatfmt(column, default: str = "{:.3f}") -> str:
+    """Distances (a name ending in ``km``: ``median_km``, ``baseline median km``) to 0.1 km, percentages (a ``%``
+    in the name) to 0.1 %; everything else, shares such as ``acc_25km`` included, ``default``."""
+    name = str(column).strip().lower()
+    return "{:.1f}" if re.search(r"(^|[_ ])km$", name) or "%" in name else default
+
+
+def round_km(value: float) -> float:
+    """A distance in km as a metadata number: 0.1 km is what a geolocation error means."""
+    return round(float(value), 1)
+
+
+def round_share(value: float) -> float:
+    """A fraction (share, accuracy) as a metadata number: 3 digits."""
+    return round(float(value), 3)
 
 
 def _fmt(v, floatfmt: str) -> str:
@@ -32,7 +55,7 @@ def _fmt(v, floatfmt: str) -> str:
         return "" if np.isnan(v) else floatfmt.format(v)
     if v is None or v is pd.NaT:
         return ""
-    return str(v).replace("|", "\\|").replace("\n", " ")[:80]
+    return str(v).replace("|", "\\|").replace("\n", " ")
 
 
 def counts_table(df: pd.DataFrame, rows: str, cols: str, total: bool = True) -> pd.DataFrame:
@@ -127,9 +150,15 @@ def curves_png(df: pd.DataFrame, panels: dict[str, Sequence[str]], title: str = 
 
     panels = {k: [c for c in cols if c in df.columns and df[c].notna().any()] for k, cols in panels.items()}
     panels = {k: v for k, v in panels.items() if v}
-    fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(4.2 * max(1, len(panels)), 3.4), squeeze=False)
+    # at most two panels a row: the picture stays about as wide as tall, so it fits a page when scaled down
+    n = max(1, len(panels))
+    ncols = min(2, n)
+    nrows = -(-n // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.2 * nrows), squeeze=False)
+    for ax in axes.ravel()[len(panels):]:
+        ax.set_visible(False)
     xs = df[x] if x else np.arange(1, len(df) + 1)
-    for ax, (name, cols) in zip(axes[0], panels.items()):
+    for ax, (name, cols) in zip(axes.ravel(), panels.items()):
         for c in cols:
             ax.plot(xs, df[c], marker="o", markersize=2.5, linewidth=1.2, label=c)
         ax.set_title(name, fontsize=9)
@@ -137,4 +166,5 @@ def curves_png(df: pd.DataFrame, panels: dict[str, Sequence[str]], title: str = 
         ax.legend(fontsize=6)
         ax.grid(alpha=0.3)
     fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
     return png_bytes(fig)

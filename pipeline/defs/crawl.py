@@ -3,31 +3,45 @@
 Thin wrappers over ``pipeline.sources``: each partition crawls one province to completion (resuming a killed run
 from its crawl state), writes ``raw/<source>/<province>/manifest.parquet`` — which ``image_catalog`` unions with
 every other manifest — and reports counts, retries and rejections. A source that is disabled or lacks credentials
-or files is skipped with a warning and an observation saying why; it never fails the run. Secrets come only through
+or files is skipped with a warning and materialized as skipped, saying why (``pipeline.defs.source_status``); it
+never fails the run. Secrets come only through
 ``EnvVar`` and never reach logs, metadata or files.
 """
 
 from collections.abc import Iterator
-from typing import Optional
+from typing import ClassVar, Optional
 
 import dagster as dg
 import pandas as pd
-from pydantic import Field
+from pydantic import Field, PrivateAttr
 
 from pipeline.core.paths import DataPaths
+from pipeline.core.processes import exclusive_lock
 from pipeline.core.provinces import PROVINCE_KEYS
 from pipeline.core.report import province_map_png
-from pipeline.defs.metadata import md_table, plot
+from pipeline.defs.config import dataclass_kwargs
+from pipeline.core.schema import RAW_MANIFEST_SCHEMA
+from pipeline.defs.metadata import md_table, plot, schema_metadata, table_metadata
 from pipeline.defs.resources import BoundariesResource, DataRootResource, LaunchEnvResource
+from pipeline.defs.source_status import skipped_result
 from pipeline.labels.boundaries import ProvinceBoundaries
-from pipeline.sources.crawl import CrawlResult, Source, run_crawl
+from pipeline.sources.crawl import STOPPED_KEY, CrawlResult, Source, remaining_work, run_crawl
+from pipeline.sources.crawl_state import CrawlState
 from pipeline.sources.flickr import DEFAULT_REST_URL, OPEN_LICENSES, FlickrConfig, FlickrSource
 from pipeline.sources.gldv2 import DEFAULT_WIKIDATA_API, Gldv2Config, Gldv2Source
-from pipeline.sources.google_places import DEFAULT_BASE_URL, GooglePlacesSource, PlacesConfig
+from pipeline.sources.google_places import (
+    DEFAULT_BASE_URL,
+    GooglePlacesSource,
+    PlacesConfig,
+    expire_stored_places,
+    terms_report,
+)
 from pipeline.sources.http import DEFAULT_USER_AGENT, HttpSettings, HttpStats, RetryPolicy
-from pipeline.sources.yfcc100m import Yfcc100mSource, YfccConfig
+from pipeline.sources.yfcc100m import DiscoveryMissing, Yfcc100mSource, YfccConfig, discover_candidates, read_discovery
 
 PROVINCE_PARTITIONS = dg.StaticPartitionsDefinition(list(PROVINCE_KEYS))
+# run tag of an incremental Flickr crawl: only photos uploaded since (pipeline.defs.automation sets it)
+MIN_UPLOAD_TAG = "geopak/min_upload_date"
 CRAWL_GROUP = "crawl"
 
 
@@ -35,19 +49,24 @@ class CrawlResource(LaunchEnvResource):
     """Settings every crawler shares: HTTP timeouts, retries and parallel downloads. Secrets and paths left empty
     are read from the environment at run start (``env``), so they never enter the run config."""
 
-    enabled: bool = True
-    timeout_s: float = 30.0
-    max_attempts: int = Field(default=6, description="tries per request before a unit or download gives up")
-    backoff_base_s: float = 1.0
-    backoff_max_s: float = 60.0
-    download_workers: int = 8
-    max_image_mb: float = 25.0
-    user_agent: str = DEFAULT_USER_AGENT
+    enabled: bool = Field(default=True, description="false: the source is skipped (its partitions record why)")
+    timeout_s: float = Field(default=30.0, gt=0, description="seconds per HTTP request before it counts as failed "
+                             "(> 0)")
+    max_attempts: int = Field(default=6, ge=1, description="tries per request before a unit or download gives up "
+                              "(≥ 1)")
+    backoff_base_s: float = Field(default=1.0, ge=0, description="first retry delay; doubles per attempt, with "
+                                  "jitter (≥ 0)")
+    backoff_max_s: float = Field(default=60.0, ge=0, description="longest retry delay (≥ 0)")
+    download_workers: int = Field(default=8, ge=1, description="parallel image downloads (≥ 1)")
+    max_image_mb: float = Field(default=25.0, gt=0, description="larger images are rejected without being stored "
+                                "(> 0)")
+    user_agent: str = Field(default=DEFAULT_USER_AGENT, description="User-Agent header of every request")
 
     def http_settings(self, paths: DataPaths) -> HttpSettings:
         return HttpSettings(
             timeout_s=self.timeout_s,
-            retry=RetryPolicy(self.max_attempts, self.backoff_base_s, self.backoff_max_s),
+            retry=RetryPolicy(max_attempts=self.max_attempts, base_delay_s=self.backoff_base_s,
+                              max_delay_s=self.backoff_max_s),
             download_workers=self.download_workers,
             max_image_bytes=int(self.max_image_mb * 2**20),
             user_agent=self.user_agent,
@@ -70,18 +89,37 @@ class CrawlResource(LaunchEnvResource):
 class FlickrResource(CrawlResource):
     """Flickr photos.search. Set FLICKR_API_KEY and FLICKR_API_SECRET to enable it."""
 
-    api_key: str = ""
-    api_secret: str = ""
-    rest_url: str = DEFAULT_REST_URL
-    queries_per_hour: float = 3600.0
-    min_taken_date: str = "2000-01-01"
+    ENV: ClassVar[dict[str, str]] = {"api_key": "FLICKR_API_KEY", "api_secret": "FLICKR_API_SECRET"}
+
+    api_key: str = Field(default="", description="empty: FLICKR_API_KEY at run start (never shown or logged)")
+    api_secret: str = Field(default="", description="empty: FLICKR_API_SECRET at run start (never shown or logged)")
+    rest_url: str = Field(default=DEFAULT_REST_URL, description="Flickr REST endpoint")
+    queries_per_hour: float = Field(default=3600.0, gt=0, description="API budget per key (Flickr's limit: 3600) "
+                                    "(> 0)")
+    min_taken_date: str = Field(default="2000-01-01", description="earliest taken date searched (YYYY-MM-DD)")
     max_taken_date: str = Field(default="", description="empty: when the province's crawl first started; set a "
                                 "later date to pick up newer photos")
     licenses: list[str] = Field(default=list(OPEN_LICENSES), description="Flickr licence ids to keep (0 = ARR)")
-    min_accuracy: int = 11
-    sizes: list[str] = ["url_l", "url_c", "url_z", "url_m"]
-    min_tile_deg: float = 0.01
-    min_window_hours: float = 1.0
+    min_accuracy: int = Field(default=11, ge=1, le=16, description="Flickr geo accuracy kept: 1 world … 11 city "
+                              "… 16 street (≥ 1, ≤ 16)")
+    sizes: list[str] = Field(default=["url_l", "url_c", "url_z", "url_m"], description="image sizes asked for; the "
+                             "first one present is downloaded")
+    min_tile_deg: float = Field(default=0.01, gt=0, description="a search over 4,000 results is split by area down "
+                                "to tiles this small (degrees) (> 0)")
+    min_window_hours: float = Field(default=1.0, gt=0, description="… then by taken date down to windows this "
+                                    "short (hours) (> 0)")
+    min_upload_date: str = Field(default="", description="only photos uploaded at or after this UTC date/time (ISO); "
+                                 f"the run tag {MIN_UPLOAD_TAG} (set by the weekly schedule) wins; empty: all")
+    _run_floor: str = PrivateAttr(default="")
+
+    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
+        super().setup_for_execution(context)
+        run = context.dagster_run
+        self._run_floor = run.tags.get(MIN_UPLOAD_TAG, "") if run is not None else ""
+
+    def upload_floor(self) -> str:
+        """The incremental crawl's floor: the run's tag, else the field ('' = every photo)."""
+        return self._run_floor or self.min_upload_date
 
     def missing(self) -> str | None:
         if not (self.text("api_key") and self.text("api_secret")):
@@ -89,28 +127,45 @@ class FlickrResource(CrawlResource):
         return None
 
     def source(self, http: HttpSettings, stats: HttpStats) -> Source:
-        cfg = FlickrConfig(self.text("api_key"), self.text("api_secret"), self.rest_url, self.queries_per_hour,
-                           self.min_taken_date, self.max_taken_date, tuple(self.licenses), self.min_accuracy,
-                           tuple(self.sizes),
-                           min_tile_deg=self.min_tile_deg, min_window_s=int(self.min_window_hours * 3600))
+        cfg = FlickrConfig(**dataclass_kwargs(FlickrConfig, self, api_key=self.text("api_key"),
+                                              api_secret=self.text("api_secret"),
+                                              min_window_s=int(self.min_window_hours * 3600),
+                                              min_upload_date=self.upload_floor()))
         return FlickrSource(cfg, http, stats)
+
+
+PLACES_ENV = {"enabled": "GEOPAK_GOOGLE_PLACES_ENABLED", "api_key": "GOOGLE_MAPS_API_KEY"}
 
 
 class GooglePlacesResource(CrawlResource):
     """Google Places (legacy) via googlemaps. OPT-IN: Google's terms restrict storing and redistributing Places
     content. Set GOOGLE_MAPS_API_KEY and GEOPAK_GOOGLE_PLACES_ENABLED=1 (or enabled: true) to run it."""
 
-    enabled: Optional[bool] = None  # None: GEOPAK_GOOGLE_PLACES_ENABLED at run start, else off
-    api_key: str = ""
-    base_url: str = DEFAULT_BASE_URL
-    queries_per_second: float = 10.0
-    tile_deg: float = 0.25
-    min_tile_deg: float = 0.01
-    place_type: str = ""
-    keyword: str = ""
-    max_photos_per_place: int = 10
-    max_width: int = 1600
-    page_token_delay_s: float = 2.0
+    ENV: ClassVar[dict[str, str]] = PLACES_ENV
+
+    enabled: Optional[bool] = Field(default=None, description="opt-in; empty: GEOPAK_GOOGLE_PLACES_ENABLED at run "
+                                    "start, else off")
+    api_key: str = Field(default="", description="empty: GOOGLE_MAPS_API_KEY at run start (never shown or logged)")
+    base_url: str = Field(default=DEFAULT_BASE_URL, description="Places API endpoint")
+    queries_per_second: float = Field(default=10.0, gt=0, description="API budget per key (> 0)")
+    tile_deg: float = Field(default=0.25, gt=0, description="side of the nearby-search tiles (degrees) (> 0)")
+    min_tile_deg: float = Field(default=0.01, gt=0, description="a full tile is split down to this side (degrees) "
+                                "(> 0)")
+    place_type: str = Field(default="", description='place type searched, e.g. "tourist_attraction"; empty: any')
+    keyword: str = Field(default="", description="keyword searched; empty: none")
+    max_photos_per_place: int = Field(default=10, ge=0, le=10, description="photos kept per place (details return "
+                                      "at most 10) (≥ 0, ≤ 10)")
+    max_width: int = Field(default=1600, ge=1, le=1600, description="photo width asked for (legacy maximum 1600) "
+                           "(≥ 1, ≤ 1600)")
+    page_token_delay_s: float = Field(default=2.0, ge=0, description="wait before asking for the next result page "
+                                      "(its token needs time to become valid) (≥ 0)")
+    page_token_tries: int = Field(default=3, ge=1, description="tries of a page token answered INVALID_REQUEST "
+                                  "(not ready or expired) before the tile is searched again (≥ 1)")
+    search_restarts: int = Field(default=1, ge=0, description="new searches of a tile whose page token stays "
+                                 "invalid; then the tile is left for the next run (≥ 0)")
+    refresh_after_days: float = Field(default=27.0, gt=0, lt=30, description="coordinates this old are fetched "
+                                      "again from Place Details (Google's terms allow caching them 30 days) "
+                                      "(> 0, < 30)")
 
     def skip_reason(self) -> str | None:
         if not self.flag("enabled", default=False):
@@ -122,31 +177,60 @@ class GooglePlacesResource(CrawlResource):
         return None if self.text("api_key") else "GOOGLE_MAPS_API_KEY is not set"
 
     def source(self, http: HttpSettings, stats: HttpStats) -> Source:
-        cfg = PlacesConfig(self.text("api_key"), self.base_url, self.queries_per_second, self.tile_deg,
-                           self.min_tile_deg, self.place_type, self.keyword, self.max_photos_per_place, self.max_width,
-                           self.page_token_delay_s)
+        cfg = PlacesConfig(**dataclass_kwargs(PlacesConfig, self, api_key=self.text("api_key")))
         return GooglePlacesSource(cfg, http, stats)
 
 
 class Yfcc100mResource(CrawlResource):
     """YFCC100M from a local ``yfcc100m_dataset`` file. Set GEOPAK_YFCC100M_METADATA to enable it."""
 
-    metadata_path: str = ""
-    mirror_url_template: str = Field(default="", description="{photoid} {hash} {hash_a} {hash_b} {ext}")
-    min_accuracy: int = 11
-    licenses: list[str] = []
-    block_mb: float = 16.0
-    downloads_per_second: float = 20.0
+    ENV: ClassVar[dict[str, str]] = {"metadata_path": "GEOPAK_YFCC100M_METADATA",
+                                     "mirror_url_template": "GEOPAK_YFCC100M_MIRROR"}
+
+    metadata_path: str = Field(default="", description="path of the yfcc100m_dataset file; empty: "
+                               "GEOPAK_YFCC100M_METADATA at run start")
+    mirror_url_template: str = Field(default="", description="image URL with {photoid} {hash} {hash_a} (= hash[:3]) "
+                                     "{hash_b} (= hash[3:6]) {ext}; empty: GEOPAK_YFCC100M_MIRROR, else the "
+                                     "dataset's Flickr URLs")
+    min_accuracy: int = Field(default=11, ge=1, le=16, description="geo accuracy kept: 1 world … 11 city … 16 "
+                              "street (≥ 1, ≤ 16)")
+    licenses: list[str] = Field(default=[], description="licence names kept; empty keeps all (YFCC100M is all "
+                                "Creative Commons)")
+    block_mb: float = Field(default=16.0, gt=0, description="metadata file read in blocks of this size (> 0)")
+    downloads_per_second: float = Field(default=20.0, ge=0, description="download rate limit; 0: unlimited (≥ 0)")
+
+    discovery_workers: int = Field(default=0, ge=0, description="decompression threads of the one-pass discovery "
+                                   "(yfcc100m_candidates); 0: one per core")
+    discovery_lock_wait_s: float = Field(default=6 * 3600.0, gt=0, description="how long a run waits for another "
+                                         "run's discovery pass to finish before failing")
 
     def missing(self) -> str | None:
         if self.text("metadata_path"):
             return None
         return "GEOPAK_YFCC100M_METADATA (path of yfcc100m_dataset) is not set"
 
-    def source(self, http: HttpSettings, stats: HttpStats) -> Source:
-        cfg = YfccConfig(self.text("metadata_path"), self.text("mirror_url_template"), self.min_accuracy,
-                         tuple(self.licenses), self.block_mb, self.downloads_per_second)
+    def source(self, http: HttpSettings, stats: HttpStats, discovery_path: str = "") -> Source:
+        cfg = YfccConfig(**dataclass_kwargs(YfccConfig, self, metadata_path=self.text("metadata_path"),
+                                            mirror_url_template=self.text("mirror_url_template"),
+                                            discovery_path=discovery_path))
         return Yfcc100mSource(cfg, http, stats)
+
+
+class _YfccFromCandidates:
+    """What ``_crawl`` asks of a resource, with the source reading its province's file from ``yfcc100m_candidates``
+    instead of the whole metadata file."""
+
+    def __init__(self, resource: Yfcc100mResource, paths: DataPaths):
+        self.resource, self.paths = resource, paths
+
+    def skip_reason(self) -> str | None:
+        return self.resource.skip_reason()
+
+    def http_settings(self, paths: DataPaths) -> HttpSettings:
+        return self.resource.http_settings(paths)
+
+    def source(self, http: HttpSettings, stats: HttpStats) -> Source:
+        return self.resource.source(http, stats, discovery_path=str(self.paths.yfcc_discovery))
 
 
 class Gldv2Resource(CrawlResource):
@@ -154,13 +238,19 @@ class Gldv2Resource(CrawlResource):
     GEOPAK_GLDV2_CATEGORIES_CSV (and optionally GEOPAK_GLDV2_ATTRIBUTION_CSV) to enable it; set
     GEOPAK_GLDV2_COORDINATES to a landmark-coordinates file (CSV/Parquet) to locate landmarks without Wikidata."""
 
-    train_csv: str = ""
-    categories_csv: str = ""
-    attribution_csv: str = ""
-    wikidata_api_url: str = DEFAULT_WIKIDATA_API
-    wikidata_requests_per_second: float = 5.0
-    block_mb: float = 16.0
-    downloads_per_second: float = 20.0
+    ENV: ClassVar[dict[str, str]] = {"train_csv": "GEOPAK_GLDV2_TRAIN_CSV", "categories_csv": "GEOPAK_GLDV2_CATEGORIES_CSV",
+                                     "attribution_csv": "GEOPAK_GLDV2_ATTRIBUTION_CSV",
+                                     "coordinates_path": "GEOPAK_GLDV2_COORDINATES"}
+
+    train_csv: str = Field(default="", description="GLDv2 train.csv; empty: GEOPAK_GLDV2_TRAIN_CSV at run start")
+    categories_csv: str = Field(default="", description="train_label_to_category.csv; empty: "
+                                "GEOPAK_GLDV2_CATEGORIES_CSV at run start")
+    attribution_csv: str = Field(default="", description="train_attribution.csv (licences, authors); empty: "
+                                 "GEOPAK_GLDV2_ATTRIBUTION_CSV at run start")
+    wikidata_api_url: str = Field(default=DEFAULT_WIKIDATA_API, description="Wikidata API that locates landmarks")
+    wikidata_requests_per_second: float = Field(default=5.0, gt=0, description="Wikidata rate limit (> 0)")
+    block_mb: float = Field(default=16.0, gt=0, description="CSV files read in blocks of this size (> 0)")
+    downloads_per_second: float = Field(default=20.0, ge=0, description="download rate limit; 0: unlimited (≥ 0)")
     coordinates_path: str = Field(default="", description="landmark_id or wikidata_id -> lat, lon (CSV/Parquet); "
                                   "when set, Wikidata is not asked")
 
@@ -170,11 +260,10 @@ class Gldv2Resource(CrawlResource):
         return None
 
     def source(self, http: HttpSettings, stats: HttpStats) -> Source:
-        cfg = Gldv2Config(self.text("train_csv"), self.text("categories_csv"), self.text("attribution_csv"),
-                          self.wikidata_api_url,
-                          self.wikidata_requests_per_second, block_mb=self.block_mb,
-                          downloads_per_second=self.downloads_per_second,
-                          coordinates_path=self.text("coordinates_path"))
+        cfg = Gldv2Config(**dataclass_kwargs(Gldv2Config, self, train_csv=self.text("train_csv"),
+                                             categories_csv=self.text("categories_csv"),
+                                             attribution_csv=self.text("attribution_csv"),
+                                             coordinates_path=self.text("coordinates_path")))
         return Gldv2Source(cfg, http, stats)
 
 
@@ -185,10 +274,9 @@ def _crawl(
     province = context.partition_key
     name = context.asset_key.path[-1]
     reason = resource.skip_reason()
-    if reason:
+    if reason:  # materialized as skipped, so the partitions view says why (pipeline.defs.source_status)
         context.log.warning(f"{name} skipped for {province}: {reason}")
-        context.log_event(dg.AssetObservation(asset_key=context.asset_key, partition=province,
-                                              metadata={"status": "skipped", "reason": reason}))
+        yield skipped_result(reason, data_root.paths.raw_manifest(SOURCE_OF_ASSET[name], province))
         return
     paths = data_root.paths
     http = resource.http_settings(paths)
@@ -209,6 +297,7 @@ def _metadata(result: CrawlResult, paths: DataPaths, locator: ProvinceBoundaries
     statuses = {k: v for k, v in stats.items() if ":status:" in k}
     meta = {
         "status": "crawled",
+        **table_metadata(paths.raw_manifest(result.source, result.province), RAW_MANIFEST_SCHEMA),
         "images": len(m),
         "new_images_this_run": result.downloaded_this_run,
         "rejected": len(rej),
@@ -225,7 +314,11 @@ def _metadata(result: CrawlResult, paths: DataPaths, locator: ProvinceBoundaries
         "rejections": dg.MetadataValue.path(str(paths.source_rejections(result.source, result.province))),
         "crawl_state": dg.MetadataValue.path(str(paths.crawl_state(result.source, result.province))),
         "preview": md_table(m.drop(columns=["image_id"]).head(10)),
+        "quota_exhausted": result.stopped is not None,
+        "remaining_work": md_table(_counts(result.remaining, "what")),
     }
+    if result.stopped is not None:
+        meta["stopped_because"] = result.stopped
     if len(m):
         ids = locator.locate(m["lat"].to_numpy(), m["lon"].to_numpy())
         meta["map"] = plot(paths, f"crawl_{result.source}_{result.province}.png",
@@ -236,48 +329,132 @@ def _metadata(result: CrawlResult, paths: DataPaths, locator: ProvinceBoundaries
 
 
 _COMMON = dict(partitions_def=PROVINCE_PARTITIONS, group_name=CRAWL_GROUP, kinds={"python", "parquet"},
-               output_required=False)
+               output_required=False, metadata=schema_metadata(RAW_MANIFEST_SCHEMA))
 
 
-@dg.asset(**_COMMON, description="Flickr photos.search by bbox and date (4,000-cap splitting), licence and accuracy "
-                                 "filtered, downloaded into the image store.")
+@dg.asset(**_COMMON, pool="flickr_api",  # one pool per API key: dagster_home/dagster.yaml
+          description="Flickr photos.search by bbox and date (4,000-cap splitting), licence and accuracy "
+                      "filtered, downloaded into the image store.")
 def flickr_photos(context: dg.AssetExecutionContext, flickr: FlickrResource, data_root: DataRootResource,
                   boundaries: BoundariesResource):
     yield from _crawl(context, flickr, data_root, boundaries)
 
 
-@dg.asset(**_COMMON, description="OPT-IN Google Places photos (nearby search tiles, details, places_photo). "
-                                 "Google's terms restrict storing and redistributing them.")
+PLACES_TERMS_CHECK = "coordinates_within_terms"
+PLACES_COMPLETE_CHECK = "crawl_complete"
+
+
+@dg.asset(**_COMMON, pool="google_places_api",
+          description="OPT-IN Google Places photos (nearby search tiles, details, places_photo). "
+                      "Google's terms restrict storing and redistributing them.",
+          check_specs=[
+              dg.AssetCheckSpec(PLACES_TERMS_CHECK, asset="google_places_photos",
+                                description="No manifest row keeps coordinates fetched more than 30 days ago "
+                                            "(Google Maps Platform terms); evaluated after the run expired them."),
+              dg.AssetCheckSpec(PLACES_COMPLETE_CHECK, asset="google_places_photos",
+                                description="WARN when the crawl stopped early (quota) or left work for the next "
+                                            "run (searches, places, photos)."),
+          ])
 def google_places_photos(context: dg.AssetExecutionContext, google_places: GooglePlacesResource,
                          data_root: DataRootResource, boundaries: BoundariesResource):
+    paths, province = data_root.paths, context.partition_key
+    expired = expire_stored_places(paths, province)  # no request: holds even when the crawl is skipped
+    if expired:
+        context.log.warning(f"google_places/{province}: {expired} rows lost coordinates older than 30 days")
     yield from _crawl(context, google_places, data_root, boundaries)
+    yield places_terms_check(paths, province)
+    yield places_complete_check(paths, province)
 
 
-@dg.asset(**_COMMON, description="YFCC100M photos whose coordinates fall in the province (streamed metadata file).")
+def places_terms_check(paths: DataPaths, province: str) -> dg.AssetCheckResult:
+    """FAILS (ERROR) when the province's manifest holds a row whose coordinates are older than the terms allow."""
+    report = terms_report(paths.raw_manifest("google_places", province))
+    return dg.AssetCheckResult(
+        check_name=PLACES_TERMS_CHECK, asset_key="google_places_photos", passed=report["expired_rows"] == 0,
+        severity=dg.AssetCheckSeverity.ERROR, metadata={**report, "max_age_days": 30})
+
+
+def places_complete_check(paths: DataPaths, province: str) -> dg.AssetCheckResult:
+    """WARN when the last crawl stopped early (quota) or left searches, places or photos for the next run."""
+    state_path = paths.crawl_state("google_places", province)
+    if not state_path.exists():
+        return dg.AssetCheckResult(check_name=PLACES_COMPLETE_CHECK, asset_key="google_places_photos", passed=True,
+                                   metadata={"crawl_state": "none yet"})
+    with CrawlState(state_path) as state:
+        stopped, remaining = state.meta_get(STOPPED_KEY), remaining_work(state)
+    left = sum(remaining.values())
+    meta: dict = {"quota_exhausted": stopped is not None, "remaining": md_table(_counts(remaining, "what")),
+                  "remaining_total": left}
+    if stopped is not None:
+        meta["stopped_because"] = stopped
+    return dg.AssetCheckResult(check_name=PLACES_COMPLETE_CHECK, asset_key="google_places_photos",
+                               passed=stopped is None and left == 0, severity=dg.AssetCheckSeverity.WARN,
+                               metadata=meta)
+
+
+@dg.asset(group_name=CRAWL_GROUP, kinds={"python", "parquet"}, output_required=False, pool="yfcc100m_source",
+          description="One streaming pass over the YFCC100M metadata file: each province's candidate rows (its bbox) "
+                      "in its own Parquet file, for the yfcc100m_photos partitions. An unchanged file is not re-read.")
+def yfcc100m_candidates(context: dg.AssetExecutionContext, yfcc100m: Yfcc100mResource, data_root: DataRootResource,
+                        boundaries: BoundariesResource):
+    reason = yfcc100m.skip_reason()
+    if reason:
+        context.log.warning(f"yfcc100m_candidates skipped: {reason}")
+        yield skipped_result(reason)  # materialized as skipped, saying why (pipeline.defs.source_status)
+        return
+    paths = data_root.paths
+    # each province run of the crawl job includes this step: the first reads the file, the others wait for it and
+    # then find the record fresh
+    with exclusive_lock(paths.yfcc_discovery.with_name("discovery.lock"), "the YFCC100M discovery pass",
+                        wait_s=yfcc100m.discovery_lock_wait_s):
+        result = discover_candidates(yfcc100m.text("metadata_path"), boundaries.polygons(), paths,
+                                     block_mb=yfcc100m.block_mb, workers=yfcc100m.discovery_workers or None,
+                                     log=context.log.info)
+    per_province = pd.DataFrame([{"province": k, **v} for k, v in result.provinces.items()])
+    yield dg.MaterializeResult(metadata={
+        "status": "unchanged: not re-read" if result.reused else "discovered",
+        "run_id": result.run_id,
+        "rows_read": result.rows,
+        "rows_per_second": 0 if result.reused or not result.seconds else round(result.rows / result.seconds),
+        "seconds": round(result.seconds, 2),
+        "decompressor": result.decompressor,
+        "malformed_lines": int(result.malformed_lines.get("count", 0)),
+        "candidates_per_province": md_table(per_province),
+        **{f"candidates_{k}": v["in_bbox"] for k, v in result.provinces.items()},
+        "record": dg.MetadataValue.path(str(paths.yfcc_discovery)),
+    })
+
+
+@dg.asset(**_COMMON, deps=[yfcc100m_candidates], pool="yfcc100m_source",
+          description="YFCC100M photos whose coordinates fall in the province (its file from yfcc100m_candidates).")
 def yfcc100m_photos(context: dg.AssetExecutionContext, yfcc100m: Yfcc100mResource, data_root: DataRootResource,
                     boundaries: BoundariesResource):
-    yield from _crawl(context, yfcc100m, data_root, boundaries)
+    if yfcc100m.skip_reason() is None:
+        try:
+            read_discovery(data_root.paths.yfcc_discovery, yfcc100m.text("metadata_path"))
+        except DiscoveryMissing as exc:
+            raise dg.Failure(description=str(exc)) from None
+    yield from _crawl(context, _YfccFromCandidates(yfcc100m, data_root.paths), data_root, boundaries)
 
 
-@dg.asset(**_COMMON, description="Google Landmarks v2 images of landmarks located in the province via Wikidata.")
+@dg.asset(**_COMMON, pool="gldv2_source",
+          description="Google Landmarks v2 images of landmarks located in the province via Wikidata.")
 def gldv2_photos(context: dg.AssetExecutionContext, gldv2: Gldv2Resource, data_root: DataRootResource,
                  boundaries: BoundariesResource):
     yield from _crawl(context, gldv2, data_root, boundaries)
 
 
 CRAWL_ASSETS = [flickr_photos, google_places_photos, yfcc100m_photos, gldv2_photos]
+# asset name -> source name (its raw/<source>/<province>/ folder, its tag in the UI)
+SOURCE_OF_ASSET = {"flickr_photos": FlickrSource.name, "google_places_photos": GooglePlacesSource.name,
+                   "yfcc100m_photos": Yfcc100mSource.name, "gldv2_photos": Gldv2Source.name}
 
 
 def crawl_resources() -> dict[str, CrawlResource]:
     """Secrets and paths from the environment at run start (never in run config or the UI); empty means 'skip'."""
     return {
-        "flickr": FlickrResource(env={"api_key": "FLICKR_API_KEY", "api_secret": "FLICKR_API_SECRET"}),
-        "google_places": GooglePlacesResource(env={"enabled": "GEOPAK_GOOGLE_PLACES_ENABLED",
-                                                   "api_key": "GOOGLE_MAPS_API_KEY"}),
-        "yfcc100m": Yfcc100mResource(env={"metadata_path": "GEOPAK_YFCC100M_METADATA",
-                                          "mirror_url_template": "GEOPAK_YFCC100M_MIRROR"}),
-        "gldv2": Gldv2Resource(env={"train_csv": "GEOPAK_GLDV2_TRAIN_CSV",
-                                    "categories_csv": "GEOPAK_GLDV2_CATEGORIES_CSV",
-                                    "attribution_csv": "GEOPAK_GLDV2_ATTRIBUTION_CSV",
-                                    "coordinates_path": "GEOPAK_GLDV2_COORDINATES"}),
+        "flickr": FlickrResource(),
+        "google_places": GooglePlacesResource(),
+        "yfcc100m": Yfcc100mResource(),
+        "gldv2": Gldv2Resource(),
     }

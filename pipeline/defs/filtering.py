@@ -6,97 +6,72 @@ catalog columns (they use the same province polygons as the labeller, so the lab
 """
 
 
-from typing import Optional
 
 import dagster as dg
 import pandas as pd
+from pydantic import Field, field_validator
 
 from pipeline.core import reasons
 from pipeline.core.provinces import PROVINCES
 from pipeline.core.report import bar_chart_png, counts_table
-from pipeline.core.schema import CATALOG_SCHEMA, REJECTIONS_SCHEMA, read_table, write_table
+from pipeline.core.schema import CATALOG_SCHEMA, FILTERED_FILE_SCHEMA, REJECTIONS_SCHEMA, read_table, write_table
+from pipeline.defs.config import config_class, register_docs, to_dataclass
 from pipeline.defs.ingest import image_catalog
-from pipeline.defs.metadata import md_table, plot, progress_logger
-from pipeline.defs.resources import BoundariesResource, DataRootResource
+from pipeline.defs.metadata import LINEAGE, md_table, plot, progress_logger, schema_metadata, table_metadata
+from pipeline.defs.resources import BoundariesResource, ComputeResource, DataRootResource, writes_stage
 from pipeline.filters.examples import contact_sheet_png
 from pipeline.filters.geotag import AccuracyRule
 from pipeline.filters.indoor import ClipSpec
 from pipeline.filters.stage import KEPT, STAGE, FilterConfig, FilterResult, filter_catalog
 
-_D = FilterConfig()
+# Rules and the CLIP spec live in modules this stage does not own, so their Launchpad docs are given here.
+ACCURACY_RULE_DOCS = {
+    "min_level": {"doc": "minimum Flickr-style accuracy level (1 world … 11 city … 16 street; higher is "
+                  "better); set exactly one of min_level / max_metres", "ge": 0},
+    "max_metres": {"doc": "maximum position error in metres (lower is better); set exactly one of min_level / "
+                   "max_metres", "ge": 0},
+}
+CLIP_DOCS = {
+    "model": {"doc": "open_clip model name (or local-dir:/hf-hub: id) of the indoor classifier"},
+    "pretrained": {"doc": "open_clip pretrained tag, a local checkpoint file, or '' (indoor filter off)"},
+    "cache_dir": {"doc": "open_clip / Hugging Face download cache; empty: the Hugging Face default"},
+    "download": {"doc": "fetch a tag's weights when not cached (needs internet; hundreds of MB)"},
+}
+register_docs(AccuracyRule, ACCURACY_RULE_DOCS)
+register_docs(ClipSpec, CLIP_DOCS)
 
 
-class AccuracyRuleParams(dg.Config):
-    """Exactly one of: ``min_level`` (Flickr's 1-16 levels, higher is better) or ``max_metres`` (lower is better)."""
+class FilterParams(config_class(FilterConfig)):  # type: ignore[misc]
+    """Thresholds of the filtering stage (their reasons: ``pipeline.filters.stage.FilterConfig``)."""
 
-    min_level: Optional[float] = None
-    max_metres: Optional[float] = None
+    examples_per_reason: int = Field(default=4, ge=0, description="rejected images shown per reason in the "
+                                     "contact sheet (≥ 0)")
 
-
-class FilterParams(dg.Config):
-    """Thresholds of the filtering stage (defaults and their reasons: ``pipeline.filters.stage.FilterConfig``)."""
-
-    max_pixels: int = _D.max_pixels
-    allowed_formats: list[str] = list(_D.allowed_formats)
-    analysis_size: int = _D.analysis_size
-    blur_size: int = _D.blur_size
-    min_short_side: int = _D.min_short_side
-    max_aspect_ratio: float = _D.max_aspect_ratio
-    min_grey_std: float = _D.min_grey_std
-    min_sharpness: float = _D.min_sharpness
-    phash_max_distance: int = _D.phash_max_distance
-    # source ('*' = any other) -> rule; plain dicts as defaults, which is what Dagster's config schema accepts
-    accuracy_rules: dict[str, AccuracyRuleParams] = {
-        src: {"min_level": r.min_level, "max_metres": r.max_metres} for src, r in _D.accuracy_rules.items()
-    }
-    allowed_licenses: dict[str, list[str]] = {src: list(f) for src, f in _D.allowed_licenses.items()}
-    license_free_sources: list[str] = list(_D.license_free_sources)
-    clip_model: str = _D.clip.model
-    clip_pretrained: str = _D.clip.pretrained
-    clip_download: bool = _D.clip.download
-    indoor_threshold: float = _D.indoor_threshold
-    clip_batch_size: int = _D.clip_batch_size
-    workers: int = _D.workers
-    examples_per_reason: int = 4
+    @field_validator("allowed_formats")
+    @classmethod
+    def _upper(cls, formats: list[str]) -> list[str]:
+        return [f.upper() for f in formats]
 
     def to_config(self) -> FilterConfig:
-        return FilterConfig(
-            max_pixels=self.max_pixels,
-            allowed_formats=tuple(f.upper() for f in self.allowed_formats),
-            analysis_size=self.analysis_size,
-            blur_size=self.blur_size,
-            min_short_side=self.min_short_side,
-            max_aspect_ratio=self.max_aspect_ratio,
-            min_grey_std=self.min_grey_std,
-            min_sharpness=self.min_sharpness,
-            phash_max_distance=self.phash_max_distance,
-            accuracy_rules={s: _rule(r) for s, r in self.accuracy_rules.items()},
-            allowed_licenses={s: tuple(f) for s, f in self.allowed_licenses.items()},
-            license_free_sources=tuple(self.license_free_sources),
-            clip=ClipSpec(self.clip_model, self.clip_pretrained, download=self.clip_download),
-            indoor_threshold=self.indoor_threshold,
-            clip_batch_size=self.clip_batch_size,
-            workers=self.workers,
-        )
-
-
-def _rule(r: "AccuracyRuleParams | dict") -> AccuracyRule:
-    r = r if isinstance(r, dict) else r.model_dump()
-    return AccuracyRule(r.get("min_level"), r.get("max_metres"))
+        return to_dataclass(self, FilterConfig)
 
 
 @dg.asset(
+    pool="filter",  # one writer of filter/ at a time, across runs (dagster_home/dagster.yaml)
     group_name="filter",
     kinds={"python", "parquet"},
     deps=[image_catalog],
     description="Catalog rows that pass decoding, quality, duplicate, geotag, licence and indoor checks; "
     "every other row is in filter/rejections.parquet with one reason.",
+    metadata=schema_metadata(FILTERED_FILE_SCHEMA),
 )
+@writes_stage("filter")
 def filtered_catalog(
     context: dg.AssetExecutionContext,
     config: FilterParams,
     data_root: DataRootResource,
     boundaries: BoundariesResource,
+    compute: ComputeResource,
 ) -> dg.MaterializeResult:
     paths = data_root.paths
     cfg = config.to_config()
@@ -104,7 +79,7 @@ def filtered_catalog(
     locator = boundaries.locator()
     res = filter_catalog(
         catalog, data_root.store, locator, cfg, paths.filter_cache, paths.filter_indoor_cache,
-        progress=progress_logger(context, "measured"), log=context.log.info,
+        progress=progress_logger(context, "measured"), log=context.log.info, scheduler_address=compute.address(),
     )
     context.log.info(f"indoor filter: {res.indoor_note}")
     write_table(res.kept, paths.filtered, CATALOG_SCHEMA)
@@ -126,6 +101,8 @@ def _metadata(paths, res: FilterResult, cfg: FilterConfig, per_reason: int, prov
     rejected = o[o["outcome"] != KEPT]
     chart = counts_table(rejected.rename(columns={"outcome": "reason"}), "reason", "province_key", total=False)
     meta = {
+        **table_metadata(paths.filtered, FILTERED_FILE_SCHEMA, LINEAGE["filtered_catalog"]),
+        "rejection_examples": dg.MetadataValue.md(_examples_md(paths, rejected, per_reason, cfg)),
         "input_rows": len(o),
         "kept": len(res.kept),
         "rejected": len(res.rejections),
@@ -135,11 +112,11 @@ def _metadata(paths, res: FilterResult, cfg: FilterConfig, per_reason: int, prov
         "province_source": province_source,
         "metrics_decoded": res.metrics_computed,
         "metrics_from_cache": res.metrics_reused,
+        "metrics_reread_changed_files": res.metrics_rechecked,  # cached, but the file's size/mtime changed since
         "near_duplicate_groups": res.duplicate_groups,
         "thresholds": md_table(pd.DataFrame(
             [(k, str(v)) for k, v in vars(cfg).items() if k != "clip"] + [("clip", str(cfg.clip))],
             columns=["parameter", "value"])),
-        "rejection_examples": dg.MetadataValue.md(_examples_md(paths, rejected, per_reason, cfg)),
         "filtered_catalog": dg.MetadataValue.path(str(paths.filtered)),
         "rejections": dg.MetadataValue.path(str(paths.filter_rejections)),
     }
@@ -172,8 +149,10 @@ def _province_counts(boundaries: BoundariesResource, df: pd.DataFrame) -> pd.Ser
 class ProvinceLossParams(dg.Config):
     """When the filter's losses in a province block the run: a meaningful number of images, most of them lost."""
 
-    min_images: int = 20  # provinces with fewer catalog images only WARN, whatever they lose
-    max_lost_fraction: float = 0.5  # losing at least this share of them is a real loss
+    min_images: int = Field(default=20, ge=0, description="provinces with fewer catalog images only WARN, whatever "
+                            "they lose (≥ 0)")
+    max_lost_fraction: float = Field(default=0.5, ge=0.0, le=1.0, description="losing at least this share of a "
+                                     "province's images is a real loss (≥ 0.0, ≤ 1.0)")
 
 
 def _province_loss_table(before: pd.Series, after: pd.Series) -> pd.DataFrame:

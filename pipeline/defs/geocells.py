@@ -4,13 +4,9 @@ Splits come first because they do not depend on cells; cells are fitted on train
 them on all data, test included), and val/test images are then assigned to the nearest cell of their province.
 """
 
-import dataclasses
-import typing
-
 import dagster as dg
 import numpy as np
 import pandas as pd
-import pydantic
 
 from pipeline.core.schema import (
     CELL_ASSIGNMENTS_SCHEMA,
@@ -21,9 +17,10 @@ from pipeline.core.schema import (
     write_table,
 )
 from pipeline.core.store import atomic_path
+from pipeline.defs.config import config_class, register_docs, to_dataclass
 from pipeline.defs.labels import labelled_catalog
-from pipeline.defs.metadata import md_table, plot
-from pipeline.defs.resources import BoundariesResource, DataRootResource
+from pipeline.defs.metadata import LINEAGE, md_table, plot, schema_metadata, table_metadata
+from pipeline.defs.resources import BoundariesResource, DataRootResource, writes_stage
 from pipeline.geocells.cells import (
     GeocellConfig,
     assign_cells,
@@ -37,19 +34,52 @@ from pipeline.geocells.report import cells_map_png, province_cell_table, splits_
 from pipeline.geocells.splits import TRAIN, SplitConfig, leakage_count, make_splits
 
 
-def _params(name: str, dc: type, doc: str) -> type[dg.Config]:
-    """A Launchpad-editable Config with exactly the fields and defaults of a plain domain dataclass."""
-    hints = typing.get_type_hints(dc)
-    fields = {f.name: (hints[f.name], f.default) for f in dataclasses.fields(dc)}
-    return pydantic.create_model(name, __base__=dg.Config, __doc__=doc, __module__=__name__, **fields)
-
-
-SplitParams = _params(
-    "SplitParams", SplitConfig,
-    "Split fractions and seed, the 1 km separation, how giant groups are tiled, owner-disjoint or owner×day.",
+# SplitConfig and GeocellConfig live in pipeline.geocells (not this stage's module), so their Launchpad docs and
+# bounds are registered here; the reasons behind the defaults are in those modules' docstrings.
+register_docs(SplitConfig, {
+    "train": {"doc": "target share of images in train (train + val + test must sum to 1)", "ge": 0.0, "le": 1.0},
+    "val": {"doc": "target share of images in val", "ge": 0.0, "le": 1.0},
+    "test": {"doc": "target share of images in test", "ge": 0.0, "le": 1.0},
+    "seed": {"doc": "seed of the order in which groups are assigned to splits", "ge": 0},
+    "min_distance_km": {"doc": "no val/test image lies within this many km of a train image", "gt": 0.0},
+    "max_group_share": {"doc": "groups larger than this share of their province's images are tiled",
+                        "ge": 0.0, "le": 1.0},
+    "min_group_to_tile": {"doc": "groups smaller than this many images are never tiled", "ge": 1},
+    "tile_km": {"doc": "side of the square tiles a giant group is cut into (km)", "gt": 0.0},
+    "utc_offset_hours": {"doc": "UTC offset of the owner's local day (Pakistan Standard Time: +5)",
+                         "ge": -12.0, "le": 14.0},
+    "owner_disjoint": {"doc": "all of an owner's images in one split; false: only each owner's local day"},
+})
+register_docs(GeocellConfig, {
+    "urban_cap_km": {"doc": "largest radius of an urban cell (km)", "gt": 0.0},
+    "rural_cap_km": {"doc": "largest radius of a rural cell (km)", "gt": 0.0},
+    "urban_min_population": {"doc": "places with at least this many people make points near them urban", "ge": 1},
+    "urban_radius_km": {"doc": "urban radius of a place of urban_min_population people; grows with "
+                        "sqrt(population)", "gt": 0.0},
+    "urban_max_radius_km": {"doc": "largest urban radius around any place (km)", "gt": 0.0},
+    "cells_scale": {"doc": "α in the target count clip(round(α·sqrt(n·area/A_ref)), min_cells, max_cells)",
+                    "gt": 0.0},
+    "min_cells": {"doc": "fewest cells per province", "ge": 1},
+    "max_cells": {"doc": "most target cells per province (≥ min_cells)", "ge": 1},
+    "reference_area_km2": {"doc": "A_ref in the target count (km²; mean area of Pakistan's ADM1 units)", "gt": 0.0},
+    "cluster_size_divisor": {"doc": "HDBSCAN min_cluster_size = max(floor, round(n / (target · divisor)))",
+                             "gt": 0.0},
+    "min_cluster_size_floor": {"doc": "smallest HDBSCAN min_cluster_size", "ge": 2},
+    "min_samples": {"doc": "HDBSCAN min_samples", "ge": 1},
+    "cluster_selection_method": {"doc": "HDBSCAN cluster selection", "choices": ("eom", "leaf")},
+    "min_cell_fraction": {"doc": "cells smaller than this fraction of n/target try to merge into a neighbour",
+                          "ge": 0.0},
+    "max_fit_points": {"doc": "HDBSCAN fits at most this many points per province (seeded sample)", "ge": 10},
+    "neighbours": {"doc": "nearest cells stored per cell (the model's neighbour smoothing)", "ge": 0},
+    "seed": {"doc": "seed of the fit sample", "ge": 0},
+    "core_dist_n_jobs": {"doc": "HDBSCAN core-distance workers (used from 100k points on)", "ge": 1},
+})
+SplitParams = config_class(
+    SplitConfig, name="SplitParams",
+    doc="Split fractions and seed, the 1 km separation, how giant groups are tiled, owner-disjoint or owner×day.",
 )
-GeocellParams = _params(
-    "GeocellParams", GeocellConfig, "Radius caps, the urban rule, target counts and HDBSCAN parameters."
+GeocellParams = config_class(
+    GeocellConfig, name="GeocellParams", doc="Radius caps, the urban rule, target counts and HDBSCAN parameters."
 )
 
 _LABELLED_COLUMNS = ["image_id", "lat", "lon", "province_id", "place_id", "owner", "taken_at"]
@@ -64,22 +94,31 @@ def _outlines(boundaries: BoundariesResource) -> dict | None:
 
 
 @dg.asset(
+    pool="splits",  # one writer of splits/ at a time, across runs (dagster_home/dagster.yaml)
     group_name="geocells",
     kinds={"parquet"},
     deps=[labelled_catalog],
     description="Train/val/test, location-disjoint: no val/test image within 1 km of a train image.",
+    metadata=schema_metadata(SPLITS_SCHEMA),
 )
+@writes_stage("splits")
 def dataset_splits(
     config: SplitParams, data_root: DataRootResource, boundaries: BoundariesResource
 ) -> dg.MaterializeResult:
     paths = data_root.paths
     df = _labelled(data_root)
-    result = make_splits(df, SplitConfig(**config.model_dump()))
+    result = make_splits(df, to_dataclass(config, SplitConfig))
     write_table(result.table, paths.splits, SPLITS_SCHEMA)
     s = result.summary
     split = result.table["split"].to_numpy()
     return dg.MaterializeResult(
         metadata={
+            **table_metadata(paths.splits, SPLITS_SCHEMA, LINEAGE["dataset_splits"]),
+            "map": plot(
+                paths, "dataset_splits_map.png",
+                splits_map_png(df["lat"], df["lon"], split, _outlines(boundaries), "dataset splits"),
+                "images by split",
+            ),
             **{k: v for k, v in s.items() if isinstance(v, int)},
             "leakage": dg.MetadataValue.md(
                 f"val/test images within {config.min_distance_km} km of a train image: "
@@ -90,13 +129,8 @@ def dataset_splits(
                 f"**{s.get('heldout_images_with_train_owner', 0)}** "
                 f"({s.get('heldout_share_with_train_owner', 0.0):.1%}; owner-disjoint: {config.owner_disjoint})."
             ),
-            "heldout_share_with_train_owner": float(s.get("heldout_share_with_train_owner", 0.0)),
+            "heldout_share_with_train_owner": round(float(s.get("heldout_share_with_train_owner", 0.0)), 3),
             "per_province": md_table(result.per_province),
-            "map": plot(
-                paths, "dataset_splits_map.png",
-                splits_map_png(df["lat"], df["lon"], split, _outlines(boundaries), "dataset splits"),
-                "images by split",
-            ),
             "splits": dg.MetadataValue.path(str(paths.splits)),
         }
     )
@@ -116,11 +150,14 @@ def dataset_splits_no_leak(data_root: DataRootResource) -> dg.AssetCheckResult:
 
 
 @dg.asset(
+    pool="geocells",  # one writer of geocells/ at a time, across runs (dagster_home/dagster.yaml)
     group_name="geocells",
     kinds={"parquet", "geoparquet"},
     deps=[dataset_splits],
     description="Per-province HDBSCAN geocells fitted on training images, radius caps enforced; neighbours; polygons.",
+    metadata=schema_metadata(GEOCELLS_SCHEMA),
 )
+@writes_stage("geocells")
 def geocells(
     context: dg.AssetExecutionContext,
     config: GeocellParams,
@@ -128,7 +165,7 @@ def geocells(
     boundaries: BoundariesResource,
 ) -> dg.MaterializeResult:
     paths = data_root.paths
-    cfg = GeocellConfig(**config.model_dump())
+    cfg = to_dataclass(config, GeocellConfig)
     df = _labelled(data_root).merge(read_table(paths.splits, SPLITS_SCHEMA), on="image_id", how="left")
     fit = df[df["split"] == TRAIN]
     # A province whose every image is held out (tiny data) would get no cells: fit it on its held-out images and
@@ -152,17 +189,18 @@ def geocells(
     table = province_cell_table(built.cells, built.provinces)
     return dg.MaterializeResult(
         metadata={
-            "cells": len(built.cells),
-            "fitted_on_images": len(fit),
-            "provinces_fitted_on_held_out_images": str(no_train),
-            "cells_over_cap": int((built.cells["radius_km"] > built.cells["cap_km"]).sum()),
-            "max_radius_km": float(built.cells["radius_km"].max()) if len(built.cells) else 0.0,
-            "per_province": md_table(table),
-            "fit_report": md_table(built.provinces),
+            **table_metadata(paths.geocells, GEOCELLS_SCHEMA, LINEAGE["geocells"]),
             "map": plot(
                 paths, "geocells_map.png", cells_map_png(built.cells, polygons, outlines, "geocells (train)"),
                 "geocell centres sized by images, Voronoi polygons",
             ),
+            "cells": len(built.cells),
+            "fitted_on_images": len(fit),
+            "provinces_fitted_on_held_out_images": str(no_train),
+            "cells_over_cap": int((built.cells["radius_km"] > built.cells["cap_km"]).sum()),
+            "max_radius_km": round(float(built.cells["radius_km"].max()), 1) if len(built.cells) else 0.0,
+            "per_province": md_table(table),
+            "fit_report": md_table(built.provinces),
             "cells_table": dg.MetadataValue.path(str(paths.geocells)),
             "neighbours": dg.MetadataValue.path(str(paths.geocell_neighbours)),
             "polygons": dg.MetadataValue.path(str(paths.geocell_polygons)),
@@ -183,11 +221,14 @@ def geocells_within_cap(data_root: DataRootResource) -> dg.AssetCheckResult:
 
 
 @dg.asset(
+    pool="geocells",  # one writer of geocells/ at a time, across runs (dagster_home/dagster.yaml)
     group_name="geocells",
     kinds={"parquet"},
     deps=[geocells],
     description="Every labelled image's cell: the nearest centre of its province within its cap, else the nearest.",
+    metadata=schema_metadata(CELL_ASSIGNMENTS_SCHEMA),
 )
+@writes_stage("geocells")
 def cell_assignments(data_root: DataRootResource) -> dg.MaterializeResult:
     paths = data_root.paths
     df = _labelled(data_root).merge(read_table(paths.splits, SPLITS_SCHEMA), on="image_id", how="left")
@@ -207,6 +248,7 @@ def cell_assignments(data_root: DataRootResource) -> dg.MaterializeResult:
     )
     return dg.MaterializeResult(
         metadata={
+            **table_metadata(paths.cell_assignments, CELL_ASSIGNMENTS_SCHEMA, LINEAGE["cell_assignments"]),
             "images": len(out),
             "cells_used": int(out["cell_id"].nunique()),
             "distance_to_centre_by_split": md_table(by_split),

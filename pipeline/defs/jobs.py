@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import dagster as dg
 
+from pipeline.defs.dask_executor import geopak_dask_executor
+
 MAIN_JOB = "run_pipeline_job"
+MAIN_SELECTION = dg.AssetSelection.groups("sources", "catalog", "filter", "labels", "geocells", "model", "evaluation")
 
 run_pipeline_job = dg.define_asset_job(
     MAIN_JOB,
-    selection=dg.AssetSelection.groups("sources", "catalog", "filter", "labels", "geocells", "model", "evaluation"),
+    selection=MAIN_SELECTION,
     description="Sample world → catalog → filter → labels → splits and geocells → model → evaluation report.",
     executor_def=dg.in_process_executor,
 )
@@ -23,4 +26,18 @@ crawl_job = dg.define_asset_job(
     description="Crawl every enabled real source (Flickr, Google Places, YFCC100M, GLDv2) for one province.",
 )
 
-JOBS = [run_pipeline_job, crawl_job]
+DASK_JOB = "run_pipeline_dask_job"
+
+# The main job with each step on a dask.distributed cluster (issue 14.2). Name the scheduler in the run config:
+#   execution: {config: {cluster: {existing: {address: "tcp://10.0.0.5:8786"}}}}
+# (not an {env: ...} value: dagster-dask re-reads the run config on every worker, so the variable would have to be
+# set there too). Needs a persistent instance (DAGSTER_HOME; Postgres when workers are on other machines) and workers
+# that import this project and see GEOPAK_DATA_ROOT at the same path (deploy/README.md).
+run_pipeline_dask_job = dg.define_asset_job(
+    DASK_JOB,
+    selection=MAIN_SELECTION,
+    description="The main job, each step on a Dask cluster (execution.config.cluster.existing.address).",
+    executor_def=geopak_dask_executor,  # dagster-dask's, fixed for dask 2026 and concurrent runs
+)
+
+JOBS = [run_pipeline_job, crawl_job, run_pipeline_dask_job]

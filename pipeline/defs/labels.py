@@ -6,19 +6,35 @@ import numpy as np
 import pandas as pd
 
 from pipeline.core.report import counts_table, province_map_png
-from pipeline.core.schema import CATALOG_SCHEMA, LABELLED_SCHEMA, REJECTIONS_SCHEMA, read_table, write_table
+from pipeline.core.schema import (
+    CATALOG_SCHEMA,
+    LABELLED_FILE_SCHEMA,
+    LABELLED_SCHEMA,
+    REJECTIONS_SCHEMA,
+    read_table,
+    write_table,
+)
 from pipeline.defs.filtering import filtered_catalog
-from pipeline.defs.metadata import md_table, plot
-from pipeline.defs.resources import BoundariesResource, DataRootResource, KoppenRasterResource, fallback_metadata
+from pipeline.defs.metadata import LINEAGE, md_table, plot, schema_metadata, table_metadata
+from pipeline.defs.resources import (
+    BoundariesResource,
+    DataRootResource,
+    KoppenRasterResource,
+    fallback_metadata,
+    writes_stage,
+)
 from pipeline.labels.label import label_catalog
 
 
 @dg.asset(
+    pool="labels",  # one writer of labels/ at a time, across runs (dagster_home/dagster.yaml)
     group_name="labels",
     kinds={"parquet"},
     deps=[filtered_catalog],
     description="Filtered catalog rows with province, Köppen-Geiger fine class and coarse group, and day of year.",
+    metadata=schema_metadata(LABELLED_FILE_SCHEMA),
 )
+@writes_stage("labels")
 def labelled_catalog(
     context: dg.AssetExecutionContext,
     data_root: DataRootResource,
@@ -40,22 +56,23 @@ def labelled_catalog(
     outlines = getattr(locator, "polygons", None)
     return dg.MaterializeResult(
         metadata={
+            **table_metadata(paths.labelled, LABELLED_FILE_SCHEMA, LINEAGE["labelled_catalog"]),
+            "map": plot(
+                paths,
+                "labelled_catalog_map.png",
+                province_map_png(labelled["lat"], labelled["lon"], labelled["province_id"], outlines, "labelled catalog"),
+                "labelled images by province",
+            ),
             "rows": len(labelled),
             "rejected": len(rejections),
             **fallback,
             "koppen_source": raster.source,
             "rows_per_province_and_source": md_table(counts_table(labelled, "province_key", "source")),
             "koppen_classes": md_table(counts_table(labelled, "koppen_code", "province_key")),
-            "day_of_year_known": float(labelled["day_of_year"].notna().mean()) if len(labelled) else 0.0,
+            "day_of_year_known": round(float(labelled["day_of_year"].notna().mean()), 3) if len(labelled) else 0.0,
             "rejections_per_reason": md_table(counts_table(rejections, "reason", "source")),
             "preview": md_table(
                 labelled[["source", "source_id", "lat", "lon", "province_key", "koppen_code", "day_of_year"]].head(10)
-            ),
-            "map": plot(
-                paths,
-                "labelled_catalog_map.png",
-                province_map_png(labelled["lat"], labelled["lon"], labelled["province_id"], outlines, "labelled catalog"),
-                "labelled images by province",
             ),
             "labelled_catalog": dg.MetadataValue.path(str(paths.labelled)),
             "koppen_raster": dg.MetadataValue.path(str(paths.koppen_geotiff)),

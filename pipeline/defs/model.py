@@ -1,23 +1,29 @@
 """Geocells + splits → embedding cache → trained GEOPAK model. Thin wrappers: the work runs in
-``python -m geopak_model.train`` as a fresh subprocess (optionally under ``torchrun``), never in a fork of this
-process (no CUDA context is ever created here). Assets return paths and metadata, never models."""
+``python -m pipeline.train_entry`` (``geopak_model.train``, optionally under ``torchrun``), launched through Dagster
+Pipes as a fresh subprocess, never in a fork of this process (no CUDA context is ever created here). Assets return paths and metadata, never models."""
 
 
 import json
 import os
-import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import dagster as dg
 import pandas as pd
+from dagster._core.errors import DagsterPipesExecutionError
+from pydantic import Field
 
 from geopak_model.config import PRESETS, TrainConfig, preset
 from geopak_model.report import baseline_comparison, beats_baselines
 from pipeline.core.report import curves_png
 from pipeline.core.store import atomic_write_bytes
-from pipeline.defs.metadata import md_table, plot
-from pipeline.defs.resources import DataRootResource
+from pipeline.defs.config import config_class, overrides
+from pipeline.core.report import round_km, round_share
+from pipeline.defs.metadata import md_table, plot, rounded
+from pipeline.defs.resources import DataRootResource, TorchrunResource, writes_stage
+from pipeline.train_entry import EPOCH_MESSAGE
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 # by key: the labels stage and the geocell stage's assets (issue 4)
@@ -28,62 +34,90 @@ EPOCH_COLUMNS = ["phase", "epoch", "train_total", "train_province", "train_cell"
                  "oracle_val_median_km", "seconds"]
 
 
+# What a run may override on top of its preset: every TrainConfig field, typed, described and bounded (from the
+# dataclass's metadata), empty by default = the preset's value. The run's own name, phases and data root are set
+# by ModelParams and the data_root resource, so they are not overrides.
+TrainOverrides = config_class(
+    TrainConfig, name="TrainOverrides", optional=True, exclude=("data_root", "run_name", "run_phases", "preset"),
+    doc="Settings merged into the preset by name (nested; phases index by index); empty: the preset's value.",
+)
+
+
 class ModelParams(dg.Config):
     """Which preset (cpu-small: offline CPU smoke; gpu-full: the seed's hyperparameters) and what to override."""
 
-    preset: str = "cpu-small"
-    overrides_json: str = ""  # a JSON object merged into the preset, e.g. {"phases": [{"epochs": 2}, {}, {}]}
-    run_name: str = "geopak"
-    phases: list[int] = [0, 1, 2]
-    nproc: int = 1  # > 1: torchrun --standalone --nproc_per_node (DDP)
-    timeout_s: int = 24 * 3600
+    preset: Literal[tuple(sorted(PRESETS))] = Field(  # type: ignore[valid-type]
+        default="cpu-small", description="cpu-small: offline CPU smoke run; gpu-full: the seed's hyperparameters; "
+        "test-tiny: unit tests")
+    overrides: TrainOverrides = Field(  # type: ignore[valid-type]
+        default_factory=TrainOverrides, description="typed overrides merged into the preset, e.g. "
+        "phases: [{epochs: 2}, {}, {}] or loss: {cell: 2.0}; anything left empty keeps the preset's value")
+    run_name: str = Field(default="geopak", description="the run's folder under <data_root>/model/")
+    phases: list[int] = Field(default=[0, 1, 2], description="which phases to train (0 warm-up, 1 heads, "
+                              "2 fine-tuning)")
+    nproc: int = Field(default=1, ge=1, description="> 1: torchrun --standalone --nproc_per_node (DDP) (≥ 1)")
+    timeout_s: int = Field(default=24 * 3600, gt=0, description="the training subprocess is stopped after this "
+                           "many seconds (> 0)")
 
 
 def train_config(params: ModelParams, data_root: DataRootResource) -> TrainConfig:
-    if params.preset not in PRESETS:
-        raise dg.Failure(f"unknown model preset {params.preset!r}; known: {sorted(PRESETS)}")
-    overrides = json.loads(params.overrides_json) if params.overrides_json.strip() else {}
-    return preset(params.preset, **{**overrides, "data_root": str(data_root.paths.root),
+    """The preset with the run's overrides merged in by name (``geopak_model.config.preset``)."""
+    return preset(params.preset, **{**overrides(params.overrides), "data_root": str(data_root.paths.root),
                                     "run_name": params.run_name, "run_phases": list(params.phases)})
 
 
-def run_training(context: dg.AssetExecutionContext, cfg: TrainConfig, params: ModelParams, run_dir: Path,
-                 extra: list[str]) -> dict:
-    """Run ``geopak_model.train`` in a new interpreter, stream its log, return its result JSON."""
+@dataclass
+class TrainingRun:
+    """What a training subprocess gave back: its result JSON (rank 0 writes it to the shared data root, so it is
+    there even when rank 0 runs on another node), the metadata rank 0 reported through Pipes, and the per-epoch
+    metrics rows it sent as Pipes messages."""
+
+    result: dict
+    reported: dict[str, dg.MetadataValue]
+    epochs: list[dict]
+
+    def metadata(self) -> dict[str, dg.MetadataValue | int]:
+        """The Pipes-reported headline plus how many epoch rows came back through Pipes."""
+        return {**self.reported, "epochs_reported_via_pipes": len(self.epochs)}
+
+
+def launcher_args(params: ModelParams, torchrun: TorchrunResource, run_id: str, embed_only: bool) -> list[str]:
+    """``pipeline.train_entry``'s own options: the time limit and (training with nproc > 1 or several nodes) the
+    torchrun options. The embedding build always runs as one process (rank 0 computes, the others would wait)."""
+    launch = [] if embed_only else torchrun.launch_args(params.nproc, run_id)
+    return ["--timeout-s", str(params.timeout_s), *launch]
+
+
+def run_training(context: dg.AssetExecutionContext, cfg: TrainConfig, run_dir: Path, extra: list[str],
+                 pipes: dg.PipesSubprocessClient, launch: list[str]) -> TrainingRun:
+    """Run ``python -m pipeline.train_entry <launch> -- <trainer args>`` through Dagster Pipes: the trainer's log
+    lines arrive as Dagster logs while it runs, its epoch rows and headline as Pipes messages; a terminated run
+    forwards SIGINT to it (torchrun then stops its workers), and ``GEOPAK_EXIT_WITH_PARENT`` ends it if this
+    step's process dies. Returns its result JSON and what it reported."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    cfg_path = run_dir / ("config.json" if "--embed-only" not in extra else "embed_config.json")
-    result_path = run_dir / ("result.json" if "--embed-only" not in extra else "embed_result.json")
+    embed = "--embed-only" in extra
+    cfg_path = run_dir / ("embed_config.json" if embed else "config.json")
+    result_path = run_dir / ("embed_result.json" if embed else "result.json")
     atomic_write_bytes(cfg_path, cfg.to_json().encode())
     result_path.unlink(missing_ok=True)
-    launcher = [sys.executable]
-    if params.nproc > 1 and "--embed-only" not in extra:
-        launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(params.nproc)]
-    cmd = [*launcher, "-m", "geopak_model.train", "--config", str(cfg_path), "--result", str(result_path), *extra]
-    env = {**os.environ, "GEOPAK_EXIT_WITH_PARENT": "1",  # the trainer dies with this step, never outlives it
+    cmd = [sys.executable, "-m", "pipeline.train_entry", *launch, "--",
+           "--config", str(cfg_path), "--result", str(result_path), *extra]
+    env = {"GEOPAK_EXIT_WITH_PARENT": "1",  # the trainer dies with this step, never outlives it
            "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
-    context.log.info(f"running: {' '.join(cmd)}")
-    tail: list[str] = []
-    with subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True, bufsize=1) as proc:
-        assert proc.stdout is not None
-        try:
-            for line in proc.stdout:
-                line = line.rstrip()
-                tail = (tail + [line])[-40:]
-                if line and "UserWarning" not in line:
-                    context.log.info(line)
-            code = proc.wait(timeout=params.timeout_s)
-        except BaseException:  # run terminated from the UI, timeout, interrupt: never leave training orphaned
-            proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-            raise
-    if code != 0 or not result_path.exists():
-        raise dg.Failure(f"training subprocess failed (exit {code})", metadata={"log_tail": dg.MetadataValue.md(
-            "```\n" + "\n".join(tail) + "\n```")})
-    return json.loads(result_path.read_text())
+    context.log.info(f"running through Dagster Pipes: {' '.join(cmd)}")
+    try:
+        invocation = pipes.run(context=context, command=cmd, cwd=str(REPO_ROOT), env=env)
+    except DagsterPipesExecutionError as exc:
+        raise dg.Failure(f"training subprocess failed: {exc}", metadata={
+            "command": " ".join(cmd), "hint": "the trainer's output is in this step's stdout/stderr"}) from exc
+    if not result_path.exists():
+        raise dg.Failure(f"training subprocess exited without writing {result_path}")
+    reported: dict[str, dg.MetadataValue] = {}
+    for r in invocation.get_results(implicit_materializations=False):
+        if isinstance(r, dg.MaterializeResult):
+            reported.update(r.metadata or {})
+    epochs = [m for m in invocation.get_custom_messages() if isinstance(m, dict) and m.get("kind") == EPOCH_MESSAGE]
+    return TrainingRun(json.loads(result_path.read_text()), reported, epochs)
 
 
 def _run_dir(cfg: TrainConfig) -> Path:
@@ -91,23 +125,34 @@ def _run_dir(cfg: TrainConfig) -> Path:
 
 
 @dg.asset(
+    pool="model",  # one writer of model/ at a time, across runs (dagster_home/dagster.yaml)
     group_name="model",
     kinds={"pytorch", "numpy"},
     deps=UPSTREAM,
     description="Frozen-encoder features (float16 memmap + Parquet index) per image and encoder weights id.",
 )
-def embedding_cache(context: dg.AssetExecutionContext, config: ModelParams,
-                    data_root: DataRootResource) -> dg.MaterializeResult:
+@writes_stage("model")
+def embedding_cache(context: dg.AssetExecutionContext, config: ModelParams, data_root: DataRootResource,
+                    pipes_subprocess_client: dg.PipesSubprocessClient,
+                    torchrun: TorchrunResource) -> dg.MaterializeResult:
     cfg = train_config(config, data_root)
-    stats = run_training(context, cfg, config, _run_dir(cfg), ["--embed-only"])
+    run = run_training(context, cfg, _run_dir(cfg), ["--embed-only"], pipes_subprocess_client,
+                       launcher_args(config, torchrun, context.run_id, embed_only=True))
+    stats = run.result
     return dg.MaterializeResult(metadata={
+        **rounded(run.metadata()),
+        # a sharded feature store (memmaps + index shards), not one table: its standard row count only
+        "dagster/row_count": int(stats["cached_images"]),
         "cache_dir": dg.MetadataValue.path(stats["cache_dir"]),
         "weights_id": stats["weights_id"],
         "cached_images": stats["cached_images"],
         "computed_now": stats.get("computed", 0),
         "reused": stats.get("reused", 0),
         "unreadable": stats.get("unreadable", 0),
-        "seconds": stats.get("seconds", 0.0),
+        "bytes_changed": stats.get("bytes_changed", 0),
+        "excluded_by_reason": dg.MetadataValue.json(stats.get("excluded_by_reason", {})),
+        "shards_written": stats.get("shards_written", 0),
+        "seconds": round(float(stats.get("seconds", 0.0)), 1),
         "train_images": stats["train_images"],
         "val_images": stats["val_images"],
         "encoders": f"{cfg.encoder.clip_model} ({cfg.encoder.clip_pretrained or 'random init'}) + "
@@ -117,6 +162,7 @@ def embedding_cache(context: dg.AssetExecutionContext, config: ModelParams,
 
 
 @dg.asset(
+    pool="model",  # one writer of model/ at a time, across runs (dagster_home/dagster.yaml)
     group_name="model",
     kinds={"pytorch"},
     deps=[embedding_cache],
@@ -124,11 +170,15 @@ def embedding_cache(context: dg.AssetExecutionContext, config: ModelParams,
     check_specs=[dg.AssetCheckSpec("beats_majority_baselines", asset="geopak_model",
                                    description="val province and cell accuracy above the majority baselines")],
 )
-def geopak_model(context: dg.AssetExecutionContext, config: ModelParams,
-                 data_root: DataRootResource) -> dg.MaterializeResult:
+@writes_stage("model")
+def geopak_model(context: dg.AssetExecutionContext, config: ModelParams, data_root: DataRootResource,
+                 pipes_subprocess_client: dg.PipesSubprocessClient,
+                 torchrun: TorchrunResource) -> dg.MaterializeResult:
     cfg = train_config(config, data_root)
     run_dir = _run_dir(cfg)
-    summary = run_training(context, cfg, config, run_dir, [])
+    run = run_training(context, cfg, run_dir, [], pipes_subprocess_client,
+                       launcher_args(config, torchrun, context.run_id, embed_only=False))
+    summary = run.result
     metrics = pd.read_json(run_dir / "metrics.jsonl", lines=True)
     paths = data_root.paths
     curves = curves_png(metrics, {
@@ -142,18 +192,25 @@ def geopak_model(context: dg.AssetExecutionContext, config: ModelParams,
     comparison = md_table(baseline_comparison(summary))
     check = dg.AssetCheckResult(check_name="beats_majority_baselines", passed=beats_baselines(summary),
                                 severity=dg.AssetCheckSeverity.WARN, metadata={"comparison": comparison})
+    cache = summary.get("cache", {})
     return dg.MaterializeResult(check_results=[check], metadata={
+        "loss_curves": plot(paths, "geopak_training_curves.png", curves, "training curves"),
+        **rounded(run.metadata()),
         "checkpoint": dg.MetadataValue.path(summary["model"]),
         "run_dir": dg.MetadataValue.path(str(run_dir)),
         "preset": cfg.preset,
         "model_vs_baselines": comparison,
         "beats_majority_baselines": beats_baselines(summary),
-        "val_median_km": float(final.get("val_median_km", float("nan"))),
-        "val_province_acc": float(final.get("val_province_acc", float("nan"))),
-        "val_cell_acc": float(final.get("val_cell_acc", float("nan"))),
+        "val_median_km": round_km(final.get("val_median_km", float("nan"))),
+        "val_province_acc": round_share(final.get("val_province_acc", float("nan"))),
+        "val_cell_acc": round_share(final.get("val_cell_acc", float("nan"))),
         "metrics_per_epoch": md_table(metrics[cols], max_rows=200),
-        "loss_curves": plot(paths, "geopak_training_curves.png", curves, "training curves"),
         "best_epochs": md_table(pd.DataFrame([{"phase": k, **v} for k, v in summary["phases"].items()])),
         "images": md_table(pd.DataFrame([{"train": summary["train_images"], "val": summary["val_images"],
                                           "cells": summary["cells"], **summary["table"]}])),
+        # images left out because their bytes no longer hash to their id (issue 13.4), and any that became
+        # unreadable after the cache was built (phase 2, export)
+        "bytes_changed": int(cache.get("bytes_changed", 0)),
+        "excluded_by_reason": dg.MetadataValue.json(cache.get("excluded_by_reason", {})),
+        "unreadable_after_cache": dg.MetadataValue.json(summary.get("unreadable_after_cache", {})),
     })

@@ -18,7 +18,7 @@ import pandas as pd
 from geopak_model.report import ACC_KM
 from pipeline.core.gazetteer import haversine_km
 from pipeline.core.provinces import PROVINCES
-from pipeline.core.report import PROVINCE_COLOURS, draw_outlines, markdown_table, png_bytes
+from pipeline.core.report import PROVINCE_COLOURS, column_floatfmt, draw_outlines, markdown_table, png_bytes
 from pipeline.core.store import atomic_write_bytes
 from pipeline.labels.dates import circular_day_difference
 
@@ -221,7 +221,9 @@ def to_markdown(rep: EvaluationReport, title: str, notes: list[str], plot_links:
 
 def to_html(rep: EvaluationReport, title: str, notes: list[str]) -> str:
     def table(df: pd.DataFrame) -> str:
-        return df.to_html(index=False, float_format=lambda v: f"{v:.3f}", border=0, classes="t")
+        # km to 0.1, % to 0.1, shares to 3 digits: the same rule as the Markdown tables
+        fmts = {c: column_floatfmt(c).format for c in df.columns if pd.api.types.is_float_dtype(df[c])}
+        return df.to_html(index=False, formatters=fmts, border=0, classes="t")
 
     imgs = "".join(
         f'<figure><img alt="{html.escape(n)}" src="data:image/png;base64,{base64.b64encode(b).decode()}">'

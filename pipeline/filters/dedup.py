@@ -1,4 +1,4 @@
-"""Near-duplicate groups from perceptual hashes: pairs within a Hamming threshold, grouped with union-find.
+"""Near-duplicate groups from perceptual hashes: every pair within a Hamming threshold, grouped into components.
 
 Why a 256-bit pHash (16 x 16 DCT block) and not the common 64-bit one: on the sample world, whose renderings
 share a layout (sky over ground), 64-bit pHashes of *different* images come within 4 bits of each other while
@@ -6,31 +6,65 @@ resized + re-compressed copies differ by up to 2, so no threshold separates them
 analysis image) copies differ by at most 12 bits and different images by at least 36 (five sample worlds, 9,100
 images of 160 and 256 px), so the default threshold of 24 sits between the two.
 
-Pairs are found by brute force in blocks (XOR + popcount on four uint64 words per hash): O(N^2) but vectorised,
-about 1.4 s for 10k images on the 2-core dev machine (``bench/bench_filters.py``), so ~2 min for 100k; transitive
-chains (A~B, B~C) form one group. The best copy of a group is kept:
-largest pixel count, then sharpest, then the smallest image_id (so the choice is deterministic).
+How pairs are found without comparing all of them (exact: nothing within the threshold is missed):
+
+1. Identical hashes are collapsed first (one representative per distinct hash, the others its members), so a
+   million blank images make one entry, not a bucket of a million.
+2. Multi-index hashing (Norouzi, Punjani & Fleet, "Fast Search in Hamming Space with Multi-Index Hashing",
+   CVPR 2012; TPAMI 2014): the 256 bits are cut into ``t`` disjoint parts. If two hashes differ in at most
+   ``r = t*q + a`` bits (0 <= a < t), then one of the first ``a+1`` parts differs in at most ``q`` bits or one
+   of the others in at most ``q-1`` (pigeonhole; TPAMI 2014, Proposition 1), so it suffices to find, part by
+   part, the pairs whose part differs in at most that radius.
+3. Those per-part radius searches use covering keys (Pagh, "CoveringLSH: Locality-sensitive Hashing without
+   False Negatives", SODA 2016) instead of enumerating Hamming balls: each bit of a part gets a nonzero vector
+   ``m(i)`` in GF(2)^(q+1); for every nonzero ``v`` the key keeps the bits with ``<m(i), v> = 1``. At most
+   ``q`` differing bits span at most ``q`` dimensions, so some ``v`` is orthogonal to all of them and that key
+   ignores every differing bit: the pair lands in one bucket of exact key matches. With ``q = 0`` this is plain
+   exact-substring MIH. Buckets are found with a bincount pre-filter and a sort of the few colliding keys, pairs
+   inside a bucket are emitted a step at a time and verified with the full popcount, so memory stays
+   O(n + pairs) and time grows with the candidates, not with n^2.
+
+Why not exact-substring MIH alone: at r = 24 it needs 25 parts of ~10 bits, and two random hashes share one of
+them with probability 25/1024 -- still 2.4 % of all pairs (1.2e12 checks at 10 M). Why not FAISS's binary
+indexes: ``faiss-cpu`` is not a dependency here, its exact range search is the flat (quadratic) index, and
+``IndexBinaryMultiHash`` is exact only if its bit flips cover the radius, which at r = 24 is the same
+explosion. ``plan_parts`` picks ``t`` from the expected candidate count; for tiny inputs brute force is
+cheaper and is used (both are exact, ``near_pairs(method=...)`` forces one). The sample world's groups are
+identical either way (tests/test_dedup_scale.py checks MIH against brute force).
+
+Transitive chains (A~B, B~C) form one group. The best copy of a group is kept: largest pixel count, then
+sharpest, then the smallest image_id (so the choice is deterministic).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
 
 HASH_WORDS = 4  # 256 bits
+HASH_BITS = 64 * HASH_WORDS
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)  # multiplicative hashing constant (2^64 / phi)
+# relative costs for plan_parts, rounded from timings on the 2-core dev machine (bench/scale_dedup.py): one key
+# pass per representative (mask, mix, bincount, sort of the colliding), one verified candidate, one brute-force pair
+_COST_KEY, _COST_CANDIDATE, _COST_BRUTE = 4.0, 4.0, 1.0
+_EMPTY = (np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int32))
 
 
 def hash_matrix(hex_hashes: Sequence[str]) -> np.ndarray:
-    """(N, 4) uint64 words from 64-hex-digit hashes."""
+    """(N, 4) uint64 words from 64-hex-digit hashes (word 0 = the first 16 digits)."""
     if not len(hex_hashes):
         return np.zeros((0, HASH_WORDS), dtype=np.uint64)
-    raw = b"".join(bytes.fromhex(h) for h in hex_hashes)
-    words = np.frombuffer(raw, dtype=">u8").astype(np.uint64)
-    if words.size != len(hex_hashes) * HASH_WORDS:
+    if any(len(h) != 2 * 8 * HASH_WORDS for h in hex_hashes):
         raise ValueError("every hash must have 256 bits (64 hex digits)")
-    return words.reshape(len(hex_hashes), HASH_WORDS)
+    raw = bytes.fromhex("".join(hex_hashes))  # one C call; raises ValueError on a non-hex digit
+    if len(raw) != len(hex_hashes) * 8 * HASH_WORDS:  # fromhex skips whitespace
+        raise ValueError("every hash must have 256 bits (64 hex digits)")
+    return np.frombuffer(raw, dtype=">u8").astype(np.uint64).reshape(len(hex_hashes), HASH_WORDS)
 
 
 def hamming(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -42,8 +76,30 @@ def hamming(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return d
 
 
-def near_pairs(hashes: np.ndarray, max_distance: int, block: int = 256) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """All pairs i < j with distance <= ``max_distance``: (i, j, distance) arrays."""
+def row_distance(hashes: np.ndarray, i: np.ndarray, j: np.ndarray) -> np.ndarray:
+    """Hamming distance between rows ``i[k]`` and ``j[k]`` of ``hashes``, one word at a time (int32)."""
+    d = np.zeros(len(i), dtype=np.int32)
+    for w in range(hashes.shape[1]):
+        col = hashes[:, w]
+        d += np.bitwise_count(col[i] ^ col[j])
+    return d
+
+
+def _within(hashes: np.ndarray, i: np.ndarray, j: np.ndarray, max_distance: int) -> tuple[np.ndarray, np.ndarray]:
+    """The pairs (i[k], j[k]) within ``max_distance``, adding one word at a time and dropping a pair as soon as
+    it is over: most candidates are random pairs (~32 bits apart per word), gone after the first word."""
+    d = np.zeros(len(i), dtype=np.int32)
+    for w in range(hashes.shape[1]):
+        col = hashes[:, w]
+        d += np.bitwise_count(col[i] ^ col[j])
+        ok = d <= max_distance
+        if not ok.all():
+            i, j, d = i[ok], j[ok], d[ok]
+    return i, j
+
+
+def brute_force_pairs(hashes: np.ndarray, max_distance: int, block: int = 256) -> tuple[np.ndarray, ...]:
+    """All pairs i < j within ``max_distance`` by comparing every pair in blocks: O(N^2), the reference."""
     n = len(hashes)
     out_i, out_j, out_d = [], [], []
     for start in range(0, n, block):
@@ -51,39 +107,248 @@ def near_pairs(hashes: np.ndarray, max_distance: int, block: int = 256) -> tuple
         d = hamming(hashes[start:stop], hashes[start:])  # only the upper triangle from this block on
         ii, jj = np.nonzero(d <= max_distance)
         keep = jj > ii  # jj is offset by ``start`` like ii: j > i in global terms too
-        out_i.append(ii[keep] + start)
-        out_j.append(jj[keep] + start)
+        out_i.append(ii[keep].astype(np.int64) + start)
+        out_j.append(jj[keep].astype(np.int64) + start)
         out_d.append(d[ii[keep], jj[keep]].astype(np.int32))
     if not out_i:
-        return np.zeros(0, int), np.zeros(0, int), np.zeros(0, np.int32)
+        return _EMPTY
     return np.concatenate(out_i), np.concatenate(out_j), np.concatenate(out_d)
 
 
-class UnionFind:
-    """Disjoint sets over 0..n-1 with path halving and union by size."""
+# ---------------------------------------------------------------------------------------------- identical hashes
 
-    def __init__(self, n: int):
-        self.parent = np.arange(n)
-        self.size = np.ones(n, dtype=np.int64)
 
-    def find(self, x: int) -> int:
-        p = self.parent
-        while p[x] != x:
-            p[x] = p[p[x]]
-            x = p[x]
-        return int(x)
+def collapse_identical(hashes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(rep_of, reps)``: each row's representative (the smallest row index with the same hash) and the sorted
+    representatives. A bincount pre-filter on a mix of the words leaves only rows that may repeat for the sort."""
+    n = len(hashes)
+    rep_of = np.arange(n, dtype=np.int64)
+    if n < 2:
+        return rep_of, rep_of.copy()
+    mix = hashes[:, 0].copy()
+    for w in range(1, hashes.shape[1]):
+        mix ^= hashes[:, w] * (_GOLDEN + np.uint64(2 * w))
+    maybe = _colliding(mix * _GOLDEN)
+    if len(maybe):
+        cols = hashes[maybe]
+        order = np.lexsort([maybe] + [cols[:, w] for w in range(cols.shape[1] - 1, -1, -1)])
+        rows, cols = maybe[order], cols[order]
+        new = np.ones(len(rows), dtype=bool)
+        new[1:] = np.any(cols[1:] != cols[:-1], axis=1)
+        first = rows[new]  # rows ascend inside a run (row index is the least significant key): first = smallest
+        rep_of[rows] = first[np.cumsum(new) - 1]
+    return rep_of, np.flatnonzero(rep_of == np.arange(n))
 
-    def union(self, a: int, b: int) -> None:
-        ra, rb = self.find(a), self.find(b)
-        if ra == rb:
-            return
-        if self.size[ra] < self.size[rb]:
-            ra, rb = rb, ra
-        self.parent[rb] = ra
-        self.size[ra] += self.size[rb]
 
-    def roots(self) -> np.ndarray:
-        return np.array([self.find(i) for i in range(len(self.parent))], dtype=np.int64)
+def _colliding(mixed: np.ndarray) -> np.ndarray:
+    """Indices of ``mixed`` (well-mixed uint64 keys) whose bucket of the top bits holds at least two keys: a
+    superset of the repeated keys, and far smaller than ``mixed`` when few repeat."""
+    bits = int(min(26, max(8, math.ceil(math.log2(max(len(mixed), 2))) + 1)))
+    bucket = (mixed >> np.uint64(64 - bits)).astype(np.int64)
+    counts = np.bincount(bucket, minlength=1 << bits)
+    return np.flatnonzero(counts[bucket] >= 2)
+
+
+# ---------------------------------------------------------------------------------------------- multi-index hashing
+
+
+@dataclass(frozen=True)
+class Part:
+    """Bits ``[start, start + length)`` of the 256 (bit 0 = the lowest bit of word 0) searched within ``radius``
+    bits through exact matches of ``masks`` (the covering keys)."""
+
+    start: int
+    length: int
+    radius: int
+    masks: tuple[int, ...]
+
+
+def covering_masks(length: int, radius: int) -> tuple[int, ...]:
+    """Pagh's covering keys on ``length`` bits: every set of at most ``radius`` bits is missed by one mask."""
+    dim = radius + 1
+    nonzero = (1 << dim) - 1
+    if length >= nonzero:  # every nonzero vector of GF(2)^dim equally often: each key keeps ~half the bits
+        vectors = [(i % nonzero) + 1 for i in range(length)]
+    else:  # fewer bits than vectors: distinct ones in a fixed scrambled order, so no key keeps only a few bits
+        vectors = (np.random.default_rng(dim).permutation(nonzero)[:length] + 1).tolist()
+    masks = []
+    for v in range(1, 1 << dim):
+        masks.append(sum(1 << i for i, m in enumerate(vectors) if (m & v).bit_count() % 2))
+    return tuple(masks)
+
+
+def make_plan(parts: int, max_distance: int) -> tuple[Part, ...]:
+    """MIH with ``parts`` parts of (nearly) equal length and the radii of the refined pigeonhole bound;
+    parts whose radius would be negative are not needed and left out."""
+    q, a = divmod(max_distance, parts)
+    sizes = [HASH_BITS // parts + (1 if k < HASH_BITS % parts else 0) for k in range(parts)]
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(int).tolist()
+    radii = [q if k <= a else q - 1 for k in range(parts)]
+    return tuple(Part(s, ln, r, covering_masks(ln, r)) for s, ln, r in zip(starts, sizes, radii) if r >= 0)
+
+
+def plan_cost(plan: Sequence[Part], n: int) -> float:
+    """Expected cost of ``plan`` on ``n`` hashes with independent uniform bits: one pass per key, plus the
+    candidates (pairs sharing a key of b bits: n^2/2 * 2^-b)."""
+    pairs = n * (n - 1) / 2
+    return sum(_COST_KEY * n + _COST_CANDIDATE * pairs * 2.0 ** -m.bit_count() for p in plan for m in p.masks)
+
+
+def plan_parts(n: int, max_distance: int, allow_brute: bool = True) -> tuple[Part, ...] | None:
+    """The cheapest exact MIH plan for ``n`` distinct hashes under ``plan_cost``, or ``None`` when brute force is
+    expected to be cheaper (tiny ``n``, or a threshold so large that keys stop being selective)."""
+    best = None
+    best_cost = _COST_BRUTE * n * (n - 1) / 2 if allow_brute else math.inf
+    for t in range(4, min(64, max(4, max_distance + 1)) + 1):  # a part fits one word; > r+1 parts is waste
+        if max_distance // t >= 8:  # 2^9 keys per part and more: never cheaper than a smaller radius
+            continue
+        plan = make_plan(t, max_distance)
+        cost = plan_cost(plan, n)
+        if cost < best_cost:
+            best, best_cost = plan, cost
+    return best
+
+
+def part_values(hashes: np.ndarray, start: int, length: int) -> np.ndarray:
+    """Bits ``[start, start + length)`` of every hash as one uint64 (``length`` <= 64; bit 0 of the result is
+    bit ``start``); a part may straddle two words."""
+    w, off = divmod(start, 64)
+    val = hashes[:, w] >> np.uint64(off)
+    if off + length > 64:
+        val = val | (hashes[:, w + 1] << np.uint64(64 - off))
+    if length < 64:
+        val = val & np.uint64((1 << length) - 1)
+    return val
+
+
+def _bucket_pairs(keys: np.ndarray, step_limit: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Every pair (i < j) of positions with equal keys (plus rare pairs whose keys merely share 40 mixed bits;
+    the caller verifies every pair anyway), in slices of at most ~``step_limit`` pairs. Pairs come from sorted
+    runs one offset at a time (element k with element k+s of its run), so each step is O(elements still in
+    long-enough runs) and the total is O(pairs)."""
+    mixed = keys * _GOLDEN  # odd multiplier: a bijection of uint64, so equal keys <=> equal mixed values
+    rows = _colliding(mixed)
+    if len(rows) < 2:
+        return
+    mixed = mixed[rows]
+    if len(rows) < 1 << 24:  # sort values, not indices (several times faster): top 40 mixed bits | position
+        packed = (mixed & ~np.uint64(0xFFFFFF)) | np.arange(len(rows), dtype=np.uint64)
+        packed.sort()
+        ks = packed >> np.uint64(24)
+        rows = rows[(packed & np.uint64(0xFFFFFF)).astype(np.int64)]
+    else:
+        order = np.argsort(mixed)
+        rows, ks = rows[order], mixed[order]
+    start = np.ones(len(ks), dtype=bool)
+    start[1:] = ks[1:] != ks[:-1]
+    run = np.cumsum(start) - 1
+    lengths = np.bincount(run)
+    keep = lengths[run] >= 2
+    rows, run = rows[keep], run[keep]
+    head = np.r_[True, run[1:] != run[:-1]]
+    pos = np.arange(len(rows)) - np.flatnonzero(head)[np.cumsum(head) - 1]
+    left = lengths[run] - pos - 1  # partners after this element in its run
+    active = np.arange(len(rows))
+    s = 1
+    while len(active):
+        active = active[left[active] >= s]
+        for lo in range(0, len(active), step_limit):
+            a = active[lo:lo + step_limit]
+            i, j = rows[a], rows[a + s]
+            yield np.minimum(i, j), np.maximum(i, j)
+        s += 1
+
+
+def mih_pairs(hashes: np.ndarray, max_distance: int, parts: Sequence[Part] | None = None,
+              step_limit: int = 1 << 22) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """All pairs i < j of rows within ``max_distance`` by multi-index hashing (rows should be distinct hashes;
+    identical ones are found too, just less cheaply). Sorted by (i, j)."""
+    n = len(hashes)
+    if n < 2:
+        return _EMPTY
+    plan = parts if parts is not None else plan_parts(n, max_distance, allow_brute=False)
+    found: list[np.ndarray] = []
+    for part in plan:
+        vals = part_values(hashes, part.start, part.length)
+        per_part: list[np.ndarray] = []
+        for mask in part.masks:
+            for i, j in _bucket_pairs(vals & np.uint64(mask), step_limit):
+                i, j = _within(hashes, i, j, max_distance)
+                per_part.append(i * n + j)
+        if per_part:
+            found.append(np.unique(np.concatenate(per_part)))
+    if not found:
+        return _EMPTY
+    code = np.unique(np.concatenate(found))
+    i, j = code // n, code % n
+    return i, j, row_distance(hashes, i, j)
+
+
+# ---------------------------------------------------------------------------------------------- public search
+
+
+def representative_pairs(hashes: np.ndarray, max_distance: int, method: str = "auto"
+                         ) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """``(rep_of, (i, j, distance))``: identical hashes collapsed to their representative (``rep_of``), and the
+    pairs of distinct representatives (row indices, i < j) within ``max_distance``. Compact: n blank images are
+    one representative, not n^2/2 pairs."""
+    if method not in ("auto", "mih", "brute"):
+        raise ValueError(f"unknown near-pair method {method!r}: auto, mih or brute")
+    if max_distance < 0:
+        raise ValueError("max_distance must be >= 0")
+    rep_of, reps = collapse_identical(hashes)
+    sub = hashes[reps]
+    plan = plan_parts(len(reps), max_distance) if method == "auto" else None
+    if method == "brute" or (method == "auto" and plan is None):
+        i, j, d = brute_force_pairs(sub, max_distance)
+    else:
+        i, j, d = mih_pairs(sub, max_distance, plan)
+    return rep_of, (reps[i], reps[j], d)
+
+
+def near_pairs(hashes: np.ndarray, max_distance: int, block: int = 256, method: str = "auto"
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """All pairs i < j with distance <= ``max_distance``: (i, j, distance) arrays sorted by (i, j). Exact for
+    every ``method`` ("brute" compares all pairs in blocks of ``block`` rows)."""
+    if method == "brute" or len(hashes) < 2:
+        return brute_force_pairs(hashes, max_distance, block)
+    rep_of, (ri, rj, rd) = representative_pairs(hashes, max_distance, method)
+    n = len(hashes)
+    members = np.argsort(rep_of, kind="stable")  # rows grouped by representative, ascending inside a group
+    count = np.bincount(rep_of, minlength=n)
+    first = np.cumsum(count) - count  # where each representative's members start in ``members``
+    out_i, out_j, out_d = [], [], []
+    # identical copies: every pair inside a group of members, distance 0
+    multi, s = np.flatnonzero(count >= 2), 1
+    while len(multi):  # offset s: the k-th member with the (k+s)-th
+        lo = np.repeat(first[multi], count[multi] - s) + _ramp(count[multi] - s)
+        out_i.append(members[lo])
+        out_j.append(members[lo + s])
+        out_d.append(np.zeros(len(lo), np.int32))
+        s += 1
+        multi = multi[count[multi] > s]
+    # near pairs of representatives: every member of one with every member of the other
+    reps_pairs = count[ri] * count[rj]
+    pair_of = np.repeat(np.arange(len(ri)), reps_pairs)
+    k = _ramp(reps_pairs)
+    out_i.append(members[first[ri][pair_of] + k // count[rj][pair_of]])
+    out_j.append(members[first[rj][pair_of] + k % count[rj][pair_of]])
+    out_d.append(rd[pair_of].astype(np.int32))
+    i, j, d = np.concatenate(out_i), np.concatenate(out_j), np.concatenate(out_d)
+    i, j = np.minimum(i, j), np.maximum(i, j)
+    order = np.lexsort((j, i))
+    return i[order].astype(np.int64), j[order].astype(np.int64), d[order]
+
+
+def _ramp(counts: np.ndarray) -> np.ndarray:
+    """0..c-1 for each c in ``counts``, concatenated."""
+    total = int(counts.sum())
+    if not total:
+        return np.zeros(0, np.int64)
+    return np.arange(total, dtype=np.int64) - np.repeat(np.cumsum(counts) - counts, counts)
+
+
+# ---------------------------------------------------------------------------------------------- groups
 
 
 @dataclass(frozen=True)
@@ -106,29 +371,39 @@ def group_near_duplicates(
     pixels: Sequence[int],
     sharpness: Sequence[float],
     max_distance: int,
+    method: str = "auto",
 ) -> DuplicateGroups:
-    """Group rows whose hashes chain within ``max_distance``; keep the largest, then sharpest copy of each group."""
+    """Group rows whose hashes chain within ``max_distance``; keep the largest, then sharpest copy of each group.
+    Components come from the compact pair list (identical hashes joined through their representative), and only
+    rows in a group of two or more are ranked, so a 10 M-row call holds a few arrays of n, not n Python objects."""
     n = len(image_ids)
-    hashes = hash_matrix(list(hex_hashes))
-    ii, jj, _ = near_pairs(hashes, max_distance)
-    uf = UnionFind(n)
-    for a, b in zip(ii.tolist(), jj.tolist()):
-        uf.union(a, b)
-    roots = uf.roots() if n else np.zeros(0, np.int64)
-    pixels = np.asarray(pixels, dtype=np.int64)
-    sharp = np.nan_to_num(np.asarray(sharpness, dtype=np.float64), nan=-1.0)
-    ids = np.asarray(image_ids, dtype=object)
-    # best first: most pixels, then sharpest, then smallest image_id
-    order = sorted(range(n), key=lambda k: (-pixels[k], -sharp[k], ids[k]))
-    kept_of_root: dict[int, int] = {}
-    for k in order:
-        kept_of_root.setdefault(int(roots[k]), k)
-    kept = np.array([kept_of_root[int(r)] for r in roots], dtype=np.int64)
-    sizes = np.bincount(roots, minlength=n)[roots] if n else np.zeros(0, np.int64)
-    dist = (
-        np.bitwise_count(hashes ^ hashes[kept]).sum(axis=1, dtype=np.int32) if n else np.zeros(0, np.int32)
-    )
-    return DuplicateGroups(kept, sizes.astype(np.int64), dist)
+    hashes = hash_matrix(hex_hashes)
+    if len(hashes) != n or len(pixels) != n or len(sharpness) != n:
+        raise ValueError("image_ids, hashes, pixels and sharpness must have one entry per row")
+    kept = np.arange(n, dtype=np.int64)
+    if n < 2:
+        return DuplicateGroups(kept, np.ones(n, np.int64), np.zeros(n, np.int32))
+    rep_of, (ri, rj, _) = representative_pairs(hashes, max_distance, method)
+    dup = np.flatnonzero(rep_of != np.arange(n))
+    src = np.concatenate([dup, ri])
+    dst = np.concatenate([rep_of[dup], rj])
+    graph = coo_matrix((np.ones(len(src), np.int8), (src, dst)), shape=(n, n))
+    _, label = connected_components(graph, directed=False)
+    size = np.bincount(label, minlength=n)[label].astype(np.int64)
+    grouped = np.flatnonzero(size > 1)
+    if len(grouped):
+        px = np.asarray(pixels, dtype=np.int64)[grouped]
+        sharp = np.nan_to_num(np.asarray(sharpness, dtype=np.float64)[grouped], nan=-1.0)
+        ids = np.asarray([str(image_ids[k]) for k in grouped])
+        # best first inside each component: most pixels, then sharpest, then smallest image_id, then row
+        order = np.lexsort((grouped, ids, -sharp, -px, label[grouped]))
+        rows = grouped[order]
+        lab = label[rows]
+        head = np.r_[True, lab[1:] != lab[:-1]]
+        best = rows[head][np.cumsum(head) - 1]
+        kept[rows] = best
+    dist = row_distance(hashes, np.arange(n), kept)
+    return DuplicateGroups(kept, size, dist)
 
 
 @dataclass(frozen=True)

@@ -5,11 +5,15 @@ Checks run cheapest first and each row stops at its first failure, so no work is
 1. identical ``image_id`` (defensive: the catalog already drops duplicate bytes) -> ``duplicate_bytes``;
 2. geotag sanity on catalog columns: ``null_island``, ``outside_pakistan``, ``inaccurate_geotag``;
 3. licence allowlist per source -> ``license_not_allowed``;
-4. one decode per image (cached by ``image_id``): ``not_an_image``, ``decompression_bomb``,
+4. one read and decode per image (cached by ``image_id``, committed in chunks): ``missing_file``,
+   ``bytes_changed`` (the bytes' sha256 is no longer their id), ``not_an_image``, ``decompression_bomb``,
    ``unsupported_format``, ``undecodable``, then thresholds on the metrics: ``too_small``, ``bad_aspect_ratio``,
    ``near_uniform``, ``blurred``;
 5. near duplicates among the survivors (256-bit pHash, union-find, best copy kept) -> ``near_duplicate``;
 6. indoor scenes by zero-shot CLIP, only with real pretrained weights -> ``indoor``.
+
+Steps 4 and 6 are the long ones; both add their results to their caches chunk by chunk (``commit_rows`` images or
+about ``commit_seconds`` of work each), so a killed run resumes where it stopped, losing at most one chunk.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from pipeline.core.catalog import rejection
 from pipeline.core.provinces import BY_ID
 from pipeline.core.schema import REJECTIONS_SCHEMA, empty_frame
 from pipeline.core.store import ImageStore
-from pipeline.filters.cache import ImageValueCache
+from pipeline.filters.cache import ImageValueCache, commit_in_chunks
 from pipeline.filters.decode import DEFAULT_FORMATS, DEFAULT_MAX_PIXELS
 from pipeline.filters.dedup import CopyFacts, group_near_duplicates, near_duplicate_detail
 from pipeline.filters.geotag import DEFAULT_ACCURACY_RULES, AccuracyRule, geotag_reasons
@@ -61,23 +65,47 @@ class FilterConfig:
       than a kept indoor one).
     """
 
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    allowed_formats: tuple[str, ...] = DEFAULT_FORMATS
-    analysis_size: int = 256
-    blur_size: int = 128
-    min_short_side: int = 64
-    max_aspect_ratio: float = 3.0
-    min_grey_std: float = 4.0
-    min_sharpness: float = 3.4
-    phash_max_distance: int = 24
-    accuracy_rules: Mapping[str, AccuracyRule] = field(default_factory=lambda: dict(DEFAULT_ACCURACY_RULES))
-    allowed_licenses: Mapping[str, tuple[str, ...]] = field(default_factory=lambda: dict(DEFAULT_ALLOWED))
-    license_free_sources: tuple[str, ...] = ("local",)  # your own images: you hold the rights
-    clip: ClipSpec = ClipSpec()
-    indoor_threshold: float = 0.8
-    clip_batch_size: int = 32
-    workers: int = 2
-    chunk_size: int = 16
+    # Each field's "doc" and bounds are what the Launchpad shows (pipeline.defs.config); the reasons are above.
+    max_pixels: int = field(default=DEFAULT_MAX_PIXELS, metadata={
+        "doc": "images with more pixels are rejected as decompression bombs before decoding", "ge": 1})
+    allowed_formats: tuple[str, ...] = field(default=DEFAULT_FORMATS, metadata={
+        "doc": "Pillow format names kept (upper case); other formats are rejected as unsupported_format"})
+    analysis_size: int = field(default=256, metadata={
+        "doc": "long side in px at which images are decoded for the quality metrics and pHash", "ge": 32})
+    blur_size: int = field(default=128, metadata={
+        "doc": "long side in px at which sharpness (Laplacian variance) is measured", "ge": 16})
+    min_short_side: int = field(default=64, metadata={
+        "doc": "images whose short side is smaller (px) are rejected as too_small (thumbnails, icons)", "ge": 0})
+    max_aspect_ratio: float = field(default=3.0, metadata={
+        "doc": "long/short side above this is rejected as bad_aspect_ratio (2:1 panoramas pass)", "ge": 1.0})
+    min_grey_std: float = field(default=4.0, metadata={
+        "doc": "grey-level standard deviation (0-255) below this is rejected as near_uniform", "ge": 0.0})
+    min_sharpness: float = field(default=3.4, metadata={
+        "doc": "Laplacian variance at blur_size below this is rejected as blurred (raise for real photos)",
+        "ge": 0.0})
+    phash_max_distance: int = field(default=24, metadata={
+        "doc": "256-bit pHashes this close (bits) are near duplicates; the best copy is kept", "ge": 0, "le": 256})
+    accuracy_rules: Mapping[str, AccuracyRule] = field(default_factory=lambda: dict(DEFAULT_ACCURACY_RULES),
+                                                       metadata={"doc": "source ('*' = any other) -> geotag "
+                                                                 "accuracy rule; rows failing it are "
+                                                                 "inaccurate_geotag"})
+    allowed_licenses: Mapping[str, tuple[str, ...]] = field(default_factory=lambda: dict(DEFAULT_ALLOWED), metadata={
+        "doc": "source ('*' = any other) -> licence families kept (cc, cc0, public_domain, "
+               "no_known_restrictions, us_government, all_rights_reserved)"})
+    license_free_sources: tuple[str, ...] = field(default=("local",), metadata={
+        "doc": "sources whose licences are not checked (your own images: you hold the rights)"})
+    clip: ClipSpec = field(default=ClipSpec(), metadata={
+        "doc": "the CLIP model that scores indoor scenes (only real pretrained weights are used)"})
+    indoor_threshold: float = field(default=0.8, metadata={
+        "doc": "CLIP P(indoor) at or above this is rejected as indoor", "ge": 0.0, "le": 1.0})
+    clip_batch_size: int = field(default=32, metadata={"doc": "images per CLIP forward pass", "ge": 1})
+    workers: int = field(default=2, metadata={"doc": "processes decoding images for the metrics", "ge": 1})
+    chunk_size: int = field(default=16, metadata={"doc": "images per task sent to a worker process", "ge": 1})
+    commit_rows: int = field(default=2000, metadata={
+        "doc": "at most this many images are measured (or CLIP-scored) before they are committed to the cache; "
+               "a killed run loses at most one such chunk", "ge": 1})
+    commit_seconds: float = field(default=60.0, metadata={
+        "doc": "and at most about this much work (seconds) per committed chunk", "gt": 0.0})
 
     @property
     def metrics_params(self) -> MetricsParams:
@@ -94,6 +122,7 @@ class FilterResult:
     metrics_computed: int
     metrics_reused: int
     duplicate_groups: int
+    metrics_rechecked: int = 0  # cached images re-read because their file's size or mtime changed
 
 
 class _Verdicts:
@@ -126,8 +155,10 @@ def filter_catalog(
     indoor_cache: str | Path,
     progress: Progress | None = None,
     log: Log | None = None,
+    scheduler_address: str | None = None,
 ) -> FilterResult:
-    """Keep or reject every row of ``catalog`` (CATALOG_SCHEMA). ``locator`` maps (lat, lon) to province ids."""
+    """Keep or reject every row of ``catalog`` (CATALOG_SCHEMA). ``locator`` maps (lat, lon) to province ids.
+    ``scheduler_address``: decode on that Dask cluster's workers instead of local processes (same result)."""
     log = log or (lambda _msg: None)
     df = catalog.reset_index(drop=True)
     n = len(df)
@@ -149,8 +180,11 @@ def filter_catalog(
     # 4. one decode per image, cached
     rows = np.flatnonzero(v.open())
     items = [(str(df.at[k, "image_id"]), str(store.abspath(df.at[k, "path"]))) for k in rows]
-    cm = cached_metrics(items, cfg.metrics_params, metrics_cache, cfg.workers, cfg.chunk_size, progress)
-    log(f"image metrics: {cm.computed} decoded, {cm.reused} from the cache")
+    cm = cached_metrics(items, cfg.metrics_params, metrics_cache, cfg.workers, cfg.chunk_size, progress,
+                        commit_rows=cfg.commit_rows, commit_seconds=cfg.commit_seconds,
+                        scheduler_address=scheduler_address)
+    log(f"image metrics: {cm.computed} decoded ({cm.rechecked} of them because their file changed), "
+        f"{cm.reused} from the cache, {cm.shards_written} chunks committed")
     m = cm.metrics
     metric_cols = pd.DataFrame(index=range(n), columns=["sharpness", "phash"]).astype({"sharpness": "Float64",
                                                                                        "phash": "string"})
@@ -204,7 +238,7 @@ def filter_catalog(
         "province_key": [BY_ID[int(p)].key if p in BY_ID else OUTSIDE_KEY for p in province_ids],
         "outcome": np.where(keep, KEPT, v.reason), "detail": v.detail,
     })
-    return FilterResult(kept, rejections, outcomes, evaluated, note, cm.computed, cm.reused, groups)
+    return FilterResult(kept, rejections, outcomes, evaluated, note, cm.computed, cm.reused, groups, cm.rechecked)
 
 
 def _quality_verdicts(v: _Verdicts, rows: np.ndarray, m: pd.DataFrame, cfg: FilterConfig) -> None:
@@ -244,7 +278,7 @@ def _indoor(df: pd.DataFrame, rows: np.ndarray, store: ImageStore, cfg: FilterCo
     key = cfg.clip.key
     ids = df.loc[rows, "image_id"].astype(str).tolist()
     cached, missing = cache.lookup(ids, key)
-    new = cache.frame()
+    new: list[pd.DataFrame] = []
     if missing:
         try:
             classifier = IndoorClassifier(cfg.clip)
@@ -253,13 +287,17 @@ def _indoor(df: pd.DataFrame, rows: np.ndarray, store: ImageStore, cfg: FilterCo
             return False, f"not evaluated (no pretrained CLIP weights: loading {avail.why} failed: {reason}); " \
                           "all images passed through"
         path_of = dict(zip(ids, df.loc[rows, "path"]))
-        scores = indoor_scores(classifier, [store.abspath(path_of[i]) for i in missing], cfg.clip_batch_size,
-                               cfg.max_pixels)
-        new = cache.frame([{"image_id": i, "key": key, "p_indoor": float(s)} for i, s in zip(missing, scores)])
-        cache.add(new)
-    log(f"indoor CLIP scores: {len(missing)} computed, {len(ids) - len(missing)} from the cache")
+
+        def score(chunk, _offset: int) -> pd.DataFrame:
+            scores = indoor_scores(classifier, [store.abspath(path_of[i]) for i in chunk], cfg.clip_batch_size,
+                                   cfg.max_pixels)
+            return cache.frame([{"image_id": i, "key": key, "p_indoor": float(s)} for i, s in zip(chunk, scores)])
+
+        new = commit_in_chunks(cache, missing, score, cfg.commit_rows, cfg.commit_seconds)
+    log(f"indoor CLIP scores: {len(missing)} computed ({len(new)} chunks committed), "
+        f"{len(ids) - len(missing)} from the cache")
     if ids:
-        out[rows] = cache.in_order([cached, new], ids)["p_indoor"].to_numpy(dtype=float, na_value=np.nan)
+        out[rows] = cache.in_order([cached, *new], ids)["p_indoor"].to_numpy(dtype=float, na_value=np.nan)
     unscored = int(np.isnan(out[rows]).sum())
     return True, (f"evaluated with {avail.why}: reject when p_indoor >= {cfg.indoor_threshold}"
                   + (f"; {unscored} images could not be scored and were kept" if unscored else ""))

@@ -37,12 +37,13 @@ from pipeline.core.schema import RAW_MANIFEST_SCHEMA, REJECTIONS_SCHEMA, write_t
 from pipeline.core.store import ImageStore, sweep_orphan_temps
 from pipeline.core.values import is_missing
 from pipeline.labels.boundaries import ProvinceBoundaries
-from pipeline.sources.crawl_state import DONE, FAILED, REJECTED, CrawlState, Rejected
+from pipeline.sources.crawl_state import DONE, FAILED, PENDING, REJECTED, CrawlState, Rejected
 from pipeline.sources.http import (
     CrawlError,
     Fetched,
     HttpSettings,
     HttpStats,
+    QuotaExhausted,
     Redactor,
     call_with_retries,
     classify,
@@ -203,6 +204,10 @@ class Source(ABC):
     name: ClassVar[str]
     # reasons decided by parameters (licence, accuracy, ...): revisited when the parameters change
     filter_reasons: ClassVar[tuple[str, ...]] = ()
+    # manifest columns beyond RAW_MANIFEST_SCHEMA that manifest_row fills (e.g. when a row was fetched)
+    extra_manifest_columns: ClassVar[tuple[str, ...]] = ()
+    # record fields the state drops once an item is final (stored or rejected): what the terms do not let us keep
+    forget_when_final: ClassVar[tuple[str, ...]] = ()
 
     @abstractmethod
     def params(self) -> dict:
@@ -255,6 +260,8 @@ class CrawlResult:
     downloaded_this_run: int
     reset: bool = False
     summary: dict[str, float] = field(default_factory=dict)
+    stopped: str | None = None  # why the crawl stopped early (quota), its remaining work kept for the next run
+    remaining: dict[str, int] = field(default_factory=dict)  # pending units by kind, and items still to download
 
 
 def run_crawl(
@@ -304,18 +311,24 @@ def _run_locked(
         if swept:
             ctx.info(f"removed {swept} temp files left by a killed earlier run")
         before = state.counts()["items"].get(DONE, 0)
+        stopped = None
         try:
             source.discover(ctx)
             if not discover_only:
                 _download_pending(source, ctx)
+        except QuotaExhausted as exc:  # not an error of the crawl: stop, keep the rest for the next run
+            stopped = redact(str(exc))
+            ctx.info(f"{source.name}/{province_key} stopped early, remaining work kept for the next run: {stopped}")
         except CrawlError:
             raise
         except Exception as exc:
             # ``from None``: the original exception (whose text may hold a URL with a key) is not chained
             raise CrawlError(redact(f"{source.name}/{province_key}: {type(exc).__name__}: {exc}")) from None
+        state.meta_set(STOPPED_KEY, stopped)
         manifest, rejections = _write_outputs(source, ctx)
         counts = state.counts()
         summary = {**_sum_results(state.unit_results()), **source.summary(state)}
+        remaining = remaining_work(state)
     return CrawlResult(
         source=source.name,
         province=province_key,
@@ -327,7 +340,24 @@ def _run_locked(
         downloaded_this_run=counts["items"].get(DONE, 0) - before,
         reset=reset,
         summary=summary,
+        stopped=stopped,
+        remaining=remaining,
     )
+
+
+STOPPED_KEY = "stopped_early"  # crawl-state meta: why the last run stopped early (None when it finished)
+
+
+def remaining_work(state: CrawlState) -> dict[str, int]:
+    """What a stopped or deferred crawl left for the next run: pending units per kind, items still to download."""
+    out: dict[str, int] = {}
+    for unit, status in state.units():
+        if status != DONE:
+            kind = f"units {unit.unit_id.split(':', 1)[0]}"
+            out[kind] = out.get(kind, 0) + 1
+    items = state.counts()["items"]
+    out["items to download"] = items.get(PENDING, 0) + items.get(FAILED, 0)
+    return out
 
 
 def _sum_results(results: list[dict]) -> dict[str, float]:
@@ -349,7 +379,8 @@ def _download_pending(source: Source, ctx: CrawlContext) -> None:
     jobs = ((item_id, source.fetcher(record)) for item_id, record in pending)
     outcomes = download_all(jobs, ctx.store, ctx.http, ctx.stats, ctx.redact, source.classify)
     for n, out in enumerate(outcomes, start=1):
-        ctx.state.record_download(out.item_id, out.image_id, out.path, out.reason, out.detail, out.retry_later)
+        ctx.state.record_download(out.item_id, out.image_id, out.path, out.reason, out.detail, out.retry_later,
+                                  forget=source.forget_when_final)
         if n % 500 == 0 or n == len(pending):
             ctx.info(f"{where}: {n}/{len(pending)} downloads finished")
 
@@ -370,7 +401,7 @@ def _write_outputs(source: Source, ctx: CrawlContext) -> tuple[pd.DataFrame, pd.
         if row.status == FAILED:
             detail = f"{detail} (retried on the next run)".strip()
         rejected.append(_rejection(source.name, row.item_id, row.reason or reasons.DOWNLOAD_FAILED, detail, None, None))
-    manifest = pd.DataFrame(rows, columns=RAW_MANIFEST_SCHEMA.names)
+    manifest = pd.DataFrame(rows, columns=[*RAW_MANIFEST_SCHEMA.names, *source.extra_manifest_columns])
     rejections = pd.DataFrame(rejected, columns=REJECTIONS_SCHEMA.names)
     write_table(manifest, ctx.paths.raw_manifest(source.name, ctx.province.key), RAW_MANIFEST_SCHEMA)
     write_table(rejections, ctx.paths.source_rejections(source.name, ctx.province.key), REJECTIONS_SCHEMA)

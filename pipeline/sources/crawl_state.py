@@ -8,6 +8,11 @@ own id, so an item found twice (overlapping tiles, shifted pages) is stored once
 Item statuses: ``pending`` (to download), ``done`` (in the store), ``rejected`` (with a reason code, final) and
 ``failed`` (transient errors outlasted the retries; downloaded again on the next run). ``done`` is final: no later
 report (a late or duplicate download, another process) sets a finished item back to failed, rejected or pending.
+
+A download whose bytes were suspect (an HTML page, a body cut short) is transient until proven otherwise: it is
+``failed`` (``download_failed``, retried next run) and becomes a final rejection only once it was suspect on
+``MAX_SUSPECT_RUNS`` separate runs (``suspect_runs`` counts them). Unit statuses: ``pending``, ``done`` and
+``deferred`` (left incomplete on purpose, e.g. an expired page token: pending again at the next run's start).
 """
 
 from __future__ import annotations
@@ -21,7 +26,9 @@ from pathlib import Path
 
 import pandas as pd
 
-PENDING, DONE, REJECTED, FAILED = "pending", "done", "rejected", "failed"
+PENDING, DONE, REJECTED, FAILED, DEFERRED = "pending", "done", "rejected", "failed", "deferred"
+MAX_SUSPECT_RUNS = 3  # runs on which a download must look like a non-image before it is rejected for good
+_DOWNLOAD_FAILED = "download_failed"  # pipeline.core.reasons.DOWNLOAD_FAILED (kept import-free here)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -86,6 +93,9 @@ class CrawlState:
         self.path = Path(path)
         self._con = _connect(self.path)
         self._con.executescript(_SCHEMA)
+        columns = {r[1] for r in self._con.execute("PRAGMA table_info(items)")}
+        if "suspect_runs" not in columns:  # a state file written before suspect downloads were counted per run
+            self._con.execute("ALTER TABLE items ADD COLUMN suspect_runs INTEGER NOT NULL DEFAULT 0")
 
     def close(self) -> None:
         self._con.close()
@@ -177,8 +187,14 @@ class CrawlState:
         rejected: Iterable[Rejected] = (),
         new_units: Iterable[Unit] = (),
         result: dict | None = None,
+        payload: dict | None = None,
+        status: str = DONE,
     ) -> None:
-        """Mark ``unit_id`` done together with everything it found, in one transaction (all or nothing)."""
+        """Mark ``unit_id`` done together with everything it found, in one transaction (all or nothing).
+
+        ``payload`` replaces the unit's payload (e.g. to forget coordinates a finished unit no longer needs);
+        ``status=DEFERRED`` keeps what it found but leaves the unit to be done again by the next run.
+        """
         with self._tx() as con:
             seq = self._next_seq("items")
             n = 0
@@ -197,12 +213,32 @@ class CrawlState:
                 n += 1
             self._insert_units(con, new_units)
             res = json.dumps(result) if result is not None else None
-            cur = con.execute("UPDATE units SET status = ?, result = ? WHERE unit_id = ?", (DONE, res, unit_id))
+            cur = con.execute("UPDATE units SET status = ?, result = ? WHERE unit_id = ?", (status, res, unit_id))
             if cur.rowcount == 0:
                 con.execute(
                     "INSERT INTO units (unit_id, payload, status, result, seq) VALUES (?, '{}', ?, ?, ?)",
-                    (unit_id, DONE, res, self._next_seq("units")),
+                    (unit_id, status, res, self._next_seq("units")),
                 )
+            if payload is not None:
+                con.execute("UPDATE units SET payload = ? WHERE unit_id = ?", (json.dumps(payload), unit_id))
+
+    def reopen_deferred(self, prefix: str = "") -> int:
+        """Deferred units become pending again (called once at the start of a run); returns how many."""
+        cond, args = _prefix_sql(prefix)
+        with self._tx() as con:
+            return con.execute(f"UPDATE units SET status = ? WHERE status = ? AND {cond}",
+                               (PENDING, DEFERRED, *args)).rowcount
+
+    def units(self, prefix: str = "") -> list[tuple[Unit, str]]:
+        """Every unit under ``prefix`` with its status, in discovery order."""
+        cond, args = _prefix_sql(prefix)
+        rows = self._con.execute(f"SELECT unit_id, payload, status FROM units WHERE {cond} ORDER BY seq", args)
+        return [(Unit(uid, json.loads(payload)), status) for uid, payload, status in rows.fetchall()]
+
+    def set_unit_payloads(self, payloads: dict[str, dict]) -> None:
+        with self._tx() as con:
+            con.executemany("UPDATE units SET payload = ? WHERE unit_id = ?",
+                            [(json.dumps(p), uid) for uid, p in payloads.items()])
 
     # --------------------------------------------------------------------------------------------------- items
     def pending_items(self) -> Iterator[tuple[str, dict]]:
@@ -214,15 +250,37 @@ class CrawlState:
             yield item_id, json.loads(record)
 
     def record_download(
-        self, item_id: str, image_id: str | None, path: str | None, reason: str | None, detail: str, retry_later: bool
+        self, item_id: str, image_id: str | None, path: str | None, reason: str | None, detail: str,
+        retry_later: bool, forget: Iterable[str] = (), max_suspect_runs: int = MAX_SUSPECT_RUNS,
     ) -> None:
-        """Record a download's outcome; an item already ``done`` keeps its stored image (never downgraded)."""
+        """Record a download's outcome; an item already ``done`` keeps its stored image (never downgraded).
+
+        ``retry_later`` with a reason other than ``download_failed`` (e.g. ``not_an_image``: an HTML page or a cut
+        body) is a *suspect* failure: the item stays ``failed`` (``download_failed``, retried next run) until it was
+        suspect on ``max_suspect_runs`` runs, then it is rejected with that reason. ``forget`` names record fields
+        dropped once the item is final (stored or rejected), e.g. a reference the source's terms do not let us keep.
+        """
         status = DONE if image_id else (FAILED if retry_later else REJECTED)
+        suspect = not image_id and retry_later and bool(reason) and reason != _DOWNLOAD_FAILED
         with self._tx() as con:
+            row = con.execute("SELECT status, record, suspect_runs FROM items WHERE item_id = ?", (item_id,)).fetchone()
+            if row is None or row[0] == DONE:
+                return
+            runs = int(row[2]) + int(suspect)
+            if suspect:
+                if runs >= max_suspect_runs:
+                    status, detail = REJECTED, f"{detail} (on {runs} runs: rejected for good)".strip()
+                else:
+                    detail = f"{reason}: {detail} (suspect on {runs} of {max_suspect_runs} runs)"
+                    reason = _DOWNLOAD_FAILED
+            record = json.loads(row[1])
+            forget = [f for f in forget if f in record] if status in (DONE, REJECTED) else []
+            for f in forget:
+                del record[f]
             con.execute(
-                "UPDATE items SET status = ?, image_id = ?, path = ?, reason = ?, detail = ?, attempts = attempts + 1 "
-                "WHERE item_id = ? AND status != ?",
-                (status, image_id, path, reason, detail, item_id, DONE),
+                "UPDATE items SET status = ?, image_id = ?, path = ?, reason = ?, detail = ?, attempts = attempts + 1, "
+                "suspect_runs = ?, record = ? WHERE item_id = ? AND status != ?",
+                (status, image_id, path, reason, detail, runs, json.dumps(record), item_id, DONE),
             )
 
     def update_records(self, updates: dict[str, dict]) -> None:

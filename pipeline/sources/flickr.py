@@ -70,6 +70,17 @@ class FlickrConfig:
     min_tile_deg: float = 0.01
     min_window_s: int = 3600
     result_cap: int = RESULT_CAP
+    # incremental crawls (the weekly schedule): only photos uploaded at or after this UTC time (ISO date or
+    # datetime); empty: all. Upload, not taken, time: a photo taken years ago and uploaded last week is new.
+    min_upload_date: str = ""
+
+
+def upload_floor_seconds(text: str) -> int | None:
+    """``min_upload_date`` as Unix seconds (upload times are UTC; a naive value is read as UTC); None when empty."""
+    if not text.strip():
+        return None
+    when = dt.datetime.fromisoformat(text.strip())
+    return int((when if when.tzinfo else when.replace(tzinfo=dt.timezone.utc)).timestamp())
 
 
 def _naive_seconds(text: str) -> int:
@@ -141,7 +152,8 @@ class FlickrSource(Source):
         c = self.cfg
         return {"min_taken_date": c.min_taken_date, "max_taken_date": c.max_taken_date, "licenses": sorted(c.licenses),
                 "min_accuracy": c.min_accuracy, "sizes": list(c.sizes), "per_page": c.per_page,
-                "min_tile_deg": c.min_tile_deg, "min_window_s": c.min_window_s, "result_cap": c.result_cap}
+                "min_tile_deg": c.min_tile_deg, "min_window_s": c.min_window_s, "result_cap": c.result_cap,
+                "min_upload_date": c.min_upload_date}
 
     def secrets(self) -> list[str]:
         return [self.cfg.api_key, self.cfg.api_secret]
@@ -177,7 +189,9 @@ class FlickrSource(Source):
                 self._run_query(ctx, unit.unit_id, Query.from_payload(unit.payload))
 
     def _search(self, q: Query) -> dict:
+        floor = upload_floor_seconds(self.cfg.min_upload_date)
         reply = self.api.photos.search(
+            **({"min_upload_date": floor} if floor is not None else {}),
             bbox=",".join(f"{v:.6f}" for v in q.bbox),
             has_geo=1,
             min_taken_date=_mysql(q.t0),

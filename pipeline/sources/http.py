@@ -78,6 +78,22 @@ class CrawlError(RuntimeError):
     """A crawl could not finish; the message is already scrubbed of secrets."""
 
 
+class StopCrawl(Exception):
+    """An answer that makes every further request of this run pointless (a quota ran out, the key is refused).
+
+    Raised by a source's call or fetcher; ``download_all`` stops handing out work, lets the downloads in flight
+    finish, then re-raises it. The message must already be scrubbed of secrets.
+    """
+
+
+class QuotaExhausted(StopCrawl):
+    """The API's quota is spent: stop cleanly, keep the remaining work in the crawl state for the next run."""
+
+
+class CredentialsRejected(StopCrawl, CrawlError):
+    """The API refuses the key (invalid, or the API is not enabled for it): the crawl fails naming the problem."""
+
+
 class Redactor:
     """Replaces secret values and ``key=...``-style query parameters in any text that is logged or stored."""
 
@@ -420,9 +436,10 @@ class DownloadOutcome:
     item_id: str
     image_id: str | None = None
     path: str | None = None
-    reason: str | None = None  # rejection reason when the item failed for good
+    reason: str | None = None  # rejection reason when the item failed for good (or, retried, what it looked like)
     detail: str = ""
     retry_later: bool = False  # transient failures that outlasted the retries: try again on the next run
+    stop: StopCrawl | None = None  # this answer ends the run's downloads (quota, refused key)
 
 
 Classify = Callable[[BaseException], tuple[str, float | None] | None]
@@ -444,10 +461,15 @@ def download_one(
 
     try:
         data = call_with_retries(attempt, settings.retry, classify_fn, stats)
+    except StopCrawl as exc:
+        return DownloadOutcome(item_id, reason=reasons.DOWNLOAD_FAILED, detail=redact(str(exc))[:300],
+                               retry_later=True, stop=exc)
     except ImageTooLarge as exc:
         return DownloadOutcome(item_id, reason=reasons.IMAGE_TOO_LARGE, detail=redact(str(exc))[:300])
     except BadImage as exc:
-        return DownloadOutcome(item_id, reason=reasons.NOT_AN_IMAGE, detail=redact(str(exc))[:300])
+        # an HTML error page or a body cut short, on every in-run try: suspect, not proven permanent; the crawl
+        # state retries it on later runs and rejects it only when it repeats (CrawlState.record_download)
+        return DownloadOutcome(item_id, reason=reasons.NOT_AN_IMAGE, detail=redact(str(exc))[:300], retry_later=True)
     except PermanentHTTPError as exc:
         return DownloadOutcome(item_id, reason=reasons.DOWNLOAD_FAILED, detail=str(exc))
     except Exception as exc:  # transient errors that outlasted the retries, or a client error
@@ -469,6 +491,8 @@ def download_all(
     """Download in ``settings.download_workers`` threads; yield outcomes on the caller's thread as they finish.
 
     At most a few jobs per worker are in flight, so a million pending items do not become a million futures.
+    An outcome carrying ``stop`` (quota spent, key refused) ends the hand-out: the downloads in flight finish and
+    are yielded, then the ``StopCrawl`` is raised; jobs never started stay pending in the caller's state.
     """
     workers = max(1, settings.download_workers)
     window = workers * 4
@@ -476,6 +500,7 @@ def download_all(
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="download") as pool:
         running: set[Future] = set()
         exhausted = False
+        stop: StopCrawl | None = None
         while running or not exhausted:
             while not exhausted and len(running) < window:
                 try:
@@ -488,4 +513,9 @@ def download_all(
                 break
             done, running = wait(running, return_when=FIRST_COMPLETED)
             for fut in done:
-                yield fut.result()
+                outcome = fut.result()
+                if outcome.stop is not None and stop is None:
+                    stop, exhausted = outcome.stop, True
+                yield outcome
+    if stop is not None:
+        raise stop

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,7 @@ from pipeline.core import reasons
 from pipeline.core.catalog import rejection
 from pipeline.core.exif import DecompressionBomb, ImageHeader, NotAnImage, error_detail, read_header
 from pipeline.core.gazetteer import haversine_km
+from pipeline.core.parallel import chunked, map_chunks
 from pipeline.core.provinces import lookup
 from pipeline.core.schema import RAW_MANIFEST_SCHEMA, REJECTIONS_SCHEMA, empty_frame
 from pipeline.core.store import ImageStore, sha256_hex, sniff_extension
@@ -46,6 +48,7 @@ COLUMN_ALIASES: dict[str, tuple[str, ...]] = {
     "title": ("title", "caption"),
 }
 DISAGREEMENT_KM = 1.0  # manifest vs EXIF coordinates further apart than this are counted as disagreeing
+FAN_OUT_CHUNK = 32  # files per task: amortises a Dask round trip, still balances a few hundred files over workers
 
 
 @dataclass(frozen=True)
@@ -95,8 +98,77 @@ def _float(v) -> float | None:
     return f if math.isfinite(f) else None
 
 
+@dataclass(frozen=True)
+class FileFacts:
+    """What one file's bytes say, computed where the file is read (this process, a pool worker or a Dask worker).
+
+    Only facts travel back, never the bytes: the accept/reject decision needs the province polygons and the
+    run's state, so it stays in the asset's process, which then copies (and the store hashes) accepted files only;
+    a file referenced in place keeps the worker's hash as its id."""
+
+    header: ImageHeader | None = None
+    image_id: str | None = None  # sha256 of the bytes; None when only the header was read
+    ext: str = ""
+    reason: str | None = None  # a rejection code when the bytes are no usable image
+    detail: str = ""
+
+
+def inspect_bytes(data: bytes) -> FileFacts:
+    """Sniff, parse the header of and hash one image's bytes; a rejection reason for anything else."""
+    ext = sniff_extension(data)
+    if ext in UNSUPPORTED_EXTS and data:
+        is_container = ext != ".bin"
+        reason = reasons.UNSUPPORTED_FORMAT if is_container else reasons.NOT_AN_IMAGE
+        return FileFacts(reason=reason, detail=f"{ext} content" if is_container else "unrecognised bytes")
+    try:
+        header = read_header(data)
+    except DecompressionBomb as exc:  # the same code as the catalog and the filter stage
+        return FileFacts(reason=reasons.DECOMPRESSION_BOMB, detail=str(exc)[:200])
+    except NotAnImage as exc:
+        return FileFacts(reason=reasons.NOT_AN_IMAGE, detail=str(exc)[:200])
+    return FileFacts(header=header, image_id=sha256_hex(data), ext=ext)
+
+
+def inspect_file(path: str, header_only: bool) -> FileFacts:
+    """``inspect_bytes`` of a file; ``header_only`` (an unchanged file already stored) reads just its header, and
+    falls back to the full read when that header is no longer readable (changed in place, same size and mtime)."""
+    p = Path(path)
+    if header_only:
+        try:
+            return FileFacts(header=read_header(p))
+        except NotAnImage:
+            pass
+    try:
+        data = p.read_bytes()
+    except OSError as exc:  # removed or unreadable since it was listed: this file's rejection, not the run's end
+        return FileFacts(reason=reasons.MISSING_FILE, detail=f"{path}: {error_detail(exc)}"[:200])
+    return inspect_bytes(data)
+
+
+def inspect_files(chunk: list[tuple[str, bool]]) -> list[FileFacts]:
+    """``inspect_file`` over one chunk of (path, header_only): the unit of work ``map_chunks`` fans out."""
+    return [inspect_file(path, header_only) for path, header_only in chunk]
+
+
+@dataclass
+class _FileJob:
+    """One file to inspect, with everything its decision needs afterwards."""
+
+    path: Path
+    base: dict
+    lat: float | None
+    lon: float | None
+    file_stat: tuple[int, int]
+    stored: tuple[str, str] | None  # (image_id, path) of the unchanged file's previous, still stored, row
+
+
 class LocalSource:
-    """Turns a folder and/or a manifest into raw-manifest rows plus rejections."""
+    """Turns a folder and/or a manifest into raw-manifest rows plus rejections.
+
+    Reading, hashing and header parsing of files (the per-image work) fan out through
+    ``pipeline.core.parallel.map_chunks``: ``workers`` local processes, or a Dask cluster when ``scheduler_address``
+    is given. Decisions are then taken here in listing order, so the rows, the rejections and their order are the
+    same whoever read the files."""
 
     def __init__(
         self,
@@ -105,8 +177,11 @@ class LocalSource:
         inside_pakistan: Callable[[np.ndarray, np.ndarray], np.ndarray],
         previous: pd.DataFrame | None = None,
         fetch: Callable[[str, float], bytes] | None = None,
+        workers: int = 1,
+        scheduler_address: str | None = None,
     ):
         self.cfg = cfg
+        self.workers, self.scheduler_address = workers, scheduler_address  # where files are read and hashed
         self.store = store
         self.inside_pakistan = inside_pakistan
         self.fetch = fetch or _http_get
@@ -153,16 +228,16 @@ class LocalSource:
         if not root.is_dir():
             raise FileNotFoundError(f"local source folder {root} does not exist")
         files = sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith("."))
-        for i, path in enumerate(files):
-            if progress:
-                progress(i + 1, len(files))
+        steps: list[Callable[[], None] | _FileJob] = []
+        for path in files:
             self.stats["files_seen"] += 1
             sid = f"folder:{path.relative_to(root).as_posix()}"
             base = {"source_id": sid, "source_url": path.resolve().as_uri(), "title": path.stem, "taken_at": None}
             if path.suffix.lower() not in IMAGE_SUFFIXES:
-                self._reject(base, reasons.NOT_AN_IMAGE, f"not an image file name: {path.name}")
+                steps.append(partial(self._reject, base, reasons.NOT_AN_IMAGE, f"not an image file name: {path.name}"))
                 continue
-            self._add_file(path, base, lat=None, lon=None)
+            steps.append(self._plan_file(path, base, lat=None, lon=None))
+        self._run(steps, progress)
 
     # ---- manifest mode ------------------------------------------------------------------------------------
     def _ingest_manifest(self, mpath: Path, progress) -> None:
@@ -174,9 +249,8 @@ class LocalSource:
             raise ValueError(f"{mpath}: needs a path column ({COLUMN_ALIASES['path']}) or a url column")
         if "lat" not in cols or "lon" not in cols:
             raise ValueError(f"{mpath}: needs latitude and longitude columns ({COLUMN_ALIASES['lat']}, ...)")
+        steps: list[Callable[[], None] | _FileJob] = []  # run in row order once the files are inspected
         for i, rec in enumerate(df.to_dict("records")):
-            if progress:
-                progress(i + 1, len(df))
             self.stats["manifest_rows"] += 1
             get = lambda k: rec.get(cols[k]) if k in cols and not is_missing(rec.get(cols[k]), blank_text=True) else None  # noqa: E731
             key = get("id") or get("path") or get("url") or f"row{i}"
@@ -185,16 +259,17 @@ class LocalSource:
             lat, lon = get("lat"), get("lon")
             flat, flon = _float(lat), _float(lon)
             if lat is None or lon is None:
-                self._reject(base, reasons.NO_COORDINATES, "empty latitude/longitude in the manifest")
+                steps.append(partial(self._reject, base, reasons.NO_COORDINATES,
+                                     "empty latitude/longitude in the manifest"))
                 continue
             if flat is None or flon is None or not (-90 <= flat <= 90 and -180 <= flon <= 180):
-                self._reject(base, reasons.INVALID_COORDINATES, f"lat={lat!r} lon={lon!r}")
+                steps.append(partial(self._reject, base, reasons.INVALID_COORDINATES, f"lat={lat!r} lon={lon!r}"))
                 continue
             raw_date = get("taken_at")
             if raw_date is not None:
                 ts = pd.to_datetime(raw_date, errors="coerce", utc=True)
                 if pd.isna(ts):
-                    self._reject(base, reasons.MALFORMED_DATE, f"date {raw_date!r}")
+                    steps.append(partial(self._reject, base, reasons.MALFORMED_DATE, f"date {raw_date!r}"))
                     continue
                 base["taken_at"] = ts
             else:
@@ -209,29 +284,45 @@ class LocalSource:
                 p = Path(str(get("path"))).expanduser()
                 p = p if p.is_absolute() else (mpath.parent / p)
                 base["source_url"] = p.resolve().as_uri()
-                self._add_file(p, base, lat=flat, lon=flon)
+                steps.append(self._plan_file(p, base, lat=flat, lon=flon))
             else:
                 base["source_url"] = str(get("url"))
-                self._add_url(str(get("url")), base, lat=flat, lon=flon)
+                steps.append(partial(self._add_url, str(get("url")), base, lat=flat, lon=flon))
+        self._run(steps, progress)
 
     # ---- shared -------------------------------------------------------------------------------------------
-    def _add_file(self, path: Path, base: dict, lat: float | None, lon: float | None) -> None:
+    def _plan_file(self, path: Path, base: dict, lat: float | None, lon: float | None) -> Callable[[], None] | _FileJob:
+        """A missing file's rejection, or the file to inspect (header only when unchanged and still stored)."""
         if not path.is_file():
-            self._reject(base, reasons.MISSING_FILE, str(path))
-            return
+            return partial(self._reject, base, reasons.MISSING_FILE, str(path))
         st = path.stat()
-        file_stat = (st.st_size, st.st_mtime_ns)
         prev = self._previous.get((path.resolve().as_uri(), st.st_size, st.st_mtime_ns))
-        if prev is not None and self._still_stored(prev):
-            try:
-                header = read_header(path)  # header only: the bytes are neither hashed nor copied again
-            except NotAnImage:
-                header = None  # changed in place with the same size and mtime: take the slow path
-            if header is not None:
-                stored = (str(prev["image_id"]), str(prev["path"]))
-                self._decide(base, lat, lon, header, stored, file_stat, data=None, origin=path)
-                return
-        self._add_bytes(path.read_bytes(), base, lat, lon, file_stat=file_stat, origin=path)
+        stored = (str(prev["image_id"]), str(prev["path"])) if prev is not None and self._still_stored(prev) else None
+        return _FileJob(path, base, lat, lon, (st.st_size, st.st_mtime_ns), stored)
+
+    def _run(self, steps: list[Callable[[], None] | _FileJob], progress) -> None:
+        """Inspect every planned file (fanned out), then take each step's decision in listing order."""
+        jobs = [s for s in steps if isinstance(s, _FileJob)]
+        chunks = chunked([(str(j.path), j.stored is not None) for j in jobs], FAN_OUT_CHUNK)
+        tick = None
+        if progress is not None:
+            def tick(done: int, total: int) -> None:
+                progress(min(done * FAN_OUT_CHUNK, len(jobs)), len(jobs))
+        parts = map_chunks(inspect_files, chunks, workers=self.workers, scheduler_address=self.scheduler_address,
+                           progress=tick)
+        facts = iter([f for part in parts for f in part])
+        for step in steps:
+            if isinstance(step, _FileJob):
+                self._add_file(step, next(facts))
+            else:
+                step()
+
+    def _add_file(self, job: _FileJob, facts: FileFacts) -> None:
+        if job.stored is not None and facts.image_id is None and facts.header is not None:
+            # unchanged and stored: only the header was read, the bytes are neither hashed nor copied again
+            self._decide(job.base, job.lat, job.lon, facts.header, job.stored, job.file_stat, origin=job.path)
+            return
+        self._add_facts(facts, job.base, job.lat, job.lon, file_stat=job.file_stat, origin=job.path)
 
     def _still_stored(self, prev: dict) -> bool:
         """The previous row's image is where it says and was stored the way this run stores (copied or referenced)."""
@@ -250,41 +341,31 @@ class LocalSource:
                 header = None  # the stored copy is damaged: download again
             if header is not None:
                 stored = (str(prev["image_id"]), str(prev["path"]))
-                self._decide(base, lat, lon, header, stored, (None, None), data=None, origin=None)
+                self._decide(base, lat, lon, header, stored, (None, None), origin=None)
                 return
         try:
             data = self.fetch(url, self.cfg.download_timeout_s)
         except Exception as exc:  # network errors are a per-row rejection, not a crash
             self._reject(base, reasons.DOWNLOAD_FAILED, error_detail(exc)[:200])  # no reprs with addresses
             return
-        self._add_bytes(data, base, lat, lon, file_stat=(None, None), origin=None)
+        self._add_facts(inspect_bytes(data), base, lat, lon, file_stat=(None, None), origin=None, data=data)
 
-    def _add_bytes(
-        self, data: bytes, base: dict, lat: float | None, lon: float | None,
-        file_stat: tuple[int | None, int | None], origin: Path | None,
+    def _add_facts(
+        self, facts: FileFacts, base: dict, lat: float | None, lon: float | None,
+        file_stat: tuple[int | None, int | None], origin: Path | None, data: bytes | None = None,
     ) -> None:
-        ext = sniff_extension(data)
-        if ext in UNSUPPORTED_EXTS and data:
-            is_container = ext != ".bin"
-            reason = reasons.UNSUPPORTED_FORMAT if is_container else reasons.NOT_AN_IMAGE
-            self._reject(base, reason, f"{ext} content" if is_container else "unrecognised bytes")
+        if facts.reason is not None or facts.header is None:
+            self._reject(base, facts.reason or reasons.NOT_AN_IMAGE, facts.detail)
             return
-        try:
-            header = read_header(data)
-        except DecompressionBomb as exc:  # the same code as the catalog and the filter stage
-            self._reject(base, reasons.DECOMPRESSION_BOMB, str(exc)[:200])
-            return
-        except NotAnImage as exc:
-            self._reject(base, reasons.NOT_AN_IMAGE, str(exc)[:200])
-            return
-        self._decide(base, lat, lon, header, None, file_stat, data=data, origin=origin)
+        self._decide(base, lat, lon, facts.header, None, file_stat, origin=origin, facts=facts, data=data)
 
     def _decide(
         self, base: dict, lat: float | None, lon: float | None, header: ImageHeader,
         stored: tuple[str, str] | None, file_stat: tuple[int | None, int | None],
-        data: bytes | None, origin: Path | None,
+        origin: Path | None, facts: FileFacts | None = None, data: bytes | None = None,
     ) -> None:
-        """Accept or reject one image from its header; ``stored`` is (image_id, path) of an unchanged file."""
+        """Accept or reject one image from its header; ``stored`` is (image_id, path) of an unchanged file;
+        ``data`` the bytes of a download (files are copied from ``origin``)."""
         if lat is None or lon is None:
             if header.lat is None or header.lon is None:
                 self._reject(base, reasons.NO_COORDINATES, header.gps_error or "no GPS in EXIF")
@@ -306,12 +387,15 @@ class LocalSource:
             date_unusable = taken is None and header.date_error is not None
         if stored is not None:
             image_id, rel = stored
-        elif self.cfg.copy_into_store or origin is None:
+        elif origin is None:
             assert data is not None
             image_id, rel = self.store.put(data)
+        elif self.cfg.copy_into_store:
+            # the store hashes what it copies (a file changed since it was inspected is stored as it is now)
+            image_id, rel = self.store.put(origin.read_bytes())
         else:
-            assert data is not None
-            image_id, rel = sha256_hex(data), str(origin.resolve())
+            assert facts is not None and facts.image_id is not None
+            image_id, rel = facts.image_id, str(origin.resolve())
         accepted = self._accept(
             {
                 "source": SOURCE,

@@ -8,20 +8,41 @@ the original Flickr download URL — many of which are dead now (recorded as ``d
 
 Two layouts are recognised from the field count: the 25-column 2016 release (line number and photo hash first) and
 the 23-column SQLite/older dump. Text fields are URL-encoded with ``+`` for spaces.
+
+One pass serves every province (issue 13): ``discover_candidates`` streams the file once (``indexed_bzip2``'s
+parallel bz2 decoder when installed), keeps the rows inside the union of the province bboxes (vectorised), locates
+them (point in polygon, vectorised per block) and writes each province's bbox rows to its own Parquet file, with a
+record of the file it read. A province crawl configured with ``discovery_path`` then reads only its candidates file
+(the per-province logic is unchanged: bbox, polygon, licence, accuracy), instead of the whole 100 M-row file; the
+discovery run's id is one of its parameters, so a new discovery restarts its discovery (downloads are kept).
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
+import os
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from urllib.parse import unquote_plus
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from pipeline.core import reasons
+from pipeline.core.paths import DataPaths
+from pipeline.core.provinces import PROVINCES
+from pipeline.core.store import atomic_path, atomic_write_bytes
+from pipeline.labels.boundaries import ProvinceBoundaries
 from pipeline.sources.crawl import (
     CrawlContext,
+    Log,
     RowCounter,
     Source,
     local_datetime_to_utc,
@@ -52,6 +73,9 @@ class YfccConfig:
     licenses: tuple[str, ...] = ()  # licence names to keep; empty keeps all (YFCC100M is all Creative Commons)
     block_mb: float = 16
     downloads_per_second: float = 20.0  # 0: unlimited
+    # the discovery pass's record (DataPaths.yfcc_discovery): when set, the crawl reads its province's candidates
+    # file instead of the whole metadata file
+    discovery_path: str = ""
 
 
 def detect_columns(path: str) -> tuple[str, ...]:
@@ -89,16 +113,14 @@ class Yfcc100mSource(Source):
 
     def params(self) -> dict:
         c = self.cfg
-        return {"metadata_path": c.metadata_path, "min_accuracy": c.min_accuracy, "licenses": sorted(c.licenses),
-                "block_mb": c.block_mb, "mirror": bool(c.mirror_url_template)}
+        params = {"metadata_path": c.metadata_path, "min_accuracy": c.min_accuracy, "licenses": sorted(c.licenses),
+                  "block_mb": c.block_mb, "mirror": bool(c.mirror_url_template)}
+        if c.discovery_path:  # candidates come from one discovery run: a new run restarts this crawl's discovery
+            params["discovery_run"] = read_discovery(c.discovery_path, c.metadata_path)["run_id"]
+        return params
 
     # ------------------------------------------------------------------------------------------------ discovery
-    def discover(self, ctx: CrawlContext) -> None:
-        columns = detect_columns(self.cfg.metadata_path)
-        keep_cols = KEEP + (("hash",) if "hash" in columns else ())
-        bad = RowCounter()
-        batches = read_delimited(self.cfg.metadata_path, columns, keep_cols, delimiter="\t", header=False,
-                                 block_mb=self.cfg.block_mb, bad_rows=bad)
+    def _handler(self, ctx: CrawlContext) -> Callable[[pa.RecordBatch], tuple]:
         x0, y0, x1, y1 = ctx.bbox
 
         def handle(batch: pa.RecordBatch):
@@ -109,6 +131,17 @@ class Yfcc100mSource(Source):
             keep, rejected = self.sort_items([str(r["photoid"]) for r in records], records, ctx)
             return keep, rejected, {"in_bbox": len(records)}
 
+        return handle
+
+    def discover(self, ctx: CrawlContext) -> None:
+        if self.cfg.discovery_path:
+            return self._discover_candidates(ctx)
+        columns = detect_columns(self.cfg.metadata_path)
+        keep_cols = KEEP + (("hash",) if "hash" in columns else ())
+        bad = RowCounter()
+        batches = read_delimited(self.cfg.metadata_path, columns, keep_cols, delimiter="\t", header=False,
+                                 block_mb=self.cfg.block_mb, bad_rows=bad)
+        handle = self._handler(ctx)
         scanned_before = ctx.state.meta_get("chunk_complete")
         scan_in_chunks(ctx, "chunk", batches, handle)
         if not scanned_before:  # every scan reads from the start, so the count covers the whole file
@@ -116,8 +149,23 @@ class Yfcc100mSource(Source):
             if bad.count:
                 ctx.info(f"yfcc100m: {bad.count} malformed lines skipped, e.g. {bad.examples}")
 
+    def _discover_candidates(self, ctx: CrawlContext) -> None:
+        """Read this province's rows from the discovery pass's file, in chunks of ``CANDIDATE_ROWS`` (each a unit)."""
+        record = read_discovery(self.cfg.discovery_path, self.cfg.metadata_path)
+        path = ctx.paths.yfcc_candidates(ctx.province.key)
+        if not path.exists():
+            raise DiscoveryMissing(f"YFCC100M candidates for {ctx.province.key} not found at {path}: materialize "
+                                   f"yfcc100m_candidates again (its record exists, the file does not)")
+        batches = pq.ParquetFile(path).iter_batches(batch_size=CANDIDATE_ROWS, columns=list(record["columns"]))
+        scan_in_chunks(ctx, "candidates", batches, self._handler(ctx))
+        ctx.state.meta_set("malformed_lines", record["malformed_lines"])
+        ctx.state.meta_set("discovery_rows", record["rows"])
+
     def summary(self, state) -> dict[str, float]:
-        return {"malformed lines skipped": float((state.meta_get("malformed_lines") or {}).get("count", 0))}
+        out = {"malformed lines skipped": float((state.meta_get("malformed_lines") or {}).get("count", 0))}
+        if state.meta_get("discovery_rows") is not None:  # read once by yfcc100m_candidates for every province
+            out["metadata rows (one discovery pass)"] = float(state.meta_get("discovery_rows"))
+        return out
 
     def judge(self, records: list[dict], ctx: CrawlContext) -> list[str | None]:
         return ctx.judge_located(records, "latitude", "longitude", self._check)
@@ -160,3 +208,154 @@ class Yfcc100mSource(Source):
             "tags": text("usertags"),
             "place_id": None,
         }
+
+
+# ---------------------------------------------------------------------------------------- one-pass discovery
+CANDIDATE_ROWS = 50_000  # rows per crawl unit when a province reads its candidates file
+# fewer workers: pyarrow's single-threaded bz2. On this 2-core dev machine indexed_bzip2 x2 measured 1.7x pyarrow's
+# rate with a core to spare and 0.4-0.6x when other work held both cores (bench/scale_yfcc.py)
+PARALLEL_BZ2_MIN_WORKERS = 2
+DISCOVERY_VERSION = 1  # bump when what a candidates file holds changes: every province's discovery restarts
+
+
+class DiscoveryMissing(FileNotFoundError):
+    """The one-pass discovery has not run (or ran on another file): the message says what to materialize."""
+
+
+@dataclass
+class DiscoveryResult:
+    """What the one pass read and where its rows went (counts per province: in its bbox, in its polygon)."""
+
+    run_id: str
+    rows: int
+    decompressor: str
+    seconds: float
+    reused: bool  # the record matched the file: nothing was read
+    provinces: dict[str, dict[str, int]] = field(default_factory=dict)
+    malformed_lines: dict = field(default_factory=dict)
+
+
+def _file_fingerprint(path: str) -> dict:
+    st = os.stat(path)
+    return {"metadata_path": str(Path(path).resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def read_discovery(discovery_path: str | Path, metadata_path: str) -> dict:
+    """The discovery record, checked against the configured metadata file; ``DiscoveryMissing`` says what to run."""
+    path = Path(discovery_path)
+    if not path.exists():
+        raise DiscoveryMissing(f"YFCC100M discovery output not found ({path}): materialize the yfcc100m_candidates "
+                               f"asset first (one pass over the metadata file writes every province's candidates)")
+    record = json.loads(path.read_text())
+    now = _file_fingerprint(metadata_path)
+    then = {k: record.get(k) for k in now}
+    if then != now:
+        raise DiscoveryMissing(f"YFCC100M candidates were discovered from {then} but the configured metadata file "
+                               f"is {now}: materialize yfcc100m_candidates again")
+    return record
+
+
+def open_metadata(path: str, workers: int, log: Log) -> tuple[object, str]:
+    """What ``read_delimited`` reads (a path, or a decompressed stream) and the decompressor's name.
+
+    ``.bz2``: indexed_bzip2's parallel decoder from ``PARALLEL_BZ2_MIN_WORKERS`` workers up; with one worker, or
+    when it is not installed, pyarrow's bz2 in one thread, said in the log."""
+    if not path.endswith(".bz2"):
+        return path, "gzip (pyarrow)" if path.endswith(".gz") else "none"
+    if workers < PARALLEL_BZ2_MIN_WORKERS:
+        log(f"yfcc100m: {workers} worker(s): decompressing .bz2 with pyarrow in one thread (the parallel decoder "
+            f"is used from {PARALLEL_BZ2_MIN_WORKERS} workers)")
+        return path, "bz2 (pyarrow, 1 thread)"
+    try:
+        import indexed_bzip2
+    except ImportError:
+        log("yfcc100m: indexed_bzip2 is not installed: decompressing .bz2 with pyarrow in one thread (pip install "
+            "indexed-bzip2 for a parallel decoder)")
+        return path, "bz2 (pyarrow, 1 thread)"
+    return pa.PythonFile(indexed_bzip2.open(path, parallelization=workers), mode="r"), \
+        f"indexed_bzip2 ({workers} threads)"
+
+
+def _coordinate(col: pa.Array) -> np.ndarray:
+    """Float degrees, NaN where empty or unparsable: Arrow's exact parser, pandas' when Arrow refuses a value."""
+    try:
+        nulled = pc.if_else(pc.equal(col, ""), pa.scalar(None, pa.string()), col)
+        return pc.cast(nulled, pa.float64()).to_numpy(zero_copy_only=False)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        return pd.to_numeric(col.to_pandas(), errors="coerce").to_numpy(dtype=float)
+
+
+def discover_candidates(
+    metadata_path: str,
+    boundaries: ProvinceBoundaries,
+    paths: DataPaths,
+    block_mb: float = 16,
+    workers: int | None = None,
+    log: Log = print,
+    force: bool = False,
+) -> DiscoveryResult:
+    """Read the metadata file once and write every province's bbox rows (with their located ``province_id``).
+
+    Files are written atomically (temp + rename), the record last; a record that matches the file and the
+    boundaries means nothing is read again (unless ``force``)."""
+    start = time.monotonic()
+    workers = workers or os.cpu_count() or 1
+    columns = detect_columns(metadata_path)
+    keep_cols = KEEP + (("hash",) if "hash" in columns else ())
+    provinces = [(p.key, boundaries.polygons[p.id].bounds) for p in PROVINCES if p.id in boundaries.polygons]
+    fingerprint = _file_fingerprint(metadata_path)
+    run_id = hashlib.sha256(json.dumps([fingerprint, boundaries.source, [k for k, _ in provinces], len(columns),
+                                        DISCOVERY_VERSION, CANDIDATE_ROWS]).encode()).hexdigest()[:16]
+    record_path = paths.yfcc_discovery
+    if not force and record_path.exists():
+        old = json.loads(record_path.read_text())
+        if old.get("run_id") == run_id and all(paths.yfcc_candidates(k).exists() for k, _ in provinces):
+            log(f"yfcc100m: {metadata_path} was already discovered (run {run_id}): nothing to read")
+            return DiscoveryResult(run_id, old["rows"], old["decompressor"], time.monotonic() - start, True,
+                                   old["provinces"], old["malformed_lines"])
+    bad = RowCounter()
+    source, how = open_metadata(metadata_path, workers, log)
+    log(f"yfcc100m: one pass over {metadata_path} ({fingerprint['size']:,} bytes), decompressor: {how}")
+    batches = read_delimited(source, columns, keep_cols, delimiter="\t", header=False, block_mb=block_mb,
+                             bad_rows=bad)
+    x0 = min(b[0] for _, b in provinces)
+    y0 = min(b[1] for _, b in provinces)
+    x1 = max(b[2] for _, b in provinces)
+    y1 = max(b[3] for _, b in provinces)
+    schema = pa.schema([pa.field(c, pa.string()) for c in keep_cols] + [pa.field("province_id", pa.int16())])
+    counts = {k: {"in_bbox": 0, "in_province": 0} for k, _ in provinces}
+    ids = {p.key: p.id for p in PROVINCES}
+    rows = 0
+    with contextlib.ExitStack() as stack:
+        writers = {}
+        for key, _ in provinces:
+            tmp = stack.enter_context(atomic_path(paths.yfcc_candidates(key)))
+            writers[key] = stack.enter_context(pq.ParquetWriter(tmp, schema, compression="zstd"))
+        for i, batch in enumerate(batches):
+            rows += batch.num_rows
+            lat, lon = _coordinate(batch.column("latitude")), _coordinate(batch.column("longitude"))
+            near = (lat >= y0) & (lat <= y1) & (lon >= x0) & (lon <= x1)  # NaN compares False
+            if near.any():
+                sub = pa.Table.from_batches([batch]).filter(pa.array(near))
+                la, lo = lat[near], lon[near]
+                where = boundaries.locate(la, lo)
+                sub = sub.append_column("province_id", pa.array(where, pa.int16()))
+                for key, (bx0, by0, bx1, by1) in provinces:
+                    mine = (la >= by0) & (la <= by1) & (lo >= bx0) & (lo <= bx1)
+                    if mine.any():
+                        writers[key].write_table(sub.filter(pa.array(mine)))
+                        counts[key]["in_bbox"] += int(mine.sum())
+                        counts[key]["in_province"] += int((where[mine] == ids[key]).sum())
+            if i % 50 == 0:
+                log(f"yfcc100m discovery: {rows:,} rows read")
+        for w in writers.values():
+            w.close()
+    seconds = time.monotonic() - start
+    malformed = {"count": bad.count, "examples": bad.examples}
+    if bad.count:
+        log(f"yfcc100m: {bad.count} malformed lines skipped, e.g. {bad.examples}")
+    record = {**fingerprint, "run_id": run_id, "rows": rows, "decompressor": how, "seconds": round(seconds, 2),
+              "columns": list(keep_cols), "provinces": counts, "malformed_lines": malformed,
+              "boundaries": boundaries.source}
+    atomic_write_bytes(record_path, json.dumps(record, indent=1).encode())
+    return DiscoveryResult(run_id, rows, how, seconds, False, counts, malformed)

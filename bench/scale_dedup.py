@@ -1,0 +1,157 @@
+"""Scale bench section (issue 13): near-duplicate pair search, multi-index hashing vs brute force.
+
+Synthetic 256-bit pHashes (uniform random bits) with ~1 % planted near duplicates: a copy of another row with
+0-24 random bits flipped (the filter's default threshold is 24). Measured, each size in a forked child so each
+peak RSS (VmHWM) is its own (the hashes themselves, 32 bytes a row, and making them are part of it):
+
+- at ``--baseline-size`` (default 40k): brute force (``near_pairs(method="brute")``, the pre-issue-13 search)
+  and MIH (``near_pairs``, the filter stage's path) in the same process, same hashes: the ratio;
+- every size in ``--sizes``: MIH, with every planted pair checked found (recall of the planted pairs) and the
+  CPU seconds beside the wall time (the dev machine is shared; CPU time says what the search itself cost);
+- at ``--groups-sizes`` (default: the ``--sizes``): the filter stage's whole call, ``group_near_duplicates`` from hex strings
+  to kept copies (parse, search, components, ranking), in its own child.
+
+Brute force at the large sizes is extrapolated from the baseline size (quadratic). Prints one JSON object per
+line on stdout (the ``bench/bench_scale.py`` interface), everything else on stderr.
+
+Usage: python bench/scale_dedup.py [--sizes 1000000,10000000] [--baseline-size 40000] [--groups-sizes SIZES]
+       [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench_scale import in_child, peak_rss_mb  # noqa: E402  (this folder is on sys.path when run as a script)
+
+STAGE = "near-duplicate search"
+MAX_DISTANCE = 24
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def synthetic_hashes(n: int, seed: int = 0, planted_share: float = 0.01):
+    """(hashes, planted i, planted j, planted distance): uniform random rows, then ``planted_share`` of them
+    overwritten by a copy of another row with up to ``MAX_DISTANCE`` flipped bits."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    hashes = rng.integers(0, 1 << 64, size=(n, 4), dtype=np.uint64)
+    k = int(n * planted_share)
+    rows = rng.permutation(n)[: 2 * k]
+    src, dst = rows[:k], rows[k:]
+    flips = rng.integers(0, MAX_DISTANCE + 1, k)
+    copy = hashes[src].copy()
+    for slot in range(MAX_DISTANCE):  # slot s flips one random bit of the pairs asked for more than s flips
+        on = np.flatnonzero(flips > slot)
+        bit = rng.integers(0, 256, len(on))
+        np.bitwise_xor.at(copy, (on, bit // 64), np.uint64(1) << (bit % 64).astype(np.uint64))
+    hashes[dst] = copy
+    dist = np.bitwise_count(hashes[src] ^ hashes[dst]).sum(axis=1)  # repeated bits cancel: the true distance
+    return hashes, np.minimum(src, dst), np.maximum(src, dst), dist
+
+
+def _cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def measure_groups(size: int) -> list[dict]:
+    """The filter stage's call on ``size`` rows given as hex strings, as ``pipeline.filters.stage`` makes it."""
+    import numpy as np
+
+    from pipeline.filters.dedup import group_near_duplicates
+
+    hashes, _, _, _ = synthetic_hashes(size)
+    hexes = hashes.astype(">u8").tobytes().hex()
+    hexes = [hexes[k:k + 64] for k in range(0, len(hexes), 64)]
+    ids = [f"{k:064x}" for k in range(size)]
+    rng = np.random.default_rng(1)
+    pixels, sharp = rng.integers(1, 4, size) * 100_000, rng.random(size)
+    del hashes
+    c0, t0 = _cpu(), time.perf_counter()
+    g = group_near_duplicates(ids, hexes, pixels, sharp, MAX_DISTANCE)
+    seconds, cpu, peak = time.perf_counter() - t0, _cpu() - c0, peak_rss_mb()
+    note = (f"group_near_duplicates from hex strings (the filter's call): {int(g.rejected.sum()):,} rejected "
+            f"in {len(np.unique(g.kept_index[g.group_size > 1])):,} groups; CPU {cpu:.1f} s; RSS includes "
+            "the input lists")
+    return [{"stage": "near-duplicate groups", "size": size, "seconds": round(seconds, 3),
+             "peak_rss_mb": round(peak, 1), "measured": True, "note": note, "baseline_seconds": None}]
+
+
+def measure_search(size: int, baseline: bool) -> list[dict]:
+    """Make the hashes, run MIH (and brute force when ``baseline``): the result rows."""
+    import numpy as np
+
+    from pipeline.filters.dedup import near_pairs, plan_parts
+
+    hashes, pi, pj, pd = synthetic_hashes(size)
+    log(f"{size:,} hashes made; peak RSS so far {peak_rss_mb():.0f} MB")
+    out = []
+    c0, t0 = _cpu(), time.perf_counter()
+    i, j, d = near_pairs(hashes, MAX_DISTANCE)
+    seconds, cpu, peak = time.perf_counter() - t0, _cpu() - c0, peak_rss_mb()
+    found = set(zip(i.tolist(), j.tolist()))
+    want = [(a, b) for a, b, x in zip(pi.tolist(), pj.tolist(), pd.tolist()) if x <= MAX_DISTANCE]
+    recall = sum(p in found for p in want)
+    plan = plan_parts(size, MAX_DISTANCE)
+    shape = "brute force (tiny input)" if plan is None else (
+        f"{len(plan)} parts, {sum(len(p.masks) for p in plan)} keys")
+    note = (f"MIH ({shape}); {len(i):,} pairs, planted found {recall:,}/{len(want):,}; CPU {cpu:.1f} s")
+    row = {"stage": STAGE, "size": size, "seconds": round(seconds, 3), "peak_rss_mb": round(peak, 1),
+           "measured": True, "note": note, "baseline_seconds": None, "recall_ok": recall == len(want)}
+    if baseline:
+        c0, t0 = _cpu(), time.perf_counter()
+        bi, bj, bd = near_pairs(hashes, MAX_DISTANCE, method="brute")
+        brute = time.perf_counter() - t0
+        same = np.array_equal(bi, i) and np.array_equal(bj, j) and np.array_equal(bd, d)
+        row["baseline_seconds"] = round(brute, 3)
+        row["note"] += (f"; brute force {brute:.1f} s (CPU {_cpu() - c0:.1f} s): {brute / seconds:.0f}x, "
+                        f"same pairs: {same}")
+        row["brute_same"] = bool(same)
+    out.append(row)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sizes", default="1000000,10000000")
+    ap.add_argument("--baseline-size", type=int, default=40_000)
+    ap.add_argument("--groups-sizes", default=None, help="default: the --sizes")
+    ap.add_argument("--quick", action="store_true", help="tiny sizes (< 20 s): smoke test")
+    args = ap.parse_args()
+    sizes = sorted(int(s) for s in args.sizes.split(",") if s)
+    groups = sorted(int(s) for s in (args.groups_sizes or args.sizes).split(",") if s)
+    base = args.baseline_size
+    if args.quick:
+        sizes, base, groups = [20_000, 50_000], 5_000, [20_000]
+    rows = in_child(measure_search, base, True)
+    b = rows[0]
+    per_pair = b["baseline_seconds"] / (base * (base - 1) / 2)
+    emit(rows[0])
+    for size in sizes:
+        emit({"stage": STAGE + " (brute force)", "size": size, "seconds": round(per_pair * size * (size - 1) / 2, 1),
+              "peak_rss_mb": None, "measured": False, "baseline_seconds": None,
+              "note": f"extrapolated: quadratic from brute force at {base:,} ({b['baseline_seconds']:.1f} s)"})
+    for size in sizes:
+        for row in in_child(measure_search, size, False):
+            emit(row)
+    for size in groups:
+        for row in in_child(measure_groups, size):
+            emit(row)
+
+
+def emit(row: dict) -> None:
+    print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+    main()

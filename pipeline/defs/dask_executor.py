@@ -1,0 +1,95 @@
+"""dagster-dask's executor, fixed for what GeoPak runs on: each step of a run as a task on a dask.distributed cluster.
+
+``dagster_dask.dask_executor`` (0.29.27) does not work as shipped with the dask/distributed of its own release line:
+
+* ``Client.submit`` walks its arguments (dask's task spec parser iterates every tuple), and Dagster's ``@record``
+  objects in the step arguments refuse iteration ("Iteration is not allowed on `@record` RunOpConcurrency"), so
+  no run starts. Here the step arguments travel in an opaque box; only the upstream futures stay visible to dask,
+  which is what sequences the steps.
+* Task keys are ``<job>.<step>``, the same for every run of a job, so a second run of the same job on the same
+  cluster got the first run's results instead of running (dagster-io/dagster#21418). Here keys carry the run id.
+
+Everything else is dagster-dask's: the per-step worker function (``query_on_dask_worker``), the
+``dagster-dask/resource_requirements`` tag, and the run config shape for the two cluster kinds GeoPak supports::
+
+    execution: {config: {cluster: {existing: {address: "tcp://10.0.0.5:8786"}}}}   # a running scheduler
+    execution: {config: {cluster: {local: {n_workers: 2}}}}                         # a LocalCluster in the launcher
+
+Steps claim no concurrency-pool slots on this executor (Dagster's pool accounting lives in its own executors);
+the data root's stage locks (``DataRootResource.stage_lock``) still keep two runs from writing one stage at once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import dagster as dg
+from dagster._core.events import DagsterEvent
+from dagster._core.execution.context.system import PlanOrchestrationContext
+from dagster._core.execution.plan.plan import ExecutionPlan
+from dagster._core.errors import raise_execution_interrupts
+from dagster._utils import iterate_with_context
+from dagster_dask.executor import DaskExecutor, get_dask_resource_requirements, query_on_dask_worker
+
+
+class _Boxed:
+    """Hides a step's arguments from dask's argument parser (it would iterate Dagster's records)."""
+
+    __slots__ = ("args",)
+
+    def __init__(self, args: tuple[Any, ...]):
+        self.args = args
+
+
+def run_step_on_worker(dependencies: list[Any], boxed: _Boxed) -> list[DagsterEvent]:
+    """The Dask task: dagster-dask's step runner; ``dependencies`` (upstream results) only order the tasks."""
+    return list(query_on_dask_worker(dependencies, *boxed.args))
+
+
+class GeopakDaskExecutor(DaskExecutor):
+    def execute(self, plan_context: PlanOrchestrationContext, execution_plan: ExecutionPlan) -> Iterator[DagsterEvent]:
+        import dask.distributed
+
+        if not plan_context.instance.is_persistent:
+            raise dg.DagsterInvariantViolationError(
+                "the Dask executor needs a persistent Dagster instance: set DAGSTER_HOME (Postgres for workers on "
+                "other machines, deploy/dagster-postgres.yaml)")
+        if self.cluster_type == "existing":
+            cluster: Any = self.cluster_configuration["address"]
+        else:
+            cluster = dask.distributed.LocalCluster(**self.build_dict(plan_context.job_name))
+        run = plan_context.dagster_run
+        instance_ref = plan_context.instance.get_ref()
+        with dask.distributed.Client(cluster) as client:
+            futures: dict[str, Any] = {}
+            for level in execution_plan.get_steps_to_execute_by_level():
+                for step in level:
+                    upstream = [futures[key] for step_input in step.step_inputs for key in step_input.dependency_keys]
+                    args = (plan_context.reconstructable_job, run, plan_context.run_config, [step.key], instance_ref,
+                            execution_plan.known_state)
+                    futures[step.key] = client.submit(
+                        run_step_on_worker, upstream, _Boxed(args),
+                        key=f"{plan_context.job_name}.{step.key}.{run.run_id}",  # unique per run (#21418)
+                        resources=get_dask_resource_requirements(step.tags), pure=False,
+                    )
+            done = dask.distributed.as_completed(list(futures.values()), with_results=True)
+            for _future, events in iterate_with_context(raise_execution_interrupts, done):
+                yield from events
+
+
+@dg.executor(
+    name="dask",
+    requirements=dg.multiple_process_executor_requirements(),
+    config_schema={
+        "cluster": dg.Field(dg.Selector({
+            "existing": dg.Field({"address": dg.StringSource}, description="Connect to a running scheduler."),
+            "local": dg.Field(dg.Permissive(), is_required=False,
+                              description="Start a distributed.LocalCluster (its keyword arguments)."),
+        }))
+    },
+)
+def geopak_dask_executor(init_context: dg.InitExecutorContext) -> GeopakDaskExecutor:
+    """Each step of the run as a task on a dask.distributed cluster (see the module docstring)."""
+    ((cluster_type, cluster_configuration),) = init_context.executor_config["cluster"].items()
+    return GeopakDaskExecutor(cluster_type, cluster_configuration)

@@ -1,0 +1,167 @@
+"""The Launchpad explains itself: every config field is described and bounded, and Config <-> dataclass round-trips."""
+
+import dataclasses
+
+import dagster as dg
+import pydantic
+import pytest
+from dagster._config import ConfigTypeKind
+
+from geopak_model.config import PhaseConfig, TrainConfig, preset
+from pipeline.defs import geocells
+from pipeline.defs.config import config_class, from_dataclass, overrides, to_dataclass
+from pipeline.defs.filtering import FilterParams
+from pipeline.defs.geocells import GeocellParams, SplitParams
+from pipeline.defs.ingest import SampleWorldParams
+from pipeline.defs.jobs import CRAWL_JOB, MAIN_JOB
+from pipeline.defs.model import ModelParams, train_config
+from pipeline.defs.resources import BoundariesResource, DataRootResource
+from pipeline.definitions import defs
+from pipeline.filters.geotag import AccuracyRule
+from pipeline.filters.indoor import ClipSpec
+from pipeline.filters.stage import FilterConfig
+from pipeline.geocells.cells import GeocellConfig
+from pipeline.geocells.splits import SplitConfig
+from pipeline.sources.sample_world import SampleWorldConfig
+
+_SHAPES = (ConfigTypeKind.STRICT_SHAPE, ConfigTypeKind.PERMISSIVE_SHAPE, ConfigTypeKind.SELECTOR)
+# Dagster's own sections (executor, loggers, its default io_manager) are documented by Dagster, not by us
+_DAGSTER_OWNED = ("execution", "loggers", "resources.io_manager")
+
+
+def _fields(config_type, path: str):
+    """(path, description) of every field below ``config_type``, recursively (lists, maps, optionals included)."""
+    kind = config_type.kind
+    if kind in _SHAPES:
+        for name, field in config_type.fields.items():
+            yield f"{path}.{name}", field.description
+            yield from _fields(field.config_type, f"{path}.{name}")
+    elif kind in (ConfigTypeKind.ARRAY, ConfigTypeKind.NONEABLE):
+        yield from _fields(config_type.inner_type, f"{path}[]")
+    elif kind == ConfigTypeKind.MAP:
+        yield from _fields(config_type.inner_type, f"{path}{{}}")
+
+
+def _user_fields(job_name: str) -> list[tuple[str, str | None]]:
+    schema = defs.resolve_job_def(job_name).run_config_schema.config_type
+    out = []
+    for path, description in _fields(schema, ""):
+        path = path.lstrip(".")
+        if path.startswith(_DAGSTER_OWNED):
+            continue
+        parts = path.split(".")
+        # "ops.<op>" / "ops.<op>.config" and "resources.<r>" / "resources.<r>.config" are Dagster's containers
+        if parts[0] in ("ops", "resources") and len(parts) >= 4 and parts[2] == "config":
+            out.append((path, description))
+    return out
+
+
+@pytest.mark.parametrize("job_name", [MAIN_JOB, CRAWL_JOB])
+def test_every_launchpad_field_is_described(job_name):
+    fields = _user_fields(job_name)
+    assert len(fields) > (150 if job_name == MAIN_JOB else 60)  # the walk reached the nested fields
+    missing = [path for path, description in fields if not (description or "").strip()]
+    assert not missing, f"{job_name}: fields without a description: {missing}"
+    paths = {p for p, _ in fields}
+    # nested dataclasses are nested Config sections, reached by the walk
+    assert "ops.filtered_catalog.config.clip.pretrained" in paths or job_name != MAIN_JOB
+    assert "ops.geopak_model.config.overrides.phases[][].epochs" in paths or job_name != MAIN_JOB
+    assert "ops.geopak_model.config.overrides.loss[].tau_km" in paths or job_name != MAIN_JOB
+
+
+def test_descriptions_show_bounds():
+    field = defs.resolve_job_def(MAIN_JOB).run_config_schema.config_type.fields["ops"].config_type.fields[
+        "filtered_catalog"].config_type.fields["config"].config_type.fields["indoor_threshold"]
+    assert "≥ 0.0" in field.description and "≤ 1.0" in field.description and "indoor" in field.description
+
+
+def test_out_of_range_value_fails_with_a_readable_message(tmp_path):
+    with pytest.raises(pydantic.ValidationError, match="indoor_threshold") as err:
+        FilterParams(indoor_threshold=1.5)
+    assert "less than or equal to 1" in str(err.value)
+    result = dg.materialize(
+        [geocells.dataset_splits],
+        resources={"data_root": DataRootResource(path=str(tmp_path)), "boundaries": BoundariesResource()},
+        run_config={"ops": {"dataset_splits": {"config": {"train": 1.5}}}},
+        raise_on_error=False,
+    )
+    assert not result.success
+    failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
+    message = str(failure.event_specific_data.error)
+    assert "train" in message and "less than or equal to 1" in message
+
+
+def test_choices_are_checked_before_launch():
+    job = defs.resolve_job_def(MAIN_JOB)
+    bad = {"ops": {"geocells": {"config": {"cluster_selection_method": "kmeans"}}}}
+    with pytest.raises(dg.DagsterInvalidConfigError, match="cluster_selection_method"):
+        dg.validate_run_config(job, bad)
+    bad_preset = {"ops": {"geopak_model": {"config": {"preset": "huge"}}}}
+    with pytest.raises(dg.DagsterInvalidConfigError, match="preset"):
+        dg.validate_run_config(job, bad_preset)
+    dg.validate_run_config(job, {"ops": {"geocells": {"config": {"cluster_selection_method": "leaf"}}}})
+
+
+@pytest.mark.parametrize("params,dc", [
+    (FilterParams, FilterConfig), (SplitParams, SplitConfig), (GeocellParams, GeocellConfig),
+    (SampleWorldParams, SampleWorldConfig),
+])
+def test_defaults_are_the_dataclass_defaults(params, dc):
+    assert to_dataclass(params(), dc) == dc()
+
+
+def test_round_trip_dataclass_config_dataclass():
+    cases = [
+        FilterConfig(min_sharpness=9.5, allowed_formats=("JPEG",), accuracy_rules={"*": AccuracyRule(max_metres=50)},
+                     allowed_licenses={"flickr": ("cc",), "*": ()}, clip=ClipSpec("ViT-B-16", "openai", None, True),
+                     chunk_size=4),
+        SplitConfig(train=0.6, val=0.2, test=0.2, owner_disjoint=False),
+        GeocellConfig(cluster_selection_method="leaf", neighbours=3),
+        SampleWorldConfig(n_images=12, image_size=64),
+        preset("gpu-full"),
+        preset("cpu-small", loss={"tau_km": {"ict": 5.0}}, augment={"crop_scale": (0.5, 1.0)}),
+    ]
+    for value in cases:
+        cls = config_class(type(value))
+        back = to_dataclass(from_dataclass(value, cls), type(value))
+        assert back == value, type(value).__name__
+    assert isinstance(to_dataclass(from_dataclass(preset("gpu-full"), config_class(TrainConfig)), TrainConfig)
+                      .phases[0], PhaseConfig)
+
+
+def test_conversion_is_by_keyword_and_nested():
+    cfg = FilterParams(clip={"model": "ViT-L-14", "pretrained": "", "download": False},
+                       accuracy_rules={"yfcc100m": {"min_level": 12}}).to_config()
+    assert cfg.clip == ClipSpec(model="ViT-L-14", pretrained="", cache_dir=None, download=False)
+    assert cfg.accuracy_rules == {"yfcc100m": AccuracyRule(min_level=12)}
+    assert isinstance(cfg.allowed_formats, tuple) and cfg.chunk_size == FilterConfig().chunk_size
+
+
+def test_model_overrides_are_typed_and_merged_into_the_preset_by_name(tmp_path):
+    params = ModelParams(preset="test-tiny", overrides={
+        "cpu_threads": 1, "phases": [{"epochs": 3}, {}, {"lr": 0.5}], "loss": {"cell": 2.0},
+        "encoder": {"clip_activation": "gelu"}})
+    assert overrides(params.overrides) == {"cpu_threads": 1, "phases": [{"epochs": 3}, {}, {"lr": 0.5}],
+                                           "loss": {"cell": 2.0}, "encoder": {"clip_activation": "gelu"}}
+    cfg = train_config(params, DataRootResource(path=str(tmp_path)))
+    base = preset("test-tiny")
+    assert cfg.phases[0].epochs == 3 and cfg.phases[0].lr == base.phases[0].lr  # merged, not replaced
+    assert cfg.phases[2].lr == 0.5 and cfg.phases[1] == base.phases[1]
+    assert cfg.loss.cell == 2.0 and cfg.loss.province == base.loss.province
+    assert cfg.encoder.clip_activation == "gelu" and cfg.encoder.image_size == base.encoder.image_size
+    assert cfg.cpu_threads == 1 and cfg.data_root == str(tmp_path)
+    # nothing set: exactly the preset
+    assert train_config(ModelParams(), DataRootResource(path=str(tmp_path))) == preset(
+        "cpu-small", data_root=str(tmp_path))
+    with pytest.raises(pydantic.ValidationError, match="greater than or equal to 1"):
+        ModelParams(overrides={"phases": [{"batch_size": 0}]})
+
+
+def test_a_field_without_description_is_an_error():
+    @dataclasses.dataclass
+    class Undocumented:
+        documented: int = dataclasses.field(default=1, metadata={"doc": "fine"})
+        silent: int = 2
+
+    with pytest.raises(TypeError, match="Undocumented.silent has no description"):
+        config_class(Undocumented)
