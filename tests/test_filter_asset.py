@@ -75,7 +75,8 @@ def test_materialize_succeeds_with_blocking_checks(filtered_world):
     assert result.success
     evaluations = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
     assert evaluations == {"filtered_nonempty_per_province": True, "filtered_disjoint_from_rejections": True,
-                           "filter_rejections_have_reasons": True}
+                           "filter_rejections_have_reasons": True,
+                           "image_catalog_unique_ids": True}  # declared on image_catalog, runs in its step
 
 
 def test_bad_files_through_catalog_and_filter(filtered_world):

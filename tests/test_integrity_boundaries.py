@@ -32,11 +32,21 @@ def _filtered_catalog(root: Path) -> None:
     write_table(pd.DataFrame(rows), DataPaths.at(root).filtered, CATALOG_SCHEMA)
 
 
+@dg.asset(deps=[labels.labelled_catalog])
+def downstream() -> None:
+    """Stands for dataset_splits: whether it ran shows whether labelled_catalog's checks blocked."""
+
+
 def _label(root: Path, boundaries: BoundariesResource, **kw) -> dg.ExecuteInProcessResult:
+    """labelled_catalog (its checks run in its own step) and a downstream asset, in one run."""
     return dg.materialize(
-        [labels.labelled_catalog, *dg.load_asset_checks_from_modules([labels])],
+        [labels.labelled_catalog, downstream],
         resources=asset_resources(root, "unused", boundaries=boundaries), raise_on_error=False, **kw,
     )
+
+
+def _downstream_ran(result: dg.ExecuteInProcessResult) -> bool:
+    return bool(result.asset_materializations_for_node("downstream"))
 
 
 def test_configured_unreadable_boundary_file_fails_the_run(tmp_path):
@@ -63,6 +73,8 @@ def test_unconfigured_fallback_is_recorded_in_metadata_and_warned(tmp_path, monk
     checks = {e.check_name: e for e in result.get_asset_check_evaluations()}
     warn = checks["labelled_provinces_from_polygons"]
     assert not warn.passed and warn.severity == dg.AssetCheckSeverity.WARN
+    assert not warn.blocking and _downstream_ran(result)
+    assert warn.metadata["province_fallback"].value is True and str(missing) in warn.metadata["reason"].value
 
 
 def test_polygons_in_use_pass_the_fallback_check(tmp_path, boundaries_path):
@@ -72,6 +84,33 @@ def test_polygons_in_use_pass_the_fallback_check(tmp_path, boundaries_path):
     md = result.asset_materializations_for_node("labelled_catalog")[0].metadata
     assert md["province_fallback"].value is False
     assert {e.check_name: e.passed for e in result.get_asset_check_evaluations()}["labelled_provinces_from_polygons"]
+
+
+def test_failing_blocking_check_stops_downstream(tmp_path, boundaries_path, monkeypatch):
+    """The folded checks keep their blocking semantics: a failing ERROR check of labelled_catalog's step fails the
+    step after the materialization is recorded, and the downstream asset of the same run does not run."""
+    _filtered_catalog(tmp_path)
+    real_check = labels.koppen_check
+
+    def check_a_copy_missing_one_class(labelled: Path) -> dg.AssetCheckResult:
+        df = pd.read_parquet(labelled)
+        df.loc[0, "koppen_id"] = -1  # the real check's logic decides, on a copy with one class missing
+        copy = tmp_path / "labelled_copy.parquet"
+        df.to_parquet(copy)
+        return real_check(copy)
+
+    monkeypatch.setattr(labels, "koppen_check", check_a_copy_missing_one_class)
+    result = _label(tmp_path, BoundariesResource(source=str(boundaries_path)))
+    assert not result.success
+    checks = {e.check_name: e for e in result.get_asset_check_evaluations()}
+    failed = checks["labelled_koppen_not_null"]
+    assert not failed.passed and failed.blocking and failed.severity == dg.AssetCheckSeverity.ERROR
+    assert failed.metadata["missing"].value == 1 and failed.metadata["rows"].value == len(CITIES)
+    assert checks["labelled_inside_pakistan"].passed and checks["labelled_provinces_from_polygons"].passed
+    assert result.asset_materializations_for_node("labelled_catalog")  # recorded, as with a separate check op
+    assert not _downstream_ran(result)
+    failure = next(e for e in result.all_events if e.event_type == dg.DagsterEventType.STEP_FAILURE)
+    assert "labelled_koppen_not_null" in str(failure.step_failure_data.error)
 
 
 def test_locator_loaded_once_per_run(tmp_path, boundaries_path, monkeypatch):
@@ -86,7 +125,7 @@ def test_locator_loaded_once_per_run(tmp_path, boundaries_path, monkeypatch):
     monkeypatch.setattr(boundaries_module.ProvinceBoundaries, "load", classmethod(counting_load))
     result = _label(tmp_path, BoundariesResource(source=str(boundaries_path)))
     assert result.success
-    assert len(calls) == 1, calls  # the asset and labelled_inside_pakistan share one load
+    assert len(calls) == 1, calls  # the asset and its labelled_inside_pakistan check share one load
 
 
 def test_locator_reloads_when_the_file_changes(tmp_path, boundaries_path):

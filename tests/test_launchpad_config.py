@@ -69,6 +69,33 @@ def test_every_launchpad_field_is_described(job_name):
     assert "ops.geopak_model.config.overrides.loss[].tau_km" in paths or job_name != MAIN_JOB
 
 
+def _config_field_names(op_entry) -> list[str]:
+    """Names a Launchpad user can set under ``ops.<op>.config`` (Dagster gives a config-less op ``config: Any``)."""
+    config = op_entry.config_type.fields.get("config")
+    if config is None or config.config_type.kind not in _SHAPES:
+        return []
+    return list(config.config_type.fields)
+
+
+@pytest.mark.parametrize("job_name", [MAIN_JOB, CRAWL_JOB])
+def test_no_empty_op_entries(job_name):
+    """A config-less asset check runs in its asset's own step (``check_specs``), so ``ops`` lists no check op with
+    nothing to configure: every entry is an asset's op or has config fields."""
+    ops = defs.resolve_job_def(job_name).run_config_schema.config_type.fields["ops"].config_type.fields
+    asset_ops = {a.node_def.name for a in defs.resolve_asset_graph().assets_defs if a.keys}
+    empty = sorted(name for name, entry in ops.items() if name not in asset_ops and not _config_field_names(entry))
+    assert not empty, f"{job_name}: op entries with nothing to configure: {empty}"
+    check_ops = set(ops) - asset_ops
+    if job_name == MAIN_JOB:  # the walk saw the checks that do have settings, and the folded checks still exist
+        assert check_ops == {"filtered_catalog_filtered_nonempty_per_province"}
+        checks = {k.name for k in defs.resolve_job_def(job_name).asset_layer.asset_graph.asset_check_keys}
+        assert {"image_catalog_unique_ids", "filtered_disjoint_from_rejections", "filter_rejections_have_reasons",
+                "labelled_inside_pakistan", "labelled_koppen_not_null", "labelled_provinces_from_polygons",
+                "dataset_splits_no_leak", "geocells_within_cap", "cell_assignments_complete"} <= checks
+    else:
+        assert check_ops and all(name.endswith("_crawled_recently") for name in check_ops)
+
+
 def test_descriptions_show_bounds():
     field = defs.resolve_job_def(MAIN_JOB).run_config_schema.config_type.fields["ops"].config_type.fields[
         "filtered_catalog"].config_type.fields["config"].config_type.fields["indoor_threshold"]

@@ -5,7 +5,7 @@ broken and duplicate images first means no row is labelled only to leave, and th
 catalog columns (they use the same province polygons as the labeller, so the labeller rarely rejects anything).
 """
 
-
+from pathlib import Path
 
 import dagster as dg
 import pandas as pd
@@ -56,6 +56,12 @@ class FilterParams(config_class(FilterConfig)):  # type: ignore[misc]
         return to_dataclass(self, FilterConfig)
 
 
+DISJOINT = dg.AssetCheckSpec("filtered_disjoint_from_rejections", asset="filtered_catalog", blocking=True,
+                            description="No image is both kept and rejected.")
+HAVE_REASONS = dg.AssetCheckSpec("filter_rejections_have_reasons", asset="filtered_catalog", blocking=True,
+                                description="Every rejection has a known reason code (and stage 'filter').")
+
+
 @dg.asset(
     pool="filter",  # one writer of filter/ at a time, across runs (dagster_home/dagster.yaml)
     group_name="filter",
@@ -64,6 +70,9 @@ class FilterParams(config_class(FilterConfig)):  # type: ignore[misc]
     description="Catalog rows that pass decoding, quality, duplicate, geotag, licence and indoor checks; "
     "every other row is in filter/rejections.parquet with one reason.",
     metadata=schema_metadata(FILTERED_FILE_SCHEMA),
+    # config-less checks run in the asset's own step (no empty check op in the Launchpad); the configurable
+    # province-loss check below stays its own op
+    check_specs=[DISJOINT, HAVE_REASONS],
 )
 @writes_stage("filter")
 def filtered_catalog(
@@ -84,7 +93,11 @@ def filtered_catalog(
     context.log.info(f"indoor filter: {res.indoor_note}")
     write_table(res.kept, paths.filtered, CATALOG_SCHEMA)
     write_table(res.rejections, paths.filter_rejections, REJECTIONS_SCHEMA)
-    return dg.MaterializeResult(metadata=_metadata(paths, res, cfg, config.examples_per_reason, locator.source))
+    return dg.MaterializeResult(
+        check_results=[disjoint_check(paths.filtered, paths.filter_rejections),
+                       reasons_check(paths.filter_rejections)],
+        metadata=_metadata(paths, res, cfg, config.examples_per_reason, locator.source),
+    )
 
 
 def _outcome_order(outcomes: pd.Series) -> list[str]:
@@ -194,30 +207,29 @@ def filtered_nonempty_per_province(
     )
 
 
-@dg.asset_check(asset=filtered_catalog, blocking=True, description="No image is both kept and rejected.")
-def filtered_disjoint_from_rejections(data_root: DataRootResource) -> dg.AssetCheckResult:
-    paths = data_root.paths
-    kept = pd.read_parquet(paths.filtered, columns=["image_id", "source", "source_id"])
-    rej = pd.read_parquet(paths.filter_rejections, columns=["image_id", "source", "source_id", "reason"])
+def disjoint_check(filtered: Path, rejections: Path) -> dg.AssetCheckResult:
+    """Blocking ``filtered_disjoint_from_rejections``, on the written files."""
+    kept = pd.read_parquet(filtered, columns=["image_id", "source", "source_id"])
+    rej = pd.read_parquet(rejections, columns=["image_id", "source", "source_id", "reason"])
     same_row = kept.merge(rej, on=["source", "source_id"])
     # a defensive duplicate_bytes rejection shares its image_id with the kept copy by design
     same_image = set(kept["image_id"]) & set(rej.loc[rej["reason"] != reasons.DUPLICATE_BYTES, "image_id"].dropna())
     return dg.AssetCheckResult(
+        check_name=DISJOINT.name,
         passed=same_row.empty and not same_image,
         metadata={"rows_kept_and_rejected": len(same_row), "images_kept_and_rejected": len(same_image)},
     )
 
 
-@dg.asset_check(
-    asset=filtered_catalog, blocking=True, description="Every rejection has a known reason code (and stage 'filter')."
-)
-def filter_rejections_have_reasons(data_root: DataRootResource) -> dg.AssetCheckResult:
-    rej = pd.read_parquet(data_root.paths.filter_rejections, columns=["stage", "reason"])
+def reasons_check(rejections: Path) -> dg.AssetCheckResult:
+    """Blocking ``filter_rejections_have_reasons``, on the written rejections file."""
+    rej = pd.read_parquet(rejections, columns=["stage", "reason"])
     reason = rej["reason"].fillna("").astype(str)
     missing = int((reason.str.strip() == "").sum())
     unknown = sorted(set(reason[reason != ""]) - set(reasons.DESCRIPTIONS))
     wrong_stage = int((rej["stage"] != STAGE).sum())
     return dg.AssetCheckResult(
+        check_name=HAVE_REASONS.name,
         passed=missing == 0 and not unknown and wrong_stage == 0,
         metadata={"rejections": len(rej), "without_reason": missing, "unknown_reasons": ", ".join(unknown) or "none",
                   "wrong_stage": wrong_stage},

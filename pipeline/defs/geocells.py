@@ -4,10 +4,13 @@ Splits come first because they do not depend on cells; cells are fitted on train
 them on all data, test included), and val/test images are then assigned to the nearest cell of their province.
 """
 
+from pathlib import Path
+
 import dagster as dg
 import numpy as np
 import pandas as pd
 
+from pipeline.core.paths import DataPaths
 from pipeline.core.schema import (
     CELL_ASSIGNMENTS_SCHEMA,
     GEOCELL_NEIGHBOURS_SCHEMA,
@@ -85,12 +88,23 @@ GeocellParams = config_class(
 _LABELLED_COLUMNS = ["image_id", "lat", "lon", "province_id", "place_id", "owner", "taken_at"]
 
 
-def _labelled(data_root: DataRootResource) -> pd.DataFrame:
-    return pd.read_parquet(data_root.paths.labelled, columns=_LABELLED_COLUMNS)
+def _labelled(paths: DataPaths) -> pd.DataFrame:
+    return pd.read_parquet(paths.labelled, columns=_LABELLED_COLUMNS)
 
 
 def _outlines(boundaries: BoundariesResource) -> dict | None:
     return getattr(boundaries.locator(), "polygons", None)
+
+
+# Config-less checks are declared on their asset and evaluated in its step (no empty check op in the Launchpad).
+NO_LEAK = dg.AssetCheckSpec("dataset_splits_no_leak", asset="dataset_splits", blocking=True,
+                            description="No val or test image lies within 1 km of a train image.")
+WITHIN_CAP = dg.AssetCheckSpec("geocells_within_cap", asset="geocells", blocking=True,
+                               description="100% of cells hold their radius cap and have members.")
+ASSIGNMENTS_COMPLETE = dg.AssetCheckSpec(
+    "cell_assignments_complete", asset="cell_assignments", blocking=True,
+    description="Every labelled image has a cell of its own province; every train image lies within its cell's cap.",
+)
 
 
 @dg.asset(
@@ -100,18 +114,20 @@ def _outlines(boundaries: BoundariesResource) -> dict | None:
     deps=[labelled_catalog],
     description="Train/val/test, location-disjoint: no val/test image within 1 km of a train image.",
     metadata=schema_metadata(SPLITS_SCHEMA),
+    check_specs=[NO_LEAK],
 )
 @writes_stage("splits")
 def dataset_splits(
     config: SplitParams, data_root: DataRootResource, boundaries: BoundariesResource
 ) -> dg.MaterializeResult:
     paths = data_root.paths
-    df = _labelled(data_root)
+    df = _labelled(paths)
     result = make_splits(df, to_dataclass(config, SplitConfig))
     write_table(result.table, paths.splits, SPLITS_SCHEMA)
     s = result.summary
     split = result.table["split"].to_numpy()
     return dg.MaterializeResult(
+        check_results=[no_leak_check(paths)],
         metadata={
             **table_metadata(paths.splits, SPLITS_SCHEMA, LINEAGE["dataset_splits"]),
             "map": plot(
@@ -136,14 +152,13 @@ def dataset_splits(
     )
 
 
-@dg.asset_check(
-    asset=dataset_splits, blocking=True, description="No val or test image lies within 1 km of a train image."
-)
-def dataset_splits_no_leak(data_root: DataRootResource) -> dg.AssetCheckResult:
-    df = _labelled(data_root).merge(read_table(data_root.paths.splits, SPLITS_SCHEMA), on="image_id", how="left")
+def no_leak_check(paths: DataPaths) -> dg.AssetCheckResult:
+    """Blocking ``dataset_splits_no_leak``: the written splits against the labelled coordinates."""
+    df = _labelled(paths).merge(read_table(paths.splits, SPLITS_SCHEMA), on="image_id", how="left")
     leaks = leakage_count(df["lat"], df["lon"], df["split"].to_numpy(), km=1.0)
     missing = int(df["split"].isna().sum())
     return dg.AssetCheckResult(
+        check_name=NO_LEAK.name,
         passed=leaks == 0 and missing == 0,
         metadata={"images": len(df), "leaks_within_1km": leaks, "labelled_images_without_split": missing},
     )
@@ -156,6 +171,7 @@ def dataset_splits_no_leak(data_root: DataRootResource) -> dg.AssetCheckResult:
     deps=[dataset_splits],
     description="Per-province HDBSCAN geocells fitted on training images, radius caps enforced; neighbours; polygons.",
     metadata=schema_metadata(GEOCELLS_SCHEMA),
+    check_specs=[WITHIN_CAP],
 )
 @writes_stage("geocells")
 def geocells(
@@ -166,7 +182,7 @@ def geocells(
 ) -> dg.MaterializeResult:
     paths = data_root.paths
     cfg = to_dataclass(config, GeocellConfig)
-    df = _labelled(data_root).merge(read_table(paths.splits, SPLITS_SCHEMA), on="image_id", how="left")
+    df = _labelled(paths).merge(read_table(paths.splits, SPLITS_SCHEMA), on="image_id", how="left")
     fit = df[df["split"] == TRAIN]
     # A province whose every image is held out (tiny data) would get no cells: fit it on its held-out images and
     # say so, rather than leave its images without a cell.
@@ -188,6 +204,7 @@ def geocells(
         polygons.to_parquet(tmp)
     table = province_cell_table(built.cells, built.provinces)
     return dg.MaterializeResult(
+        check_results=[within_cap_check(paths.geocells)],
         metadata={
             **table_metadata(paths.geocells, GEOCELLS_SCHEMA, LINEAGE["geocells"]),
             "map": plot(
@@ -208,12 +225,13 @@ def geocells(
     )
 
 
-@dg.asset_check(asset=geocells, blocking=True, description="100% of cells hold their radius cap and have members.")
-def geocells_within_cap(data_root: DataRootResource) -> dg.AssetCheckResult:
-    cells = read_table(data_root.paths.geocells, GEOCELLS_SCHEMA)
+def within_cap_check(cells_path: Path) -> dg.AssetCheckResult:
+    """Blocking ``geocells_within_cap``, on the written cells table."""
+    cells = read_table(cells_path, GEOCELLS_SCHEMA)
     over = int((~(cells["radius_km"] <= cells["cap_km"] + 1e-9)).sum())
     empty = int((cells["count"] < 1).sum())
     return dg.AssetCheckResult(
+        check_name=WITHIN_CAP.name,
         passed=over == 0 and empty == 0 and len(cells) > 0,
         metadata={"cells": len(cells), "over_cap": over, "empty": empty,
                   "share_within_cap": float(1 - over / len(cells)) if len(cells) else 0.0},
@@ -227,11 +245,12 @@ def geocells_within_cap(data_root: DataRootResource) -> dg.AssetCheckResult:
     deps=[geocells],
     description="Every labelled image's cell: the nearest centre of its province within its cap, else the nearest.",
     metadata=schema_metadata(CELL_ASSIGNMENTS_SCHEMA),
+    check_specs=[ASSIGNMENTS_COMPLETE],
 )
 @writes_stage("geocells")
 def cell_assignments(data_root: DataRootResource) -> dg.MaterializeResult:
     paths = data_root.paths
-    df = _labelled(data_root).merge(read_table(paths.splits, SPLITS_SCHEMA), on="image_id", how="left")
+    df = _labelled(paths).merge(read_table(paths.splits, SPLITS_SCHEMA), on="image_id", how="left")
     cells = read_table(paths.geocells, GEOCELLS_SCHEMA)
     cell_id, dist, within = assign_cells(df["lat"], df["lon"], df["province_id"], cells)
     out = pd.DataFrame(
@@ -247,6 +266,7 @@ def cell_assignments(data_root: DataRootResource) -> dg.MaterializeResult:
         .reset_index()
     )
     return dg.MaterializeResult(
+        check_results=[assignments_complete_check(paths)],
         metadata={
             **table_metadata(paths.cell_assignments, CELL_ASSIGNMENTS_SCHEMA, LINEAGE["cell_assignments"]),
             "images": len(out),
@@ -257,14 +277,9 @@ def cell_assignments(data_root: DataRootResource) -> dg.MaterializeResult:
     )
 
 
-@dg.asset_check(
-    asset=cell_assignments,
-    blocking=True,
-    description="Every labelled image has a cell of its own province; every train image lies within its cell's cap.",
-)
-def cell_assignments_complete(data_root: DataRootResource) -> dg.AssetCheckResult:
-    paths = data_root.paths
-    df = _labelled(data_root)[["image_id", "lat", "lon", "province_id"]]
+def assignments_complete_check(paths: DataPaths) -> dg.AssetCheckResult:
+    """Blocking ``cell_assignments_complete``: recomputes each train image's distance to its cell's centre."""
+    df = _labelled(paths)[["image_id", "lat", "lon", "province_id"]]
     df = df.merge(read_table(paths.splits, SPLITS_SCHEMA), on="image_id", how="left")
     df = df.merge(read_table(paths.cell_assignments, CELL_ASSIGNMENTS_SCHEMA).drop(columns="province_id"),
                   on="image_id", how="left")
@@ -278,6 +293,7 @@ def cell_assignments_complete(data_root: DataRootResource) -> dg.AssetCheckResul
     train_over_cap = int(np.sum(train & ~(d <= cell["cap_km"].to_numpy() + 1e-6)))
     without = int((~has_cell).sum())
     return dg.AssetCheckResult(
+        check_name=ASSIGNMENTS_COMPLETE.name,
         passed=without == 0 and wrong_province == 0 and train_over_cap == 0,
         metadata={"images": len(df), "without_cell": without, "cell_in_other_province": wrong_province,
                   "train_images_beyond_cap": train_over_cap},

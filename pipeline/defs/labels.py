@@ -1,5 +1,6 @@
 """Filtered catalog → labelled catalog: province (point in polygon), Köppen-Geiger class, day of year."""
 
+from pathlib import Path
 
 import dagster as dg
 import numpy as np
@@ -20,10 +21,22 @@ from pipeline.defs.resources import (
     BoundariesResource,
     DataRootResource,
     KoppenRasterResource,
+    Locator,
     fallback_metadata,
     writes_stage,
 )
 from pipeline.labels.label import label_catalog
+
+
+INSIDE_PAKISTAN = dg.AssetCheckSpec("labelled_inside_pakistan", asset="labelled_catalog", blocking=True,
+                                   description="Every labelled coordinate lies in a province.")
+KOPPEN_NOT_NULL = dg.AssetCheckSpec("labelled_koppen_not_null", asset="labelled_catalog", blocking=True,
+                                   description="No labelled row lacks a Köppen-Geiger class.")
+FROM_POLYGONS = dg.AssetCheckSpec(
+    "labelled_provinces_from_polygons", asset="labelled_catalog",
+    description="WARN when provinces came from the offline gazetteer fallback (82.6 % agreement with the polygons "
+    "by area) because no boundary file was configured and the shipped one could not be read.",
+)
 
 
 @dg.asset(
@@ -33,6 +46,7 @@ from pipeline.labels.label import label_catalog
     deps=[filtered_catalog],
     description="Filtered catalog rows with province, Köppen-Geiger fine class and coarse group, and day of year.",
     metadata=schema_metadata(LABELLED_FILE_SCHEMA),
+    check_specs=[INSIDE_PAKISTAN, KOPPEN_NOT_NULL, FROM_POLYGONS],  # run in this step: no empty check ops
 )
 @writes_stage("labels")
 def labelled_catalog(
@@ -55,6 +69,8 @@ def labelled_catalog(
     raster.write_geotiff(paths.koppen_geotiff)
     outlines = getattr(locator, "polygons", None)
     return dg.MaterializeResult(
+        check_results=[inside_pakistan_check(paths.labelled, locator), koppen_check(paths.labelled),
+                       polygons_check(fallback)],
         metadata={
             **table_metadata(paths.labelled, LABELLED_FILE_SCHEMA, LINEAGE["labelled_catalog"]),
             "map": plot(
@@ -80,46 +96,31 @@ def labelled_catalog(
     )
 
 
-def _labelled(data_root: DataRootResource, columns: list[str]) -> pd.DataFrame:
-    return pd.read_parquet(data_root.paths.labelled, columns=columns)
-
-
-@dg.asset_check(asset=labelled_catalog, blocking=True, description="Every labelled coordinate lies in a province.")
-def labelled_inside_pakistan(data_root: DataRootResource, boundaries: BoundariesResource) -> dg.AssetCheckResult:
-    df = _labelled(data_root, ["lat", "lon"])
-    prov = boundaries.locator().locate(df["lat"].to_numpy(), df["lon"].to_numpy())
+def inside_pakistan_check(labelled: Path, locator: Locator) -> dg.AssetCheckResult:
+    """Blocking ``labelled_inside_pakistan``: the written coordinates, located again."""
+    df = pd.read_parquet(labelled, columns=["lat", "lon"])
+    prov = locator.locate(df["lat"].to_numpy(), df["lon"].to_numpy())
     outside = int(np.sum(prov < 0))
-    return dg.AssetCheckResult(passed=outside == 0, metadata={"rows": len(df), "outside": outside})
+    return dg.AssetCheckResult(check_name=INSIDE_PAKISTAN.name, passed=outside == 0,
+                               metadata={"rows": len(df), "outside": outside})
 
 
-@dg.asset_check(asset=labelled_catalog, blocking=True, description="No labelled row lacks a Köppen-Geiger class.")
-def labelled_koppen_not_null(data_root: DataRootResource) -> dg.AssetCheckResult:
-    df = _labelled(data_root, ["koppen_id", "koppen_code"])
+def koppen_check(labelled: Path) -> dg.AssetCheckResult:
+    """Blocking ``labelled_koppen_not_null``, on the written file."""
+    df = pd.read_parquet(labelled, columns=["koppen_id", "koppen_code"])
     missing = int((df["koppen_id"].isna() | (df["koppen_id"] < 0) | df["koppen_code"].isna()).sum())
-    return dg.AssetCheckResult(passed=missing == 0, metadata={"rows": len(df), "missing": missing})
+    return dg.AssetCheckResult(check_name=KOPPEN_NOT_NULL.name, passed=missing == 0,
+                               metadata={"rows": len(df), "missing": missing})
 
 
-@dg.asset_check(
-    asset=labelled_catalog,
-    description="WARN when provinces came from the offline gazetteer fallback (82.6 % agreement with the polygons "
-    "by area) because no boundary file was configured and the shipped one could not be read.",
-)
-def labelled_provinces_from_polygons(
-    context: dg.AssetCheckExecutionContext, boundaries: BoundariesResource
-) -> dg.AssetCheckResult:
-    """Reads what the materialization recorded, so a check run later reports on the rows as they were labelled."""
-    event = context.instance.get_latest_materialization_event(labelled_catalog.key)
-    recorded = event.asset_materialization.metadata if event and event.asset_materialization else {}
-    if "province_fallback" in recorded:
-        fallback = bool(recorded["province_fallback"].value)
-        reason = recorded["province_fallback_reason"].value if "province_fallback_reason" in recorded else ""
-        source = recorded["province_source"].value
-    else:  # a materialization from before this metadata existed: judge by this run's locator
-        meta = fallback_metadata(boundaries.locator())
-        fallback, source = bool(meta["province_fallback"]), meta["province_source"]
-        reason = meta.get("province_fallback_reason", "")
+def polygons_check(fallback: dict[str, str | bool]) -> dg.AssetCheckResult:
+    """WARN ``labelled_provinces_from_polygons`` from the run's own ``fallback_metadata`` (the locator that labelled
+    these rows, recorded beside them in the materialization)."""
+    used = bool(fallback["province_fallback"])
     return dg.AssetCheckResult(
-        passed=not fallback,
+        check_name=FROM_POLYGONS.name,
+        passed=not used,
         severity=dg.AssetCheckSeverity.WARN,
-        metadata={"province_source": str(source), "province_fallback": fallback, "reason": str(reason) or "none"},
+        metadata={"province_source": str(fallback["province_source"]), "province_fallback": used,
+                  "reason": str(fallback.get("province_fallback_reason", "")) or "none"},
     )
