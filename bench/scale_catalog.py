@@ -44,7 +44,14 @@ import pyarrow.parquet as pq
 
 from bench_scale import in_child as _in_child  # forked, non-daemonic: a build may start worker processes
 from pipeline.core import reasons
-from pipeline.core.catalog import HEADER_SCHEMA, build_catalog_files, future_date_detail, header_facts, rejection
+from pipeline.core.catalog import (
+    HEADER_SCHEMA,
+    build_catalog_files,
+    future_date_detail,
+    header_dir,
+    header_facts,
+    rejection,
+)
 from pipeline.core.exif import DecompressionBomb, NotAnImage, read_header
 from pipeline.core.schema import CATALOG_SCHEMA, RAW_MANIFEST_SCHEMA, REJECTIONS_SCHEMA, empty_frame, to_table
 from pipeline.core.store import ImageStore
@@ -252,7 +259,7 @@ def write_manifests(folder: Path, files: pa.Table, rows: int) -> list[Path]:
 def seed_headers(root: Path, state: Path, known_state: Path, files: pa.Table, rows: int) -> None:
     """Header cache entries for rows beyond the real files: their synthetic ids, with the facts (and the file
     size/mtime) of the file they share, taken from a real build's cache."""
-    known = pa.concat_tables(pq.read_table(p) for p in sorted((known_state / "headers").glob("*.parquet")))
+    known = pa.concat_tables(pq.read_table(p) for p in sorted(header_dir(known_state).glob("*.parquet")))
     by_id = {i: k for k, i in enumerate(known["image_id"].to_pylist())}
     extra = []  # files no row of the real build read (their rows were missing-file or duplicate rows)
     for image_id, rel in zip(files["image_id"].to_pylist(), files["path"].to_pylist()):
@@ -266,15 +273,15 @@ def seed_headers(root: Path, state: Path, known_state: Path, files: pa.Table, ro
         known = pa.concat_tables([known.cast(HEADER_SCHEMA), pa.table(
             {f.name: pa.array(c, type=f.type) for f, c in zip(HEADER_SCHEMA, cols)}, schema=HEADER_SCHEMA)])
     pos = np.asarray([by_id[i] for i in files["image_id"].to_pylist()])
-    (state / "headers").mkdir(parents=True, exist_ok=True)
-    for p in (known_state / "headers").glob("*.parquet"):
-        shutil.copy(p, state / "headers" / p.name)
+    header_dir(state).mkdir(parents=True, exist_ok=True)
+    for p in header_dir(known_state).glob("*.parquet"):
+        shutil.copy(p, header_dir(state) / p.name)
     nfiles = len(files)
     for s in range(nfiles, rows, 1_000_000):
         j = np.arange(s, min(rows, s + 1_000_000))
         part = known.take(pa.array(pos[j % nfiles]))
         part = part.set_column(0, "image_id", pa.array(_synthetic_ids(j), pa.string()))
-        pq.write_table(part.cast(HEADER_SCHEMA), state / "headers" / f"seed-{s:012d}.parquet")
+        pq.write_table(part.cast(HEADER_SCHEMA), header_dir(state) / f"seed-{s:012d}.parquet")
 
 
 # ---------------------------------------------------------------------------------------------- measuring

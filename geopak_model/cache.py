@@ -26,10 +26,12 @@ A cache written by the previous layout (``clip-<gen>.npy``, ``index-<gen>.parque
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import secrets
 import shutil
+import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -40,7 +42,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from geopak_model.data import ImageDataset, Unreadable, make_loader
+from geopak_model.data import ImageDataset, make_loader
 from geopak_model.encoders import DualEncoder
 from geopak_model.precision import amp_dtype as resolve_amp_dtype
 from geopak_model.precision import autocast, dtype_name
@@ -54,6 +56,10 @@ INDEX_SUFFIX = ".index.parquet"
 # issue 13.3: a build commits its progress at least this often (a kill loses at most one chunk)
 CHUNK_IMAGES = 2000
 CHUNK_SECONDS = 60.0
+# shard names carry a short id of the writer's host: a pid means nothing on another machine sharing the data root
+_HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+# another host's feature files without an index are removed once this old (its writer commits within seconds)
+UNCOMMITTED_STALE_S = 24 * 3600.0
 
 
 class EmbeddingCache:
@@ -183,21 +189,34 @@ class EmbeddingCache:
         self._index = None
 
     def _next_name(self) -> str:
-        """``<seq>-<pid>-<random>``: the sequence number orders shards (oldest first); the writer's pid and a random
-        token keep two writers (a training run and an evaluation's kNN baseline) from ever writing the same files.
-        Feature files of shards that never got their index (a killed writer's) are removed here."""
+        """``<seq>-<pid>_<host>-<random>``: the sequence number orders shards (oldest first); the writer's pid, host
+        and a random token keep two writers (a training run and an evaluation's kNN baseline, maybe in two pods on
+        one shared data root) from ever writing the same files. Feature files of shards that never got their index
+        (a killed writer's) are removed here."""
         self._sweep_uncommitted()
         numbers = [int(n.split("-")[0]) for n in self.shard_names() if n.split("-")[0].isdigit()]
-        return f"{(max(numbers) + 1) if numbers else 0:06d}-{os.getpid()}-{secrets.token_hex(4)}"
+        return f"{(max(numbers) + 1) if numbers else 0:06d}-{os.getpid()}_{_HOST}-{secrets.token_hex(4)}"
 
     def _sweep_uncommitted(self) -> None:
+        """Remove feature files without an index whose writer is gone: a pid is only checked on its own host (on a
+        shared data root another machine's writer may be mid-shard); other hosts' files go once they are
+        ``UNCOMMITTED_STALE_S`` old."""
         folder = self.dir / SHARDS
         sweep_orphan_temps(folder)
         for f in folder.glob("*.npy"):
             name = f.name.split(".")[0]
+            if (folder / f"{name}{INDEX_SUFFIX}").exists():
+                continue
             parts = name.split("-")
-            writer = int(parts[1]) if len(parts) == 3 and parts[1].isdigit() else None
-            if not (folder / f"{name}{INDEX_SUFFIX}").exists() and (writer is None or not pid_running(writer)):
+            pid, _, host = parts[1].partition("_") if len(parts) == 3 else ("", "", "")
+            if host in ("", _HOST):  # this host's writer (or a name without a host: written before hosts were)
+                gone = not (pid.isdigit() and pid_running(int(pid)))
+            else:
+                try:
+                    gone = time.time() - f.stat().st_mtime > UNCOMMITTED_STALE_S
+                except FileNotFoundError:  # another writer's sweep removed it meanwhile
+                    continue
+            if gone:
                 f.unlink(missing_ok=True)
 
     def record_rejections(self, rejected: pd.DataFrame) -> None:

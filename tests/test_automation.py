@@ -140,6 +140,24 @@ def test_local_folder_sensor_fires_on_new_files_once(tmp_path):
         assert json.loads(ctx3.cursor)["files"] == 2
 
 
+def test_local_folder_sensor_fires_when_folder_returns_to_an_earlier_state(tmp_path):
+    """A file added and then removed brings back the first fingerprint; the run for it must not reuse the first
+    run's key (Dagster drops a request whose run key it has seen, so the removed file stayed in the manifest)."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / "a.jpg").write_bytes(b"x" * 10)
+    with dg.instance_for_test() as instance:
+        first, ctx = _sensor(folder, instance)
+        (folder / "b.jpg").write_bytes(b"y" * 20)
+        os.utime(folder / "b.jpg", (2e9, 2e9))
+        second, ctx = _sensor(folder, instance, ctx.cursor)
+        (folder / "b.jpg").unlink()
+        third, ctx = _sensor(folder, instance, ctx.cursor)
+    assert all(isinstance(r, dg.RunRequest) for r in (first, second, third))
+    assert len({first.run_key, second.run_key, third.run_key}) == 3
+    assert json.loads(ctx.cursor)["files"] == 1
+
+
 def test_local_folder_sensor_skips_when_no_local_source(monkeypatch):
     monkeypatch.delenv("GEOPAK_LOCAL_FOLDER", raising=False)
     monkeypatch.delenv("GEOPAK_LOCAL_MANIFEST", raising=False)

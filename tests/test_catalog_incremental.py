@@ -147,3 +147,30 @@ def test_parallel_reads_match_one_process(tmp_path, monkeypatch):
     assert stats.manifests_resolved == 0
     assert pq.read_table(out / "catalog.parquet").equals(one_cat)
     assert pq.read_table(out / "rejections.parquet").equals(one_rej)
+
+
+def test_engine_version_bump_reads_headers_again(tmp_path, monkeypatch):
+    """A new ENGINE_VERSION (the resolution or header reading changed) must not reuse header facts the old engine
+    cached: every manifest is resolved again from the files' headers, and the catalog shows the new reading."""
+    from pipeline.core import catalog as catalog_mod
+
+    root = tmp_path / "root"
+    store = ImageStore(root)
+    _write(root, "v", [_row(store, _img(i), "v", f"v{i}") for i in range(3)])
+    state, out = tmp_path / "state", tmp_path / "out"
+    _build(root, out, state)
+    old_headers = catalog_mod.header_dir(state)
+    assert any(old_headers.glob("*.parquet"))
+    real = catalog_mod.header_facts
+
+    def moved(data: bytes, fast: bool = True) -> tuple:  # the "new engine" reads every GPS 1 degree further north
+        facts = list(real(data, fast))
+        facts[4] += 1.0
+        return tuple(facts)
+
+    monkeypatch.setattr(catalog_mod, "header_facts", moved)
+    monkeypatch.setattr(catalog_mod, "ENGINE_VERSION", catalog_mod.ENGINE_VERSION + 1)
+    stats, cat, _ = _build(root, out, state)
+    assert (stats.manifests_resolved, stats.headers_read, stats.headers_cached) == (1, 3, 0)
+    assert not old_headers.exists()  # the old engine's cache is removed, not kept forever
+    assert cat.to_pandas().set_index("source_id").loc["v1", "lat"] == pytest.approx(31.01)

@@ -86,6 +86,16 @@ def test_flickr_crawl_survives_faults(tmp_path, boundaries):
     assert result.stats["retry:http_429"] > 0 and result.stats["retry:bad_image"] > 0
 
 
+def test_flickr_bad_upload_floor_fails_before_any_request():
+    """A ``min_upload_date`` that is not an ISO date is a clear error when the source is built, not mid-crawl."""
+    from pipeline.sources.flickr import FlickrConfig, FlickrSource
+
+    with pytest.raises(ValueError, match="last week"):
+        FlickrSource(FlickrConfig(FLICKR_KEY, "secret", min_upload_date="last week"), fast_http(), HttpStats())
+    assert FlickrSource(FlickrConfig(FLICKR_KEY, "secret", min_upload_date="2026-03-01"), fast_http(),
+                        HttpStats()).upload_floor == 1772323200
+
+
 def test_flickr_splits_queries_over_the_4000_cap(tmp_path, boundaries):
     """9,000 photos: a Karachi spread (needs quadtree splits) and 4,500 photos geotagged on one spot, as with a
     landmark's shared geotag (only date bisection can split those). The fake

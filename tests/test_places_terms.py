@@ -149,3 +149,21 @@ def test_asset_check_fails_on_a_row_older_than_30_days(tmp_path, boundaries_path
         off = dg.materialize([google_places_photos], resources=resources, partition_key="ict")
     assert off.success and check_of(off).passed
     assert len(_manifest(tmp_path)) == len(m) - 1
+
+
+def test_a_record_rejected_at_discovery_keeps_no_photo_reference():
+    """A rejection is final: the base ``sort_items`` drops ``forget_when_final`` fields, not only a download."""
+    from types import SimpleNamespace
+
+    from tests.crawl_support import fast_http, places_source
+
+    from pipeline.sources.http import HttpStats
+
+    source = places_source("http://127.0.0.1:9", fast_http(attempts=1), HttpStats(), clock=_at(0))
+    ctx = SimpleNamespace(judge_located=lambda records, *a: [None] * len(records))
+    fresh = {"place_id": "p", "lat": 33.7, "lon": 73.0, "fetched_at": T0.isoformat(), "photo_reference": "ref0"}
+    stale = {**fresh, "fetched_at": (T0 - dt.timedelta(days=31)).isoformat(), "photo_reference": "ref1"}
+    keep, rejected = source.sort_items(["p:0", "p:1"], [fresh, stale], ctx)
+    assert keep == [("p:0", fresh)] and fresh["photo_reference"] == "ref0"  # kept: still needed to download
+    assert [(r.item_id, r.reason) for r in rejected] == [("p:1", reasons.COORDINATES_EXPIRED)]
+    assert "photo_reference" not in rejected[0].record and rejected[0].record["place_id"] == "p"

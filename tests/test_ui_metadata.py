@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.core.paths import DataPaths
+from pipeline.core.report import is_distance_km
 from pipeline.defs.jobs import MAIN_JOB
 from pipeline.defs.metadata import PREVIEW_MAX_HEIGHT, PREVIEW_MAX_WIDTH, REPORTS_URL_ENV
 from tests.cluster_support import small_main_job_config
@@ -204,7 +205,7 @@ def test_no_unrounded_numbers_anywhere(run):
             event = instance.get_latest_materialization_event(key)
             for label, value in (event.asset_materialization.metadata.items() if event else []):
                 if isinstance(value, dg.FloatMetadataValue) and value.value == value.value:  # not NaN
-                    digits = 1 if "km" in label else 3
+                    digits = 1 if is_distance_km(label) else 3
                     if round(value.value, digits) != value.value:
                         bad.append((key.to_user_string(), label, value.value))
                 if isinstance(value, dg.MarkdownMetadataValue) and "http" not in value.value:
@@ -241,6 +242,16 @@ def test_markdown_table_keeps_long_cells_and_rounds_km():
                                       "median_km": [49.741029379003365], "share": [0.123456],
                                       "≤25 km (%)": [12.5]}))
     assert long in md and "| 49.7 |" in md and "| 0.123 |" in md and "49.74" not in md and "| 12.5 |" in md
+
+
+def test_pipes_metadata_rounds_distances_to_km_and_shares_to_three_digits():
+    """``rounded`` follows the tables' rule: ``acc_25km`` is a share (3 digits), not a distance (0.1 km)."""
+    from pipeline.defs.metadata import rounded
+
+    out = rounded({"trainer_val_median_km": 49.7410, "trainer_val_acc_25km": 0.83456, "trainer_seconds": 12.34567,
+                   "trainer_world_size": 2})
+    assert out == {"trainer_val_median_km": 49.7, "trainer_val_acc_25km": 0.835, "trainer_seconds": 12.346,
+                   "trainer_world_size": 2}
 
 
 def test_picture_preview_fits_and_never_upscales(tmp_path):

@@ -28,6 +28,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import stat as stat_mod
 import struct
 import tempfile
@@ -58,6 +59,7 @@ from pipeline.core.schema import (
     REJECTIONS_SCHEMA,
     UTC_TS,
     SchemaError,
+    check_image_ids,
     empty_frame,
     to_table,
 )
@@ -105,7 +107,6 @@ RESOLVED_SCHEMA = pa.schema(
         pa.field("key64", pa.uint64(), nullable=False),  # hash of image_id: duplicates are found on 8 bytes/row
     ]
 )
-_HEX_ID = r"^[0-9a-f]{64}$"
 
 
 def _present(v) -> bool:
@@ -360,6 +361,12 @@ def _shard_files_unchanged(task: tuple[str, str]) -> bool:
 
 
 # ------------------------------------------------------------------------------------------------ header cache
+def header_dir(state_dir: Path) -> Path:
+    """Header facts cached by this ENGINE_VERSION: a new engine (say, a fixed header reader) reads every file again
+    instead of trusting what the old one cached."""
+    return state_dir / "headers" / f"v{ENGINE_VERSION}"
+
+
 class HeaderCache:
     """Append-only Parquet shards of header facts. A manifest's resolution consults the shards written before it
     started (earlier builds, earlier manifests of this build), loading only the rows of its ids."""
@@ -497,7 +504,7 @@ class _Builder:
         self.scheduler_address = scheduler_address
         self._pool: Executor | None = None
         self.state_dir = state_dir
-        self.headers = HeaderCache(state_dir / "headers")
+        self.headers = HeaderCache(header_dir(state_dir))
         self.workers = workers
         self.progress = progress
         self.stats = CatalogStats()
@@ -648,14 +655,6 @@ def _passes(batch: pa.RecordBatch | pa.Table, now_us: int) -> np.ndarray:
     return no_reason & (taken <= now_us)
 
 
-def _check_ids(ids: pa.Array, what: str) -> None:
-    ids = ids.drop_null()
-    bad = pc.invert(pc.match_substring_regex(ids, _HEX_ID))
-    if pc.any(bad).as_py():
-        raise SchemaError(f"{what}: image_id must be a lowercase sha256 hex digest, got "
-                          f"{ids.filter(bad)[:3].to_pylist()}")
-
-
 def _rejections(table: pa.Table, rejected: np.ndarray, judged: dict[int, tuple[str, str]]) -> pa.Table:
     """The rejected rows of a batch as REJECTIONS_SCHEMA: their resolved reason, or the one this pass judged."""
     rows = table.filter(pa.array(rejected))
@@ -708,12 +707,12 @@ def _final_pass(shards: Sequence[Path], now: dt.datetime, catalog_path: Path, re
                 table = pa.Table.from_batches([batch])
                 kept = table.filter(pa.array(keep)).select(CATALOG_SCHEMA.names).cast(CATALOG_SCHEMA)
                 if len(kept):
-                    _check_ids(kept["image_id"], "catalog")
+                    check_image_ids(kept["image_id"], "catalog")
                     cat_w.write_table(kept)
                     n_rows += len(kept)
                 if not keep.all():
                     out = _rejections(table, ~keep, judged)
-                    _check_ids(out["image_id"], "catalog rejections")
+                    check_image_ids(out["image_id"], "catalog rejections")
                     rej_w.write_table(out)
                     n_rej += len(out)
     return n_rows, n_rej
@@ -738,10 +737,15 @@ def build_catalog_files(
 
     now = now or dt.datetime.now(dt.timezone.utc)
     state_dir = Path(state_dir)
-    for sub in ("manifests", "headers"):
-        (state_dir / sub).mkdir(parents=True, exist_ok=True)
-    builder = _Builder(store, state_dir, workers or os.cpu_count() or 1, progress, scheduler_address)
+    for folder in (state_dir / "manifests", header_dir(state_dir)):
+        folder.mkdir(parents=True, exist_ok=True)
     with exclusive_lock(state_dir / "build.lock", "a catalog build on this data root"):
+        for old in (state_dir / "headers").iterdir():  # what an earlier engine cached is never read again
+            if old.is_dir() and old != header_dir(state_dir):
+                shutil.rmtree(old)
+            elif old.is_file():
+                old.unlink()
+        builder = _Builder(store, state_dir, workers or os.cpu_count() or 1, progress, scheduler_address)
         t0 = time.perf_counter()
         try:
             shards = builder.update_state([Path(m) for m in manifests], Path(store.root).resolve())

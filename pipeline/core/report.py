@@ -33,11 +33,16 @@ def markdown_table(df: pd.DataFrame, max_rows: int = 30, floatfmt: str = "{:.3f}
     return "\n".join([header, sep, *body, *more])
 
 
+def is_distance_km(name) -> bool:
+    """A name for a distance in km ends in ``km`` as a word (``median_km``, ``baseline median km``); a share such
+    as ``acc_25km`` does not."""
+    return re.search(r"(^|[_ ])km$", str(name).strip().lower()) is not None
+
+
 def column_floatfmt(column, default: str = "{:.3f}") -> str:
-    """Distances (a name ending in ``km``: ``median_km``, ``baseline median km``) to 0.1 km, percentages (a ``%``
-    in the name) to 0.1 %; everything else, shares such as ``acc_25km`` included, ``default``."""
-    name = str(column).strip().lower()
-    return "{:.1f}" if re.search(r"(^|[_ ])km$", name) or "%" in name else default
+    """Distances (``is_distance_km``) to 0.1 km, percentages (a ``%`` in the name) to 0.1 %; everything else,
+    shares such as ``acc_25km`` included, ``default``."""
+    return "{:.1f}" if is_distance_km(column) or "%" in str(column) else default
 
 
 def round_km(value: float) -> float:

@@ -130,15 +130,20 @@ def to_table(df: pd.DataFrame, schema: pa.Schema, check_values: bool = True) -> 
     return table
 
 
+def check_image_ids(ids: pa.Array | pa.ChunkedArray, what: str | None = None) -> None:
+    """Every non-null id is a lowercase sha256 hex digest (nulls are for the nullability rule to judge)."""
+    ok = pc.match_substring_regex(ids, "^[0-9a-f]{64}$")
+    if not pc.all(ok, skip_nulls=True, min_count=0).as_py():
+        bad = ids.filter(pc.invert(pc.fill_null(ok, True)))
+        raise SchemaError(f"{what + ': ' if what else ''}image_id must be a lowercase sha256 hex digest, "
+                          f"got {bad.slice(0, 3).to_pylist()}")
+
+
 def _check_values(table: pa.Table) -> None:
     """Value rules, one pyarrow.compute pass per column (no per-row Python: 1 M rows in well under a second)."""
     names = set(table.column_names)
     if "image_id" in names:
-        ids = table["image_id"]
-        ok = pc.match_substring_regex(ids, "^[0-9a-f]{64}$")  # nulls stay null: the nullability rule judges them
-        if not pc.all(ok, skip_nulls=True, min_count=0).as_py():
-            bad = ids.filter(pc.invert(pc.fill_null(ok, True)))
-            raise SchemaError(f"image_id must be a lowercase sha256 hex digest, got {bad.slice(0, 3).to_pylist()}")
+        check_image_ids(table["image_id"])
     for name, lo, hi in (("lat", -90.0, 90.0), ("lon", -180.0, 180.0)):
         if name in names:
             vals = pc.cast(table[name], pa.float64())

@@ -152,6 +152,9 @@ def crawl_freshness_check_for(asset: dg.AssetsDefinition) -> dg.AssetChecksDefin
 
 
 # ------------------------------------------------------------------------------------------------ local folder
+FIRES_KEY = "fires"  # in the sensor's cursor, next to the fingerprint: how many runs it requested
+
+
 def folder_fingerprint(cfg_folder: str | None, cfg_manifest: str | None) -> dict[str, float] | None:
     """What the sensor compares: file count, newest mtime and total size under the folder (hidden files skipped,
     as the ingest skips them), and the manifest's mtime and size. None when no local source is configured."""
@@ -190,11 +193,14 @@ def local_images_sensor(context: dg.SensorEvaluationContext, local_source: Local
         return dg.SkipReason("no local source configured (GEOPAK_LOCAL_FOLDER / GEOPAK_LOCAL_MANIFEST)")
     if now["files"] == 0 and now["manifest_bytes"] == 0:
         return dg.SkipReason(f"nothing in {cfg.folder or cfg.manifest} yet")
-    before = json.loads(context.cursor) if context.cursor else None
+    before = json.loads(context.cursor) if context.cursor else {}
+    fires = int(before.pop(FIRES_KEY, 0))
     if before == now:
         return dg.SkipReason(f"no change: {now['files']} files, as at the last run")
-    context.update_cursor(json.dumps(now, sort_keys=True))
-    key = "|".join(f"{k}={now[k]}" for k in sorted(now))
+    # the run key counts this sensor's runs: a folder back to an earlier state (a file added, then removed) is a
+    # change too, and a run key equal to that earlier run's would make Dagster drop the request silently
+    context.update_cursor(json.dumps({**now, FIRES_KEY: fires + 1}, sort_keys=True))
+    key = f"{fires + 1}|" + "|".join(f"{k}={now[k]}" for k in sorted(now))
     return dg.RunRequest(run_key=key, tags={"geopak/trigger": "local folder changed"})
 
 

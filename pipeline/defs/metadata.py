@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.core.paths import DataPaths
-from pipeline.core.report import markdown_table, round_km, round_share
+from pipeline.core.report import is_distance_km, markdown_table, round_km, round_share
 from pipeline.core.schema import description
 from pipeline.core.store import atomic_write_bytes
 
@@ -102,13 +102,13 @@ def table_metadata(
 
 
 def rounded(metadata: Mapping[str, object]) -> dict[str, object]:
-    """Plain float values rounded to what they mean (``*km*``: 0.1 km; others: 3 digits), e.g. numbers a
-    subprocess reported through Pipes; everything else unchanged."""
+    """Plain float values rounded to what they mean (distances, ``is_distance_km``: 0.1 km; others, shares such as
+    ``acc_25km`` included: 3 digits), e.g. numbers a subprocess reported through Pipes; everything else unchanged."""
     out: dict[str, object] = {}
     for key, value in metadata.items():
         raw = value.value if isinstance(value, dg.FloatMetadataValue) else value
         if isinstance(raw, float) and not isinstance(raw, bool):
-            value = round_km(raw) if "km" in key else round_share(raw)
+            value = round_km(raw) if is_distance_km(key) else round_share(raw)
         out[key] = value
     return out
 

@@ -17,10 +17,9 @@ from pydantic import Field
 
 from geopak_model.config import PRESETS, TrainConfig, preset
 from geopak_model.report import baseline_comparison, beats_baselines
-from pipeline.core.report import curves_png
+from pipeline.core.report import curves_png, round_km, round_share
 from pipeline.core.store import atomic_write_bytes
 from pipeline.defs.config import config_class, overrides
-from pipeline.core.report import round_km, round_share
 from pipeline.defs.metadata import md_table, plot, rounded
 from pipeline.defs.resources import DataRootResource, TorchrunResource, writes_stage
 from pipeline.train_entry import EPOCH_MESSAGE

@@ -241,10 +241,12 @@ class Source(ABC):
         """Catalog fields for one downloaded item (everything but source, source_id, image_id and path)."""
 
     def sort_items(self, ids: list[str], records: list[dict], ctx: CrawlContext) -> tuple[list, list[Rejected]]:
-        """Split found records into (items to download, rejections) with ``judge``."""
+        """Split found records into (items to download, rejections) with ``judge``; a rejection is final, so its
+        record drops the ``forget_when_final`` fields at once (as a finished download's does)."""
         verdicts = self.judge(records, ctx) if records else []
         keep = [(i, r) for i, r, v in zip(ids, records, verdicts) if v is None]
-        rejected = [Rejected(i, r, v) for i, r, v in zip(ids, records, verdicts) if v is not None]
+        rejected = [Rejected(i, {k: x for k, x in r.items() if k not in self.forget_when_final}, v)
+                    for i, r, v in zip(ids, records, verdicts) if v is not None]
         return keep, rejected
 
 
@@ -350,11 +352,7 @@ STOPPED_KEY = "stopped_early"  # crawl-state meta: why the last run stopped earl
 
 def remaining_work(state: CrawlState) -> dict[str, int]:
     """What a stopped or deferred crawl left for the next run: pending units per kind, items still to download."""
-    out: dict[str, int] = {}
-    for unit, status in state.units():
-        if status != DONE:
-            kind = f"units {unit.unit_id.split(':', 1)[0]}"
-            out[kind] = out.get(kind, 0) + 1
+    out = {f"units {kind}": n for kind, n in state.unfinished_unit_kinds().items()}
     items = state.counts()["items"]
     out["items to download"] = items.get(PENDING, 0) + items.get(FAILED, 0)
     return out

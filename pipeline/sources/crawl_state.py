@@ -235,6 +235,13 @@ class CrawlState:
         rows = self._con.execute(f"SELECT unit_id, payload, status FROM units WHERE {cond} ORDER BY seq", args)
         return [(Unit(uid, json.loads(payload)), status) for uid, payload, status in rows.fetchall()]
 
+    def unfinished_unit_kinds(self) -> dict[str, int]:
+        """Units not ``done`` (pending or deferred), counted by kind (the unit id before its first ``:``)."""
+        rows = self._con.execute(
+            "SELECT CASE WHEN instr(unit_id, ':') > 0 THEN substr(unit_id, 1, instr(unit_id, ':') - 1) ELSE unit_id "
+            "END AS kind, COUNT(*) FROM units WHERE status != ? GROUP BY kind ORDER BY MIN(seq)", (DONE,))
+        return dict(rows.fetchall())
+
     def set_unit_payloads(self, payloads: dict[str, dict]) -> None:
         with self._tx() as con:
             con.executemany("UPDATE units SET payload = ? WHERE unit_id = ?",

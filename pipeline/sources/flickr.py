@@ -140,6 +140,7 @@ class FlickrSource(Source):
             raise ValueError("Flickr needs an API key and secret")
         self.cfg = cfg
         self.http = http
+        self.upload_floor = upload_floor_seconds(cfg.min_upload_date)  # a bad date fails here, before any request
         self.api = flickrapi.FlickrAPI(
             cfg.api_key, cfg.api_secret, format="parsed-json", store_token=False, timeout=http.timeout_s
         )
@@ -189,9 +190,8 @@ class FlickrSource(Source):
                 self._run_query(ctx, unit.unit_id, Query.from_payload(unit.payload))
 
     def _search(self, q: Query) -> dict:
-        floor = upload_floor_seconds(self.cfg.min_upload_date)
         reply = self.api.photos.search(
-            **({"min_upload_date": floor} if floor is not None else {}),
+            **({"min_upload_date": self.upload_floor} if self.upload_floor is not None else {}),
             bbox=",".join(f"{v:.6f}" for v in q.bbox),
             has_geo=1,
             min_taken_date=_mysql(q.t0),

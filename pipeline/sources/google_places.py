@@ -409,8 +409,6 @@ class GooglePlacesSource(Source):
                             "photo_reference": p["photo_reference"], "width": p.get("width"),
                             "height": p.get("height"), "html_attributions": list(p.get("html_attributions") or [])})
         keep, rejected = self.sort_items(ids, records, ctx)
-        rejected = [dataclasses.replace(r, record={k: v for k, v in r.record.items() if k not in FORGET_WHEN_FINAL})
-                    for r in rejected]
         ctx.state.complete_unit(unit.unit_id, keep, rejected, result={"photos": len(ids)}, payload={})
 
     def _refresh_coordinates(self, ctx: CrawlContext) -> None:
