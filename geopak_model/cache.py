@@ -26,12 +26,10 @@ A cache written by the previous layout (``clip-<gen>.npy``, ``index-<gen>.parque
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import secrets
 import shutil
-import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -46,7 +44,7 @@ from geopak_model.data import ImageDataset, make_loader
 from geopak_model.encoders import DualEncoder
 from geopak_model.precision import amp_dtype as resolve_amp_dtype
 from geopak_model.precision import autocast, dtype_name
-from pipeline.core.processes import pid_running
+from pipeline.core.processes import writer_gone, writer_tag
 from pipeline.core.store import atomic_path, atomic_write_bytes, sweep_orphan_temps
 
 META = "meta.json"
@@ -56,10 +54,6 @@ INDEX_SUFFIX = ".index.parquet"
 # issue 13.3: a build commits its progress at least this often (a kill loses at most one chunk)
 CHUNK_IMAGES = 2000
 CHUNK_SECONDS = 60.0
-# shard names carry a short id of the writer's host: a pid means nothing on another machine sharing the data root
-_HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
-# another host's feature files without an index are removed once this old (its writer commits within seconds)
-UNCOMMITTED_STALE_S = 24 * 3600.0
 
 
 class EmbeddingCache:
@@ -195,12 +189,12 @@ class EmbeddingCache:
         (a killed writer's) are removed here."""
         self._sweep_uncommitted()
         numbers = [int(n.split("-")[0]) for n in self.shard_names() if n.split("-")[0].isdigit()]
-        return f"{(max(numbers) + 1) if numbers else 0:06d}-{os.getpid()}_{_HOST}-{secrets.token_hex(4)}"
+        return f"{(max(numbers) + 1) if numbers else 0:06d}-{writer_tag()}-{secrets.token_hex(4)}"
 
     def _sweep_uncommitted(self) -> None:
         """Remove feature files without an index whose writer is gone: a pid is only checked on its own host (on a
         shared data root another machine's writer may be mid-shard); other hosts' files go once they are
-        ``UNCOMMITTED_STALE_S`` old."""
+        ``FOREIGN_WRITER_STALE_S`` old (``pipeline.core.processes.writer_gone``)."""
         folder = self.dir / SHARDS
         sweep_orphan_temps(folder)
         for f in folder.glob("*.npy"):
@@ -208,15 +202,7 @@ class EmbeddingCache:
             if (folder / f"{name}{INDEX_SUFFIX}").exists():
                 continue
             parts = name.split("-")
-            pid, _, host = parts[1].partition("_") if len(parts) == 3 else ("", "", "")
-            if host in ("", _HOST):  # this host's writer (or a name without a host: written before hosts were)
-                gone = not (pid.isdigit() and pid_running(int(pid)))
-            else:
-                try:
-                    gone = time.time() - f.stat().st_mtime > UNCOMMITTED_STALE_S
-                except FileNotFoundError:  # another writer's sweep removed it meanwhile
-                    continue
-            if gone:
+            if writer_gone(parts[1] if len(parts) == 3 else "", f):
                 f.unlink(missing_ok=True)
 
     def record_rejections(self, rejected: pd.DataFrame) -> None:

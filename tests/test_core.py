@@ -172,3 +172,29 @@ def test_one_missing_value_predicate_for_every_spelling():
     for v in (0, 0.0, "x", " x ", pd.Timestamp("2020-01-01"), np.float32(1.5), [1], {"a": 1}, b""):
         assert not is_missing(v), repr(v)
     assert not is_missing("  ") and is_missing("  ", blank_text=True) and is_missing("", blank_text=True)
+
+
+def test_sweep_keeps_another_hosts_fresh_temp_files(tmp_path):
+    """On a shared data root another machine's writer may be mid-write: its temp file is kept (its pid means
+    nothing here) until it is stale; this host's dead writer's temp goes at once, a live one stays."""
+    import os
+    import subprocess
+    import time
+
+    from pipeline.core import processes
+    from pipeline.core.store import atomic_path, sweep_orphan_temps
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    other = "0123abcd" if processes.HOST_TAG != "0123abcd" else "fedcba98"
+    remote = tmp_path / f".a.parquet.{dead.pid}_{other}.x1.tmp"
+    stale = tmp_path / f".b.parquet.{dead.pid}_{other}.x2.tmp"
+    local = tmp_path / f".c.parquet.{dead.pid}_{processes.HOST_TAG}.x3.tmp"
+    for f in (remote, stale, local):
+        f.write_bytes(b"half")
+    old = time.time() - processes.FOREIGN_WRITER_STALE_S - 60
+    os.utime(stale, (old, old))
+    with atomic_path(tmp_path / "d.parquet") as live:
+        live.write_bytes(b"being written")
+        assert sweep_orphan_temps(tmp_path) == 2
+        assert live.exists() and remote.exists() and not stale.exists() and not local.exists()

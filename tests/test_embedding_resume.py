@@ -154,22 +154,22 @@ def test_uncommitted_shard_files_of_another_host_are_kept_until_stale(tmp_path):
     pointing at missing features), until they are a day old; this host's dead writer's files go at once."""
     import numpy as np
 
-    from geopak_model import cache as cache_mod
+    from pipeline.core import processes
 
     cache = EmbeddingCache(tmp_path, "wid")
     cache.add(["a"], np.ones((1, 4), np.float16), np.ones((1, 6), np.float16))
     written = EmbeddingCache(tmp_path, "wid").shard_names()[0]
-    assert written.split("-")[1] == f"{os.getpid()}_{cache_mod._HOST}"  # <seq>-<pid>_<host>-<random>
+    assert written.split("-")[1] == f"{os.getpid()}_{processes.HOST_TAG}"  # <seq>-<pid>_<host>-<random>
     dead = subprocess.Popen(["true"])
     dead.wait()
     shards = tmp_path / "wid" / SHARDS
-    other = "0123abcd" if cache_mod._HOST != "0123abcd" else "fedcba98"
+    other = "0123abcd" if processes.HOST_TAG != "0123abcd" else "fedcba98"
     remote = shards / f"000005-{dead.pid}_{other}-aaaaaaaa.clip.npy"  # same pid, other host: maybe running there
     stale = shards / f"000006-{dead.pid}_{other}-bbbbbbbb.clip.npy"
-    local = shards / f"000007-{dead.pid}_{cache_mod._HOST}-cccccccc.clip.npy"
+    local = shards / f"000007-{dead.pid}_{processes.HOST_TAG}-cccccccc.clip.npy"
     for f in (remote, stale, local):
         np.save(f, np.ones((1, 4), np.float16))
-    old = time.time() - cache_mod.UNCOMMITTED_STALE_S - 60
+    old = time.time() - processes.FOREIGN_WRITER_STALE_S - 60
     os.utime(stale, (old, old))
     cache.add(["b"], np.ones((1, 4), np.float16), np.ones((1, 6), np.float16))
     assert remote.exists() and not stale.exists() and not local.exists()

@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import multiprocessing as mp
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -81,6 +83,30 @@ def spawn_pool(max_workers: int) -> ProcessPoolExecutor:
     workers wait on their task queue forever, and keep multiprocessing's resource tracker alive with them)."""
     return ProcessPoolExecutor(max_workers=max_workers, mp_context=mp.get_context("spawn"),
                                initializer=_init_pool_worker, initargs=(os.getpid(),))
+
+
+# A short id of this host: a pid means nothing on another machine sharing the data root (shared storage, k8s pods)
+HOST_TAG = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+# another host's unfinished file is removed once this old (its writer finishes or dies long before)
+FOREIGN_WRITER_STALE_S = 24 * 3600.0
+
+
+def writer_tag() -> str:
+    """``<pid>_<host>``: who is writing a temp or uncommitted file, put in its name (see ``writer_gone``)."""
+    return f"{os.getpid()}_{HOST_TAG}"
+
+
+def writer_gone(tag: str, path: Path) -> bool:
+    """Whether the writer named by ``tag`` (``writer_tag``; a bare pid from before hosts were recorded counts as this
+    host's) can no longer finish ``path``: its pid is checked on its own host only; another host's file is judged
+    by age (``FOREIGN_WRITER_STALE_S``). A file that vanished meanwhile is not ours to remove."""
+    pid, _, host = tag.partition("_")
+    if host in ("", HOST_TAG):
+        return not (pid.isdigit() and pid_running(int(pid)))
+    try:
+        return time.time() - path.stat().st_mtime > FOREIGN_WRITER_STALE_S
+    except FileNotFoundError:
+        return False
 
 
 def pid_running(pid: int) -> bool:

@@ -21,7 +21,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from pipeline.core.processes import pid_running
+from pipeline.core.processes import writer_gone, writer_tag
 
 
 # below this many free bytes, a writer's unexplained "write failed" is taken as a full disk
@@ -92,7 +92,7 @@ def atomic_path(path: str | Path, need_bytes: int | None = None) -> Iterator[Pat
         if need_bytes is not None:
             ensure_free_space(path, need_bytes)
         # the writer's pid is in the name, so a later run can tell a killed writer's leftover from a live one's
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{writer_tag()}.", suffix=".tmp", dir=path.parent)
     except OSError as exc:
         if isinstance(exc, DiskFullError) or not _is_disk_full(exc):
             raise
@@ -118,12 +118,12 @@ def atomic_path(path: str | Path, need_bytes: int | None = None) -> Iterator[Pat
 
 
 def sweep_orphan_temps(folder: str | Path) -> int:
-    """Remove temp files left by writers that were killed (SIGKILL, power loss) under ``folder``; keep live ones."""
+    """Remove temp files left by writers that were killed (SIGKILL, power loss) under ``folder``; keep live ones,
+    and another host's until they are stale (on a shared data root its writer may be mid-write)."""
     removed = 0
     for tmp in Path(folder).rglob(".*.tmp"):
-        parts = tmp.name.rsplit(".", 3)  # ".<name>.<pid>.<random>.tmp" -> [..., pid, random, "tmp"]
-        pid = int(parts[1]) if len(parts) == 4 and parts[1].isdigit() else None
-        if pid is None or not pid_running(pid):
+        parts = tmp.name.rsplit(".", 3)  # ".<name>.<pid>_<host>.<random>.tmp" -> [..., writer, random, "tmp"]
+        if len(parts) != 4 or writer_gone(parts[1], tmp):
             tmp.unlink(missing_ok=True)
             removed += 1
     return removed

@@ -32,13 +32,11 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.core.processes import pid_running
-from pipeline.core.store import atomic_path
+from pipeline.core.store import atomic_path, sweep_orphan_temps
 
 T = TypeVar("T")
 SHARD_GLOB = "part-*.parquet"
 _SHARD_RE = re.compile(r"^part-(\d{12})-[0-9a-z]+\.parquet$")
-_TEMP_RE = re.compile(r"^\.part-.*\.parquet\.(\d+)\..*\.tmp$")  # atomic_path's temp name: the writer's pid inside
 LEGACY_SUFFIX = ".legacy"  # a one-file cache being moved into its folder
 
 
@@ -151,14 +149,11 @@ class ImageValueCache:
 
     # ------------------------------------------------------------------------------------------------ writes
     def _sweep_temps(self) -> None:
-        """Remove temp files a killed writer left (their pid is in the name and no longer runs)."""
+        """Remove temp files a killed writer left (``pipeline.core.store.sweep_orphan_temps``)."""
         if self._swept or not self.path.is_dir():
             return
         self._swept = True
-        for tmp in self.path.glob(".part-*.tmp"):
-            m = _TEMP_RE.match(tmp.name)
-            if m and int(m.group(1)) != os.getpid() and not pid_running(int(m.group(1))):
-                tmp.unlink(missing_ok=True)
+        sweep_orphan_temps(self.path)
 
     def add(self, new: pd.DataFrame) -> Path | None:
         """Append ``new`` as one shard (atomic); rows here replace older rows of the same image_id and key."""
