@@ -51,6 +51,11 @@ def describe(doc: str, bounds: Mapping[str, Any]) -> str:
     return f"{doc} ({', '.join(shown)})" if shown else doc
 
 
+def bounded_field(default: Any, doc: str, **bounds: Any) -> Any:
+    """A pydantic ``Field`` whose description shows its bounds (``describe``): the bounds are written once."""
+    return pydantic.Field(default=default, description=describe(doc, bounds), **bounds)
+
+
 def field_meta(dc: type, name: str) -> dict[str, Any]:
     """A dataclass field's doc/bounds/choices: its own metadata, completed by ``register_docs``."""
     f = {x.name: x for x in dataclasses.fields(dc)}[name]

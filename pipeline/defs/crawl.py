@@ -19,7 +19,7 @@ from pipeline.core.paths import DataPaths
 from pipeline.core.processes import exclusive_lock
 from pipeline.core.provinces import PROVINCE_KEYS
 from pipeline.core.report import province_map_png
-from pipeline.defs.config import dataclass_kwargs
+from pipeline.defs.config import bounded_field, dataclass_kwargs
 from pipeline.core.schema import RAW_MANIFEST_SCHEMA
 from pipeline.defs.metadata import md_table, plot, schema_metadata, table_metadata
 from pipeline.defs.resources import BoundariesResource, DataRootResource, LaunchEnvResource
@@ -50,16 +50,12 @@ class CrawlResource(LaunchEnvResource):
     are read from the environment at run start (``env``), so they never enter the run config."""
 
     enabled: bool = Field(default=True, description="false: the source is skipped (its partitions record why)")
-    timeout_s: float = Field(default=30.0, gt=0, description="seconds per HTTP request before it counts as failed "
-                             "(> 0)")
-    max_attempts: int = Field(default=6, ge=1, description="tries per request before a unit or download gives up "
-                              "(≥ 1)")
-    backoff_base_s: float = Field(default=1.0, ge=0, description="first retry delay; doubles per attempt, with "
-                                  "jitter (≥ 0)")
-    backoff_max_s: float = Field(default=60.0, ge=0, description="longest retry delay (≥ 0)")
-    download_workers: int = Field(default=8, ge=1, description="parallel image downloads (≥ 1)")
-    max_image_mb: float = Field(default=25.0, gt=0, description="larger images are rejected without being stored "
-                                "(> 0)")
+    timeout_s: float = bounded_field(30.0, "seconds per HTTP request before it counts as failed", gt=0)
+    max_attempts: int = bounded_field(6, "tries per request before a unit or download gives up", ge=1)
+    backoff_base_s: float = bounded_field(1.0, "first retry delay; doubles per attempt, with jitter", ge=0)
+    backoff_max_s: float = bounded_field(60.0, "longest retry delay", ge=0)
+    download_workers: int = bounded_field(8, "parallel image downloads", ge=1)
+    max_image_mb: float = bounded_field(25.0, "larger images are rejected without being stored", gt=0)
     user_agent: str = Field(default=DEFAULT_USER_AGENT, description="User-Agent header of every request")
 
     def http_settings(self, paths: DataPaths) -> HttpSettings:
@@ -94,20 +90,17 @@ class FlickrResource(CrawlResource):
     api_key: str = Field(default="", description="empty: FLICKR_API_KEY at run start (never shown or logged)")
     api_secret: str = Field(default="", description="empty: FLICKR_API_SECRET at run start (never shown or logged)")
     rest_url: str = Field(default=DEFAULT_REST_URL, description="Flickr REST endpoint")
-    queries_per_hour: float = Field(default=3600.0, gt=0, description="API budget per key (Flickr's limit: 3600) "
-                                    "(> 0)")
+    queries_per_hour: float = bounded_field(3600.0, "API budget per key (Flickr's limit: 3600)", gt=0)
     min_taken_date: str = Field(default="2000-01-01", description="earliest taken date searched (YYYY-MM-DD)")
     max_taken_date: str = Field(default="", description="empty: when the province's crawl first started; set a "
                                 "later date to pick up newer photos")
     licenses: list[str] = Field(default=list(OPEN_LICENSES), description="Flickr licence ids to keep (0 = ARR)")
-    min_accuracy: int = Field(default=11, ge=1, le=16, description="Flickr geo accuracy kept: 1 world … 11 city "
-                              "… 16 street (≥ 1, ≤ 16)")
+    min_accuracy: int = bounded_field(11, "Flickr geo accuracy kept: 1 world … 11 city … 16 street", ge=1, le=16)
     sizes: list[str] = Field(default=["url_l", "url_c", "url_z", "url_m"], description="image sizes asked for; the "
                              "first one present is downloaded")
-    min_tile_deg: float = Field(default=0.01, gt=0, description="a search over 4,000 results is split by area down "
-                                "to tiles this small (degrees) (> 0)")
-    min_window_hours: float = Field(default=1.0, gt=0, description="… then by taken date down to windows this "
-                                    "short (hours) (> 0)")
+    min_tile_deg: float = bounded_field(0.01, "a search over 4,000 results is split by area down to tiles this small "
+                                        "(degrees)", gt=0)
+    min_window_hours: float = bounded_field(1.0, "… then by taken date down to windows this short (hours)", gt=0)
     min_upload_date: str = Field(default="", description="only photos uploaded at or after this UTC date/time (ISO); "
                                  f"the run tag {MIN_UPLOAD_TAG} (set by the weekly schedule) wins; empty: all")
     _run_floor: str = PrivateAttr(default="")
@@ -147,25 +140,21 @@ class GooglePlacesResource(CrawlResource):
                                     "start, else off")
     api_key: str = Field(default="", description="empty: GOOGLE_MAPS_API_KEY at run start (never shown or logged)")
     base_url: str = Field(default=DEFAULT_BASE_URL, description="Places API endpoint")
-    queries_per_second: float = Field(default=10.0, gt=0, description="API budget per key (> 0)")
-    tile_deg: float = Field(default=0.25, gt=0, description="side of the nearby-search tiles (degrees) (> 0)")
-    min_tile_deg: float = Field(default=0.01, gt=0, description="a full tile is split down to this side (degrees) "
-                                "(> 0)")
+    queries_per_second: float = bounded_field(10.0, "API budget per key", gt=0)
+    tile_deg: float = bounded_field(0.25, "side of the nearby-search tiles (degrees)", gt=0)
+    min_tile_deg: float = bounded_field(0.01, "a full tile is split down to this side (degrees)", gt=0)
     place_type: str = Field(default="", description='place type searched, e.g. "tourist_attraction"; empty: any')
     keyword: str = Field(default="", description="keyword searched; empty: none")
-    max_photos_per_place: int = Field(default=10, ge=0, le=10, description="photos kept per place (details return "
-                                      "at most 10) (≥ 0, ≤ 10)")
-    max_width: int = Field(default=1600, ge=1, le=1600, description="photo width asked for (legacy maximum 1600) "
-                           "(≥ 1, ≤ 1600)")
-    page_token_delay_s: float = Field(default=2.0, ge=0, description="wait before asking for the next result page "
-                                      "(its token needs time to become valid) (≥ 0)")
-    page_token_tries: int = Field(default=3, ge=1, description="tries of a page token answered INVALID_REQUEST "
-                                  "(not ready or expired) before the tile is searched again (≥ 1)")
-    search_restarts: int = Field(default=1, ge=0, description="new searches of a tile whose page token stays "
-                                 "invalid; then the tile is left for the next run (≥ 0)")
-    refresh_after_days: float = Field(default=27.0, gt=0, lt=30, description="coordinates this old are fetched "
-                                      "again from Place Details (Google's terms allow caching them 30 days) "
-                                      "(> 0, < 30)")
+    max_photos_per_place: int = bounded_field(10, "photos kept per place (details return at most 10)", ge=0, le=10)
+    max_width: int = bounded_field(1600, "photo width asked for (legacy maximum 1600)", ge=1, le=1600)
+    page_token_delay_s: float = bounded_field(2.0, "wait before asking for the next result page (its token needs "
+                                              "time to become valid)", ge=0)
+    page_token_tries: int = bounded_field(3, "tries of a page token answered INVALID_REQUEST (not ready or expired) "
+                                          "before the tile is searched again", ge=1)
+    search_restarts: int = bounded_field(1, "new searches of a tile whose page token stays invalid; then the tile is "
+                                         "left for the next run", ge=0)
+    refresh_after_days: float = bounded_field(27.0, "coordinates this old are fetched again from Place Details "
+                                              "(Google's terms allow caching them 30 days)", gt=0, lt=30)
 
     def skip_reason(self) -> str | None:
         if not self.flag("enabled", default=False):
@@ -192,12 +181,11 @@ class Yfcc100mResource(CrawlResource):
     mirror_url_template: str = Field(default="", description="image URL with {photoid} {hash} {hash_a} (= hash[:3]) "
                                      "{hash_b} (= hash[3:6]) {ext}; empty: GEOPAK_YFCC100M_MIRROR, else the "
                                      "dataset's Flickr URLs")
-    min_accuracy: int = Field(default=11, ge=1, le=16, description="geo accuracy kept: 1 world … 11 city … 16 "
-                              "street (≥ 1, ≤ 16)")
+    min_accuracy: int = bounded_field(11, "geo accuracy kept: 1 world … 11 city … 16 street", ge=1, le=16)
     licenses: list[str] = Field(default=[], description="licence names kept; empty keeps all (YFCC100M is all "
                                 "Creative Commons)")
-    block_mb: float = Field(default=16.0, gt=0, description="metadata file read in blocks of this size (> 0)")
-    downloads_per_second: float = Field(default=20.0, ge=0, description="download rate limit; 0: unlimited (≥ 0)")
+    block_mb: float = bounded_field(16.0, "metadata file read in blocks of this size", gt=0)
+    downloads_per_second: float = bounded_field(20.0, "download rate limit; 0: unlimited", ge=0)
 
     discovery_workers: int = Field(default=0, ge=0, description="decompression threads of the one-pass discovery "
                                    "(yfcc100m_candidates); 0: one per core")
@@ -238,7 +226,8 @@ class Gldv2Resource(CrawlResource):
     GEOPAK_GLDV2_CATEGORIES_CSV (and optionally GEOPAK_GLDV2_ATTRIBUTION_CSV) to enable it; set
     GEOPAK_GLDV2_COORDINATES to a landmark-coordinates file (CSV/Parquet) to locate landmarks without Wikidata."""
 
-    ENV: ClassVar[dict[str, str]] = {"train_csv": "GEOPAK_GLDV2_TRAIN_CSV", "categories_csv": "GEOPAK_GLDV2_CATEGORIES_CSV",
+    ENV: ClassVar[dict[str, str]] = {"train_csv": "GEOPAK_GLDV2_TRAIN_CSV",
+                                     "categories_csv": "GEOPAK_GLDV2_CATEGORIES_CSV",
                                      "attribution_csv": "GEOPAK_GLDV2_ATTRIBUTION_CSV",
                                      "coordinates_path": "GEOPAK_GLDV2_COORDINATES"}
 
@@ -248,9 +237,9 @@ class Gldv2Resource(CrawlResource):
     attribution_csv: str = Field(default="", description="train_attribution.csv (licences, authors); empty: "
                                  "GEOPAK_GLDV2_ATTRIBUTION_CSV at run start")
     wikidata_api_url: str = Field(default=DEFAULT_WIKIDATA_API, description="Wikidata API that locates landmarks")
-    wikidata_requests_per_second: float = Field(default=5.0, gt=0, description="Wikidata rate limit (> 0)")
-    block_mb: float = Field(default=16.0, gt=0, description="CSV files read in blocks of this size (> 0)")
-    downloads_per_second: float = Field(default=20.0, ge=0, description="download rate limit; 0: unlimited (≥ 0)")
+    wikidata_requests_per_second: float = bounded_field(5.0, "Wikidata rate limit", gt=0)
+    block_mb: float = bounded_field(16.0, "CSV files read in blocks of this size", gt=0)
+    downloads_per_second: float = bounded_field(20.0, "download rate limit; 0: unlimited", ge=0)
     coordinates_path: str = Field(default="", description="landmark_id or wikidata_id -> lat, lon (CSV/Parquet); "
                                   "when set, Wikidata is not asked")
 
