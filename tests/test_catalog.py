@@ -89,6 +89,20 @@ def test_catalog_rejects_bad_rows_and_keeps_good(tmp_path):
     assert set(rejections["reason"]) <= set(reasons.DESCRIPTIONS)
 
 
+def test_catalog_reads_manifests_without_optional_columns_and_carries_them(tmp_path):
+    """A manifest written before the optional columns existed still builds; one that sets them keeps them."""
+    store = ImageStore(tmp_path)
+    old = pd.DataFrame([_manifest_row(store, jpeg_bytes(exif=gps_exif(31.5, 74.3)), "old")])
+    new = pd.DataFrame([_manifest_row(store, jpeg_bytes(colour=(5, 6, 7), exif=gps_exif(31.5, 74.3)), "new")])
+    new["date_note"] = ["flickr datetakenunknown=1"]
+    new["attribution"] = ['[{"displayName": "A. Photographer"}]']
+    catalog, _ = build_catalog([old, new], store, now=dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc))
+    by_id = catalog.set_index("source_id")
+    assert pd.isna(by_id.loc["old", "date_note"]) and pd.isna(by_id.loc["old", "attribution"])
+    assert by_id.loc["new", "date_note"] == "flickr datetakenunknown=1"
+    assert by_id.loc["new", "attribution"] == '[{"displayName": "A. Photographer"}]'
+
+
 def test_empty_inputs(tmp_path):
     catalog, rejections = build_catalog([], ImageStore(tmp_path))
     assert catalog.empty and rejections.empty

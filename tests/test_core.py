@@ -6,10 +6,11 @@ import ast
 from pathlib import Path
 
 import pandas as pd
+import pyarrow as pa
 import pytest
 
 from pipeline.core import provinces
-from pipeline.core.schema import CATALOG_SCHEMA, SchemaError, read_table, write_table
+from pipeline.core.schema import CATALOG_SCHEMA, SchemaError, fill_optional, is_optional, read_table, write_table
 from pipeline.core.store import ImageStore, atomic_write_bytes, sha256_hex, sniff_extension
 from tests.conftest import jpeg_bytes
 
@@ -66,6 +67,22 @@ def test_schema_rejects_bad_values(tmp_path, change, message):
     with pytest.raises(SchemaError, match=message):
         write_table(pd.DataFrame([_row(**change)]), tmp_path / "c.parquet", CATALOG_SCHEMA)
     assert not (tmp_path / "c.parquet").exists()
+
+
+def test_optional_columns_may_be_left_out_and_are_kept_when_given(tmp_path):
+    """A writer (or a file from before the column existed) may omit an optional column: it reads back as null.
+    A required column stays required."""
+    optional = [f.name for f in CATALOG_SCHEMA if is_optional(f)]
+    assert optional == ["taken_at_source", "date_note", "attribution"]
+    assert all(CATALOG_SCHEMA.field(n).nullable for n in optional)
+    df = pd.DataFrame([_row(), _row(image_id="b" * 64)])
+    back = read_table(write_table(df, tmp_path / "c.parquet", CATALOG_SCHEMA), CATALOG_SCHEMA)
+    assert back[optional].isna().all().all()
+    df["date_note"] = ["flickr datetakengranularity=6 (year)", None]
+    back = read_table(write_table(df, tmp_path / "d.parquet", CATALOG_SCHEMA), CATALOG_SCHEMA)
+    assert back["date_note"].tolist()[0] == "flickr datetakengranularity=6 (year)"
+    table = fill_optional(pa.table({"image_id": ["a" * 64]}), CATALOG_SCHEMA)
+    assert table.column_names == ["image_id", *optional] and table["attribution"].null_count == 1
 
 
 def test_schema_requires_columns(tmp_path):

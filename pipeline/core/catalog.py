@@ -61,6 +61,8 @@ from pipeline.core.schema import (
     SchemaError,
     check_image_ids,
     empty_frame,
+    fill_optional,
+    is_optional,
     to_table,
 )
 from pipeline.core.store import ImageStore, atomic_path, atomic_write_bytes
@@ -467,12 +469,14 @@ def _raw_batches(manifest: Path) -> Iterator[pa.Table]:
     """A manifest in batches with the raw columns and types; a manifest with wrong columns/types fails loudly."""
     pf = pq.ParquetFile(manifest)
     names = set(pf.schema_arrow.names)
-    missing = [n for n in RAW_MANIFEST_SCHEMA.names if n not in names]
+    missing = [f.name for f in RAW_MANIFEST_SCHEMA if f.name not in names and not is_optional(f)]
     if missing:
         raise SchemaError(f"{manifest}: missing columns {missing}")
-    for batch in pf.iter_batches(batch_size=BATCH_ROWS, columns=RAW_MANIFEST_SCHEMA.names):
+    present = [n for n in RAW_MANIFEST_SCHEMA.names if n in names]
+    for batch in pf.iter_batches(batch_size=BATCH_ROWS, columns=present):
         try:
-            table = pa.Table.from_batches([batch]).cast(RAW_MANIFEST_SCHEMA)
+            table = fill_optional(pa.Table.from_batches([batch]), RAW_MANIFEST_SCHEMA)
+            table = table.select(RAW_MANIFEST_SCHEMA.names).cast(RAW_MANIFEST_SCHEMA)
         except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, ValueError) as exc:
             raise SchemaError(f"{manifest}: {exc}") from exc
         yield table

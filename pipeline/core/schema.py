@@ -19,9 +19,30 @@ from pipeline.core.store import atomic_path
 UTC_TS = pa.timestamp("us", tz="UTC")
 
 
-def col(name: str, type_: pa.DataType, description: str, nullable: bool = True) -> pa.Field:
-    """A field whose description travels with it (Parquet field metadata; the Dagster UI's Columns tab)."""
-    return pa.field(name, type_, nullable=nullable, metadata={"description": description})
+def col(name: str, type_: pa.DataType, description: str, nullable: bool = True, optional: bool = False) -> pa.Field:
+    """A field whose description travels with it (Parquet field metadata; the Dagster UI's Columns tab).
+
+    ``optional`` columns (always nullable) may be left out by a writer or be absent from an older file: they are
+    filled with nulls, so adding one does not break every source's manifest or a table written before it existed.
+    """
+    meta = {"description": description}
+    if optional:
+        if not nullable:
+            raise ValueError(f"optional column {name!r} must be nullable")
+        meta["optional"] = "1"
+    return pa.field(name, type_, nullable=nullable, metadata=meta)
+
+
+def is_optional(field: pa.Field) -> bool:
+    return (field.metadata or {}).get(b"optional") == b"1"
+
+
+def fill_optional(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """``table`` with every optional column of ``schema`` it lacks appended as nulls."""
+    for f in schema:
+        if is_optional(f) and f.name not in table.column_names:
+            table = table.append_column(f, pa.nulls(len(table), f.type))
+    return table
 
 
 def description(field: pa.Field) -> str:
@@ -46,6 +67,15 @@ CATALOG_SCHEMA = pa.schema(
         col("place_id", pa.string(), "shared place identity from the source (Google place, landmark)"),
         col("width", pa.int32(), "image width in pixels (after EXIF orientation)", False),
         col("height", pa.int32(), "image height in pixels (after EXIF orientation)", False),
+        col("taken_at_source", pa.string(),
+            "where taken_at came from, e.g. exif:DateTimeOriginal+OffsetTimeOriginal, flickr:datetaken; null: no date",
+            optional=True),
+        col("date_note", pa.string(),
+            "why the photo has no usable capture date (coarse or unknown at the source, unreadable EXIF date)",
+            optional=True),
+        col("attribution", pa.string(),
+            "attribution the source requires shown with the image (JSON list, e.g. Places authorAttributions)",
+            optional=True),
     ]
 )
 
@@ -103,12 +133,16 @@ def to_table(df: pd.DataFrame, schema: pa.Schema, check_values: bool = True) -> 
 
     ``check_values=False`` checks structure only (raw source manifests, whose bad values become rejections).
     """
-    missing = [n for n in schema.names if n not in df.columns]
+    missing = [n for n in schema.names if n not in df.columns and not is_optional(schema.field(n))]
     if missing:
         raise SchemaError(f"missing columns {missing}")
     extra = [c for c in df.columns if c not in schema.names]
     arrays, fields = [], []
     for f in schema:
+        if f.name not in df.columns:  # an optional column the writer left out
+            arrays.append(pa.nulls(len(df), f.type))
+            fields.append(f)
+            continue
         col = df[f.name]
         if pa.types.is_timestamp(f.type):
             col = pd.to_datetime(col, utc=True)
