@@ -168,3 +168,17 @@ def test_implausible_dates_are_null():
 def test_circular_difference():
     assert circular_day_difference(np.array([365]), np.array([1]), 365).tolist() == [1]
     assert circular_day_difference(np.array([10]), np.array([20])).tolist() == [10]
+
+
+def test_capture_date_provenance_counts_origins_and_reasons():
+    from pipeline.labels.dates import capture_date_provenance
+
+    src = pd.Series(["exif:DateTimeOriginal+OffsetTimeOriginal", None, None, "flickr:datetaken", None])
+    note = pd.Series([None, "flickr datetakengranularity=6 (year): 1990-01-01 00:00:00",
+                      "flickr datetakengranularity=6 (year): 2001-01-01 00:00:00", None, None])
+    table = capture_date_provenance(src, note)
+    rows = {(a, b): n for a, b, n in table.itertuples(index=False)}
+    assert rows == {("(no capture time)", "flickr datetakengranularity=6 (year)"): 2,
+                    ("exif:DateTimeOriginal+OffsetTimeOriginal", ""): 1, ("flickr:datetaken", ""): 1,
+                    ("(no capture time)", ""): 1}
+    assert table["rows"].iloc[0] == 2

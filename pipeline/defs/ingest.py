@@ -8,6 +8,7 @@ from pydantic import Field
 import pyarrow.parquet as pq
 
 from pipeline.core.catalog import build_catalog_files
+from pipeline.labels.dates import capture_date_provenance
 from pipeline.core.report import counts_table, province_map_png
 from pipeline.core.schema import (
     CATALOG_SCHEMA,
@@ -183,7 +184,7 @@ def image_catalog(context: dg.AssetExecutionContext, data_root: DataRootResource
                                 paths.catalog_state, progress=progress_logger(context, "catalogued"))
     context.log.info(f"catalog: {stats.manifests_resolved}/{stats.manifests} manifests resolved, "
                      f"{stats.headers_read} headers read, {stats.headers_cached} from the cache")
-    sources = pq.read_table(paths.catalog, columns=["source"]).to_pandas()
+    sources = pq.read_table(paths.catalog, columns=["source", "taken_at_source", "date_note"]).to_pandas()
     rejections = pq.read_table(paths.catalog_rejections, columns=["reason", "source"]).to_pandas()
     head = next(pq.ParquetFile(paths.catalog).iter_batches(batch_size=10), None)
     preview = head.to_pandas() if head is not None else empty_frame(CATALOG_SCHEMA)
@@ -196,6 +197,7 @@ def image_catalog(context: dg.AssetExecutionContext, data_root: DataRootResource
             "build": md_table(pd.DataFrame(sorted(stats.as_metadata().items()), columns=["fact", "value"])),
             "rows_per_source": md_table(sources.groupby("source").size().rename("rows").reset_index()),
             "rejections_per_reason": md_table(counts_table(rejections, "reason", "source")),
+            "capture_dates": md_table(capture_date_provenance(sources["taken_at_source"], sources["date_note"])),
             "preview": md_table(preview.drop(columns=["image_id"])),
             "catalog": dg.MetadataValue.path(str(paths.catalog)),
             "rejections": dg.MetadataValue.path(str(paths.catalog_rejections)),

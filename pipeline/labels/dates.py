@@ -27,6 +27,20 @@ def day_of_year(taken_at: pd.Series, now: pd.Timestamp | None = None) -> pd.Seri
     return ts.dt.dayofyear.astype("Int16")
 
 
+def capture_date_provenance(taken_at_source: pd.Series, date_note: pd.Series) -> pd.DataFrame:
+    """Rows per capture-time origin, and per reason a row has none (a note's text before its first ': ').
+
+    What a curator checks before trusting day-of-year labels: how many dates came from DateTimeOriginal with an
+    offset, how many assumed Pakistan time, how many sources gave no day-precise date and why.
+    """
+    origin = taken_at_source.astype("string").fillna("(no capture time)")
+    note = date_note.astype("string").str.split(": ", n=1).str[0]
+    why = note.where(note.notna() & (origin == "(no capture time)"))
+    out = pd.DataFrame({"capture time from": origin, "no usable date because": why.fillna("")})
+    return (out.groupby(["capture time from", "no usable date because"]).size().rename("rows").reset_index()
+            .sort_values("rows", ascending=False, kind="stable").reset_index(drop=True))
+
+
 def days_in_year(year: np.ndarray) -> np.ndarray:
     year = np.asarray(year)
     leap = (year % 4 == 0) & ((year % 100 != 0) | (year % 400 == 0))
