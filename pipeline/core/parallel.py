@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import as_completed
 from typing import Any, TypeVar
 
-from pipeline.core.processes import spawn_pool
+from pipeline.core.processes import spawn_pool, stop_pool
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -79,7 +79,7 @@ def _on_processes(fn: Callable[[Any], R], chunks: list, workers: int, progress: 
             if progress is not None:
                 progress(done, len(chunks))
     finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+        stop_pool(pool, grace_s=30.0)  # bounded: a stuck worker is terminated, never waited on forever
     return results
 
 

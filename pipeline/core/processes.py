@@ -85,6 +85,41 @@ def spawn_pool(max_workers: int) -> ProcessPoolExecutor:
                                initializer=_init_pool_worker, initargs=(os.getpid(),))
 
 
+def stop_pool(pool: ProcessPoolExecutor, grace_s: float = 10.0) -> bool:
+    """Shut ``pool`` down and wait for its workers, at most ``grace_s``; then terminate the ones left. True when
+    every worker exited by itself.
+
+    Never leave a pool with ``shutdown(wait=False)`` in a ``multiprocessing`` child (a Dagster step): such a
+    process's exit path (``multiprocessing.process._bootstrap`` → ``util._exit_function``) runs the queue finalizers
+    and then joins every non-daemon child *before* ``threading._shutdown`` would join the executor's manager thread.
+    The call queue's feeder thread is told to close first, the manager's shutdown sentinel lands in the buffer after
+    that close marker and is never written, and the idle worker waits on its task pipe forever while the step
+    process waits for it: the filter's exit hang (issue 21). Waiting here, while the feeder still runs, delivers
+    the sentinels; the bound keeps a stuck worker from holding the run.
+    """
+    manager = getattr(pool, "_executor_manager_thread", None)  # shutdown() forgets both: keep them first
+    workers = list((getattr(pool, "_processes", None) or {}).values())
+    pool.shutdown(wait=False, cancel_futures=True)
+    if manager is not None:
+        manager.join(grace_s)
+    deadline = time.monotonic() + (0.0 if manager is not None else grace_s)
+    for proc in workers:
+        proc.join(max(0.0, deadline - time.monotonic()))
+    left = [proc for proc in workers if proc.is_alive()]
+    for proc in left:
+        sys.stderr.write(f"geopak: pool worker {proc.pid} did not exit within {grace_s:g} s of its pool's shutdown; "
+                         "terminating it\n")
+        proc.terminate()
+    for proc in left:
+        proc.join(5.0)
+        if proc.is_alive():
+            proc.kill()
+            proc.join(5.0)
+    if manager is not None:
+        manager.join(5.0)  # its workers are gone: it finishes at once
+    return not left
+
+
 # A short id of this host: a pid means nothing on another machine sharing the data root (shared storage, k8s pods)
 HOST_TAG = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
 # another host's unfinished file is removed once this old (its writer finishes or dies long before)

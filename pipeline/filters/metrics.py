@@ -37,7 +37,7 @@ from PIL import Image
 
 from pipeline.core import reasons
 from pipeline.core.parallel import map_chunks
-from pipeline.core.processes import exit_with_parent, spawn_pool
+from pipeline.core.processes import exit_with_parent, spawn_pool, stop_pool
 from pipeline.filters.decode import DEFAULT_FORMATS, DEFAULT_MAX_PIXELS, DecodeError, decode, open_image
 
 if TYPE_CHECKING:  # pandas is imported lazily so spawned workers start fast
@@ -249,7 +249,7 @@ def measure_many(
                 tick(len(chunks[k]))
         finally:
             if own:
-                pool.shutdown(wait=False, cancel_futures=True)
+                stop_pool(pool)
             else:
                 for fut in futures:
                     fut.cancel()  # none should be left; a shared pool must not run stale work
@@ -271,7 +271,7 @@ def metrics_pool(workers: int, n: int, min_pool_items: int = MIN_POOL_ITEMS) -> 
     try:
         yield pool
     finally:
-        pool.shutdown(wait=False, cancel_futures=True)
+        stop_pool(pool)
 
 
 @dataclass(frozen=True)
