@@ -1,4 +1,4 @@
-"""The ``geopak`` command line: quick labelling of coordinates (more subcommands arrive with later stages)."""
+"""The ``geopak`` command line: label coordinates, predict locations, sweep dead runs (``geopak runs sweep``)."""
 
 from __future__ import annotations
 
@@ -88,6 +88,24 @@ def _predict(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _runs_sweep(args: argparse.Namespace) -> int:
+    """Mark runs whose process is gone failed and free the pool slots of every run that is no longer running."""
+    import os
+
+    from pipeline.defs.run_hygiene import dagster_instance, pool_holders, sweep_dead_runs
+
+    home = args.dagster_home or os.environ.get("DAGSTER_HOME")
+    if not home:
+        print("error: set DAGSTER_HOME (the absolute path of dagster_home/) or pass --dagster-home", file=sys.stderr)
+        return 2
+    instance = dagster_instance(home)
+    failed, freed = sweep_dead_runs(instance, log=print)
+    print(f"{len(failed)} runs marked failed, pool slots of {len(freed)} runs freed")
+    for pool in sorted(instance.event_log_storage.get_concurrency_keys()):
+        print(pool_holders(instance, pool))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="geopak", description="GeoPak: image geolocation pipeline for Pakistan")
     sub = p.add_subparsers(dest="command", required=True)
@@ -109,6 +127,12 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--batch-size", type=int, default=32)
     pr.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     pr.set_defaults(func=_predict)
+    runs = sub.add_parser("runs", help="Dagster runs of this instance")
+    runs_sub = runs.add_subparsers(dest="runs_command", required=True)
+    sweep = runs_sub.add_parser("sweep", help="mark runs whose process is gone failed and free their pool slots; "
+                                              "list who holds each pool")
+    sweep.add_argument("--dagster-home", default=None, help="the instance folder (default: $DAGSTER_HOME)")
+    sweep.set_defaults(func=_runs_sweep)
     return p
 
 

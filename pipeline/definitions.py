@@ -11,6 +11,7 @@ import dagster as dg
 
 from pipeline.defs import automation, crawl, evaluation, filtering, geocells, ingest, labels, model
 from pipeline.defs.crawl import SOURCE_OF_ASSET, crawl_resources
+from pipeline.defs.executors import multiprocess_sweeping_executor
 from pipeline.defs.jobs import JOBS
 from pipeline.defs.ownership import with_ownership
 from pipeline.defs.resources import default_resources
@@ -40,4 +41,6 @@ defs = dg.Definitions(
     schedules=automation.SCHEDULES,
     sensors=automation.SENSORS,
     resources=resources,
+    # materializations from the UI and the automation jobs: a killed run's pool slots are freed before steps wait
+    executor=multiprocess_sweeping_executor,
 )

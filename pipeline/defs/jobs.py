@@ -5,6 +5,7 @@ from __future__ import annotations
 import dagster as dg
 
 from pipeline.defs.dask_executor import geopak_dask_executor
+from pipeline.defs.executors import in_process_sweeping_executor, multiprocess_sweeping_executor
 
 MAIN_JOB = "run_pipeline_job"
 MAIN_SELECTION = dg.AssetSelection.groups("sources", "catalog", "filter", "labels", "geocells", "model", "evaluation")
@@ -13,7 +14,7 @@ run_pipeline_job = dg.define_asset_job(
     MAIN_JOB,
     selection=MAIN_SELECTION,
     description="Sample world → catalog → filter → labels → splits and geocells → model → evaluation report.",
-    executor_def=dg.in_process_executor,
+    executor_def=in_process_sweeping_executor,  # killed runs' pool slots are freed before a step waits on them
 )
 
 CRAWL_JOB = "crawl_job"
@@ -24,6 +25,7 @@ crawl_job = dg.define_asset_job(
     CRAWL_JOB,
     selection=dg.AssetSelection.groups("crawl"),
     description="Crawl every enabled real source (Flickr, Google Places, YFCC100M, GLDv2) for one province.",
+    executor_def=multiprocess_sweeping_executor,
 )
 
 DASK_JOB = "run_pipeline_dask_job"

@@ -9,10 +9,17 @@ So each launch looks at the instance's STARTED runs, takes the pid of the proces
 event records it: the ``job execute`` process, or the run worker a launcher started) and, when that process no
 longer runs on this host (or its pid now belongs to a younger process), reports the run failed with the reason.
 Runs tagged with another host are left alone. Crawl steps call ``fail_orphaned_runs`` before they start.
+
+A killed run also keeps the pool slots its steps claimed, and the next run's step would wait for them forever (its
+resources, where the sweep used to run, start only once it has the slot). So ``sweep_dead_runs`` also frees the slots
+of every run that is no longer running, and it runs where nothing waits yet: in the executor, before the first step
+(``pipeline.defs.executors``), again whenever a step reports "blocked by limit for pool", and on demand
+(``geopak runs sweep``). ``pool_holders`` says which runs hold a pool and since when.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import socket
 from collections.abc import Callable
@@ -86,3 +93,58 @@ def fail_orphaned_runs(
             if log is not None:
                 log(f"run {run.run_id} ({run.job_name}) was still STARTED but {reason}; marked it failed")
     return failed
+
+
+def free_slots_of_finished_runs(instance: dg.DagsterInstance, log: Callable[[str], None] | None = None) -> list[str]:
+    """Free the pool slots still claimed by runs that are no longer running (killed and since marked failed, or
+    ended without freeing them: without a daemon nobody else does). Returns those run ids."""
+    storage = instance.event_log_storage
+    if not storage.supports_global_concurrency_limits:
+        return []
+    freed = []
+    for run_id in sorted(storage.get_concurrency_run_ids()):
+        run = instance.get_run_by_id(run_id)
+        if run is not None and not run.is_finished:
+            continue
+        storage.free_concurrency_slots_for_run(run_id)
+        freed.append(run_id)
+        if log is not None:
+            state = run.status.value if run is not None else "deleted"
+            log(f"freed the pool slots still held by run {run_id} ({state})")
+    return freed
+
+
+def sweep_dead_runs(
+    instance: dg.DagsterInstance, current_run_id: str | None = None, log: Callable[[str], None] | None = None
+) -> tuple[list[str], list[str]]:
+    """Mark runs whose process is gone failed, then free every finished run's pool slots: (failed, freed)."""
+    failed = fail_orphaned_runs(instance, current_run_id, log)
+    return failed, free_slots_of_finished_runs(instance, log)
+
+
+def pool_holders(instance: dg.DagsterInstance, pool: str) -> str:
+    """Who holds ``pool``'s slots, for the log of a step waiting on it: run, job, step, status, since when, pid."""
+    info = instance.event_log_storage.get_concurrency_info(pool)
+    if not info.claimed_slots:
+        return f"pool {pool} (limit {info.limit}): no slot is claimed now"
+    parts = []
+    for slot in info.claimed_slots:
+        record = instance.get_run_record_by_id(slot.run_id)
+        if record is None:
+            parts.append(f"run {slot.run_id} (deleted), step {slot.step_key}")
+            continue
+        run = record.dagster_run
+        since = dt.datetime.fromtimestamp(record.start_time, dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC") \
+            if record.start_time else "not started"
+        pid = _run_pid(instance, run)
+        where = f", pid {pid} on {run.tags.get(HOST_TAG, 'this host')}" if pid is not None else ""
+        parts.append(f"run {slot.run_id} ({run.job_name}, step {slot.step_key}, {run.status.value} since {since}"
+                     f"{where})")
+    return (f"pool {pool} (limit {info.limit}) is held by " + "; ".join(parts)
+            + ". A run whose process is gone is freed automatically; `geopak runs sweep` does it now, "
+            "`dagster run delete <run id>` removes a run you know is dead on another host")
+
+
+def dagster_instance(home: str | Path) -> dg.DagsterInstance:
+    """The instance whose folder (``dagster.yaml``) is ``home``."""
+    return dg.DagsterInstance.from_config(str(home))

@@ -1,0 +1,132 @@
+"""A killed run's pool slot does not block the next run (issue 21.1).
+
+A real ``dagster job execute`` runs a step in pool ``test_pool`` (limit 1) that never ends and is SIGKILLed: nothing
+frees its slot. Before the fix the next run's step logged "Step blocked by limit for pool test_pool" forever. Now
+the executor sweeps dead runs before the first step: the next run finishes with no manual step, and says what it
+freed; while the first run lived, ``pool_holders`` named it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import dagster as dg
+
+from pipeline.cli import main as geopak
+from pipeline.defs.executors import in_process_sweeping_executor
+from pipeline.defs.run_hygiene import pool_holders
+from tests.process_support import wait_until
+
+REPO = Path(__file__).resolve().parents[1]
+READY_ENV = "GEOPAK_TEST_SLOT_READY"
+INSTANCE_YAML = "telemetry:\n  enabled: false\nconcurrency:\n  pools:\n    default_limit: 1\n"
+
+
+@dg.op(pool="test_pool")
+def hold_forever() -> None:
+    Path(os.environ[READY_ENV]).write_text(str(os.getpid()))
+    while True:
+        time.sleep(0.05)
+
+
+@dg.op(pool="test_pool")
+def quick() -> None:
+    return None
+
+
+@dg.job(executor_def=in_process_sweeping_executor)
+def holder_job() -> None:
+    hold_forever()
+
+
+@dg.job(executor_def=in_process_sweeping_executor)
+def next_job() -> None:
+    quick()
+
+
+defs = dg.Definitions(jobs=[holder_job, next_job])
+
+
+def _execute(job: str, env: dict, **kw) -> subprocess.Popen:
+    dagster_cli = Path(sys.executable).with_name("dagster")
+    return subprocess.Popen([str(dagster_cli), "job", "execute", "-f", __file__, "-j", job], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True, **kw)
+
+
+def test_killed_run_frees_its_pool_slot_for_the_next_run(tmp_path, capsys):
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    (home / "dagster.yaml").write_text(INSTANCE_YAML)
+    ready = tmp_path / "ready"
+    env = {**os.environ, "DAGSTER_HOME": str(home), READY_ENV: str(ready)}
+    holder = _execute("holder_job", env)
+    try:
+        assert wait_until(lambda: ready.exists() or holder.poll() is not None, 90), "the holder never started"
+        assert holder.poll() is None, holder.stdout.read().decode()[-2000:]  # type: ignore[union-attr]
+        instance = dg.DagsterInstance.from_config(str(home))
+        (run,) = instance.get_runs()
+        held = pool_holders(instance, "test_pool")
+        assert run.run_id in held and "holder_job" in held and "STARTED since" in held and f"pid {holder.pid}" in held
+    finally:
+        os.killpg(holder.pid, signal.SIGKILL)
+        holder.wait(10)
+        holder.stdout.close()  # type: ignore[union-attr]
+    assert instance.event_log_storage.get_concurrency_info("test_pool").claimed_slots, "the dead run holds the slot"
+
+    nxt = _execute("next_job", env)
+    try:
+        out, _ = nxt.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(nxt.pid, signal.SIGKILL)
+        out, _ = nxt.communicate()
+        raise AssertionError("the next run waited on the dead run's slot:\n" + out.decode()[-3000:]) from None
+    assert nxt.returncode == 0, out.decode()[-3000:]
+    assert instance.get_run_by_id(run.run_id).status == dg.DagsterRunStatus.FAILURE
+    (latest,) = [r for r in instance.get_runs() if r.job_name == "next_job"]
+    assert latest.status == dg.DagsterRunStatus.SUCCESS
+    messages = " ".join(e.message or "" for e in instance.all_logs(latest.run_id))
+    assert "Sweep of dead runs before the first step" in messages and run.run_id in messages
+    assert not instance.event_log_storage.get_concurrency_info("test_pool").claimed_slots
+
+    assert geopak(["runs", "sweep", "--dagster-home", str(home)]) == 0
+    printed = capsys.readouterr().out
+    assert "0 runs marked failed, pool slots of 0 runs freed" in printed
+    assert "pool test_pool (limit 1): no slot is claimed now" in printed
+
+
+def test_a_waiting_run_names_the_holder_and_goes_on_once_the_holder_is_killed(tmp_path):
+    """The holder is alive when the next run starts, so the next run waits and says who it waits for; once the
+    holder is killed, the periodic sweep frees its slot and the waiting run finishes."""
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    (home / "dagster.yaml").write_text(INSTANCE_YAML)
+    ready = tmp_path / "ready"
+    env = {**os.environ, "DAGSTER_HOME": str(home), READY_ENV: str(ready), "GEOPAK_SWEEP_INTERVAL_S": "1"}
+    holder = _execute("holder_job", env)
+    nxt = None
+    try:
+        assert wait_until(lambda: ready.exists() or holder.poll() is not None, 90), "the holder never started"
+        instance = dg.DagsterInstance.from_config(str(home))
+        (run,) = instance.get_runs()
+        nxt = _execute("next_job", env)
+        waiting = lambda: any(run.run_id in (e.message or "") and "waits: pool test_pool" in (e.message or "")  # noqa: E731
+                              for r in instance.get_runs() if r.job_name == "next_job"
+                              for e in instance.all_logs(r.run_id))
+        assert wait_until(waiting, 90), "the waiting run never named the holder"
+        assert nxt.poll() is None, "the next run must wait while the holder lives"
+    finally:
+        os.killpg(holder.pid, signal.SIGKILL)
+        holder.wait(10)
+        holder.stdout.close()  # type: ignore[union-attr]
+    try:
+        out, _ = nxt.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(nxt.pid, signal.SIGKILL)
+        out, _ = nxt.communicate()
+        raise AssertionError("the waiting run never got the killed holder's slot:\n" + out.decode()[-3000:]) from None
+    assert nxt.returncode == 0, out.decode()[-3000:]
+    assert instance.get_run_by_id(run.run_id).status == dg.DagsterRunStatus.FAILURE
