@@ -53,7 +53,9 @@ from pipeline.core.catalog import (
     rejection,
 )
 from pipeline.core.exif import DecompressionBomb, NotAnImage, read_header
-from pipeline.core.schema import CATALOG_SCHEMA, RAW_MANIFEST_SCHEMA, REJECTIONS_SCHEMA, empty_frame, to_table
+from pipeline.core.schema import (
+    CATALOG_SCHEMA, RAW_MANIFEST_SCHEMA, REJECTIONS_SCHEMA, empty_frame, fill_optional, to_table,
+)
 from pipeline.core.store import ImageStore
 from pipeline.core.values import is_missing
 
@@ -223,7 +225,7 @@ def manifest_tables(files: pa.Table, rows: int, start: int = 0) -> pa.Table:
     taken = pa.array(np.where(rng.random(rows) < 0.5, 1_500_000_000_000_000 + j * 1_000_000, 0), pa.int64())
     taken = pc.if_else(pc.equal(taken, 0), pa.scalar(None, pa.int64()), taken).cast(pa.timestamp("us", tz="UTC"))
     n = rows
-    return pa.table({
+    return fill_optional(pa.table({
         "image_id": pa.array(ids, pa.string()),
         "source": pa.array([SOURCES[k % 4] for k in j], pa.string()),
         "source_id": pa.array(j.astype(str), pa.string()),
@@ -238,7 +240,7 @@ def manifest_tables(files: pa.Table, rows: int, start: int = 0) -> pa.Table:
         "title": pa.nulls(n, pa.string()),
         "tags": pa.nulls(n, pa.string()),
         "place_id": pa.nulls(n, pa.string()),
-    }).select(RAW_MANIFEST_SCHEMA.names).cast(RAW_MANIFEST_SCHEMA)
+    }), RAW_MANIFEST_SCHEMA).select(RAW_MANIFEST_SCHEMA.names).cast(RAW_MANIFEST_SCHEMA)
 
 
 def write_manifests(folder: Path, files: pa.Table, rows: int) -> list[Path]:

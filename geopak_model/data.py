@@ -121,7 +121,8 @@ def load_image(path: str | Path | BinaryIO, min_side: int | None = None) -> Imag
 
     With ``min_side``, a JPEG at least twice that size is DCT-scaled while decoding (libjpeg 1/2, 1/4, 1/8) to
     the smallest scale whose short side stays >= ``min_side``: a 12 MP photo decodes several times faster and
-    the views cut from it barely change. Smaller JPEGs and other formats decode at full size, exactly as without.
+    the views cut from it barely change. Smaller JPEGs and other formats (HEIC from iPhones included, upright as
+    its decoder turns it) decode at full size, exactly as without.
     The header goes through the filter stage's ``open_image`` first, with its pixel limit and photo formats, so a
     decompression bomb or a GIF is refused here too (``DecodeError``), before any pixel is decoded.
     """

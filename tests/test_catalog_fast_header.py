@@ -41,6 +41,15 @@ def _variants() -> dict[str, bytes]:
     ex = Image.Exif()
     ex.get_ifd(ExifTags.IFD.GPSInfo)[ExifTags.GPS.GPSAltitude] = 100.0
     out["gps altitude only"] = jpeg_bytes(exif=ex)
+    for stamp in (("2021:03:14", (6.0, 26.0, 40.5)), ("2021:03:14", (1.0, 0.0, 0.0)), ("junk", (6.0, 26.0, 53.0))):
+        ex = gps_exif(30, 70, offset=None)  # the GPS clock (UTC) gives the offset, when it agrees
+        ex.get_ifd(ExifTags.IFD.GPSInfo)[ExifTags.GPS.GPSDateStamp] = stamp[0]
+        ex.get_ifd(ExifTags.IFD.GPSInfo)[ExifTags.GPS.GPSTimeStamp] = stamp[1]
+        out[f"gps clock {stamp}"] = jpeg_bytes(exif=ex)
+    ex = gps_exif(30, 70, when=None, offset=None)
+    ex.get_ifd(ExifTags.IFD.Exif)[ExifTags.Base.DateTimeDigitized] = "2019:05:06 07:08:09"
+    ex.get_ifd(ExifTags.IFD.Exif)[ExifTags.Base.OffsetTimeDigitized] = "+01:00"
+    out["digitized"] = jpeg_bytes(exif=ex)
     data = bytearray(jpeg_bytes(exif=gps_exif(30, 70)))
     i = data.find(b"Exif\x00\x00")
     data[i + 10 : i + 40] = b"\xff" * 30
@@ -68,7 +77,8 @@ def test_fast_path_agrees_with_pil(name):
 
 def test_fast_path_takes_the_ordinary_photos():
     v = _variants()
-    ordinary = [k for k in v if k.startswith(("gps", "orientation", "when", "offset", "no exif", "grey", "accuracy"))]
+    ordinary = [k for k in v if k.startswith(("gps", "orientation", "when", "offset", "no exif", "grey", "accuracy",
+                                                "digitized"))]
     assert all(fast_jpeg_facts(v[k]) is not None for k in ordinary)
     assert fast_jpeg_facts(v["xmp"]) is None and fast_jpeg_facts(v["png"]) is None
 

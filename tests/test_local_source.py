@@ -16,7 +16,7 @@ from pipeline.core.store import ImageStore
 from pipeline.defs import filtering, ingest, labels
 from pipeline.defs.resources import LocalSourceResource
 from pipeline.sources.local import LocalSource, LocalSourceConfig, normalise_columns
-from tests.conftest import asset_resources, gps_exif
+from tests.conftest import asset_resources, gps_exif, heic_bytes
 from tests.conftest import jpeg_bytes as small_jpeg
 
 
@@ -42,7 +42,8 @@ def corpus(tmp_path):
     (folder / "new_york.jpg").write_bytes(jpeg_bytes(colour=(4, 100, 4), exif=gps_exif(40.7128, -74.0060)))  # N, W
     (folder / "rio.jpg").write_bytes(jpeg_bytes(colour=(5, 100, 5), exif=gps_exif(-22.9068, -43.1729)))  # S, W
     (folder / "no_gps.jpg").write_bytes(jpeg_bytes(colour=(6, 100, 6)))
-    (folder / "phone.heic").write_bytes(b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + b"\x00" * 64)
+    (folder / "phone.heic").write_bytes(heic_bytes(exif=gps_exif(33.6844, 73.0479)))  # read like a JPEG
+    (folder / "cut.heic").write_bytes(b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + b"\x00" * 64)
     (folder / "broken.jpg").write_bytes(b"<html>not an image</html>")
     (folder / "notes.txt").write_text("hello")
     imgs = tmp_path / "manifest_images"
@@ -80,13 +81,13 @@ def test_folder_mode(corpus, tmp_path, boundaries):
     folder, _ = corpus
     res = run_source(LocalSourceConfig(folder=str(folder)), tmp_path, boundaries)
     got = dict(zip(res.rejections["source_id"], res.rejections["reason"]))
-    assert sorted(res.manifest["source_id"]) == ["folder:lahore.jpg", "folder:sub/karachi.jpeg"]
+    assert sorted(res.manifest["source_id"]) == ["folder:lahore.jpg", "folder:phone.heic", "folder:sub/karachi.jpeg"]
     assert got == {
         "folder:sydney.jpg": reasons.OUTSIDE_PAKISTAN,
         "folder:new_york.jpg": reasons.OUTSIDE_PAKISTAN,
         "folder:rio.jpg": reasons.OUTSIDE_PAKISTAN,
         "folder:no_gps.jpg": reasons.NO_COORDINATES,
-        "folder:phone.heic": reasons.UNSUPPORTED_FORMAT,
+        "folder:cut.heic": reasons.NOT_AN_IMAGE,
         "folder:broken.jpg": reasons.NOT_AN_IMAGE,
         "folder:notes.txt": reasons.NOT_AN_IMAGE,
     }
@@ -98,6 +99,10 @@ def test_folder_mode(corpus, tmp_path, boundaries):
     lahore = res.manifest.set_index("source_id").loc["folder:lahore.jpg"]
     assert lahore["lat"] == pytest.approx(31.5497, abs=1e-6)
     assert lahore["taken_at"] == pd.Timestamp("2021-03-14T04:26:53Z")
+    assert lahore["taken_at_source"] == "exif:DateTimeOriginal+OffsetTimeOriginal"
+    phone = res.manifest.set_index("source_id").loc["folder:phone.heic"]
+    assert (phone["lat"], phone["taken_at"]) == (pytest.approx(33.6844, abs=1e-6), lahore["taken_at"])
+    assert phone["path"].endswith(".heic")
     assert (tmp_path / "data" / lahore["path"]).is_file()  # copied into the store
 
 
@@ -126,8 +131,8 @@ def test_rerun_adds_only_new_files(corpus, tmp_path, boundaries):
     first = run_source(cfg, tmp_path, boundaries)
     (folder / "islamabad.jpg").write_bytes(jpeg_bytes(colour=(9, 100, 9), exif=gps_exif(33.6844, 73.0479)))
     second = run_source(cfg, tmp_path, boundaries, previous=first.manifest)
-    assert second.stats["reused"] == 2 and second.stats["new"] == 1
-    assert len(second.manifest) == 3
+    assert second.stats["reused"] == 3 and second.stats["new"] == 1  # the HEIC photo is reused like the JPEGs
+    assert len(second.manifest) == 4
 
 
 def test_reference_mode_keeps_files_in_place(corpus, tmp_path, boundaries):
@@ -159,7 +164,8 @@ def test_main_assets_with_local_source_reach_labels(corpus, tmp_path, boundaries
     assert result.success
     labelled = pd.read_parquet(DataPaths.at(root).labelled)
     assert set(labelled["source"]) == {"local"}
-    assert sorted(labelled["province_key"]) == ["balochistan", "gb", "ict", "punjab", "sindh"]
+    assert sorted(labelled["province_key"]) == ["balochistan", "gb", "ict", "ict", "punjab", "sindh"]
+    assert "folder:phone.heic" in set(labelled["source_id"])  # a HEIC photo is decoded and filtered like a JPEG
     md = result.asset_materializations_for_node("local_images")[0].metadata
-    assert md["accepted"].value == 5 and md["rejected"].value == 12
+    assert md["accepted"].value == 6 and md["rejected"].value == 12
     assert np.isfinite(labelled["lat"]).all()

@@ -48,11 +48,16 @@ from PIL import Image
 from PIL.TiffImagePlugin import IFDRational, ImageFileDirectory_v2
 
 from pipeline.core import reasons
-from pipeline.core.exif import DEFAULT_UTC_OFFSET, DecompressionBomb, NotAnImage, read_header
-# the EXIF readers themselves, so the fast path and PIL's give the same values the same meaning
-from pipeline.core.exif import _ORIENTATION_SWAPS_AXES, _read_date, _read_gps
+from pipeline.core.exif import (
+    DEFAULT_UTC_OFFSET,
+    DecompressionBomb,
+    ImageHeader,
+    NotAnImage,
+    header_from_exif,
+    read_header,
+)
 from pipeline.core.parallel import map_chunks
-from pipeline.core.processes import exclusive_lock, spawn_pool
+from pipeline.core.processes import exclusive_lock, spawn_pool, stop_pool
 from pipeline.core.schema import (
     CATALOG_SCHEMA,
     RAW_MANIFEST_SCHEMA,
@@ -71,7 +76,7 @@ from pipeline.core.values import is_missing
 Progress = Callable[[int, int], None]
 STAGE = "catalog"
 # bump when the resolution logic or a state file's layout changes: every manifest is then resolved again
-ENGINE_VERSION = 1
+ENGINE_VERSION = 2  # 2: capture time never from IFD0 DateTime; offsets from the GPS clock; HEIC/AVIF headers
 BATCH_ROWS = 65_536
 POOL_MIN_FILES = 2_000  # below this many new files, starting worker processes costs more than it saves
 HEADER_SHARD_ROWS = 500_000
@@ -92,10 +97,13 @@ HEADER_SCHEMA = pa.schema(
         pa.field("accuracy_m", pa.float64()),
         pa.field("taken_at", UTC_TS),
         pa.field("gps_error", pa.string()),
-        pa.field("offset_s", pa.int32()),  # EXIF OffsetTimeOriginal of taken_at; null when untagged
+        pa.field("offset_s", pa.int32()),  # the camera's offset of taken_at (tagged or GPS); null: +05:00 assumed
+        pa.field("taken_at_source", pa.string()),  # which EXIF tags gave taken_at
+        pa.field("date_note", pa.string()),  # why EXIF gives no usable capture time
     ]
 )
 _HEADER_FACTS = HEADER_SCHEMA.names[3:]
+_NO_FACTS = (None,) * (len(_HEADER_FACTS) - 2)  # everything after (error, error_detail) of an unreadable file
 
 # one resolved manifest row: the raw columns the catalog keeps, then what the file and the merge gave
 RESOLVED_SCHEMA = pa.schema(
@@ -156,7 +164,8 @@ def stat_files(root: str, rels: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
 # ------------------------------------------------------------------------------------------------ fast headers
 # A JPEG header read through PIL (open, EXIF IFD0, the GPS and Exif IFDs) costs ~0.45 ms, which bounds a first build.
 # ``fast_jpeg_facts`` walks the markers and the three IFDs with ``struct`` for the well-formed case only and hands the
-# same values (str, int, IFDRational tuples) to ``pipeline.core.exif``'s own GPS/date readers; anything it does not
+# same values (str, int, IFDRational tuples) to ``pipeline.core.exif.header_from_exif``, the function PIL's reading
+# ends in too, so both give GPS, capture time and its origin the same meaning; anything it does not
 # recognise exactly as PIL would (another marker, a second EXIF block, XMP, MPO, an odd tag type, a value outside
 # the block, a duplicate tag, a huge image) returns None and PIL reads the file. tests/test_catalog_fast_header.py
 # checks both paths agree on many variants.
@@ -164,10 +173,12 @@ _JPEG_SEGMENTS = {0xC4, 0xDB, 0xDD, 0xFE, 0xC0, 0xC1, 0xC2, *range(0xE0, 0xF0)}
 _TIFF_SIZES = {t: size for t, (size, _) in ImageFileDirectory_v2._load_dispatch.items()}
 _ASCII, _SHORT, _LONG, _RATIONAL, _IFD = 2, 3, 4, 5, 13
 # tag -> the (type, count) accepted; None: any count (ASCII). Other forms of these tags go to PIL.
+# (IFD0 DateTime is read only to say that a photo has no capture date but for it)
+_EXIF_TAGS = {36867: (_ASCII, None), 36868: (_ASCII, None), 36881: (_ASCII, None), 36882: (_ASCII, None)}
 _IFD0_TAGS = {274: (_SHORT, 1), 282: (_RATIONAL, 1), 296: (_SHORT, 1), 306: (_ASCII, None),
-              0x8769: ((_LONG, _IFD), 1), 0x8825: ((_LONG, _IFD), 1)}
-_EXIF_TAGS = {36867: (_ASCII, None), 36881: (_ASCII, None)}
-_GPS_TAGS = {1: (_ASCII, None), 2: (_RATIONAL, 3), 3: (_ASCII, None), 4: (_RATIONAL, 3), 31: (_RATIONAL, 1)}
+              0x8769: ((_LONG, _IFD), 1), 0x8825: ((_LONG, _IFD), 1), **_EXIF_TAGS}
+_GPS_TAGS = {1: (_ASCII, None), 2: (_RATIONAL, 3), 3: (_ASCII, None), 4: (_RATIONAL, 3), 7: (_RATIONAL, 3),
+             29: (_ASCII, None), 31: (_RATIONAL, 1)}
 
 
 class _Unsure(Exception):
@@ -289,21 +300,21 @@ def _jpeg_layout(data: bytes) -> tuple[int, int, bytes | None]:
     return size[0], size[1], exif
 
 
+def _facts(h: ImageHeader) -> tuple:
+    """A read header as facts in HEADER_SCHEMA order (after the key columns)."""
+    offset = int(h.utc_offset.utcoffset(None).total_seconds()) if h.utc_offset is not None else None
+    return (None, None, h.width, h.height, h.lat, h.lon, h.accuracy_m, h.taken_at, h.gps_error, offset,
+            h.taken_at_source, h.date_note)
+
+
 def fast_jpeg_facts(data: bytes) -> tuple | None:
     """Header facts of a well-formed JPEG without PIL (as ``_header_facts`` orders them), or None."""
     try:
         width, height, block = _jpeg_layout(data)
-        if block is None:
-            return (None, None, width, height, None, None, None, None, None, None)
-        ex = _exif_block(block)
-        if ex.get(274) in _ORIENTATION_SWAPS_AXES:
-            width, height = height, width
-        lat, lon, acc, gps_error, _ = _read_gps(ex)
-        taken, offset, _ = _read_date(ex)
+        return _facts(header_from_exif("JPEG", width, height, _FastExif({}, {}) if block is None else
+                                       _exif_block(block)))
     except (_Unsure, struct.error):
         return None
-    offset_s = int(offset.utcoffset(None).total_seconds()) if offset is not None else None
-    return (None, None, width, height, lat, lon, acc, taken, gps_error, offset_s)
 
 
 def header_facts(data: bytes, fast: bool = True) -> tuple:
@@ -313,19 +324,17 @@ def header_facts(data: bytes, fast: bool = True) -> tuple:
         if facts is not None:
             return facts
     try:
-        h = read_header(data)
+        return _facts(read_header(data))
     except NotAnImage as exc:
         code = reasons.DECOMPRESSION_BOMB if isinstance(exc, DecompressionBomb) else reasons.NOT_AN_IMAGE
-        return (code, str(exc)[:200]) + (None,) * 8
-    offset = int(h.utc_offset.utcoffset(None).total_seconds()) if h.utc_offset is not None else None
-    return (None, None, h.width, h.height, h.lat, h.lon, h.accuracy_m, h.taken_at, h.gps_error, offset)
+        return (code, str(exc)[:200]) + _NO_FACTS
 
 
 def _header_facts(path: str) -> tuple:
     try:
         data = Path(path).read_bytes()
     except OSError as exc:  # unreadable although stat saw it (permissions, removed meanwhile)
-        return (reasons.NOT_AN_IMAGE, f"{type(exc).__name__}: {exc.strerror or exc}"[:200]) + (None,) * 8
+        return (reasons.NOT_AN_IMAGE, f"{type(exc).__name__}: {exc.strerror or exc}"[:200]) + _NO_FACTS
     return header_facts(data)
 
 
@@ -423,13 +432,13 @@ def _resolve_rows(raw: dict[str, list], size: np.ndarray, mtime: np.ndarray, fac
     image, no coordinates, invalid coordinates); the clock and duplicates are judged later."""
     n = len(size)
     out: dict[str, list] = {k: [None] * n for k in ("lat", "lon", "geo_accuracy", "taken_at", "width", "height",
-                                                   "reason", "detail", "offset_s")}
+                                                   "reason", "detail", "offset_s", "taken_at_source", "date_note")}
     src_lat, src_lon, src_acc, src_taken = raw["lat"], raw["lon"], raw["geo_accuracy"], raw["taken_at"]
     for i in range(n):
         if size[i] < 0:
             out["reason"][i], out["detail"][i] = reasons.MISSING_FILE, str(raw["path"][i])
             continue
-        error, error_detail, width, height, h_lat, h_lon, h_acc, h_taken, gps_error, h_offset = facts[i]
+        error, error_detail, width, height, h_lat, h_lon, h_acc, h_taken, gps_error, h_offset, h_from, h_note = facts[i]
         if error is not None:
             out["reason"][i], out["detail"][i] = error, error_detail
             continue
@@ -444,7 +453,7 @@ def _resolve_rows(raw: dict[str, list], size: np.ndarray, mtime: np.ndarray, fac
         if not (math.isfinite(lat) and math.isfinite(lon) and -90 <= lat <= 90 and -180 <= lon <= 180):
             out["reason"][i], out["detail"][i] = reasons.INVALID_COORDINATES, f"lat={lat} lon={lon}"
             continue
-        taken = src_taken[i] if _present(src_taken[i]) else h_taken
+        taken, out["taken_at_source"][i], out["date_note"][i] = _capture_date(raw, i, h_taken, h_from, h_note)
         out["lat"][i], out["lon"][i], out["taken_at"][i] = lat, lon, taken
         out["geo_accuracy"][i] = float(src_acc[i]) if _present(src_acc[i]) else h_acc
         out["width"][i], out["height"][i] = width, height
@@ -463,6 +472,18 @@ def _resolve_rows(raw: dict[str, list], size: np.ndarray, mtime: np.ndarray, fac
         else:
             cols[f.name] = pa.array(raw[f.name], type=f.type)
     return pa.table(cols, schema=RESOLVED_SCHEMA)
+
+
+def _capture_date(raw: dict[str, list], i: int, h_taken, h_from: str | None, h_note: str | None) -> tuple:
+    """(taken_at, taken_at_source, date_note) of a resolved row. The source's date wins (its origin named after the
+    source when it did not say); a source that says why it has no date (a year-only or unknown Flickr date) is not
+    overruled by EXIF, whose date may be the very one the owner corrected; otherwise EXIF's, or why it has none."""
+    if _present(raw["taken_at"][i]):
+        given = raw["taken_at_source"][i]
+        return raw["taken_at"][i], (given if _present(given) else f"{raw['source'][i]}:taken_at"), None
+    if _present(raw["date_note"][i]):
+        return None, None, raw["date_note"][i]
+    return h_taken, h_from, (h_note if h_taken is None else None)
 
 
 def _raw_batches(manifest: Path) -> Iterator[pa.Table]:
@@ -553,7 +574,7 @@ class _Builder:
 
     def close(self) -> None:
         if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
+            stop_pool(self._pool, grace_s=30.0)
             self._pool = None
 
     # ---- resolving one manifest

@@ -65,8 +65,9 @@ DESCRIPTIONS: dict[str, str] = {
     "it was catalogued; the detail gives both id prefixes",
     DECOMPRESSION_BOMB: "the header claims more pixels than the pixel limit (the filter's configured one; PIL's "
     "at the source and the catalog); refused before decoding, with this one code at every stage",
-    UNSUPPORTED_FORMAT: "an image format not accepted for photos: containers this installation cannot decode "
-    "(HEIC, AVIF) or formats PIL reads but photos never use (GIF, ICO, PSD, ...)",
+    UNSUPPORTED_FORMAT: "an image format not accepted for photos: a container this installation cannot decode "
+    "(AVIF where Pillow has no libavif; HEIC/HEIF is read through pillow-heif) or a format PIL reads but photos "
+    "never use (GIF, ICO, PSD, ...)",
     TOO_SMALL: "the shorter side (after EXIF orientation) is below the configured minimum",
     BAD_ASPECT_RATIO: "long side / short side above the configured maximum (strips, extreme panoramas)",
     NEAR_UNIFORM: "almost no grey-level variation: blank, lens cap, over/under-exposed frame",

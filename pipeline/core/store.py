@@ -150,14 +150,32 @@ _EXT_BY_MAGIC: tuple[tuple[bytes, str], ...] = (
 )
 
 
+# ISO-BMFF ``ftyp`` brands of HEVC-coded HEIF stills and of AVIF; the generic image brands say HEIF unless an
+# AVIF brand is listed too (AVIF files carry "mif1" as well)
+_IMAGE_BRANDS = {b"heic": ".heic", b"heix": ".heic", b"heim": ".heic", b"heis": ".heic", b"hevc": ".heic",
+                b"hevx": ".heic", b"avif": ".avif", b"avis": ".avif"}
+_GENERIC_BRANDS = frozenset({b"mif1", b"msf1", b"miaf"})
+
+
+def _ftyp_extension(data: bytes) -> str | None:
+    """``.heic`` or ``.avif`` from an ISO-BMFF file's ``ftyp`` box (its major brand, else its compatible ones);
+    None for any other file (MP4 video, ...)."""
+    if data[4:8] != b"ftyp" or len(data) < 16:
+        return None
+    end = min(int.from_bytes(data[:4], "big"), len(data))
+    brands = [data[8:12]] + [data[i : i + 4] for i in range(16, end - 3, 4)]
+    named = [_IMAGE_BRANDS[b] for b in brands if b in _IMAGE_BRANDS]
+    if named:
+        return named[0] if brands[0] in _IMAGE_BRANDS or ".avif" not in named else ".avif"
+    return ".heic" if brands[0] in _GENERIC_BRANDS else None
+
+
 def sniff_extension(data: bytes) -> str:
     """File extension from the leading bytes (what the file is, not what its name claims); ``.bin`` if unknown."""
     for magic, ext in _EXT_BY_MAGIC:
         if data.startswith(magic):
             return ext
-    if data[4:12] in (b"ftypheic", b"ftypheix", b"ftypmif1", b"ftypavif"):
-        return ".heic" if b"hei" in data[8:12] or b"mif1" in data[8:12] else ".avif"
-    return ".bin"
+    return _ftyp_extension(data) or ".bin"
 
 
 class ImageStore:

@@ -23,7 +23,7 @@ DATA_TEAM = "team:geopak-data"
 ML_TEAM = "team:geopak-ml"
 # group -> (owner, code version). Bump the first number when the stage's own code changes its output.
 STAGE_VERSIONS: dict[str, tuple[str, str]] = {
-    "sources": (DATA_TEAM, "1"),
+    "sources": (DATA_TEAM, "2"),  # 2: local source reads HEIC and records where each capture time came from
     "crawl": (DATA_TEAM, "1"),
     "catalog": (DATA_TEAM, f"1.engine{ENGINE_VERSION}"),
     "filter": (DATA_TEAM, f"1.metrics{METRICS_VERSION}"),

@@ -5,6 +5,8 @@
 - JPEGs are decoded in draft mode: libjpeg's DCT scaling gives a 1/2, 1/4 or 1/8 size image for a fraction of the
   work, yet still reads the whole entropy-coded stream, so a truncated file is still detected
   (``ImageFile.LOAD_TRUNCATED_IMAGES`` stays False). Other formats have no draft mode and are decoded fully.
+- HEIC/HEIF (iPhone photos) is read through the ``pillow-heif`` plugin (``pipeline.core.image_formats``), with the
+  same pixel limit; its decoder applies the file's rotation itself and resets the EXIF orientation to 1.
 - EXIF orientation is applied to every decoded image (a corrupt EXIF block is recorded, not fatal).
 - CMYK, greyscale, palette (with transparency), 16/32-bit integer and float images become proper 8-bit RGB or L.
 """
@@ -24,9 +26,10 @@ from PIL import ExifTags, Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from pipeline.core import reasons
 from pipeline.core.exif import error_detail
+from pipeline.core.image_formats import PHOTO_FORMATS
 
 DEFAULT_MAX_PIXELS = 64_000_000
-DEFAULT_FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "TIFF", "BMP")  # photo formats; GIF, ICO, PSD... are not photos
+DEFAULT_FORMATS = PHOTO_FORMATS  # JPEG, HEIF, PNG, ... (AVIF where Pillow reads it); GIF, ICO, PSD are not photos
 DRAFT_FORMATS = frozenset({"JPEG", "MPO"})  # formats whose decoder can scale while decoding
 _SWAPS_AXES = frozenset({5, 6, 7, 8})  # EXIF orientations that rotate by 90 degrees
 _BACKGROUND = (255, 255, 255)  # transparent pixels are shown on white, as viewers do

@@ -1,6 +1,7 @@
 """Bring your own images: a local folder (coordinates from EXIF) and/or a manifest file (CSV or Parquet).
 
-Folder mode walks a directory tree and reads GPS and DateTimeOriginal from each image's EXIF. Manifest mode reads
+Folder mode walks a directory tree and reads GPS and the capture time from each image's EXIF (JPEG, HEIC/HEIF, TIFF,
+...; ``pipeline.core.exif`` says which tags, and each row's ``taken_at_source`` which it used). Manifest mode reads
 GEOPAK / OSV-5M style tables whose columns may be spelled ``lat``/``latitude``, ``lon``/``lng``/``long``/
 ``longitude``, ``path``/``file``/``image_path``/``filepath`` or ``url``; when a manifest gives coordinates and
 the file's EXIF has others, the manifest wins and the disagreement is counted. Files are copied into the
@@ -25,6 +26,7 @@ from pipeline.core import reasons
 from pipeline.core.catalog import rejection
 from pipeline.core.exif import DecompressionBomb, ImageHeader, NotAnImage, error_detail, read_header
 from pipeline.core.gazetteer import haversine_km
+from pipeline.core.image_formats import PHOTO_SUFFIXES, UNREADABLE_EXTENSIONS
 from pipeline.core.parallel import chunked, map_chunks
 from pipeline.core.provinces import lookup
 from pipeline.core.schema import RAW_MANIFEST_SCHEMA, REJECTIONS_SCHEMA, empty_frame
@@ -33,8 +35,7 @@ from pipeline.core.values import is_missing
 
 SOURCE = "local"
 STAGE = "source"
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".webp", ".bmp", ".gif", ".heic", ".heif", ".avif"}
-UNSUPPORTED_EXTS = {".heic", ".avif", ".bin"}  # recognised containers Pillow cannot decode without plugins
+IMAGE_SUFFIXES = PHOTO_SUFFIXES
 COLUMN_ALIASES: dict[str, tuple[str, ...]] = {
     "lat": ("lat", "latitude", "gps_lat", "y"),
     "lon": ("lon", "lng", "long", "longitude", "gps_lon", "x"),
@@ -116,10 +117,10 @@ class FileFacts:
 def inspect_bytes(data: bytes) -> FileFacts:
     """Sniff, parse the header of and hash one image's bytes; a rejection reason for anything else."""
     ext = sniff_extension(data)
-    if ext in UNSUPPORTED_EXTS and data:
-        is_container = ext != ".bin"
-        reason = reasons.UNSUPPORTED_FORMAT if is_container else reasons.NOT_AN_IMAGE
-        return FileFacts(reason=reason, detail=f"{ext} content" if is_container else "unrecognised bytes")
+    if ext in UNREADABLE_EXTENSIONS:  # a photo container this installation's Pillow cannot decode (AVIF)
+        return FileFacts(reason=reasons.UNSUPPORTED_FORMAT, detail=f"{ext} content")
+    if ext == ".bin" and data:
+        return FileFacts(reason=reasons.NOT_AN_IMAGE, detail="unrecognised bytes")
     try:
         header = read_header(data)
     except DecompressionBomb as exc:  # the same code as the catalog and the filter stage
@@ -380,10 +381,10 @@ class LocalSource:
         if not bool(self.inside_pakistan(np.array([lat]), np.array([lon]))[0]):
             self._reject(base, reasons.OUTSIDE_PAKISTAN, f"lat={lat:.5f} lon={lon:.5f}")
             return
-        taken = base.get("taken_at")
+        taken, taken_from, date_note = base.get("taken_at"), "manifest", None
         date_unusable = False
         if taken is None:
-            taken = header.taken_at
+            taken, taken_from, date_note = header.taken_at, header.taken_at_source, header.date_note
             date_unusable = taken is None and header.date_error is not None
         if stored is not None:
             image_id, rel = stored
@@ -407,6 +408,8 @@ class LocalSource:
                 "lon": float(lon),
                 "geo_accuracy": header.accuracy_m,
                 "taken_at": taken,
+                "taken_at_source": taken_from,
+                "date_note": date_note,
                 "owner": base.get("owner") or self.cfg.owner,
                 "license": base.get("license") or self.cfg.default_license,
                 "title": base.get("title"),
