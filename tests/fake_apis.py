@@ -18,7 +18,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from urllib.parse import parse_qsl, urlsplit
+from xml.etree import ElementTree
 
 import numpy as np
 
@@ -31,6 +33,7 @@ class Request:
     path: str
     params: dict[str, str]
     headers: dict[str, str]
+    body: bytes = b""  # the raw request body (JSON APIs read it themselves)
 
 
 @dataclass
@@ -54,6 +57,7 @@ class Logged:
     fault: str | None
     t: float
     tag: str
+    headers: dict[str, str] = field(default_factory=dict)  # lower-cased request headers (who sent which key)
 
 
 Handler = Callable[[Request], Reply]
@@ -164,11 +168,10 @@ class FakeServer:
         parts = urlsplit(h.path)
         params = dict(parse_qsl(parts.query, keep_blank_values=True))
         length = int(h.headers.get("Content-Length") or 0)
-        if length:
-            body = h.rfile.read(length)
-            if "x-www-form-urlencoded" in (h.headers.get("Content-Type") or ""):
-                params.update(parse_qsl(body.decode(), keep_blank_values=True))
-        req = Request(method, parts.path, params, {k.lower(): v for k, v in h.headers.items()})
+        body = h.rfile.read(length) if length else b""
+        if body and "x-www-form-urlencoded" in (h.headers.get("Content-Type") or ""):
+            params.update(parse_qsl(body.decode(), keep_blank_values=True))
+        req = Request(method, parts.path, params, {k.lower(): v for k, v in h.headers.items()}, body)
         if self.latency_s:
             time.sleep(self.latency_s)
         handler = next((fn for m, p, fn in self._routes if m == method and parts.path.startswith(p)), None)
@@ -184,7 +187,7 @@ class FakeServer:
             reply = Reply(code, b"<html><body>temporarily unavailable</body></html>", "text/html", headers)
         else:
             reply = handler(req)
-        entry = Logged(method, parts.path, params, reply.status, fault, time.monotonic(), self.tag)
+        entry = Logged(method, parts.path, params, reply.status, fault, time.monotonic(), self.tag, req.headers)
         with self._lock:
             self.log.append(entry)
         if self.on_request is not None:
@@ -266,6 +269,23 @@ class FlickrPhoto:
     license: str = "4"
     accuracy: int = 16
     owner: str = "12345678@N00"
+    granularity: int = 0  # datetakengranularity: 0 exact, 4 month, 6 year, 8 circa
+    taken_unknown: bool = False  # datetakenunknown: Flickr filled datetaken from the upload time
+
+
+RECORDED = Path(__file__).parent / "data" / "recorded"
+
+
+def recorded_flickr_licenses() -> list[dict]:
+    """The licence list Flickr served on 19 June 2025 (recorded XML), typed as its JSON format types it: ``id`` a
+    number, ``name`` and ``url`` text (tests/data/recorded/flickr/licenses.getInfo.flickr-net.json)."""
+    root = ElementTree.parse(RECORDED / "flickr" / "licenses.getInfo.2025-06-19.xml").getroot()
+    return [{"id": int(e.get("id")), "name": e.get("name"), "url": e.get("url")} for e in root.iter("license")]
+
+
+def flickr_searches(server: "FakeServer", tag: str | None = None) -> list[Logged]:
+    """The logged ``flickr.photos.search`` calls (the REST endpoint also answers licenses.getInfo)."""
+    return [e for e in server.requests("/services/rest/", tag=tag) if e.params.get("method") == "flickr.photos.search"]
 
 
 def _naive(text: str) -> float:
@@ -274,9 +294,15 @@ def _naive(text: str) -> float:
     return (dt.datetime.fromisoformat(text) - dt.datetime(1970, 1, 1)).total_seconds()
 
 
-def flickr_routes(server: FakeServer, photos: list[FlickrPhoto], api_key: str, cap: int = 4000) -> None:
+def flickr_routes(server: FakeServer, photos: list[FlickrPhoto], api_key: str, cap: int = 4000,
+                  getinfo: bool = True) -> None:
     """``POST /services/rest/`` flickr.photos.search (bbox, taken dates, paging, ``total``, the 4,000 cap) and
-    ``GET /flickr-img/<id>.jpg``. Checks the OAuth consumer key flickrapi puts in the Authorization header."""
+    flickr.photos.licenses.getInfo (the recorded 2025 list), and ``GET /flickr-img/<id>.jpg``. Checks the OAuth
+    consumer key flickrapi puts in the Authorization header. Keys and value types follow the recordings in
+    tests/data/recorded/flickr (tests/test_recorded_flickr.py checks it): the envelope's numbers and ``farm``,
+    ``ispublic``... as numbers (Flickr's JSON), every other attribute as text (Flickr's JSON format page: "Element
+    attributes are represented by an object member with a string value"). ``getinfo=False``: licenses.getInfo
+    answers "method not found", as a service without it would."""
     ids = np.array([p.id for p in photos])
     lat = np.array([p.lat for p in photos])
     lon = np.array([p.lon for p in photos])
@@ -286,6 +312,8 @@ def flickr_routes(server: FakeServer, photos: list[FlickrPhoto], api_key: str, c
         if f'oauth_consumer_key="{api_key}"' not in req.headers.get("authorization", ""):
             return json_reply({"stat": "fail", "code": 100, "message": "Invalid API Key (Key has invalid format)"})
         p = req.params
+        if p.get("method") == "flickr.photos.licenses.getInfo" and p.get("format") == "json" and getinfo:
+            return json_reply({"licenses": {"license": recorded_flickr_licenses()}, "stat": "ok"})
         if p.get("method") != "flickr.photos.search" or p.get("format") != "json":
             return json_reply({"stat": "fail", "code": 112, "message": "Method not found"})
         x0, y0, x1, y1 = (float(v) for v in p["bbox"].split(","))
@@ -301,11 +329,14 @@ def flickr_routes(server: FakeServer, photos: list[FlickrPhoto], api_key: str, c
         for i in shown:
             ph = photos[i]
             rec = {"id": ph.id, "owner": ph.owner, "secret": "abc", "server": "1", "farm": 1, "title": f"photo {ph.id}",
-                   "ispublic": 1, "license": ph.license, "datetaken": ph.taken, "datetakengranularity": 0,
-                   "datetakenunknown": "0", "ownername": "someone", "tags": "pakistan",
-                   "latitude": f"{ph.lat:.6f}", "longitude": f"{ph.lon:.6f}", "accuracy": str(ph.accuracy)}
+                   "ispublic": 1, "isfriend": 0, "isfamily": 0, "license": ph.license, "datetaken": ph.taken,
+                   "datetakengranularity": str(ph.granularity), "datetakenunknown": str(int(ph.taken_unknown)),
+                   "ownername": "someone", "tags": "pakistan", "latitude": f"{ph.lat:.6f}",
+                   "longitude": f"{ph.lon:.6f}", "accuracy": str(ph.accuracy), "context": "0"}
             if sizes:
-                rec[sizes[0]] = f"{server.url}/flickr-img/{ph.id}.jpg"
+                suffix = sizes[0].removeprefix("url_")
+                rec.update({sizes[0]: f"{server.url}/flickr-img/{ph.id}.jpg", f"height_{suffix}": "24",
+                            f"width_{suffix}": "24"})
             out.append(rec)
         pages = math.ceil(total / per_page) if total else 0
         return json_reply({"photos": {"page": page, "pages": pages, "perpage": per_page, "total": total,

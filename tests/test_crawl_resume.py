@@ -22,7 +22,7 @@ from tests.crawl_support import (
     flickr_photos,
     flickr_source,
 )
-from tests.fake_apis import FakeServer, flickr_routes
+from tests.fake_apis import FakeServer, flickr_routes, flickr_searches
 
 from pipeline.core.paths import DataPaths
 from pipeline.core.schema import RAW_MANIFEST_SCHEMA, read_table
@@ -76,7 +76,7 @@ def test_sigkill_then_resume(tmp_path, boundaries, boundaries_path, kill_after):
         http = fast_http(workers=2)
         source = flickr_source(srv.url + "/services/rest/", http, stats, per_page=10)
         run_crawl(source, "sindh", paths, ImageStore(tmp_path), boundaries, http, stats, log=lambda m: None)
-        second_searches = {_unit_of(e.params) for e in srv.requests("/services/rest/", tag="run2")}
+        second_searches = {_unit_of(e.params) for e in flickr_searches(srv, tag="run2")}
         second_images = {e.path.rsplit("/", 1)[1].removesuffix(".jpg")
                          for e in srv.requests("/flickr-img/", tag="run2")}
     assert not second_searches & units_done, "a finished query page was fetched again"

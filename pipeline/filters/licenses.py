@@ -11,12 +11,19 @@ family, and the allowlist names families:
     us_government           "United States Government Work"
     all_rights_reserved     explicitly all rights reserved (never in the default allowlist)
 
+An allowlist entry is a family, or narrower: a licence name as a source spells it ("CC BY 4.0", "Public Domain
+Mark", "No known copyright restrictions"), or a name pattern ("CC BY*", also written "all CC BY": every CC BY
+variant and version, NC and ND included; "CC BY-SA*"). Names compare case-, space- and hyphen-blind, so "CC BY-SA*"
+also takes the SPDX spelling "CC-BY-SA-4.0". Flickr's crawler resolves the same entries against the licence table
+the service lists (``pipeline.sources.flickr``), so one spelling works at the crawl and at this filter.
+
 A row whose source reports no licence is rejected unless its source is listed as licence-free (a source whose
 terms cover every image it returns); an unrecognised licence string is rejected and quoted in the detail.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import re
 from collections.abc import Collection, Mapping
 
@@ -59,6 +66,36 @@ def license_family(value: str | None) -> str | None:
     return None
 
 
+def _plain(text: str) -> str:
+    """Case-, space- and hyphen-blind form of a licence name ("CC-BY-SA-4.0" and "CC BY-SA 4.0" are equal)."""
+    return " ".join(re.sub(r"[-_]", " ", str(text).lower()).split())
+
+
+def check_selector(selector: str) -> str:
+    """``selector`` when it can select something: a family, a name pattern, or a name a family recognises.
+
+    A typo such as "copyleft" is refused here (before any row is judged), not silently matched against nothing.
+    """
+    key = _plain(selector)
+    if key.replace(" ", "_") in FAMILIES or "*" in key or key.startswith("all ") or license_family(selector):
+        return selector
+    raise ValueError(f"unknown licence family or name {selector!r}; families: {list(FAMILIES)}, or a licence "
+                     f'name ("CC BY 4.0"), or a pattern ("CC BY*", "all CC BY")')
+
+
+def license_selected(selector: str, value: str | None) -> bool:
+    """Whether the allowlist entry ``selector`` (family, licence name or pattern) takes the licence ``value``."""
+    if is_missing(value):
+        return False
+    key = _plain(selector)
+    if key.replace(" ", "_") in FAMILIES:
+        return license_family(value) == key.replace(" ", "_")
+    if key.startswith("all "):
+        key = key[4:] + "*"
+    name = _plain(str(value))
+    return fnmatch.fnmatchcase(name, key) if "*" in key else name == key
+
+
 def license_reasons(
     catalog: pd.DataFrame,
     allowed: Mapping[str, Collection[str]] | None = None,
@@ -66,21 +103,28 @@ def license_reasons(
 ) -> tuple[np.ndarray, np.ndarray]:
     """(reason, detail) per row: ``license_not_allowed`` or ''."""
     allowed = dict(DEFAULT_ALLOWED if allowed is None else allowed)
-    unknown = {f for fams in allowed.values() for f in fams} - set(FAMILIES)
-    if unknown:
-        raise ValueError(f"unknown licence families {sorted(unknown)}; known: {list(FAMILIES)}")
+    for entries in allowed.values():
+        for entry in entries:
+            check_selector(entry)
     free = set(license_free_sources)
     n = len(catalog)
     reason = np.full(n, "", dtype=object)
     detail = np.full(n, "", dtype=object)
+    verdicts: dict[tuple[str, object], tuple[str, str]] = {}  # a catalog repeats a handful of licences per source
     for k, (src, lic) in enumerate(zip(catalog["source"].astype(str), catalog["license"])):
-        fam = license_family(lic)
-        ok = allowed.get(src, allowed.get(DEFAULT_SOURCE, ()))
-        missing = is_missing(lic, blank_text=True)
-        if missing:
-            if src not in free:
-                reason[k], detail[k] = reasons.LICENSE_NOT_ALLOWED, f"{src}: no licence reported"
-        elif fam not in ok:
-            what = f"family {fam}" if fam else "unrecognised"
-            reason[k], detail[k] = reasons.LICENSE_NOT_ALLOWED, f"{src}: {str(lic)[:60]!r} ({what})"
+        key = (src, None if is_missing(lic, blank_text=True) else str(lic))
+        if key not in verdicts:
+            verdicts[key] = _verdict(src, key[1], allowed.get(src, allowed.get(DEFAULT_SOURCE, ())), free)
+        reason[k], detail[k] = verdicts[key]
     return reason, detail
+
+
+def _verdict(src: str, lic: str | None, entries: Collection[str], free: Collection[str]) -> tuple[str, str]:
+    """(reason, detail) for one source's licence string (None: none reported)."""
+    if lic is None:
+        return ("", "") if src in free else (reasons.LICENSE_NOT_ALLOWED, f"{src}: no licence reported")
+    if any(license_selected(entry, lic) for entry in entries):
+        return "", ""
+    fam = license_family(lic)
+    what = f"family {fam}" if fam else "unrecognised"
+    return reasons.LICENSE_NOT_ALLOWED, f"{src}: {lic[:60]!r} ({what})"

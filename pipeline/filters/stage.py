@@ -90,8 +90,9 @@ class FilterConfig:
                                                                  "accuracy rule; rows failing it are "
                                                                  "inaccurate_geotag"})
     allowed_licenses: Mapping[str, tuple[str, ...]] = field(default_factory=lambda: dict(DEFAULT_ALLOWED), metadata={
-        "doc": "source ('*' = any other) -> licence families kept (cc, cc0, public_domain, "
-               "no_known_restrictions, us_government, all_rights_reserved)"})
+        "doc": "source ('*' = any other) -> licences kept: families (cc, cc0, public_domain, "
+               "no_known_restrictions, us_government, all_rights_reserved), names ('CC BY 4.0') or patterns "
+               "('CC BY*' = 'all CC BY')"})
     license_free_sources: tuple[str, ...] = field(default=("local",), metadata={
         "doc": "sources whose licences are not checked (your own images: you hold the rights)"})
     clip: ClipSpec = field(default=ClipSpec(), metadata={

@@ -17,7 +17,7 @@ import math
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import ClassVar, TypeVar
 
@@ -55,21 +55,52 @@ STAGE = "crawl"
 Log = Callable[[str], None]
 
 
-def local_datetime_to_utc(text: object) -> dt.datetime | None:
-    """A source's naive local 'date taken' ('2015-06-01 12:34:56[.0]') as UTC, assuming Pakistan time like EXIF."""
-    if is_missing(text):
-        return None
-    value = str(text).strip()[:19]
-    try:
-        local = dt.datetime.strptime(value, "%Y-%m-%d %H:%M:%S")
-    except ValueError:
+MIN_PHOTO_YEAR = 1826  # the oldest surviving photograph: an earlier date taken is a placeholder
+
+
+def parse_local_datetime(text: object) -> dt.datetime | None:
+    """A source's naive 'date taken' ('2015-06-01 12:34:56[.0]' or '2015-06-01'); None when unreadable."""
+    value = str(text).strip()
+    for fmt, width in (("%Y-%m-%d %H:%M:%S", 19), ("%Y-%m-%d", 10)):
         try:
-            local = dt.datetime.strptime(value[:10], "%Y-%m-%d")
+            return dt.datetime.strptime(value[:width], fmt)
         except ValueError:
-            return None
-    if local.year < 1826:  # before photography: a placeholder date
-        return None
+            continue
+    return None
+
+
+def local_datetime_to_utc(local: dt.datetime) -> dt.datetime:
+    """A naive local date taken as UTC, read as Pakistan time (UTC+05:00, no DST).
+
+    Flickr's ``datetaken`` (and YFCC's, which is Flickr's) is the camera's local clock as the owner set it, with no
+    zone: Flickr says to show it "in the timezone of the photo owner" without conversion
+    (flickr.com/services/api/misc.dates.html). The photos we keep lie in Pakistan, so Pakistan time is assumed, as
+    for EXIF without OffsetTimeOriginal; a visitor's camera left on home time is off by its offset, which moves the
+    day of year by at most one day, and only for photos taken within that many hours of midnight.
+    """
     return local.replace(tzinfo=DEFAULT_UTC_OFFSET).astimezone(dt.timezone.utc)
+
+
+def capture_time(text: object, origin: str, note: str | None = None) -> dict[str, object]:
+    """The manifest's ``taken_at``, ``taken_at_source`` and ``date_note`` for a source's naive local date taken.
+
+    ``origin`` names the field (``flickr:datetaken``); a date the source marks as not day-exact is passed as
+    ``note`` (why), which keeps it out of ``taken_at``. Missing, unreadable and pre-photography dates get a note of
+    their own, "<what>: <value>", so the catalog can count rows per reason (text before the first ': ').
+    """
+    what = origin.replace(":", " ")
+    if note is None:
+        missing = is_missing(text, blank_text=True)
+        local = None if missing else parse_local_datetime(text)
+        if missing:
+            note = f"{what} missing"
+        elif local is None:
+            note = f"{what} unreadable: {str(text)[:40]!r}"
+        elif local.year < MIN_PHOTO_YEAR:
+            note = f"{what} before {MIN_PHOTO_YEAR} (a placeholder): {str(text)[:19]}"
+        else:
+            return {"taken_at": local_datetime_to_utc(local), "taken_at_source": origin, "date_note": None}
+    return {"taken_at": None, "taken_at_source": None, "date_note": note}
 
 
 def to_float(value: object) -> float:
@@ -208,6 +239,8 @@ class Source(ABC):
     extra_manifest_columns: ClassVar[tuple[str, ...]] = ()
     # record fields the state drops once an item is final (stored or rejected): what the terms do not let us keep
     forget_when_final: ClassVar[tuple[str, ...]] = ()
+    # parallel downloads the image host allows (Wikimedia: 2); None: HttpSettings.download_workers
+    max_download_workers: ClassVar[int | None] = None
 
     @abstractmethod
     def params(self) -> dict:
@@ -373,9 +406,12 @@ def _download_pending(source: Source, ctx: CrawlContext) -> None:
     if not pending:
         return
     where = f"{source.name}/{ctx.province.key}"
-    ctx.info(f"{where}: downloading {len(pending)} images with {ctx.http.download_workers} workers")
+    http = ctx.http
+    if source.max_download_workers is not None and http.download_workers > source.max_download_workers:
+        http = replace(http, download_workers=source.max_download_workers)
+    ctx.info(f"{where}: downloading {len(pending)} images with {http.download_workers} workers")
     jobs = ((item_id, source.fetcher(record)) for item_id, record in pending)
-    outcomes = download_all(jobs, ctx.store, ctx.http, ctx.stats, ctx.redact, source.classify)
+    outcomes = download_all(jobs, ctx.store, http, ctx.stats, ctx.redact, source.classify)
     for n, out in enumerate(outcomes, start=1):
         ctx.state.record_download(out.item_id, out.image_id, out.path, out.reason, out.detail, out.retry_later,
                                   forget=source.forget_when_final)

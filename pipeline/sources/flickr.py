@@ -5,6 +5,13 @@ at or over the cap is split — quadtree on the bbox down to ``min_tile_deg``, t
 to ``min_window_s`` — until every query is under the cap, and only then paged (``walk()`` needs etree; we page
 ourselves). Results are sorted by upload date ascending so new uploads append instead of shifting pages; photos found
 twice (shared tile edges) are stored once by photo id. Each query page is one unit of crawl state.
+
+Licences are the service's own: ``flickr.photos.licenses.getInfo`` is read once per crawl (its names go to the
+manifest's ``license`` column), with the list Flickr served in June 2025 (ids 0-16, the CC 4.0 family included) as
+the offline default. The allowlist takes ids, names, families and patterns (``pipeline.filters.licenses``).
+Dates: ``datetaken`` comes with ``datetakengranularity`` (0 exact, 4 month, 6 year, 8 circa) and
+``datetakenunknown`` (1: Flickr filled it from the upload time); only a day-exact, known date becomes ``taken_at``,
+any other keeps its coordinates with a ``date_note`` saying why.
 """
 
 from __future__ import annotations
@@ -12,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 import flickrapi
@@ -20,7 +27,8 @@ from flickrapi.exceptions import FlickrError
 
 from pipeline.core import reasons
 from pipeline.core.exif import DEFAULT_UTC_OFFSET
-from pipeline.sources.crawl import CrawlContext, Source, local_datetime_to_utc, to_float
+from pipeline.filters.licenses import DEFAULT_ALLOWED, DEFAULT_SOURCE, check_selector, license_selected
+from pipeline.sources.crawl import CrawlContext, Source, capture_time, to_float
 from pipeline.sources.crawl_state import CrawlState, Unit
 from pipeline.sources.http import (
     Fetched,
@@ -28,6 +36,7 @@ from pipeline.sources.http import (
     HttpStats,
     TransientError,
     api_session,
+    call_with_retries,
     classify,
     download_session,
     fetch_url,
@@ -35,21 +44,99 @@ from pipeline.sources.http import (
 
 DEFAULT_REST_URL = "https://api.flickr.com/services/rest/"
 RESULT_CAP = 4000
-# flickr.photos.licenses.getInfo; 9 and 10 were added in 2015
-LICENSES = {
-    "0": "All Rights Reserved",
-    "1": "CC BY-NC-SA 2.0",
-    "2": "CC BY-NC 2.0",
-    "3": "CC BY-NC-ND 2.0",
-    "4": "CC BY 2.0",
-    "5": "CC BY-SA 2.0",
-    "6": "CC BY-ND 2.0",
-    "7": "No known copyright restrictions",
-    "8": "United States Government Work",
-    "9": "CC0 1.0",
-    "10": "Public Domain Mark 1.0",
-}
-OPEN_LICENSES = tuple(str(i) for i in range(1, 11))
+
+
+@dataclass(frozen=True)
+class FlickrLicense:
+    """One entry of ``flickr.photos.licenses.getInfo``: the id photos carry, the name and URL Flickr gives it."""
+
+    id: str
+    name: str
+    url: str = ""
+
+
+def _cc(license_id: str, kind: str, version: str) -> FlickrLicense:
+    return FlickrLicense(license_id, f"CC {kind.upper()} {version}",
+                         f"https://creativecommons.org/licenses/{kind}/{version}/")
+
+
+# flickr.photos.licenses.getInfo as Flickr answered it on 19 June 2025 (recorded by the Flickr Foundation:
+# tests/data/recorded/flickr/). The offline default; every crawl reads the service's list again.
+LICENSE_TABLE: tuple[FlickrLicense, ...] = (
+    FlickrLicense("0", "All Rights Reserved", "https://www.flickrhelp.com/hc/en-us/articles/"
+                  "10710266545556-Using-Flickr-images-shared-by-other-members"),
+    *(_cc(i, kind, "2.0") for i, kind in (("1", "by-nc-sa"), ("2", "by-nc"), ("3", "by-nc-nd"), ("4", "by"),
+                                         ("5", "by-sa"), ("6", "by-nd"))),
+    FlickrLicense("7", "No known copyright restrictions", "https://www.flickr.com/commons/usage/"),
+    FlickrLicense("8", "United States Government Work", "https://www.usa.gov/government-copyright"),
+    FlickrLicense("9", "Public Domain Dedication (CC0)", "https://creativecommons.org/publicdomain/zero/1.0/"),
+    FlickrLicense("10", "Public Domain Mark", "https://creativecommons.org/publicdomain/mark/1.0/"),
+    *(_cc(i, kind, "4.0") for i, kind in (("11", "by"), ("12", "by-sa"), ("13", "by-nd"), ("14", "by-nc"),
+                                         ("15", "by-nc-sa"), ("16", "by-nc-nd"))),
+)
+# the filter stage's default: every family but "all rights reserved" (ids 1-16 today)
+OPEN_LICENSES: tuple[str, ...] = DEFAULT_ALLOWED[DEFAULT_SOURCE]
+# flickr.com/services/api/misc.dates.html. Only 0 is exact to the day; Flickr may add values (it says to accept
+# 0-10), and an unknown one is not trusted as day-exact either.
+GRANULARITY = {0: "second", 4: "month", 6: "year", 8: "circa"}
+DATE_ORIGIN = "flickr:datetaken"
+DATE_FIELDS = ("datetaken", "datetakengranularity", "datetakenunknown")
+
+
+def parse_licenses(entries: Iterable[Mapping]) -> tuple[FlickrLicense, ...]:
+    """``licenses.getInfo``'s entries (JSON objects, or the XML elements' attributes) as a table.
+
+    JSON types ``id`` as a number, XML as text: ids are kept as text, as photos carry them."""
+    table = tuple(FlickrLicense(str(e["id"]).strip(), str(e.get("name") or "").strip(), str(e.get("url") or ""))
+                  for e in entries)
+    if not table or any(not lic.id.isdigit() or not lic.name for lic in table):
+        raise ValueError(f"not a licence list: {list(entries)[:3]}")
+    return table
+
+
+def select_licenses(selectors: Iterable[str], table: Iterable[FlickrLicense]) -> frozenset[str]:
+    """The ids an allowlist takes: ids as given ("4"), and every licence in ``table`` whose name an entry selects
+    (a name, a family such as "cc0", a pattern such as "CC BY*" or "all CC BY")."""
+    table = tuple(table)
+    ids: set[str] = set()
+    for selector in selectors:
+        text = str(selector).strip()
+        ids |= {str(int(text))} if text.isdigit() else {lic.id for lic in table if license_selected(text, lic.name)}
+    return frozenset(ids)
+
+
+def check_license_selectors(selectors: Iterable[str], table: Iterable[FlickrLicense] = LICENSE_TABLE) -> None:
+    """Refuse, before any request, an allowlist entry that selects none of Flickr's licences (a typo)."""
+    table = tuple(table)
+    for selector in selectors:
+        text = str(selector).strip()
+        if not text.isdigit() and not select_licenses([check_selector(text)], table):
+            raise ValueError(f"Flickr licence {text!r} matches none of Flickr's licences: "
+                             f"{', '.join(lic.name for lic in table)}")
+
+
+def _granularity(value: object) -> int | None:
+    """``datetakengranularity`` (JSON gives 0 or "0"); None when absent (records crawled before it was kept)."""
+    if value is None or str(value).strip() == "":
+        return None
+    try:
+        return int(str(value).strip())
+    except ValueError:
+        return -1
+
+
+def flickr_capture_time(record: Mapping) -> dict[str, object]:
+    """``taken_at`` only for a known, day-exact ``datetaken``; otherwise null with the reason in ``date_note``."""
+    taken = record.get("datetaken")
+    if str(record.get("datetakenunknown") or "0").strip() not in ("0", "", "False"):
+        return capture_time(taken, DATE_ORIGIN, "flickr datetakenunknown=1")
+    g = _granularity(record.get("datetakengranularity"))
+    if g not in (None, 0):
+        what = GRANULARITY.get(g, "not day-exact")
+        return capture_time(taken, DATE_ORIGIN, f"flickr datetakengranularity={g} ({what}): {str(taken)[:19]}")
+    return capture_time(taken, DATE_ORIGIN)
+
+
 # 10: search API unavailable, 105: service unavailable, 106: write operation failed
 _TRANSIENT_CODES = {10, 105, 106}
 _EPOCH = dt.datetime(1970, 1, 1)
@@ -63,6 +150,7 @@ class FlickrConfig:
     queries_per_hour: float = 3600.0  # Flickr's limit per key
     min_taken_date: str = "2000-01-01"
     max_taken_date: str = ""  # empty: the moment this province's crawl first started (kept in the state)
+    # ids ("4"), names as getInfo lists them ("CC BY 4.0"), families ("cc0") or patterns ("CC BY*", "all CC BY")
     licenses: tuple[str, ...] = OPEN_LICENSES
     min_accuracy: int = 11  # 1 world … 11 city … 16 street
     sizes: tuple[str, ...] = ("url_l", "url_c", "url_z", "url_m")  # first one present is downloaded
@@ -140,7 +228,10 @@ class FlickrSource(Source):
             raise ValueError("Flickr needs an API key and secret")
         self.cfg = cfg
         self.http = http
+        self.stats = stats
         self.upload_floor = upload_floor_seconds(cfg.min_upload_date)  # a bad date fails here, before any request
+        check_license_selectors(cfg.licenses)  # so does a licence that names nothing
+        self._licenses: tuple[dict[str, FlickrLicense], frozenset[str], str] | None = None
         self.api = flickrapi.FlickrAPI(
             cfg.api_key, cfg.api_secret, format="parsed-json", store_token=False, timeout=http.timeout_s
         )
@@ -152,9 +243,33 @@ class FlickrSource(Source):
     def params(self) -> dict:
         c = self.cfg
         return {"min_taken_date": c.min_taken_date, "max_taken_date": c.max_taken_date, "licenses": sorted(c.licenses),
+                # what the allowlist selects from the service's current list: a new licence is judged again
+                "license_ids": sorted(self.licenses()[1], key=int),
                 "min_accuracy": c.min_accuracy, "sizes": list(c.sizes), "per_page": c.per_page,
                 "min_tile_deg": c.min_tile_deg, "min_window_s": c.min_window_s, "result_cap": c.result_cap,
                 "min_upload_date": c.min_upload_date}
+
+    def licenses(self) -> tuple[dict[str, FlickrLicense], frozenset[str], str]:
+        """(id -> licence, allowed ids, where the table came from), read from the service once per source (run).
+
+        A failure (transient errors outlasting the retries, an error answer) falls back to ``LICENSE_TABLE``; the
+        search that follows reports a refused key on its own."""
+        if self._licenses is None:
+            try:
+                table = call_with_retries(self._get_licenses, self.http.retry, self.classify, self.stats)
+                origin = "flickr.photos.licenses.getInfo"
+            except Exception as exc:  # any failure leaves the offline list, which is today's
+                table = LICENSE_TABLE
+                origin = f"the built-in list of June 2025 (getInfo failed: {type(exc).__name__})"
+            self._licenses = ({lic.id: lic for lic in table}, select_licenses(self.cfg.licenses, table), origin)
+        return self._licenses
+
+    def _get_licenses(self) -> tuple[FlickrLicense, ...]:
+        reply = self.api.photos.licenses.getInfo()
+        try:
+            return parse_licenses(reply["licenses"]["license"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise TransientError("bad_response", f"licenses.getInfo: {exc}") from None
 
     def secrets(self) -> list[str]:
         return [self.cfg.api_key, self.cfg.api_secret]
@@ -178,6 +293,9 @@ class FlickrSource(Source):
 
     # ------------------------------------------------------------------------------------------------ discovery
     def discover(self, ctx: CrawlContext) -> None:
+        table, allowed, origin = self.licenses()
+        ctx.info(f"flickr/{ctx.province.key}: licences from {origin}; kept: "
+                 f"{', '.join(table[i].name if i in table else i for i in sorted(allowed, key=int))}")
         if not ctx.state.has_units("q:"):
             end = self.cfg.max_taken_date or (dt.datetime.now(DEFAULT_UTC_OFFSET)).strftime(
                 "%Y-%m-%d %H:%M:%S"
@@ -196,6 +314,7 @@ class FlickrSource(Source):
             has_geo=1,
             min_taken_date=_mysql(q.t0),
             max_taken_date=_mysql(q.t1),
+            # date_taken brings datetaken, datetakengranularity and datetakenunknown (there is no extra of their own)
             extras="geo,date_taken,license,owner_name,tags," + ",".join(self.cfg.sizes),
             per_page=self.cfg.per_page,
             page=q.page,
@@ -225,6 +344,9 @@ class FlickrSource(Source):
             ids.append(str(p["id"]))
             records.append(self._record(p))
         keep, rejected = self.sort_items(ids, records, ctx)
+        # photos stored by an earlier crawl keep their first record: refresh its date fields (crawls before the
+        # granularity was kept have none), so a year-only date found again loses its day of year
+        ctx.state.update_records({i: {k: r.get(k) for k in DATE_FIELDS} for i, r in zip(ids, records)})
         new_units = []
         if q.page == 1:
             pages = math.ceil(min(total, self.cfg.result_cap) / self.cfg.per_page)
@@ -234,15 +356,15 @@ class FlickrSource(Source):
 
     def _record(self, p: dict) -> dict:
         url = next((p[s] for s in self.cfg.sizes if p.get(s)), None)
-        keys = ("id", "owner", "ownername", "title", "tags", "license", "datetaken", "datetakenunknown",
-                "latitude", "longitude", "accuracy")
+        keys = ("id", "owner", "ownername", "title", "tags", "license", *DATE_FIELDS, "latitude", "longitude",
+                "accuracy")
         return {**{k: p.get(k) for k in keys}, "url": url}
 
     def judge(self, records: list[dict], ctx: CrawlContext) -> list[str | None]:
         return ctx.judge_located(records, "latitude", "longitude", self._check)
 
     def _check(self, r: dict) -> str | None:
-        if str(r.get("license")) not in self.cfg.licenses:
+        if str(r.get("license")) not in self.licenses()[1]:
             return reasons.LICENSE_NOT_ALLOWED
         if not to_float(r.get("accuracy")) >= self.cfg.min_accuracy:
             return reasons.LOW_GEO_ACCURACY
@@ -253,17 +375,16 @@ class FlickrSource(Source):
         return lambda: fetch_url(self.downloads, record["url"], self.http.max_image_bytes)
 
     def manifest_row(self, record: dict) -> dict:
-        unknown = str(record.get("datetakenunknown") or "0") == "1"
+        lic = self.licenses()[0].get(str(record.get("license")))
         return {
             "source_url": f"https://www.flickr.com/photos/{record.get('owner')}/{record['id']}",
             "lat": to_float(record["latitude"]),
             "lon": to_float(record["longitude"]),
             "geo_accuracy": to_float(record.get("accuracy")),  # Flickr level 1-16
-            "taken_at": None if unknown else local_datetime_to_utc(record.get("datetaken")),
+            **flickr_capture_time(record),
             "owner": record.get("ownername") or record.get("owner"),
-            "license": LICENSES.get(str(record.get("license")), f"flickr license {record.get('license')}"),
+            "license": lic.name if lic else f"flickr license {record.get('license')}",
             "title": record.get("title") or None,
             "tags": record.get("tags") or None,
             "place_id": None,
         }
-

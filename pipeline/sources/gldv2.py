@@ -13,13 +13,18 @@ Wikidata dump) replaces the Wikidata requests, which number in the thousands on 
 and ``lon`` for a ``landmark_id`` and/or a ``wikidata_id`` (``category``, a Commons category, ties a Wikidata id to
 the landmarks of that category; otherwise the category's item comes from earlier cached answers). With such a file
 Wikidata is never asked; landmarks it does not cover are counted, not located.
+
+Every request here goes to Wikimedia (Wikidata, upload.wikimedia.org), so its published rules bind the crawl: a
+User-Agent with a contact (GEOPAK_CONTACT; the crawl refuses to start without one), at most 2 concurrent media
+downloads and 25 Mbps (wikitech.wikimedia.org/wiki/Robot_policy, April 2025; we default to 20 Mbps, shared by every
+process), serial API requests (mediawiki.org/wiki/API:Etiquette) with ``maxlag``, 429 Retry-After honoured.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
@@ -36,15 +41,23 @@ from pipeline.sources.http import (
     Fetched,
     HttpSettings,
     HttpStats,
+    StopCrawl,
     TransientError,
+    WikimediaPolicyError,
     api_session,
     download_session,
     fetch_url,
+    has_contact,
+    is_wikimedia,
     parse_retry_after,
 )
 
 DEFAULT_WIKIDATA_API = "https://www.wikidata.org/w/api.php"
 EARTH = "http://www.wikidata.org/entity/Q2"
+# upload.wikimedia.org, Robot policy (wikitech.wikimedia.org/wiki/Robot_policy, April 2025): "Always keep a total
+# concurrency of at most 2, and limit your total download speed to 25 Mbps (as measured over 10 second intervals)"
+WIKIMEDIA_MAX_CONNECTIONS = 2
+WIKIMEDIA_MAX_MBPS = 25.0
 
 
 @dataclass(frozen=True)
@@ -53,10 +66,12 @@ class Gldv2Config:
     categories_csv: str
     attribution_csv: str = ""
     wikidata_api_url: str = DEFAULT_WIKIDATA_API
-    wikidata_requests_per_second: float = 5.0
+    # serial, and low: Wikimedia's 2026 API limits for unauthenticated clients are "in the hundreds per hour"
+    wikidata_requests_per_second: float = 0.1
     batch_size: int = 50  # wbgetentities takes at most 50 titles or ids
     block_mb: float = 16
     downloads_per_second: float = 20.0  # 0: unlimited
+    download_mbps: float = 20.0  # every process together; Wikimedia allows 25 (measured over 10 s)
     coordinates_path: str = ""  # a local landmark-coordinates file: no Wikidata requests at all
 
 
@@ -235,14 +250,25 @@ def local_answers(titles: list[str], cache: JsonCache, local: LocalCoordinates) 
 class Gldv2Source(Source):
     name = "gldv2"
     filter_reasons = (reasons.NO_IMAGE_URL,)
+    max_download_workers = WIKIMEDIA_MAX_CONNECTIONS
 
     def __init__(self, cfg: Gldv2Config, http: HttpSettings, stats: HttpStats):
         if not (cfg.train_csv and cfg.categories_csv):
             raise ValueError("GLDv2 needs train.csv and train_label_to_category.csv")
+        if not 0 < cfg.download_mbps <= WIKIMEDIA_MAX_MBPS:
+            raise ValueError(f"download_mbps must be in (0, {WIKIMEDIA_MAX_MBPS:g}] (Wikimedia's robot policy)")
         self.cfg = cfg
         self.http = http
         self.wikidata = api_session(http, stats, cfg.wikidata_api_url, cfg.wikidata_requests_per_second)
-        self.downloads = download_session(http, stats, cfg.downloads_per_second)
+        self.downloads = download_session(http, stats, cfg.downloads_per_second,
+                                          bytes_per_s=cfg.download_mbps * 1e6 / 8, host="upload.wikimedia.org")
+
+    def _require_contact(self, urls: Iterable[str]) -> None:
+        """Refuse to start Wikimedia requests whose User-Agent gives no contact: one clear error, nothing sent."""
+        if not has_contact(self.http.user_agent):
+            first = next((u for u in urls if is_wikimedia(u)), None)
+            if first is not None:
+                raise WikimediaPolicyError.missing_contact(first)
 
     def params(self) -> dict:
         c = self.cfg
@@ -327,6 +353,8 @@ class Gldv2Source(Source):
 
         try:
             return resolve_categories(titles, cache, ask, self.cfg.batch_size)
+        except StopCrawl:  # Wikimedia's policy refusal says itself what to fix
+            raise
         except Exception as exc:
             left = len(titles) - len(cache.get_many(f"category:{t}" for t in titles))
             url = urlsplit(self.cfg.wikidata_api_url)
@@ -339,6 +367,8 @@ class Gldv2Source(Source):
             ) from None
 
     def discover(self, ctx: CrawlContext) -> None:
+        if not self.cfg.coordinates_path:
+            self._require_contact([self.cfg.wikidata_api_url])
         kept = self.landmarks(ctx)
         wanted = pa.array(sorted(kept), pa.string())
 
@@ -353,6 +383,7 @@ class Gldv2Source(Source):
         scan_in_chunks(ctx, "train", read_delimited(self.cfg.train_csv, cols, cols, block_mb=self.cfg.block_mb), handle)
         if self.cfg.attribution_csv and not ctx.state.meta_get("attribution_complete"):
             self._attribution(ctx)
+        self._require_contact(str(record.get("url") or "") for _, record in ctx.state.pending_items())
 
     def _attribution(self, ctx: CrawlContext) -> None:
         ids = pa.array(ctx.state.item_ids(), pa.string())
@@ -382,6 +413,8 @@ class Gldv2Source(Source):
             "lon": record["lon"],
             "geo_accuracy": None,  # the landmark's coordinate, not the camera's
             "taken_at": None,  # from EXIF in the catalog, when present
+            "taken_at_source": None,
+            "date_note": "gldv2 has no capture date",
             "owner": record.get("author") or None,
             "license": record.get("license") or None,
             "title": record.get("title") or None,

@@ -5,6 +5,11 @@ signed again (fresh OAuth nonce) and an invalid-JSON body is only noticed after 
 (``ApiSession``) turns 429/5xx into ``RetryableStatus`` carrying Retry-After, waits for a token from the API key's
 bucket before every request, and keeps the last response per thread so a caller can read headers through clients
 (googlemaps) that hide them. Secrets never leave through exception text: ``Redactor`` scrubs what is logged or stored.
+
+Wikimedia (GLDv2's images on upload.wikimedia.org, Wikidata) refuses clients whose User-Agent gives no contact: the
+session sends none of its requests without one, and a 403 whose body cites the robot or User-Agent policy stops
+the crawl as a configuration error (``WikimediaPolicyError``), never a per-image failure, so the same images are
+fetched once the contact is set (GEOPAK_CONTACT).
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import datetime as dt
 import email.utils
 import hashlib
+import importlib.metadata
 import io
 import json
 import logging
@@ -26,6 +32,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
+from urllib.parse import urlsplit
 
 import requests
 from PIL import Image
@@ -35,7 +42,41 @@ from pipeline.core.store import ImageStore, sniff_extension
 
 T = TypeVar("T")
 
-DEFAULT_USER_AGENT = "GeoPak/0.1 (image-geolocation research crawler; python-requests)"
+CONTACT_ENV = "GEOPAK_CONTACT"  # read by the crawl resources (pipeline.defs.crawl) at run start
+
+
+def _geopak_version() -> str:
+    try:
+        return importlib.metadata.version("geopak")
+    except importlib.metadata.PackageNotFoundError:
+        return "0"
+
+
+def user_agent(contact: str = "") -> str:
+    """Wikimedia's User-Agent format: ``<client>/<version> (<contact>) <library>/<version>``; the contact (an e-mail
+    or URL where the operator can be reached) is left out when there is none."""
+    contact = " ".join(contact.split())
+    return f"GeoPak/{_geopak_version()}{f' ({contact})' if contact else ''} python-requests/{requests.__version__}"
+
+
+DEFAULT_USER_AGENT = user_agent()
+_CONTACT = re.compile(r"https?://\S+|[\w.+-]+@[\w-]+(\.[\w-]+)+")
+# hosts of the Wikimedia projects (GLDv2's images, Wikidata, Commons): their User-Agent policy applies
+WIKIMEDIA_DOMAINS = ("wikimedia.org", "wikipedia.org", "wikidata.org", "mediawiki.org", "wikimediacommons.org")
+# the wording of Wikimedia's refusals: "Please set a user-agent and respect our robot policy https://w.wiki/4wJS"
+# (2025-) and "Please comply with the User-Agent policy: https://meta.wikimedia.org/wiki/User-Agent_policy"
+# (tests/data/recorded/wikimedia/)
+_POLICY_REFUSAL = re.compile(r"robot policy|user[- ]agent[ _]policy|w\.wiki/4wJS", re.IGNORECASE)
+
+
+def has_contact(agent: str) -> bool:
+    """Whether a User-Agent carries a way to reach its operator (a URL or an e-mail address)."""
+    return bool(_CONTACT.search(agent or ""))
+
+
+def is_wikimedia(url: str) -> bool:
+    host = (urlsplit(url).hostname or "").lower()
+    return any(host == d or host.endswith("." + d) for d in WIKIMEDIA_DOMAINS)
 
 
 class TransientError(Exception):
@@ -94,6 +135,27 @@ class CredentialsRejected(StopCrawl, CrawlError):
     """The API refuses the key (invalid, or the API is not enabled for it): the crawl fails naming the problem."""
 
 
+class WikimediaPolicyError(StopCrawl, CrawlError):
+    """Wikimedia refuses (or would refuse) this client under its User-Agent / robot policy: a configuration error.
+
+    Raised before a Wikimedia request without a contact in the User-Agent, and on a 403 that cites the policy. The
+    crawl stops; downloads it interrupted stay pending and are fetched by the next run once the contact is set."""
+
+    @classmethod
+    def missing_contact(cls, url: str) -> "WikimediaPolicyError":
+        return cls(f"{urlsplit(url).hostname} (Wikimedia) needs a User-Agent with a contact (an e-mail or URL), "
+                   f"under its User-Agent policy (foundation.wikimedia.org/wiki/Policy:Wikimedia_Foundation_User-"
+                   f"Agent_Policy): set {CONTACT_ENV}, e.g. {CONTACT_ENV}=you@example.org, or the crawl resource's "
+                   f"`contact` field. Nothing was sent.")
+
+    @classmethod
+    def refused(cls, url: str, body: str) -> "WikimediaPolicyError":
+        return cls(f"{urlsplit(url).hostname} answered 403 under Wikimedia's robot/User-Agent policy: "
+                   f"{' '.join(body.split())[:200]!r}. Set {CONTACT_ENV} (an e-mail or URL reaching you) or the crawl "
+                   f"resource's `contact`, and stay within wikitech.wikimedia.org/wiki/Robot_policy; the images not "
+                   f"fetched stay pending for the next run.")
+
+
 class Redactor:
     """Replaces secret values and ``key=...``-style query parameters in any text that is logged or stored."""
 
@@ -133,13 +195,13 @@ class TokenBucket:
         self._last = clock()
         self._lock = threading.Lock()
 
-    def acquire(self) -> float:
-        """Take one token; return the seconds waited."""
+    def acquire(self, cost: float = 1.0) -> float:
+        """Take ``cost`` tokens (a request, or a body's bytes); return the seconds waited."""
         with self._lock:
             now = self._clock()
             self._tokens = min(self.capacity, self._tokens + (now - self._last) * self.rate)
             self._last = now
-            self._tokens -= 1.0
+            self._tokens -= cost
             wait_s = -self._tokens / self.rate if self._tokens < 0 else 0.0
         if wait_s > 0:
             self._sleep(wait_s)
@@ -165,14 +227,14 @@ class SharedTokenBucket:
         self._con.execute("CREATE TABLE IF NOT EXISTS buckets (name TEXT PRIMARY KEY, tokens REAL, last REAL)")
         self._lock = threading.Lock()
 
-    def acquire(self) -> float:
+    def acquire(self, cost: float = 1.0) -> float:
         with self._lock:
             self._con.execute("BEGIN IMMEDIATE")
             try:
                 row = self._con.execute("SELECT tokens, last FROM buckets WHERE name = ?", (self.name,)).fetchone()
                 now = time.time()
                 tokens = self.capacity if row is None else min(self.capacity, row[0] + (now - row[1]) * self.rate)
-                tokens -= 1.0
+                tokens -= cost
                 self._con.execute("INSERT OR REPLACE INTO buckets (name, tokens, last) VALUES (?, ?, ?)",
                                   (self.name, tokens, now))
             except BaseException:
@@ -276,7 +338,11 @@ class HttpStats:
 
 
 class ApiSession(requests.Session):
-    """A session that rate-limits, applies a default timeout and raises ``RetryableStatus`` on 429/5xx."""
+    """A session that rate-limits, applies a default timeout and raises ``RetryableStatus`` on 429/5xx.
+
+    ``bandwidth`` (a bucket of bytes) paces the bodies ``fetch_url`` reads, for hosts that publish a byte-rate
+    limit. No request leaves for a Wikimedia host without a contact in the User-Agent, and a policy 403 from any
+    host raises ``WikimediaPolicyError``."""
 
     def __init__(
         self,
@@ -285,16 +351,20 @@ class ApiSession(requests.Session):
         user_agent: str = DEFAULT_USER_AGENT,
         stats: HttpStats | None = None,
         label: str = "api",
+        bandwidth: Limiter | None = None,
     ):
         super().__init__()
         self.label = label
         self.limiter = limiter
+        self.bandwidth = bandwidth
         self.timeout_s = timeout_s
         self.stats = stats or HttpStats()
         self.headers["User-Agent"] = user_agent
         self._local = threading.local()
 
     def request(self, method, url, *args, **kwargs):  # type: ignore[override]
+        if is_wikimedia(url) and not has_contact(str(self.headers.get("User-Agent", ""))):
+            raise WikimediaPolicyError.missing_contact(url)
         if kwargs.get("timeout") is None:
             kwargs["timeout"] = self.timeout_s
         if self.limiter is not None:
@@ -307,7 +377,15 @@ class ApiSession(requests.Session):
             retry_after = parse_retry_after(resp.headers.get("Retry-After"))
             resp.close()
             raise RetryableStatus(resp.status_code, retry_after)
+        if resp.status_code == 403 and (body := _short_text(resp)) and _POLICY_REFUSAL.search(body):
+            resp.close()
+            raise WikimediaPolicyError.refused(url, body)
         return resp
+
+    def pay_bytes(self, n: int) -> None:
+        """Charge ``n`` body bytes to the bandwidth budget, waiting while it is overdrawn."""
+        if self.bandwidth is not None and n > 0:
+            self.bandwidth.acquire(float(n))
 
     @property
     def last_response(self) -> requests.Response | None:
@@ -315,15 +393,31 @@ class ApiSession(requests.Session):
         return getattr(self._local, "response", None)
 
 
+def _short_text(resp: requests.Response, limit: int = 65536) -> str:
+    """A refusal's text (a small text/HTML body), '' for images and large bodies, which are left unread."""
+    ctype = (resp.headers.get("Content-Type") or "").lower()
+    length = resp.headers.get("Content-Length")
+    if not ctype.startswith(("text/", "application/json")) or (length and length.isdigit() and int(length) > limit):
+        return ""
+    try:
+        return resp.content[:limit].decode("utf-8", "replace")  # cached on the response: later readers see it too
+    except requests.RequestException:
+        return ""
+
+
 def api_session(http: HttpSettings, stats: HttpStats, key: str, rate_per_s: float) -> ApiSession:
     """A session for one API key, paced by that key's (shared) token bucket."""
     return ApiSession(rate_limiter(key, rate_per_s, http.rate_limit_db), http.timeout_s, http.user_agent, stats, "api")
 
 
-def download_session(http: HttpSettings, stats: HttpStats, rate_per_s: float = 0.0) -> ApiSession:
-    """A session for image downloads; ``rate_per_s`` > 0 paces this process's requests to the image host."""
+def download_session(http: HttpSettings, stats: HttpStats, rate_per_s: float = 0.0, bytes_per_s: float = 0.0,
+                     host: str = "") -> ApiSession:
+    """A session for image downloads; ``rate_per_s`` > 0 paces this process's requests to the image host,
+    ``bytes_per_s`` > 0 the bytes every process reads from ``host`` (one bucket shared through ``rate_limit_db``)."""
     limiter = TokenBucket(rate_per_s) if rate_per_s > 0 else None
-    return ApiSession(limiter, http.timeout_s, http.user_agent, stats, "download")
+    bandwidth = rate_limiter(f"bytes:{host}", bytes_per_s, http.rate_limit_db, capacity=bytes_per_s) \
+        if bytes_per_s > 0 else None
+    return ApiSession(limiter, http.timeout_s, http.user_agent, stats, "download", bandwidth)
 
 
 def classify(exc: BaseException) -> tuple[str, float | None] | None:
@@ -391,10 +485,18 @@ def read_capped(resp: requests.Response, max_bytes: int) -> bytes:
 
 
 def fetch_url(session: requests.Session, url: str, max_bytes: int) -> Fetched:
+    """The body of a 200 answer (else ``PermanentHTTPError``), its bytes charged to the session's bandwidth budget:
+    before reading when the length is announced, after it otherwise."""
+    pay = session.pay_bytes if isinstance(session, ApiSession) else (lambda n: None)
     with session.get(url, stream=True) as resp:
         if resp.status_code != 200:
             raise PermanentHTTPError(resp.status_code)
-        return Fetched(read_capped(resp, max_bytes), resp.headers.get("Content-Type"))
+        length = resp.headers.get("Content-Length") or ""
+        announced = int(length) if length.isdigit() and int(length) <= max_bytes else 0
+        pay(announced)
+        data = read_capped(resp, max_bytes)
+        pay(len(data) - announced)
+        return Fetched(data, resp.headers.get("Content-Type"))
 
 
 def fetch_first(session: requests.Session, urls: list[str], max_bytes: int) -> Fetched:
@@ -491,8 +593,9 @@ def download_all(
     """Download in ``settings.download_workers`` threads; yield outcomes on the caller's thread as they finish.
 
     At most a few jobs per worker are in flight, so a million pending items do not become a million futures.
-    An outcome carrying ``stop`` (quota spent, key refused) ends the hand-out: the downloads in flight finish and
-    are yielded, then the ``StopCrawl`` is raised; jobs never started stay pending in the caller's state.
+    An outcome carrying ``stop`` (quota spent, key refused) ends the hand-out: queued jobs are cancelled, the
+    downloads already running finish and are yielded, then the ``StopCrawl`` is raised; jobs never started stay
+    pending in the caller's state.
     """
     workers = max(1, settings.download_workers)
     window = workers * 4
@@ -513,9 +616,13 @@ def download_all(
                 break
             done, running = wait(running, return_when=FIRST_COMPLETED)
             for fut in done:
+                if fut.cancelled():  # queued when the stop came: never started, still pending in the state
+                    continue
                 outcome = fut.result()
                 if outcome.stop is not None and stop is None:
                     stop, exhausted = outcome.stop, True
+                    for queued in running:  # a refused key or policy would refuse them too: do not send them
+                        queued.cancel()
                 yield outcome
     if stop is not None:
         raise stop

@@ -7,7 +7,13 @@ come from a configured mirror (e.g. the multimedia-commons S3 copy, keyed by the
 the original Flickr download URL — many of which are dead now (recorded as ``download_failed``).
 
 Two layouts are recognised from the field count: the 25-column 2016 release (line number and photo hash first) and
-the 23-column SQLite/older dump. Text fields are URL-encoded with ``+`` for spaces.
+the 23-column 2014 Webscope release / SQLite dump. The 2014 release comes as ten parts, ``yfcc100m_dataset-0`` …
+``-9`` (each ``.bz2``): ``metadata_path`` may name one file, a folder holding the parts, or a glob; parts are read
+in numeric order, and each is resumed on its own. Text fields are URL-encoded with ``+`` for spaces; user tags are
+a comma-separated list of encoded tags, so they are split before decoding (an encoded comma stays in its tag).
+Dates taken are Flickr's (no granularity column): a missing, unreadable or placeholder date, or the first of a month
+at midnight (how Flickr stores a month- or year-only date), keeps its coordinates with ``taken_at`` null and a
+``date_note``.
 
 One pass serves every province (issue 13): ``discover_candidates`` streams the file once (``indexed_bzip2``'s
 parallel bz2 decoder when installed), keeps the rows inside the union of the province bboxes (vectorised), locates
@@ -20,9 +26,13 @@ discovery run's id is one of its parameters, so a new discovery restarts its dis
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
+import glob
 import hashlib
 import json
 import os
+import re
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -39,13 +49,16 @@ from pipeline.core import reasons
 from pipeline.core.paths import DataPaths
 from pipeline.core.provinces import PROVINCES
 from pipeline.core.store import atomic_path, atomic_write_bytes
+from pipeline.filters.licenses import check_selector, license_selected
 from pipeline.labels.boundaries import ProvinceBoundaries
 from pipeline.sources.crawl import (
+    MIN_PHOTO_YEAR,
     CrawlContext,
     Log,
     RowCounter,
     Source,
-    local_datetime_to_utc,
+    capture_time,
+    parse_local_datetime,
     read_delimited,
     scan_in_chunks,
     to_float,
@@ -61,6 +74,63 @@ COLUMNS_SQL = tuple(c for c in COLUMNS_2016 if c not in ("line", "hash"))
 KEEP = ("photoid", "uid", "unickname", "datetaken", "title", "usertags", "longitude", "latitude", "accuracy",
         "pageurl", "downloadurl", "licensename", "ext", "marker")
 MIRROR_FIELDS = ("photoid", "hash", "hash_a", "hash_b", "ext")
+# a metadata file in a folder: the single file, or one of the 2014 release's ten parts (never the .sql database)
+PART_NAME = re.compile(r"^yfcc100m_dataset(-\d+)?(\.bz2|\.gz)?$")
+DATE_ORIGIN = "yfcc100m:datetaken"
+
+
+def metadata_parts(path: str) -> list[str]:
+    """The metadata files ``path`` names, in reading order: a file; a folder of ``yfcc100m_dataset[-N][.bz2|.gz]``
+    files (the 2014 release's ten parts); or a glob. A part present twice (plain and compressed) is refused."""
+    given = Path(path)
+    if given.is_file():
+        return [str(given)]
+    if given.is_dir():
+        found = [f for f in given.iterdir() if f.is_file() and PART_NAME.match(f.name)]
+    elif glob.has_magic(path):
+        found = [Path(f) for f in glob.glob(path) if Path(f).is_file()]
+    else:
+        raise FileNotFoundError(f"YFCC100M metadata not found: {path}")
+    if not found:
+        raise FileNotFoundError(f"no yfcc100m_dataset file in {path} (a file, a folder of parts, or a glob)")
+    stems = [re.sub(r"\.(bz2|gz)$", "", f.name) for f in found]
+    twice = sorted({x for x in stems if stems.count(x) > 1})
+    if twice:
+        raise ValueError(f"{path}: {twice} present more than once (plain and compressed?): keep one of each")
+    return [str(f) for f in sorted(found, key=lambda f: _natural(f.name))]
+
+
+def _natural(name: str) -> list:
+    """'yfcc100m_dataset-10' after '-9': digit runs compare as numbers."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
+def metadata_layout(parts: list[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(columns, columns kept) shared by every part; parts of different layouts are refused."""
+    layouts = {part: detect_columns(part) for part in parts}
+    if len(set(layouts.values())) > 1:
+        raise ValueError(f"YFCC100M parts differ in layout: "
+                         f"{ {Path(k).name: len(v) for k, v in layouts.items()} } fields")
+    columns = layouts[parts[0]]
+    return columns, KEEP + (("hash",) if "hash" in columns else ())
+
+
+def yfcc_tags(usertags: str | None) -> list[str]:
+    """User tags: split on commas first, then decode each (``%2C`` is a comma inside a tag, ``+`` a space)."""
+    return [tag for raw in str(usertags or "").split(",") if (tag := unquote_plus(raw).strip())]
+
+
+def yfcc_capture_time(text: object) -> dict[str, object]:
+    """``taken_at`` from ``datetaken``, except where it can only be a placeholder for a coarser date.
+
+    YFCC has no granularity column, but Flickr stores a month- or year-only date as the first of the month at
+    00:00:00 (misc.dates: June 1980 is "1980-06-01 00:00:00", granularity 4): such a date is not trusted to the
+    day. A real photo taken exactly at midnight on the 1st is lost to the day-of-year label, not to the dataset."""
+    local = parse_local_datetime(text) if isinstance(text, str) else None
+    if local is not None and local.year >= MIN_PHOTO_YEAR and local.day == 1 and local.time() == dt.time(0, 0):
+        return capture_time(text, DATE_ORIGIN, f"yfcc100m datetaken looks month- or year-only (1st at 00:00:00): "
+                                               f"{str(text)[:19]}")
+    return capture_time(text, DATE_ORIGIN)
 
 
 @dataclass(frozen=True)
@@ -70,7 +140,9 @@ class YfccConfig:
     # placeholders: {photoid} {hash} {hash_a} (= hash[:3]) {hash_b} (= hash[3:6]) {ext}
     mirror_url_template: str = ""
     min_accuracy: int = 11
-    licenses: tuple[str, ...] = ()  # licence names to keep; empty keeps all (YFCC100M is all Creative Commons)
+    # licences kept, as names ("Attribution License"), families ("cc") or patterns ("Attribution*"), as the filter
+    # stage takes them; empty keeps all (YFCC100M is all Creative Commons)
+    licenses: tuple[str, ...] = ()
     block_mb: float = 16
     downloads_per_second: float = 20.0  # 0: unlimited
     # the discovery pass's record (DataPaths.yfcc_discovery): when set, the crawl reads its province's candidates
@@ -107,6 +179,8 @@ class Yfcc100mSource(Source):
                 cfg.mirror_url_template.format(**dict.fromkeys(MIRROR_FIELDS, "x"))
             except (KeyError, IndexError, ValueError) as exc:
                 raise ValueError(f"mirror_url_template: unknown placeholder {exc}; use {MIRROR_FIELDS}") from exc
+        for entry in cfg.licenses:
+            check_selector(entry)
         self.cfg = cfg
         self.http = http
         self.downloads = download_session(http, stats, cfg.downloads_per_second)
@@ -134,20 +208,28 @@ class Yfcc100mSource(Source):
         return handle
 
     def discover(self, ctx: CrawlContext) -> None:
+        """Scan the metadata part by part (one file: units ``chunk:<i>``; parts: ``part<k>@<name>:<i>``)."""
         if self.cfg.discovery_path:
             return self._discover_candidates(ctx)
-        columns = detect_columns(self.cfg.metadata_path)
-        keep_cols = KEEP + (("hash",) if "hash" in columns else ())
-        bad = RowCounter()
-        batches = read_delimited(self.cfg.metadata_path, columns, keep_cols, delimiter="\t", header=False,
-                                 block_mb=self.cfg.block_mb, bad_rows=bad)
+        parts = metadata_parts(self.cfg.metadata_path)
+        columns, keep_cols = metadata_layout(parts)
         handle = self._handler(ctx)
-        scanned_before = ctx.state.meta_get("chunk_complete")
-        scan_in_chunks(ctx, "chunk", batches, handle)
-        if not scanned_before:  # every scan reads from the start, so the count covers the whole file
-            ctx.state.meta_set("malformed_lines", {"count": bad.count, "examples": bad.examples})
+        malformed = ctx.state.meta_get("malformed_lines") or {"count": 0, "examples": [], "parts": {}}
+        for k, part in enumerate(parts):
+            name = "chunk" if len(parts) == 1 else f"part{k}@{Path(part).name}"
+            if ctx.state.meta_get(f"{name}_complete"):
+                continue
+            bad = RowCounter()
+            batches = read_delimited(part, columns, keep_cols, delimiter="\t", header=False,
+                                     block_mb=self.cfg.block_mb, bad_rows=bad)
+            scan_in_chunks(ctx, name, batches, handle)
+            # every scan reads its part from the start, so the count covers the whole part
+            malformed.setdefault("parts", {})[name] = bad.count
+            malformed["count"] = sum(malformed["parts"].values())
+            malformed["examples"] = (malformed.get("examples", []) + bad.examples)[:3]
+            ctx.state.meta_set("malformed_lines", malformed)
             if bad.count:
-                ctx.info(f"yfcc100m: {bad.count} malformed lines skipped, e.g. {bad.examples}")
+                ctx.info(f"yfcc100m: {bad.count} malformed lines skipped in {Path(part).name}, e.g. {bad.examples}")
 
     def _discover_candidates(self, ctx: CrawlContext) -> None:
         """Read this province's rows from the discovery pass's file, in chunks of ``CANDIDATE_ROWS`` (each a unit)."""
@@ -173,7 +255,8 @@ class Yfcc100mSource(Source):
     def _check(self, r: dict) -> str | None:
         if str(r.get("marker", "0")).strip() not in ("0", ""):
             return reasons.NOT_A_PHOTO
-        if self.cfg.licenses and unquote_plus(r.get("licensename") or "") not in self.cfg.licenses:
+        name = unquote_plus(r.get("licensename") or "")
+        if self.cfg.licenses and not any(license_selected(entry, name) for entry in self.cfg.licenses):
             return reasons.LICENSE_NOT_ALLOWED
         if not to_float(r.get("accuracy")) >= self.cfg.min_accuracy:
             return reasons.LOW_GEO_ACCURACY
@@ -196,16 +279,18 @@ class Yfcc100mSource(Source):
         def text(key: str) -> str | None:
             return unquote_plus(record[key]) if record.get(key) else None
 
+        # the catalog's tags are space separated (as Flickr's own): a tag's inner spaces are dropped, as Flickr does
+        tags = " ".join("".join(tag.split()) for tag in yfcc_tags(record.get("usertags")))
         return {
             "source_url": record.get("pageurl") or None,
             "lat": to_float(record["latitude"]),
             "lon": to_float(record["longitude"]),
             "geo_accuracy": to_float(record.get("accuracy")),  # Flickr level 1-16
-            "taken_at": local_datetime_to_utc(record.get("datetaken")),
+            **yfcc_capture_time(record.get("datetaken")),
             "owner": text("unickname") or record.get("uid"),
             "license": text("licensename"),
             "title": text("title"),
-            "tags": text("usertags"),
+            "tags": tags or None,
             "place_id": None,
         }
 
@@ -240,6 +325,14 @@ def _file_fingerprint(path: str) -> dict:
     return {"metadata_path": str(Path(path).resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
+def _fingerprint(metadata_path: str, parts: list[str]) -> dict:
+    """What a discovery record is checked against: the one file's size and mtime (the record's form since before
+    parts were read), or every part's."""
+    if len(parts) == 1 and Path(metadata_path).is_file():
+        return _file_fingerprint(parts[0])
+    return {"metadata_path": os.path.abspath(metadata_path), "parts": [_file_fingerprint(p) for p in parts]}
+
+
 def read_discovery(discovery_path: str | Path, metadata_path: str) -> dict:
     """The discovery record, checked against the configured metadata file; ``DiscoveryMissing`` says what to run."""
     path = Path(discovery_path)
@@ -247,7 +340,7 @@ def read_discovery(discovery_path: str | Path, metadata_path: str) -> dict:
         raise DiscoveryMissing(f"YFCC100M discovery output not found ({path}): materialize the yfcc100m_candidates "
                                f"asset first (one pass over the metadata file writes every province's candidates)")
     record = json.loads(path.read_text())
-    now = _file_fingerprint(metadata_path)
+    now = _fingerprint(metadata_path, metadata_parts(metadata_path))
     then = {k: record.get(k) for k in now}
     if then != now:
         raise DiscoveryMissing(f"YFCC100M candidates were discovered from {then} but the configured metadata file "
@@ -294,18 +387,20 @@ def discover_candidates(
     log: Log = print,
     force: bool = False,
 ) -> DiscoveryResult:
-    """Read the metadata file once and write every province's bbox rows (with their located ``province_id``).
+    """Read the metadata once and write every province's bbox rows (with their located ``province_id``).
 
-    Files are written atomically (temp + rename), the record last; a record that matches the file and the
-    boundaries means nothing is read again (unless ``force``)."""
+    Each part (the one file, or each of the 2014 release's ten) leaves its own per-province shards and a record
+    under ``candidates/parts/``, so a killed pass resumes at the first unfinished part; the shards are then joined
+    into each province's file in part order. Files are written atomically (temp + rename), the record last; a
+    record that matches the files and the boundaries means nothing is read again (unless ``force``)."""
     start = time.monotonic()
     workers = workers or os.cpu_count() or 1
-    columns = detect_columns(metadata_path)
-    keep_cols = KEEP + (("hash",) if "hash" in columns else ())
+    parts = metadata_parts(metadata_path)
+    columns, keep_cols = metadata_layout(parts)
     provinces = [(p.key, boundaries.polygons[p.id].bounds) for p in PROVINCES if p.id in boundaries.polygons]
-    fingerprint = _file_fingerprint(metadata_path)
-    run_id = hashlib.sha256(json.dumps([fingerprint, boundaries.source, [k for k, _ in provinces], len(columns),
-                                        DISCOVERY_VERSION, CANDIDATE_ROWS]).encode()).hexdigest()[:16]
+    settings = [boundaries.source, [k for k, _ in provinces], len(columns), DISCOVERY_VERSION, CANDIDATE_ROWS]
+    fingerprint = _fingerprint(metadata_path, parts)
+    run_id = hashlib.sha256(json.dumps([fingerprint, *settings]).encode()).hexdigest()[:16]
     record_path = paths.yfcc_discovery
     if not force and record_path.exists():
         old = json.loads(record_path.read_text())
@@ -313,23 +408,73 @@ def discover_candidates(
             log(f"yfcc100m: {metadata_path} was already discovered (run {run_id}): nothing to read")
             return DiscoveryResult(run_id, old["rows"], old["decompressor"], time.monotonic() - start, True,
                                    old["provinces"], old["malformed_lines"])
+    shards = record_path.parent / "parts"
+    done = []
+    for k, part in enumerate(parts):
+        folder = shards / f"{k:02d}-{Path(part).name}"
+        part_id = hashlib.sha256(json.dumps([_file_fingerprint(part), *settings]).encode()).hexdigest()[:16]
+        kept = folder / "part.json"
+        old = json.loads(kept.read_text()) if kept.exists() and not force else {}
+        if old.get("part_id") == part_id and all((folder / f"{key}.parquet").exists() for key, _ in provinces):
+            log(f"yfcc100m: {Path(part).name} was read by an earlier, interrupted pass: not read again")
+        else:
+            old = {"part_id": part_id, **_discover_part(part, columns, keep_cols, boundaries, provinces, folder,
+                                                        block_mb, workers, log)}
+            atomic_write_bytes(kept, json.dumps(old, indent=1).encode())
+        done.append((folder, old))
+    schema = _candidate_schema(keep_cols)
+    for key, _ in provinces:
+        with atomic_path(paths.yfcc_candidates(key)) as tmp, pq.ParquetWriter(tmp, schema, compression="zstd") as w:
+            for folder, _ in done:
+                w.write_table(pq.read_table(folder / f"{key}.parquet"))
+    counts = {key: {n: sum(r["provinces"][key][n] for _, r in done) for n in ("in_bbox", "in_province")}
+              for key, _ in provinces}
+    rows = sum(r["rows"] for _, r in done)
+    malformed = {"count": sum(r["malformed_lines"]["count"] for _, r in done),
+                 "examples": [e for _, r in done for e in r["malformed_lines"]["examples"]][:3]}
+    how = ", ".join(dict.fromkeys(r["decompressor"] for _, r in done))
+    seconds = time.monotonic() - start
+    record = {**fingerprint, "run_id": run_id, "rows": rows, "decompressor": how, "seconds": round(seconds, 2),
+              "columns": list(keep_cols), "provinces": counts, "malformed_lines": malformed,
+              "boundaries": boundaries.source}
+    atomic_write_bytes(record_path, json.dumps(record, indent=1).encode())
+    shutil.rmtree(shards, ignore_errors=True)  # joined into the province files, which the record now vouches for
+    return DiscoveryResult(run_id, rows, how, seconds, False, counts, malformed)
+
+
+def _candidate_schema(keep_cols: tuple[str, ...]) -> pa.Schema:
+    return pa.schema([pa.field(c, pa.string()) for c in keep_cols] + [pa.field("province_id", pa.int16())])
+
+
+def _discover_part(
+    part: str,
+    columns: tuple[str, ...],
+    keep_cols: tuple[str, ...],
+    boundaries: ProvinceBoundaries,
+    provinces: list[tuple[str, tuple[float, float, float, float]]],
+    folder: Path,
+    block_mb: float,
+    workers: int,
+    log: Log,
+) -> dict:
+    """One part's pass: its rows in each province's bbox, written to ``folder/<province>.parquet``; its counts."""
     bad = RowCounter()
-    source, how = open_metadata(metadata_path, workers, log)
-    log(f"yfcc100m: one pass over {metadata_path} ({fingerprint['size']:,} bytes), decompressor: {how}")
+    source, how = open_metadata(part, workers, log)
+    log(f"yfcc100m: one pass over {part} ({os.stat(part).st_size:,} bytes), decompressor: {how}")
     batches = read_delimited(source, columns, keep_cols, delimiter="\t", header=False, block_mb=block_mb,
                              bad_rows=bad)
     x0 = min(b[0] for _, b in provinces)
     y0 = min(b[1] for _, b in provinces)
     x1 = max(b[2] for _, b in provinces)
     y1 = max(b[3] for _, b in provinces)
-    schema = pa.schema([pa.field(c, pa.string()) for c in keep_cols] + [pa.field("province_id", pa.int16())])
+    schema = _candidate_schema(keep_cols)
     counts = {k: {"in_bbox": 0, "in_province": 0} for k, _ in provinces}
     ids = {p.key: p.id for p in PROVINCES}
     rows = 0
     with contextlib.ExitStack() as stack:
         writers = {}
         for key, _ in provinces:
-            tmp = stack.enter_context(atomic_path(paths.yfcc_candidates(key)))
+            tmp = stack.enter_context(atomic_path(folder / f"{key}.parquet"))
             writers[key] = stack.enter_context(pq.ParquetWriter(tmp, schema, compression="zstd"))
         for i, batch in enumerate(batches):
             rows += batch.num_rows
@@ -347,15 +492,10 @@ def discover_candidates(
                         counts[key]["in_bbox"] += int(mine.sum())
                         counts[key]["in_province"] += int((where[mine] == ids[key]).sum())
             if i % 50 == 0:
-                log(f"yfcc100m discovery: {rows:,} rows read")
+                log(f"yfcc100m discovery: {rows:,} rows read from {Path(part).name}")
         for w in writers.values():
             w.close()
-    seconds = time.monotonic() - start
-    malformed = {"count": bad.count, "examples": bad.examples}
     if bad.count:
-        log(f"yfcc100m: {bad.count} malformed lines skipped, e.g. {bad.examples}")
-    record = {**fingerprint, "run_id": run_id, "rows": rows, "decompressor": how, "seconds": round(seconds, 2),
-              "columns": list(keep_cols), "provinces": counts, "malformed_lines": malformed,
-              "boundaries": boundaries.source}
-    atomic_write_bytes(record_path, json.dumps(record, indent=1).encode())
-    return DiscoveryResult(run_id, rows, how, seconds, False, counts, malformed)
+        log(f"yfcc100m: {bad.count} malformed lines skipped in {Path(part).name}, e.g. {bad.examples}")
+    return {"rows": rows, "decompressor": how, "provinces": counts,
+            "malformed_lines": {"count": bad.count, "examples": bad.examples}}
