@@ -97,15 +97,17 @@ def places_source(base_url: str, http: HttpSettings, stats: HttpStats, key: str 
 
 def crawl_places(root: Path, boundaries, base_url: str, http: HttpSettings | None = None, province: str = "ict",
                  **kw):
-    """One Google Places crawl of ``province`` into ``root`` (source settings in ``kw``, see ``places_source``)."""
+    """One Google Places crawl of ``province`` into ``root`` (source settings in ``kw``, see ``places_source``;
+    ``factory`` builds another Places source with the same arguments, e.g. the Places API (New) one)."""
     from pipeline.core.paths import DataPaths
     from pipeline.core.store import ImageStore
     from pipeline.sources.crawl import run_crawl
 
     discover_only = kw.pop("discover_only", False)
+    factory = kw.pop("factory", places_source)
     stats = HttpStats()
     http = http or fast_http(attempts=3)
-    source = places_source(base_url, http, stats, **kw)
+    source = factory(base_url, http, stats, **kw)
     return run_crawl(source, province, DataPaths.at(root), ImageStore(root), boundaries, http, stats,
                      log=lambda m: None, discover_only=discover_only)
 

@@ -90,7 +90,7 @@ def test_materialize_with_env_keys_leaks_no_secret(tmp_path, boundaries_path, mo
                                      rest_url=srv.url + "/services/rest/", queries_per_hour=3.6e6,
                                      min_taken_date="2005-01-01", max_taken_date="2024-01-01", **FAST),
             "google_places": GooglePlacesResource(enabled=True, api_key=dg.EnvVar("GOOGLE_MAPS_API_KEY"),
-                                                  base_url=srv.url, queries_per_second=1000, tile_deg=0.2,
+                                                  api="legacy", base_url=srv.url, queries_per_second=1000, tile_deg=0.2,
                                                   page_token_delay_s=0.01, **FAST),
             "yfcc100m": Yfcc100mResource(),
             "gldv2": Gldv2Resource(),
@@ -99,7 +99,7 @@ def test_materialize_with_env_keys_leaks_no_secret(tmp_path, boundaries_path, mo
         assert ok.success
         # an unreachable API: the run fails, with the URL's key scrubbed from the error
         broken = {**resources, "google_places": GooglePlacesResource(
-            enabled=True, api_key=dg.EnvVar("GOOGLE_MAPS_API_KEY"), base_url="http://127.0.0.1:9",
+            enabled=True, api_key=dg.EnvVar("GOOGLE_MAPS_API_KEY"), api="legacy", base_url="http://127.0.0.1:9",
             **{**FAST, "max_attempts": 2})}
         failed = dg.materialize([google_places_photos], resources=broken, partition_key="punjab", instance=instance,
                                 raise_on_error=False)

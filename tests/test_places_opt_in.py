@@ -50,6 +50,7 @@ def _places_config(url: str) -> str:
 resources:
   google_places:
     config:
+      api: legacy
       base_url: "{url}"
       queries_per_second: 1000
       page_token_delay_s: 0.01
@@ -61,7 +62,7 @@ def test_env_opt_in_holds_with_run_config_naming_the_resource(opted_in, boundari
     with FakeServer() as srv:
         places_routes(srv, places, GOOGLE_KEY)
         resources = {**default_resources(), **crawl_resources()}
-        only_base_url = {"resources": {"google_places": {"config": {"base_url": srv.url}}}}
+        only_base_url = {"resources": {"google_places": {"config": {"api": "legacy", "base_url": srv.url}}}}
         result = dg.materialize([google_places_photos], resources=resources, partition_key="ict",
                                 run_config=only_base_url)
         assert result.success

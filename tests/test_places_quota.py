@@ -20,7 +20,7 @@ from pipeline.sources.crawl import STOPPED_KEY
 from pipeline.sources.crawl_state import CrawlState
 from pipeline.sources.http import CrawlError
 
-FAST = dict(timeout_s=0.5, max_attempts=3, backoff_base_s=0.002, backoff_max_s=0.02, download_workers=4,
+FAST = dict(api="legacy", timeout_s=0.5, max_attempts=3, backoff_base_s=0.002, backoff_max_s=0.02, download_workers=4,
             queries_per_second=1000, tile_deg=0.2, page_token_delay_s=0.01)
 
 

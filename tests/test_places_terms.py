@@ -22,7 +22,7 @@ from pipeline.core.schema import RAW_MANIFEST_SCHEMA, read_table, write_table
 from pipeline.defs.crawl import PLACES_TERMS_CHECK, GooglePlacesResource, google_places_photos, places_terms_check
 from pipeline.defs.resources import BoundariesResource, DataRootResource
 from pipeline.sources.crawl_state import CrawlState
-from pipeline.sources.google_places import expire_stored_places, terms_report
+from pipeline.sources.places_terms import expire_stored_places, terms_report
 
 T0 = dt.datetime(2026, 3, 1, 12, 0, tzinfo=dt.timezone.utc)
 
@@ -126,7 +126,8 @@ def test_asset_check_fails_on_a_row_older_than_30_days(tmp_path, boundaries_path
         places_routes(srv, places, GOOGLE_KEY)
         resources = {"data_root": DataRootResource(path=str(tmp_path)),
                      "boundaries": BoundariesResource(source=str(boundaries_path)),
-                     "google_places": GooglePlacesResource(enabled=True, base_url=srv.url, queries_per_second=1000,
+                     "google_places": GooglePlacesResource(enabled=True, api="legacy", base_url=srv.url,
+                                                           queries_per_second=1000,
                                                            tile_deg=0.2, page_token_delay_s=0.01, timeout_s=0.5)}
 
         def check_of(result):

@@ -9,7 +9,7 @@ never fails the run. Secrets come only through
 """
 
 from collections.abc import Iterator
-from typing import ClassVar, Optional
+from typing import ClassVar, Literal, Optional
 
 import dagster as dg
 import pandas as pd
@@ -25,18 +25,15 @@ from pipeline.defs.metadata import md_table, plot, schema_metadata, table_metada
 from pipeline.defs.resources import BoundariesResource, DataRootResource, LaunchEnvResource
 from pipeline.defs.source_status import skipped_result
 from pipeline.labels.boundaries import ProvinceBoundaries
+from pipeline.sources import google_places, places_v1
 from pipeline.sources.crawl import STOPPED_KEY, CrawlResult, Source, remaining_work, run_crawl
 from pipeline.sources.crawl_state import CrawlState
 from pipeline.sources.flickr import DEFAULT_REST_URL, OPEN_LICENSES, FlickrConfig, FlickrSource
 from pipeline.sources.gldv2 import DEFAULT_WIKIDATA_API, Gldv2Config, Gldv2Source
-from pipeline.sources.google_places import (
-    DEFAULT_BASE_URL,
-    GooglePlacesSource,
-    PlacesConfig,
-    expire_stored_places,
-    terms_report,
-)
-from pipeline.sources.http import DEFAULT_USER_AGENT, HttpSettings, HttpStats, RetryPolicy
+from pipeline.sources.google_places import GooglePlacesSource, PlacesConfig
+from pipeline.sources.http import CONTACT_ENV, HttpSettings, HttpStats, RetryPolicy, user_agent
+from pipeline.sources.places_terms import expire_stored_places, terms_report
+from pipeline.sources.places_v1 import PlacesV1Config, PlacesV1Source, billing_table
 from pipeline.sources.yfcc100m import DiscoveryMissing, Yfcc100mSource, YfccConfig, discover_candidates, read_discovery
 
 PROVINCE_PARTITIONS = dg.StaticPartitionsDefinition(list(PROVINCE_KEYS))
@@ -47,7 +44,8 @@ CRAWL_GROUP = "crawl"
 
 class CrawlResource(LaunchEnvResource):
     """Settings every crawler shares: HTTP timeouts, retries and parallel downloads. Secrets and paths left empty
-    are read from the environment at run start (``env``), so they never enter the run config."""
+    are read from the environment at run start (``env``), so they never enter the run config. ``contact`` (empty:
+    GEOPAK_CONTACT) goes into the User-Agent, which Wikimedia requires (GLDv2 refuses to start without one)."""
 
     enabled: bool = Field(default=True, description="false: the source is skipped (its partitions record why)")
     timeout_s: float = bounded_field(30.0, "seconds per HTTP request before it counts as failed", gt=0)
@@ -56,7 +54,14 @@ class CrawlResource(LaunchEnvResource):
     backoff_max_s: float = bounded_field(60.0, "longest retry delay", ge=0)
     download_workers: int = bounded_field(8, "parallel image downloads", ge=1)
     max_image_mb: float = bounded_field(25.0, "larger images are rejected without being stored", gt=0)
-    user_agent: str = Field(default=DEFAULT_USER_AGENT, description="User-Agent header of every request")
+    contact: str = Field(default="", description="an e-mail or URL where you can be reached, sent in the "
+                         f"User-Agent (Wikimedia refuses requests without one); empty: {CONTACT_ENV} at run start")
+    user_agent: str = Field(default="", description="User-Agent header of every request; empty: GeoPak/<version> "
+                            "(<contact>) python-requests/<version>")
+
+    def _read_env(self) -> dict[str, str]:
+        """The resource's own variables plus the contact every crawler shares."""
+        return {"contact": (dg.EnvVar(CONTACT_ENV).get_value("") or "").strip(), **super()._read_env()}
 
     def http_settings(self, paths: DataPaths) -> HttpSettings:
         return HttpSettings(
@@ -65,7 +70,7 @@ class CrawlResource(LaunchEnvResource):
                               max_delay_s=self.backoff_max_s),
             download_workers=self.download_workers,
             max_image_bytes=int(self.max_image_mb * 2**20),
-            user_agent=self.user_agent,
+            user_agent=self.user_agent or user_agent(self.text("contact")),
             rate_limit_db=str(paths.rate_limits),
         )
 
@@ -94,7 +99,11 @@ class FlickrResource(CrawlResource):
     min_taken_date: str = Field(default="2000-01-01", description="earliest taken date searched (YYYY-MM-DD)")
     max_taken_date: str = Field(default="", description="empty: when the province's crawl first started; set a "
                                 "later date to pick up newer photos")
-    licenses: list[str] = Field(default=list(OPEN_LICENSES), description="Flickr licence ids to keep (0 = ARR)")
+    licenses: list[str] = Field(default=list(OPEN_LICENSES), description="licences kept, resolved against "
+                                "flickr.photos.licenses.getInfo at each crawl: ids ('11'), names ('CC BY 4.0', "
+                                "'Public Domain Mark', 'No known copyright restrictions'), families (cc, cc0, "
+                                "public_domain, no_known_restrictions, us_government) or patterns ('CC BY*' = "
+                                "'all CC BY'); default: all but All Rights Reserved")
     min_accuracy: int = bounded_field(11, "Flickr geo accuracy kept: 1 world … 11 city … 16 street", ge=1, le=16)
     sizes: list[str] = Field(default=["url_l", "url_c", "url_z", "url_m"], description="image sizes asked for; the "
                              "first one present is downloaded")
@@ -131,28 +140,40 @@ PLACES_ENV = {"enabled": "GEOPAK_GOOGLE_PLACES_ENABLED", "api_key": "GOOGLE_MAPS
 
 
 class GooglePlacesResource(CrawlResource):
-    """Google Places (legacy) via googlemaps. OPT-IN: Google's terms restrict storing and redistributing Places
-    content. Set GOOGLE_MAPS_API_KEY and GEOPAK_GOOGLE_PLACES_ENABLED=1 (or enabled: true) to run it."""
+    """Google Places: Places API (New) by default (the only one a new Google Cloud project can enable since
+    1 March 2025), the legacy Places API with ``api: legacy``. OPT-IN: Google's terms restrict storing and
+    redistributing Places content. Set GOOGLE_MAPS_API_KEY and GEOPAK_GOOGLE_PLACES_ENABLED=1 (or enabled: true)."""
 
     ENV: ClassVar[dict[str, str]] = PLACES_ENV
 
     enabled: Optional[bool] = Field(default=None, description="opt-in; empty: GEOPAK_GOOGLE_PLACES_ENABLED at run "
                                     "start, else off")
     api_key: str = Field(default="", description="empty: GOOGLE_MAPS_API_KEY at run start (never shown or logged)")
-    base_url: str = Field(default=DEFAULT_BASE_URL, description="Places API endpoint")
+    api: Literal["new", "legacy"] = Field(default="new", description='"new": Places API (New), places.googleapis.com '
+                                          '(enable "Places API (New)" for the key); "legacy": the legacy Places API, '
+                                          "only for projects that still have it enabled")
+    base_url: str = Field(default="", description=f"API endpoint; empty: {places_v1.DEFAULT_BASE_URL} (new) or "
+                          f"{google_places.DEFAULT_BASE_URL} (legacy)")
+    search: Literal["nearby", "text"] = Field(default="nearby", description="new API: nearby (searchNearby in each "
+                                              "tile's circle, ≤ 20 places a search) or text (searchText for "
+                                              "text_query in each tile's rectangle, ≤ 60 places through pages)")
+    text_query: str = Field(default="", description='new API, search: text: the query, e.g. "tourist attraction"')
     queries_per_second: float = bounded_field(10.0, "API budget per key", gt=0)
-    tile_deg: float = bounded_field(0.25, "side of the nearby-search tiles (degrees)", gt=0)
-    min_tile_deg: float = bounded_field(0.01, "a full tile is split down to this side (degrees)", gt=0)
+    tile_deg: float = bounded_field(0.25, "side of the search tiles (degrees)", gt=0)
+    min_tile_deg: Optional[float] = bounded_field(
+        None, "a tile whose search returns its cap is split down to this side (degrees); empty: "
+        f"{places_v1.PlacesV1Config.min_tile_deg} (new: 20 places a nearby search) or "
+        f"{google_places.PlacesConfig.min_tile_deg} (legacy: 60)", gt=0)
     place_type: str = Field(default="", description='place type searched, e.g. "tourist_attraction"; empty: any')
-    keyword: str = Field(default="", description="keyword searched; empty: none")
-    max_photos_per_place: int = bounded_field(10, "photos kept per place (details return at most 10)", ge=0, le=10)
-    max_width: int = bounded_field(1600, "photo width asked for (legacy maximum 1600)", ge=1, le=1600)
-    page_token_delay_s: float = bounded_field(2.0, "wait before asking for the next result page (its token needs "
-                                              "time to become valid)", ge=0)
-    page_token_tries: int = bounded_field(3, "tries of a page token answered INVALID_REQUEST (not ready or expired) "
-                                          "before the tile is searched again", ge=1)
-    search_restarts: int = bounded_field(1, "new searches of a tile whose page token stays invalid; then the tile is "
-                                         "left for the next run", ge=0)
+    keyword: str = Field(default="", description="legacy API: keyword searched; empty: none")
+    max_photos_per_place: int = bounded_field(10, "photos kept per place (Google returns at most 10)", ge=0, le=10)
+    max_width: int = bounded_field(1600, "photo width asked for (legacy maximum 1600, new 4800)", ge=1, le=4800)
+    page_token_delay_s: float = bounded_field(2.0, "legacy API: wait before asking for the next result page (its "
+                                              "token needs time to become valid)", ge=0)
+    page_token_tries: int = bounded_field(3, "legacy API: tries of a page token answered INVALID_REQUEST (not ready "
+                                          "or expired) before the tile is searched again", ge=1)
+    search_restarts: int = bounded_field(1, "legacy API: new searches of a tile whose page token stays invalid; "
+                                         "then the tile is left for the next run", ge=0)
     refresh_after_days: float = bounded_field(27.0, "coordinates this old are fetched again from Place Details "
                                               "(Google's terms allow caching them 30 days)", gt=0, lt=30)
 
@@ -166,8 +187,16 @@ class GooglePlacesResource(CrawlResource):
         return None if self.text("api_key") else "GOOGLE_MAPS_API_KEY is not set"
 
     def source(self, http: HttpSettings, stats: HttpStats) -> Source:
-        cfg = PlacesConfig(**dataclass_kwargs(PlacesConfig, self, api_key=self.text("api_key")))
-        return GooglePlacesSource(cfg, http, stats)
+        key = self.text("api_key")
+        if self.api == "legacy":
+            cfg = PlacesConfig(**dataclass_kwargs(
+                PlacesConfig, self, api_key=key, base_url=self.base_url or google_places.DEFAULT_BASE_URL,
+                min_tile_deg=self.min_tile_deg or PlacesConfig.min_tile_deg))
+            return GooglePlacesSource(cfg, http, stats)
+        v1 = PlacesV1Config(**dataclass_kwargs(
+            PlacesV1Config, self, api_key=key, base_url=self.base_url or places_v1.DEFAULT_BASE_URL,
+            min_tile_deg=self.min_tile_deg or PlacesV1Config.min_tile_deg))
+        return PlacesV1Source(v1, http, stats)
 
 
 class Yfcc100mResource(CrawlResource):
@@ -176,14 +205,16 @@ class Yfcc100mResource(CrawlResource):
     ENV: ClassVar[dict[str, str]] = {"metadata_path": "GEOPAK_YFCC100M_METADATA",
                                      "mirror_url_template": "GEOPAK_YFCC100M_MIRROR"}
 
-    metadata_path: str = Field(default="", description="path of the yfcc100m_dataset file; empty: "
+    metadata_path: str = Field(default="", description="the yfcc100m_dataset file, or the 2014 release's ten "
+                               "parts (yfcc100m_dataset-0 … -9, .bz2 fine) as a folder or a glob; empty: "
                                "GEOPAK_YFCC100M_METADATA at run start")
     mirror_url_template: str = Field(default="", description="image URL with {photoid} {hash} {hash_a} (= hash[:3]) "
                                      "{hash_b} (= hash[3:6]) {ext}; empty: GEOPAK_YFCC100M_MIRROR, else the "
                                      "dataset's Flickr URLs")
     min_accuracy: int = bounded_field(11, "geo accuracy kept: 1 world … 11 city … 16 street", ge=1, le=16)
-    licenses: list[str] = Field(default=[], description="licence names kept; empty keeps all (YFCC100M is all "
-                                "Creative Commons)")
+    licenses: list[str] = Field(default=[], description="licences kept: names ('Attribution License'), families "
+                                "(cc, cc0, ...) or patterns ('Attribution-ShareAlike*'); empty keeps all (YFCC100M "
+                                "is all Creative Commons)")
     block_mb: float = bounded_field(16.0, "metadata file read in blocks of this size", gt=0)
     downloads_per_second: float = bounded_field(20.0, "download rate limit; 0: unlimited", ge=0)
 
@@ -237,9 +268,14 @@ class Gldv2Resource(CrawlResource):
     attribution_csv: str = Field(default="", description="train_attribution.csv (licences, authors); empty: "
                                  "GEOPAK_GLDV2_ATTRIBUTION_CSV at run start")
     wikidata_api_url: str = Field(default=DEFAULT_WIKIDATA_API, description="Wikidata API that locates landmarks")
-    wikidata_requests_per_second: float = bounded_field(5.0, "Wikidata rate limit", gt=0)
+    wikidata_requests_per_second: float = bounded_field(0.1, "Wikidata requests per second, one at a time "
+                                                        "(Wikimedia's 2026 limit for clients without an account: "
+                                                        "hundreds per hour; 429 Retry-After is honoured)", gt=0)
     block_mb: float = bounded_field(16.0, "CSV files read in blocks of this size", gt=0)
     downloads_per_second: float = bounded_field(20.0, "download rate limit; 0: unlimited", ge=0)
+    download_mbps: float = bounded_field(20.0, "megabits per second read from upload.wikimedia.org by every "
+                                         "process together (Wikimedia's robot policy: at most 25, and 2 "
+                                         "connections, which the crawl never exceeds)", gt=0, le=25)
     coordinates_path: str = Field(default="", description="landmark_id or wikidata_id -> lat, lon (CSV/Parquet); "
                                   "when set, Wikidata is not asked")
 
@@ -308,6 +344,10 @@ def _metadata(result: CrawlResult, paths: DataPaths, locator: ProvinceBoundaries
     }
     if result.stopped is not None:
         meta["stopped_because"] = result.stopped
+    billing = billing_table(stats)
+    if len(billing):  # Places API (New): requests per SKU and their list price
+        meta["requests_per_sku"] = md_table(billing)
+        meta["estimated_list_cost_usd"] = round(float(billing["list_cost_usd"].sum()), 2)
     if len(m):
         ids = locator.locate(m["lat"].to_numpy(), m["lon"].to_numpy())
         meta["map"] = plot(paths, f"crawl_{result.source}_{result.province}.png",
@@ -334,8 +374,9 @@ PLACES_COMPLETE_CHECK = "crawl_complete"
 
 
 @dg.asset(**_COMMON, pool="google_places_api",
-          description="OPT-IN Google Places photos (nearby search tiles, details, places_photo). "
-                      "Google's terms restrict storing and redistributing them.",
+          description="OPT-IN Google Places photos: Places API (New) by default (searchNearby/searchText tiles, "
+                      "photo media), the legacy API as a setting. Google's terms restrict storing and redistributing "
+                      "them.",
           check_specs=[
               dg.AssetCheckSpec(PLACES_TERMS_CHECK, asset="google_places_photos",
                                 description="No manifest row keeps coordinates fetched more than 30 days ago "
