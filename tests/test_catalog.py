@@ -125,4 +125,6 @@ def test_labels_reject_outside_and_null_bad_dates(tmp_path, boundaries, koppen):
     assert lab.loc["karachi", "province_key"] == "sindh" and lab.loc["old", "province_key"] == "gb"
     assert lab.loc["karachi", "day_of_year"] == 366  # 31 Dec of a leap year
     assert pd.isna(lab.loc["old", "day_of_year"]) and np.isnan(lab.loc["old", "doy_sin"])
+    assert lab.loc["old", "date_note"].startswith("implausible capture date for a day-of-year label: 1975-01-01")
+    assert pd.isna(lab.loc["karachi", "date_note"])
     assert lab.loc["karachi", "koppen_code"].startswith("BW")

@@ -25,6 +25,7 @@ from pipeline.defs.resources import (
     fallback_metadata,
     writes_stage,
 )
+from pipeline.labels.dates import capture_date_provenance
 from pipeline.labels.label import label_catalog
 
 
@@ -86,6 +87,7 @@ def labelled_catalog(
             "rows_per_province_and_source": md_table(counts_table(labelled, "province_key", "source")),
             "koppen_classes": md_table(counts_table(labelled, "koppen_code", "province_key")),
             "day_of_year_known": round(float(labelled["day_of_year"].notna().mean()), 3) if len(labelled) else 0.0,
+            "capture_dates": md_table(capture_date_provenance(labelled["taken_at_source"], labelled["date_note"])),
             "rejections_per_reason": md_table(counts_table(rejections, "reason", "source")),
             "preview": md_table(
                 labelled[["source", "source_id", "lat", "lon", "province_key", "koppen_code", "day_of_year"]].head(10)

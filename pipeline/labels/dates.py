@@ -34,9 +34,8 @@ def capture_date_provenance(taken_at_source: pd.Series, date_note: pd.Series) ->
     offset, how many assumed Pakistan time, how many sources gave no day-precise date and why.
     """
     origin = taken_at_source.astype("string").fillna("(no capture time)")
-    note = date_note.astype("string").str.split(": ", n=1).str[0]
-    why = note.where(note.notna() & (origin == "(no capture time)"))
-    out = pd.DataFrame({"capture time from": origin, "no usable date because": why.fillna("")})
+    why = date_note.astype("string").str.split(": ", n=1).str[0].fillna("")
+    out = pd.DataFrame({"capture time from": origin, "no usable date because": why})
     return (out.groupby(["capture time from", "no usable date because"]).size().rename("rows").reset_index()
             .sort_values("rows", ascending=False, kind="stable").reset_index(drop=True))
 

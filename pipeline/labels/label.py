@@ -10,7 +10,7 @@ from pipeline.core.catalog import rejection
 from pipeline.core.provinces import BY_ID
 from pipeline.core.schema import REJECTIONS_SCHEMA, empty_frame
 from pipeline.labels.boundaries import OUTSIDE, GazetteerProvinces, ProvinceBoundaries
-from pipeline.labels.dates import day_of_year, days_in_year, encode_day
+from pipeline.labels.dates import MIN_PLAUSIBLE_YEAR, day_of_year, days_in_year, encode_day
 from pipeline.labels.koppen import KOPPEN_CODES, NODATA, KoppenRaster, coarse_group
 
 STAGE = "labels"
@@ -38,6 +38,13 @@ def label_catalog(
     ylen = days_in_year(years.fillna(2001).astype(int).to_numpy())
     s, c = encode_day(doy.astype("float64").to_numpy(), ylen)
     out["day_of_year"] = doy
+    # a date the labeller refuses (before 1990, in the future) keeps taken_at; date_note says why it has no label
+    note = (out["date_note"] if "date_note" in out.columns else pd.Series(None, index=out.index)).astype(object)
+    fill = (doy.isna().to_numpy() & pd.to_datetime(out["taken_at"], utc=True).notna().to_numpy()
+            & note.isna().to_numpy())
+    note[fill] = [f"implausible capture date for a day-of-year label: {t} (before {MIN_PLAUSIBLE_YEAR} or in the "
+                  "future)" for t in out.loc[fill, "taken_at"]]
+    out["date_note"] = note
     out["doy_sin"] = s.astype(np.float32)
     out["doy_cos"] = c.astype(np.float32)
 
