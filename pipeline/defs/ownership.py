@@ -24,10 +24,10 @@ ML_TEAM = "team:geopak-ml"
 # group -> (owner, code version). Bump the first number when the stage's own code changes its output.
 STAGE_VERSIONS: dict[str, tuple[str, str]] = {
     "sources": (DATA_TEAM, "2"),  # 2: local source reads HEIC and records where each capture time came from
-    "crawl": (DATA_TEAM, "1"),
+    "crawl": (DATA_TEAM, "2"),  # 2: Places (New), Flickr licences 0-16 and date granularity, YFCC tags and parts
     "catalog": (DATA_TEAM, f"1.engine{ENGINE_VERSION}"),
     "filter": (DATA_TEAM, f"1.metrics{METRICS_VERSION}"),
-    "labels": (DATA_TEAM, "1"),
+    "labels": (DATA_TEAM, "2"),  # 2: date_note says why a date has no day-of-year label
     "geocells": (ML_TEAM, "1"),
     "model": (ML_TEAM, "1"),
     "evaluation": (ML_TEAM, "1"),
