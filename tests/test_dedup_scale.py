@@ -203,24 +203,21 @@ def test_giant_bucket_of_identical_hashes_stays_compact_and_exact():
 
 
 def _reference_groups(ids, hashes, pixels, sharp, max_distance):
-    """The rule stated plainly (quadratic, Python): chains form groups; keep most pixels, sharpest, smallest id."""
+    """The rule stated plainly (quadratic, Python): keep the best photo left (most pixels, sharpest, smallest id),
+    reject every undecided photo within the threshold of it, repeat."""
     n = len(ids)
-    parent = list(range(n))
 
-    def find(x):
-        while parent[x] != x:
-            x = parent[x]
-        return x
+    def dist(a, b):
+        return sum(int(x ^ y).bit_count() for x, y in zip(hashes[a], hashes[b]))
 
-    for a in range(n):
-        for b in range(a + 1, n):
-            if sum(int(x ^ y).bit_count() for x, y in zip(hashes[a], hashes[b])) <= max_distance:
-                parent[find(b)] = find(a)
-    roots = [find(k) for k in range(n)]
-    best = {}
-    for k in sorted(range(n), key=lambda k: (-pixels[k], -(sharp[k] if sharp[k] == sharp[k] else -1.0), ids[k])):
-        best.setdefault(roots[k], k)
-    return [best[r] for r in roots], [roots.count(r) for r in roots]
+    kept_of = [None] * n
+    for k in sorted(range(n), key=lambda k: (-pixels[k], -(sharp[k] if sharp[k] == sharp[k] else -1.0), ids[k], k)):
+        if kept_of[k] is None:
+            kept_of[k] = k
+            for m in range(n):
+                if kept_of[m] is None and dist(k, m) <= max_distance:
+                    kept_of[m] = k
+    return kept_of, [kept_of.count(kept_of[k]) for k in range(n)]
 
 
 def test_groups_match_the_plain_rule_on_clustered_hashes():
@@ -236,6 +233,7 @@ def test_groups_match_the_plain_rule_on_clustered_hashes():
     for method in ("mih", "brute", "auto"):
         g = group_near_duplicates(ids, hexes, pixels, sharp, 24, method=method)
         assert g.kept_index.tolist() == kept and g.group_size.tolist() == size, method
+        assert np.all(g.distance <= 24), "every rejected photo lies within the threshold of its kept copy"
         assert g.distance.tolist() == [sum(int(x ^ y).bit_count() for x, y in zip(hashes[k], hashes[kept[k]]))
                                        for k in range(len(hashes))]
 

@@ -155,7 +155,26 @@ def _put(tmp_path: Path, name: str, data: bytes) -> Path:
     return p
 
 
-def test_groups_chain_transitively_and_keep_the_sharpest_of_equal_size():
+def test_a_chain_keeps_what_is_no_duplicate_of_the_kept_copy():
+    """A-B-C-D-E, each 20 bits from the next (40 apart two steps away): with A the best, A keeps B out, C is no
+    duplicate of A and is kept, and keeps D out; E is kept. Chains no longer make a photo 80 bits away a
+    "duplicate"."""
+    rng = np.random.default_rng(1)
+    base = rng.integers(0, 2, 256).astype(bool)
+    chain = []
+    for k in range(5):
+        x = base.copy()
+        x[: 20 * k] ^= True
+        chain.append(np.packbits(x).tobytes().hex())
+    sharp = [9.0, 5.0, 4.0, 3.0, 2.0]
+    g = group_near_duplicates(list("abcde"), chain, [100] * 5, sharp, 24)
+    assert g.kept_index.tolist() == [0, 0, 2, 2, 4]
+    assert g.group_size.tolist() == [2, 2, 2, 2, 1]
+    assert g.distance.tolist() == [0, 20, 0, 20, 0]
+    assert g.rejected.tolist() == [False, True, False, True, False]
+
+
+def test_a_chain_through_the_best_copy_is_one_group():
     rng = np.random.default_rng(0)
     a = rng.integers(0, 2, 256).astype(bool)
     b, c = a.copy(), a.copy()
@@ -165,7 +184,7 @@ def test_groups_chain_transitively_and_keep_the_sharpest_of_equal_size():
     hexes = [np.packbits(x).tobytes().hex() for x in (a, b, c, far)]
     assert near_pairs(hash_matrix(hexes), 24)[2].tolist() == [20, 20]
     g = group_near_duplicates(["a", "b", "c", "d"], hexes, [100, 100, 100, 100], [1.0, 5.0, 2.0, 9.0], 24)
-    assert g.kept_index.tolist() == [1, 1, 1, 3]
+    assert g.kept_index.tolist() == [1, 1, 1, 3]  # B, the sharpest, is within 20 bits of both ends
     assert g.group_size.tolist() == [3, 3, 3, 1]
 
 

@@ -32,8 +32,10 @@ explosion. ``plan_parts`` picks ``t`` from the expected candidate count; for tin
 cheaper and is used (both are exact, ``near_pairs(method=...)`` forces one). The sample world's groups are
 identical either way (tests/test_dedup_scale.py checks MIH against brute force).
 
-Transitive chains (A~B, B~C) form one group. The best copy of a group is kept: largest pixel count, then
-sharpest, then the smallest image_id (so the choice is deterministic).
+Groups mean "near duplicate of the kept copy": the best photo (largest pixel count, then sharpest, then the
+smallest image_id, so the choice is deterministic) is kept, every photo within the threshold of it is rejected
+naming it, and the best photo left starts the next group. A chain A~B~C whose ends are farther apart than the
+threshold therefore keeps A and C when A is the best, instead of rejecting C as a "duplicate" of A.
 """
 
 from __future__ import annotations
@@ -44,7 +46,6 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy.sparse import coo_matrix
-from scipy.sparse.csgraph import connected_components
 
 HASH_WORDS = 4  # 256 bits
 HASH_BITS = 64 * HASH_WORDS
@@ -373,9 +374,13 @@ def group_near_duplicates(
     max_distance: int,
     method: str = "auto",
 ) -> DuplicateGroups:
-    """Group rows whose hashes chain within ``max_distance``; keep the largest, then sharpest copy of each group.
-    Components come from the compact pair list (identical hashes joined through their representative), and only
-    rows in a group of two or more are ranked, so a 10 M-row call holds a few arrays of n, not n Python objects."""
+    """Keep the best copy (most pixels, then sharpest, then smallest image_id), reject every photo within
+    ``max_distance`` of it, and repeat with the best photo left: each rejected photo is a near duplicate *of the
+    copy it names*. (Grouping by chains instead would let a rejected photo lie up to (chain length) × threshold
+    bits from its kept copy: not a duplicate of it at all.)
+
+    Identical hashes share their neighbours, so the greedy pass runs over distinct hashes (representatives) of
+    the rows that have any near duplicate; a 10 M-row call holds a few arrays of n, not n Python objects."""
     n = len(image_ids)
     hashes = hash_matrix(hex_hashes)
     if len(hashes) != n or len(pixels) != n or len(sharpness) != n:
@@ -384,26 +389,39 @@ def group_near_duplicates(
     if n < 2:
         return DuplicateGroups(kept, np.ones(n, np.int64), np.zeros(n, np.int32))
     rep_of, (ri, rj, _) = representative_pairs(hashes, max_distance, method)
-    dup = np.flatnonzero(rep_of != np.arange(n))
-    src = np.concatenate([dup, ri])
-    dst = np.concatenate([rep_of[dup], rj])
-    graph = coo_matrix((np.ones(len(src), np.int8), (src, dst)), shape=(n, n))
-    _, label = connected_components(graph, directed=False)
-    size = np.bincount(label, minlength=n)[label].astype(np.int64)
-    grouped = np.flatnonzero(size > 1)
+    has_twin = np.bincount(rep_of, minlength=n) > 1  # per representative row
+    linked = np.zeros(n, dtype=bool)
+    linked[ri] = linked[rj] = True
+    grouped = np.flatnonzero(has_twin[rep_of] | linked[rep_of])
     if len(grouped):
-        px = np.asarray(pixels, dtype=np.int64)[grouped]
-        sharp = np.nan_to_num(np.asarray(sharpness, dtype=np.float64)[grouped], nan=-1.0)
-        ids = np.asarray([str(image_ids[k]) for k in grouped])
-        # best first inside each component: most pixels, then sharpest, then smallest image_id, then row
-        order = np.lexsort((grouped, ids, -sharp, -px, label[grouped]))
-        rows = grouped[order]
-        lab = label[rows]
-        head = np.r_[True, lab[1:] != lab[:-1]]
-        best = rows[head][np.cumsum(head) - 1]
-        kept[rows] = best
+        kept[grouped] = _greedy_keep(grouped, rep_of, ri, rj, pixels, sharpness, image_ids)
+    size = np.bincount(kept, minlength=n)[kept].astype(np.int64)
     dist = row_distance(hashes, np.arange(n), kept)
     return DuplicateGroups(kept, size, dist)
+
+
+def _greedy_keep(grouped: np.ndarray, rep_of: np.ndarray, ri: np.ndarray, rj: np.ndarray, pixels: Sequence[int],
+                 sharpness: Sequence[float], image_ids: Sequence[str]) -> np.ndarray:
+    """The kept row of each row in ``grouped`` (rows with at least one near duplicate), by the greedy rule."""
+    n = len(rep_of)
+    px = np.asarray(pixels, dtype=np.int64)[grouped]
+    sharp = np.nan_to_num(np.asarray(sharpness, dtype=np.float64)[grouped], nan=-1.0)
+    ids = np.asarray([str(image_ids[k]) for k in grouped])
+    rows = grouped[np.lexsort((grouped, ids, -sharp, -px))]  # best first
+    reps, first = np.unique(rep_of[rows], return_index=True)  # each representative's best member comes first
+    by_quality = np.argsort(first, kind="stable")
+    reps, best_row = reps[by_quality], rows[first[by_quality]]
+    adjacency = coo_matrix((np.ones(2 * len(ri), np.int8), (np.r_[ri, rj], np.r_[rj, ri])), shape=(n, n)).tocsr()
+    indptr, neighbours = adjacency.indptr, adjacency.indices
+    claimed_by = np.full(n, -1, dtype=np.int64)  # per representative: the kept row it is a near duplicate of
+    for rep, best in zip(reps.tolist(), best_row.tolist()):
+        if claimed_by[rep] >= 0:
+            continue
+        claimed_by[rep] = best
+        near = neighbours[indptr[rep]:indptr[rep + 1]]
+        near = near[claimed_by[near] < 0]
+        claimed_by[near] = best
+    return claimed_by[rep_of[grouped]]
 
 
 @dataclass(frozen=True)
