@@ -265,3 +265,29 @@ def test_part_values_are_the_parts_bits():
         for start, length, _ in _bound(t, 24):
             expected = (bits[:, start:start + length] << np.arange(length, dtype=np.uint64)).sum(axis=1)
             assert np.array_equal(part_values(hashes, start, length), expected.astype(np.uint64)), (t, start)
+
+
+def test_hash_words_from_arrow_match_the_hex_reader_without_python_strings():
+    """The filter's Parquet column (a pyarrow string array, sliced and chunked) decodes to the same words as the
+    hex reader, and the grouping fed words gives the same groups as fed hex strings."""
+    import pyarrow as pa
+
+    from pipeline.filters.dedup import hash_matrix, hash_words
+
+    rng = np.random.default_rng(11)
+    centres = _random_hashes(rng, 5)
+    hashes = np.array([_flip(centres[rng.integers(5)], rng.choice(HASH_BITS, rng.integers(0, 30), replace=False))
+                       for _ in range(300)])
+    hexes = [np.asarray(h, ">u8").tobytes().hex() for h in hashes]
+    column = pa.chunked_array([pa.array(hexes[:120]), pa.array([h.upper() for h in hexes[120:]])])
+    assert np.array_equal(hash_words(column), hash_matrix(hexes))
+    assert np.array_equal(hash_words(pa.array(hexes).slice(7, 50)), hashes[7:57])
+    ids = [f"{k:064x}" for k in range(len(hexes))]
+    pixels, sharp = rng.choice([100, 200], len(hexes)), rng.random(len(hexes))
+    a = group_near_duplicates(ids, hexes, pixels, sharp, 24)
+    b = group_near_duplicates(pa.array(ids), hash_words(column), pixels, sharp, 24)
+    assert np.array_equal(a.kept_index, b.kept_index) and np.array_equal(a.group_size, b.group_size)
+    for bad, message in ((pa.array(["ab" * 31]), "64 hex"), (pa.array(["zz" * 32]), "hexadecimal"),
+                         (pa.array([None], pa.string()), "missing"), (pa.array([1]), "strings")):
+        with pytest.raises(ValueError, match=message):
+            hash_words(bad)

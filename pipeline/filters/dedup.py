@@ -45,6 +45,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
 from scipy.sparse import coo_matrix
 
 HASH_WORDS = 4  # 256 bits
@@ -66,6 +67,48 @@ def hash_matrix(hex_hashes: Sequence[str]) -> np.ndarray:
     if len(raw) != len(hex_hashes) * 8 * HASH_WORDS:  # fromhex skips whitespace
         raise ValueError("every hash must have 256 bits (64 hex digits)")
     return np.frombuffer(raw, dtype=">u8").astype(np.uint64).reshape(len(hex_hashes), HASH_WORDS)
+
+
+_HEX_VALUE = np.full(256, 255, dtype=np.uint8)
+for _digit, _value in zip(b"0123456789abcdefABCDEF", list(range(16)) + list(range(10, 16))):
+    _HEX_VALUE[_digit] = _value
+
+
+def hash_words(hashes: "np.ndarray | pa.Array | pa.ChunkedArray | Sequence[str]") -> np.ndarray:
+    """(N, 4) uint64 words of 256-bit hashes given as an (N, 4) uint64 array (returned as is), a pyarrow string
+    column of 64-hex-digit hashes (as the filter's Parquet holds them: decoded from its buffers, no Python string
+    per row, so 10 M hashes cost their 320 MB of words and not 3 GB of str objects), or a sequence of hex str."""
+    if isinstance(hashes, np.ndarray) and hashes.ndim == 2:
+        if hashes.shape[1] != HASH_WORDS or hashes.dtype != np.uint64:
+            raise ValueError(f"hash words must be an (N, {HASH_WORDS}) uint64 array, got {hashes.dtype}{hashes.shape}")
+        return hashes
+    if isinstance(hashes, pa.ChunkedArray):
+        parts = [hash_words(c) for c in hashes.chunks]
+        return np.concatenate(parts) if parts else np.zeros((0, HASH_WORDS), dtype=np.uint64)
+    if isinstance(hashes, pa.Array):
+        return _words_from_arrow(hashes)
+    return hash_matrix(list(hashes))
+
+
+def _words_from_arrow(column: pa.Array) -> np.ndarray:
+    n, digits = len(column), 16 * HASH_WORDS
+    if column.null_count:
+        raise ValueError(f"{column.null_count} hashes are missing")
+    if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+        raise ValueError(f"hashes must be strings, got {column.type}")
+    column = column.cast(pa.large_string())  # 64-bit offsets: one layout to read
+    offsets_buf, data_buf = column.buffers()[1], column.buffers()[2]
+    offsets = np.frombuffer(offsets_buf, dtype=np.int64)[column.offset: column.offset + n + 1]
+    if n and not np.all(np.diff(offsets) == digits):
+        raise ValueError("every hash must have 256 bits (64 hex digits)")
+    if not n:
+        return np.zeros((0, HASH_WORDS), dtype=np.uint64)
+    text = np.frombuffer(data_buf, dtype=np.uint8)[offsets[0]: offsets[-1]].reshape(n, digits)
+    nibbles = _HEX_VALUE[text]
+    if (nibbles == 255).any():
+        raise ValueError("hashes must be hexadecimal")
+    packed = (nibbles[:, 0::2] << 4) | nibbles[:, 1::2]  # (N, 32) bytes, big-endian per word as hash_matrix reads
+    return np.ascontiguousarray(packed).view(">u8").astype(np.uint64)
 
 
 def hamming(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -368,7 +411,7 @@ class DuplicateGroups:
 
 def group_near_duplicates(
     image_ids: Sequence[str],
-    hex_hashes: Sequence[str],
+    hex_hashes: "np.ndarray | pa.Array | pa.ChunkedArray | Sequence[str]",
     pixels: Sequence[int],
     sharpness: Sequence[float],
     max_distance: int,
@@ -382,7 +425,7 @@ def group_near_duplicates(
     Identical hashes share their neighbours, so the greedy pass runs over distinct hashes (representatives) of
     the rows that have any near duplicate; a 10 M-row call holds a few arrays of n, not n Python objects."""
     n = len(image_ids)
-    hashes = hash_matrix(hex_hashes)
+    hashes = hash_words(hex_hashes)
     if len(hashes) != n or len(pixels) != n or len(sharpness) != n:
         raise ValueError("image_ids, hashes, pixels and sharpness must have one entry per row")
     kept = np.arange(n, dtype=np.int64)
@@ -400,13 +443,18 @@ def group_near_duplicates(
     return DuplicateGroups(kept, size, dist)
 
 
+def _text(value: object) -> str:
+    """An id as text, whether it came from a list, a numpy array or a pyarrow array (a scalar)."""
+    return value.as_py() if isinstance(value, pa.Scalar) else str(value)
+
+
 def _greedy_keep(grouped: np.ndarray, rep_of: np.ndarray, ri: np.ndarray, rj: np.ndarray, pixels: Sequence[int],
                  sharpness: Sequence[float], image_ids: Sequence[str]) -> np.ndarray:
     """The kept row of each row in ``grouped`` (rows with at least one near duplicate), by the greedy rule."""
     n = len(rep_of)
     px = np.asarray(pixels, dtype=np.int64)[grouped]
     sharp = np.nan_to_num(np.asarray(sharpness, dtype=np.float64)[grouped], nan=-1.0)
-    ids = np.asarray([str(image_ids[k]) for k in grouped])
+    ids = np.asarray([_text(image_ids[int(k)]) for k in grouped])
     rows = grouped[np.lexsort((grouped, ids, -sharp, -px))]  # best first
     reps, first = np.unique(rep_of[rows], return_index=True)  # each representative's best member comes first
     by_quality = np.argsort(first, kind="stable")

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
 from pipeline.core import reasons
 from pipeline.core.catalog import rejection
@@ -32,7 +33,7 @@ from pipeline.core.schema import REJECTIONS_SCHEMA, empty_frame
 from pipeline.core.store import ImageStore
 from pipeline.filters.cache import ImageValueCache, commit_in_chunks
 from pipeline.filters.decode import DEFAULT_FORMATS, DEFAULT_MAX_PIXELS
-from pipeline.filters.dedup import CopyFacts, group_near_duplicates, near_duplicate_detail
+from pipeline.filters.dedup import CopyFacts, group_near_duplicates, hash_words, near_duplicate_detail
 from pipeline.filters.geotag import DEFAULT_ACCURACY_RULES, AccuracyRule, geotag_reasons
 from pipeline.filters.indoor import ClipSpec, IndoorClassifier, check_weights, indoor_scores
 from pipeline.filters.licenses import DEFAULT_ALLOWED, license_reasons
@@ -201,7 +202,8 @@ def filter_catalog(
         w, h = df.loc[rows, "width"].to_numpy(np.int64), df.loc[rows, "height"].to_numpy(np.int64)
         sharp = metric_cols.loc[rows, "sharpness"].to_numpy(dtype=float, na_value=np.nan)
         ids = df.loc[rows, "image_id"].astype(str).tolist()
-        g = group_near_duplicates(ids, metric_cols.loc[rows, "phash"].tolist(), w * h, sharp, cfg.phash_max_distance)
+        hashes = hash_words(pa.array(metric_cols.loc[rows, "phash"], type=pa.string()))  # no list of str
+        g = group_near_duplicates(ids, hashes, w * h, sharp, cfg.phash_max_distance)
         groups = int(len(np.unique(g.kept_index[g.group_size > 1])))
         out = np.flatnonzero(g.rejected)
         if len(out):
