@@ -291,3 +291,52 @@ def test_hash_words_from_arrow_match_the_hex_reader_without_python_strings():
                          (pa.array([None], pa.string()), "missing"), (pa.array([1]), "strings")):
         with pytest.raises(ValueError, match=message):
             hash_words(bad)
+
+
+def _skewed_sets(n: int, rng) -> dict[str, np.ndarray]:
+    """Hash sets whose bits are not independent and uniform, as real pHashes are not."""
+    base = _random_hashes(rng, n)
+    sets = {}
+    prefix = base.copy()
+    rows = rng.permutation(n)[: n // 20]
+    prefix[rows, 0] = prefix[rows[0], 0]  # 5 % share their first 64 bits
+    prefix[rows[: n // 100], 1] = prefix[rows[0], 1]  # 1 % their first 128
+    sets["shared prefixes"] = prefix
+    constant = base.copy()
+    constant[:, 0] |= np.uint64(0xFFFF)  # 16 bits always set, 8 never
+    constant[:, 2] &= ~np.uint64(0xFF << 8)
+    sets["constant bits"] = constant
+    landmark = base.copy()
+    centre = landmark[0].copy()
+    for r in rng.permutation(n)[: n // 20]:  # 5 % within 8-30 bits of one landmark's look
+        landmark[r] = _flip(centre, rng.choice(HASH_BITS, rng.integers(8, 31), replace=False))
+    sets["one landmark"] = landmark
+    return sets
+
+
+@pytest.mark.parametrize("heavy_bucket", [4, 256])
+def test_mih_is_exact_on_skewed_hashes(heavy_bucket):
+    """Bits dealt by balance and overfull buckets compared by brute force: still every pair within the
+    threshold, no other (against brute force), with the heavy-row path forced on (bucket limit 4) and as shipped."""
+    rng = np.random.default_rng(3)
+    for name, hashes in _skewed_sets(6000, rng).items():
+        expected = near_pairs(hashes, 24, method="brute")
+        got = mih_pairs(hashes, 24, plan_parts(len(hashes), 24, allow_brute=False), heavy_bucket=heavy_bucket)
+        for a, b in zip(got, expected):
+            assert np.array_equal(a, b), name
+
+
+def test_bit_dealing_spreads_shared_and_constant_bits_over_the_parts():
+    from pipeline.filters.dedup import bit_balance, dealt_bit_order, permute_bits, row_distance
+
+    rng = np.random.default_rng(4)
+    hashes = _random_hashes(rng, 4000)
+    hashes[:, 0] = np.uint64(0x0123456789ABCDEF)  # word 0 constant: 64 uninformative bits
+    order = dealt_bit_order(bit_balance(hashes), 6)
+    assert sorted(order.tolist()) == list(range(256))
+    parts = [order[s:s + n] for s, n in ((p.start, p.length) for p in make_plan(6, 24))]
+    constant_per_part = [int((part < 64).sum()) for part in parts]
+    assert sum(constant_per_part) == 64 and max(constant_per_part) - min(constant_per_part) <= 1
+    moved = permute_bits(hashes, order)
+    i, j = np.arange(0, 4000, 2), np.arange(1, 4000, 2)
+    assert np.array_equal(row_distance(moved, i, j), row_distance(hashes, i, j))  # distances unchanged
