@@ -64,25 +64,43 @@ def _cpu() -> float:
     return r.ru_utime + r.ru_stime
 
 
-def measure_groups(size: int) -> list[dict]:
-    """The filter stage's call on ``size`` rows given as hex strings, as ``pipeline.filters.stage`` makes it."""
-    import numpy as np
+class _SyntheticIds:
+    """Row k's image id (64 hex digits), made when read: stands for the catalog column the filter already holds."""
 
-    from pipeline.filters.dedup import group_near_duplicates
+    def __init__(self, n: int):
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, k: int) -> str:
+        return f"{k:064x}"
+
+
+def measure_groups(size: int) -> list[dict]:
+    """The filter stage's call on ``size`` rows as ``pipeline.filters.stage`` makes it: the hashes and ids as
+    pyarrow string columns (what it reads from Parquet), decoded to 256-bit words without a Python str per row."""
+    import numpy as np
+    import pyarrow as pa
+
+    from pipeline.filters.dedup import group_near_duplicates, hash_words
 
     hashes, _, _, _ = synthetic_hashes(size)
-    hexes = hashes.astype(">u8").tobytes().hex()
-    hexes = [hexes[k:k + 64] for k in range(0, len(hexes), 64)]
-    ids = [f"{k:064x}" for k in range(size)]
+    text = np.frombuffer(hashes.astype(">u8").tobytes().hex().encode(), dtype=np.uint8)
+    offsets = pa.py_buffer((np.arange(size + 1, dtype=np.int64) * 64).tobytes())
+    column = pa.Array.from_buffers(pa.large_string(), size, [None, offsets, pa.py_buffer(text)])
+    del hashes, text
+    ids = _SyntheticIds(size)  # the catalog's column in the filter; only grouped rows' ids are ever read
     rng = np.random.default_rng(1)
     pixels, sharp = rng.integers(1, 4, size) * 100_000, rng.random(size)
-    del hashes
     c0, t0 = _cpu(), time.perf_counter()
-    g = group_near_duplicates(ids, hexes, pixels, sharp, MAX_DISTANCE)
+    g = group_near_duplicates(ids, hash_words(column), pixels, sharp, MAX_DISTANCE)
     seconds, cpu, peak = time.perf_counter() - t0, _cpu() - c0, peak_rss_mb()
-    note = (f"group_near_duplicates from hex strings (the filter's call): {int(g.rejected.sum()):,} rejected "
-            f"in {len(np.unique(g.kept_index[g.group_size > 1])):,} groups; CPU {cpu:.1f} s; RSS includes "
-            "the input lists")
+    far = int((g.distance > MAX_DISTANCE).sum())
+    note = (f"group_near_duplicates from pyarrow string columns (the filter's call), words decoded from the "
+            f"buffers: {int(g.rejected.sum()):,} rejected in {len(np.unique(g.kept_index[g.group_size > 1])):,} "
+            f"groups, {far} farther than {MAX_DISTANCE} bits from their kept copy; CPU {cpu:.1f} s; RSS includes "
+            "the hash column")
     return [{"stage": "near-duplicate groups", "size": size, "seconds": round(seconds, 3),
              "peak_rss_mb": round(peak, 1), "measured": True, "note": note, "baseline_seconds": None}]
 
@@ -121,12 +139,88 @@ def measure_search(size: int, baseline: bool) -> list[dict]:
     return out
 
 
+SKEWED_SETS = ("uniform", "shared prefix 64 bits (5 %)", "shared prefix 96 bits (5 %)", "constant bits",
+               "one landmark (2 % within 16-40 bits)", "bursts (0.1 % in bursts of 100 within 4 bits)")
+
+
+def _flip_some(rows, rng, lo: int, hi: int):
+    """``rows`` with lo..hi random bits flipped in each (repeats cancel, so at most hi)."""
+    import numpy as np
+
+    out = rows.copy()
+    k = rng.integers(lo, hi + 1, len(out))
+    for slot in range(hi):
+        on = np.flatnonzero(k > slot)
+        bit = rng.integers(0, 256, len(on))
+        np.bitwise_xor.at(out, (on, bit // 64), np.uint64(1) << (bit % 64).astype(np.uint64))
+    return out
+
+
+def skewed_hashes(kind: str, n: int, seed: int = 0):
+    """The uniform set with planted pairs (``synthetic_hashes``), skewed as real perceptual hashes are."""
+    import numpy as np
+
+    hashes, pi, pj, pdist = synthetic_hashes(n, seed)
+    rng = np.random.default_rng(seed + 1)
+    rows = rng.permutation(n)
+    if kind.startswith("shared prefix"):
+        bits = 64 if "64" in kind else 96
+        share = rows[: n // 20]
+        hashes[share, 0] = hashes[share[0], 0]
+        if bits == 96:
+            mask = np.uint64((1 << 32) - 1)
+            hashes[share, 1] = (hashes[share, 1] & ~mask) | (hashes[share[0], 1] & mask)
+    elif kind == "constant bits":
+        hashes[:, 0] |= np.uint64(1)  # as the pHash's DC term: always set
+        hashes[:, 1] &= ~np.uint64(0xFF)
+        hashes[:, 3] |= np.uint64(0xF) << np.uint64(60)
+    elif kind.startswith("one landmark"):
+        near = rows[: n // 50]
+        hashes[near] = _flip_some(np.repeat(hashes[near[0]][None], len(near), axis=0), rng, 16, 40)
+    elif kind.startswith("bursts"):
+        burst = rows[: n // 1000]
+        for b in range(0, len(burst), 100):
+            grp = burst[b:b + 100]
+            hashes[grp] = _flip_some(np.repeat(hashes[grp[0]][None], len(grp), axis=0), rng, 0, 4)
+    # planted pairs the skew overwrote are no longer planted at their distance: keep the untouched ones
+    dist = np.bitwise_count(hashes[pi] ^ hashes[pj]).sum(axis=1)
+    return hashes, pi, pj, dist
+
+
+def measure_skew(size: int, kind: str, sample: int = 20_000) -> list[dict]:
+    """MIH on one skewed set: time, planted pairs found, and exactness on a random sample of rows (every pair
+    among them within the threshold, checked against brute force over the sample)."""
+    import numpy as np
+
+    from pipeline.filters.dedup import near_pairs
+
+    hashes, pi, pj, pdist = skewed_hashes(kind, size)
+    c0, t0 = _cpu(), time.perf_counter()
+    i, j, d = near_pairs(hashes, MAX_DISTANCE)
+    seconds, cpu, peak = time.perf_counter() - t0, _cpu() - c0, peak_rss_mb()
+    code = i * size + j
+    want = pi[pdist <= MAX_DISTANCE] * size + pj[pdist <= MAX_DISTANCE]
+    planted = int(np.isin(want, code).sum())
+    rows = np.sort(np.random.default_rng(9).choice(size, min(sample, size), replace=False))
+    bi, bj, _ = near_pairs(hashes[rows], MAX_DISTANCE, method="brute")
+    inside = np.isin(i, rows) & np.isin(j, rows)
+    exact = np.array_equal(np.sort(rows[bi] * size + rows[bj]), np.sort(code[inside]))
+    note = (f"{kind}: {len(i):,} pairs; planted found {planted:,}/{len(want):,}; a {len(rows):,}-row sample "
+            f"against brute force: {'identical' if exact else 'DIFFERENT'}; CPU {cpu:.1f} s")
+    return [{"stage": "near-duplicate search, skewed", "size": size, "seconds": round(seconds, 3),
+             "cpu_seconds": round(cpu, 2), "peak_rss_mb": round(peak, 1), "measured": True, "note": note,
+             "baseline_seconds": None, "recall_ok": planted == len(want) and exact, "set": kind}]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", default="1000000,10000000")
     ap.add_argument("--baseline-size", type=int, default=40_000)
     ap.add_argument("--groups-sizes", default=None, help="default: the --sizes")
     ap.add_argument("--quick", action="store_true", help="tiny sizes (< 20 s): smoke test")
+    ap.add_argument("--skew-size", type=int, default=1_000_000,
+                    help="size of the skewed sets (uniform, shared prefixes, constant bits, a landmark, bursts); "
+                         "0: skip them")
     args = ap.parse_args()
     sizes = sorted(int(s) for s in args.sizes.split(",") if s)
     groups = sorted(int(s) for s in (args.groups_sizes or args.sizes).split(",") if s)
@@ -147,6 +241,14 @@ def main() -> None:
     for size in groups:
         for row in in_child(measure_groups, size):
             emit(row)
+    skew = 20_000 if args.quick else args.skew_size
+    if skew:
+        uniform = None
+        for kind in SKEWED_SETS:
+            for row in in_child(measure_skew, skew, kind):
+                uniform = uniform or row["cpu_seconds"]
+                row["note"] += f"; {row['cpu_seconds'] / max(uniform, 1e-9):.1f}x the uniform set's CPU time"
+                emit(row)
 
 
 def emit(row: dict) -> None:
