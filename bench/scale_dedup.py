@@ -86,10 +86,14 @@ def measure_groups(size: int) -> list[dict]:
     from pipeline.filters.dedup import group_near_duplicates, hash_words
 
     hashes, _, _, _ = synthetic_hashes(size)
-    text = np.frombuffer(hashes.astype(">u8").tobytes().hex().encode(), dtype=np.uint8)
+    digits = np.frombuffer(b"0123456789abcdef", dtype=np.uint8)
+    text = np.empty((size, 64), dtype=np.uint8)  # the column's bytes, written in chunks: no 640 MB Python str
+    for lo in range(0, size, 1 << 20):
+        raw = np.ascontiguousarray(hashes[lo:lo + (1 << 20)].astype(">u8")).view(np.uint8)
+        text[lo:lo + len(raw), 0::2], text[lo:lo + len(raw), 1::2] = digits[raw >> 4], digits[raw & 15]
     offsets = pa.py_buffer((np.arange(size + 1, dtype=np.int64) * 64).tobytes())
     column = pa.Array.from_buffers(pa.large_string(), size, [None, offsets, pa.py_buffer(text)])
-    del hashes, text
+    del hashes
     ids = _SyntheticIds(size)  # the catalog's column in the filter; only grouped rows' ids are ever read
     rng = np.random.default_rng(1)
     pixels, sharp = rng.integers(1, 4, size) * 100_000, rng.random(size)
