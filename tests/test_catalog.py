@@ -128,3 +128,34 @@ def test_labels_reject_outside_and_null_bad_dates(tmp_path, boundaries, koppen):
     assert lab.loc["old", "date_note"].startswith("implausible capture date for a day-of-year label: 1975-01-01")
     assert pd.isna(lab.loc["karachi", "date_note"])
     assert lab.loc["karachi", "koppen_code"].startswith("BW")
+
+
+def test_labelling_a_file_in_batches_equals_labelling_the_frame(tmp_path, boundaries, koppen):
+    """label_catalog_file (batch by batch, memory O(batch)) writes what label_catalog gives on the whole frame,
+    and its summary counts what counts_table counts."""
+    from pipeline.core.report import counts_table
+    from pipeline.core.schema import LABELLED_SCHEMA, read_table, write_table
+    from pipeline.labels.label import label_catalog_file
+
+    store = ImageStore(tmp_path)
+    rng = np.random.default_rng(2)
+    rows = [_manifest_row(store, jpeg_bytes(colour=(k % 250, k // 250, 7)), f"p{k}", lat=float(lat), lon=float(lon),
+                          taken_at=pd.Timestamp("2021-06-01T08:00:00Z") if k % 3 else None)
+            for k, (lat, lon) in enumerate(zip(rng.uniform(24, 37, 40), rng.uniform(61, 77, 40)))]
+    catalog, _ = build_catalog([pd.DataFrame(rows)], store, now=dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc))
+    catalog["sharpness"] = rng.random(len(catalog))  # a filter column the labels carry on
+    write_table(catalog, tmp_path / "filtered.parquet", CATALOG_SCHEMA)
+    whole, whole_rej = label_catalog(catalog, boundaries, koppen)
+    summary = label_catalog_file(tmp_path / "filtered.parquet", tmp_path / "labelled.parquet",
+                                 tmp_path / "rejected.parquet", boundaries, koppen, batch_rows=7)
+    got = read_table(tmp_path / "labelled.parquet", LABELLED_SCHEMA)
+    assert got["image_id"].tolist() == whole["image_id"].tolist() and len(whole_rej) > 0
+    for col in ("province_key", "koppen_code", "day_of_year", "sharpness", "date_note"):
+        assert got[col].astype(object).where(got[col].notna(), None).tolist() == \
+            whole[col].astype(object).where(whole[col].notna(), None).tolist(), col
+    assert read_table(tmp_path / "rejected.parquet")["source_id"].tolist() == whole_rej["source_id"].tolist()
+    assert (summary.rows, summary.rejected) == (len(whole), len(whole_rej))
+    assert summary.day_of_year_known == int(whole["day_of_year"].notna().sum())
+    expected = counts_table(whole, "province_key", "source")
+    assert summary.table("province_source").set_index("province_key").loc[expected["province_key"]].values.tolist() \
+        == expected.set_index("province_key").values.tolist()

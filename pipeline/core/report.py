@@ -63,11 +63,17 @@ def _fmt(v, floatfmt: str) -> str:
     return str(v).replace("|", "\\|").replace("\n", " ")
 
 
-def counts_table(df: pd.DataFrame, rows: str, cols: str, total: bool = True) -> pd.DataFrame:
-    """Cross-tab of row counts (e.g. province × source) with totals, rows in canonical province order."""
+def counts_table(df: pd.DataFrame, rows: str, cols: str, total: bool = True, weights: str | None = None
+                 ) -> pd.DataFrame:
+    """Cross-tab of row counts (e.g. province × source) with totals, rows in canonical province order.
+    ``weights``: a column of counts to add up instead of counting rows (tables gathered batch by batch)."""
     if df.empty:
         return pd.DataFrame({rows: []})
-    tab = pd.crosstab(df[rows].fillna("(none)"), df[cols].fillna("(none)"))
+    if weights is None:
+        tab = pd.crosstab(df[rows].fillna("(none)"), df[cols].fillna("(none)"))
+    else:
+        tab = pd.crosstab(df[rows].fillna("(none)"), df[cols].fillna("(none)"), values=df[weights],
+                          aggfunc="sum").fillna(0).astype(np.int64)
     order = [p.key for p in PROVINCES if p.key in tab.index] + [i for i in tab.index if i not in {p.key for p in PROVINCES}]
     tab = tab.loc[order]
     if total:

@@ -6,15 +6,8 @@ import dagster as dg
 import numpy as np
 import pandas as pd
 
-from pipeline.core.report import counts_table, province_map_png
-from pipeline.core.schema import (
-    CATALOG_SCHEMA,
-    LABELLED_FILE_SCHEMA,
-    LABELLED_SCHEMA,
-    REJECTIONS_SCHEMA,
-    read_table,
-    write_table,
-)
+from pipeline.core.report import province_map_png
+from pipeline.core.schema import LABELLED_FILE_SCHEMA, LABELLED_SCHEMA, empty_frame
 from pipeline.defs.filtering import filtered_catalog
 from pipeline.defs.metadata import LINEAGE, md_table, plot, schema_metadata, table_metadata
 from pipeline.defs.resources import (
@@ -25,8 +18,7 @@ from pipeline.defs.resources import (
     fallback_metadata,
     writes_stage,
 )
-from pipeline.labels.dates import capture_date_provenance
-from pipeline.labels.label import label_catalog
+from pipeline.labels.label import label_catalog_file
 
 
 INSIDE_PAKISTAN = dg.AssetCheckSpec("labelled_inside_pakistan", asset="labelled_catalog", blocking=True,
@@ -57,18 +49,18 @@ def labelled_catalog(
     koppen: KoppenRasterResource,
 ) -> dg.MaterializeResult:
     paths = data_root.paths
-    catalog = read_table(paths.filtered, CATALOG_SCHEMA)  # filtering runs first: see pipeline.defs.filtering
     locator = boundaries.locator()
     raster = koppen.raster()
     context.log.info(f"provinces from {locator.source}; Köppen-Geiger from {raster.source}")
     fallback = fallback_metadata(locator)
     if fallback["province_fallback"]:
         context.log.warning(f"provinces from the gazetteer fallback: {fallback['province_fallback_reason']}")
-    labelled, rejections = label_catalog(catalog, locator, raster)
-    write_table(labelled, paths.labelled, LABELLED_SCHEMA)
-    write_table(rejections, paths.label_rejections, REJECTIONS_SCHEMA)
+    # filtering runs first (pipeline.defs.filtering); labelled batch by batch: memory O(batch), not O(catalog)
+    summary = label_catalog_file(paths.filtered, paths.labelled, paths.label_rejections, locator, raster)
     raster.write_geotiff(paths.koppen_geotiff)
     outlines = getattr(locator, "polygons", None)
+    points = summary.points()
+    preview = summary.preview if summary.preview is not None else empty_frame(LABELLED_SCHEMA)
     return dg.MaterializeResult(
         check_results=[inside_pakistan_check(paths.labelled, locator), koppen_check(paths.labelled),
                        polygons_check(fallback)],
@@ -77,20 +69,21 @@ def labelled_catalog(
             "map": plot(
                 paths,
                 "labelled_catalog_map.png",
-                province_map_png(labelled["lat"], labelled["lon"], labelled["province_id"], outlines, "labelled catalog"),
-                "labelled images by province",
+                province_map_png(points["lat"], points["lon"], points["province_id"], outlines, "labelled catalog"),
+                "labelled images by province" + (f" (an even sample of {len(points):,} of {summary.rows:,})"
+                                                 if len(points) < summary.rows else ""),
             ),
-            "rows": len(labelled),
-            "rejected": len(rejections),
+            "rows": summary.rows,
+            "rejected": summary.rejected,
             **fallback,
             "koppen_source": raster.source,
-            "rows_per_province_and_source": md_table(counts_table(labelled, "province_key", "source")),
-            "koppen_classes": md_table(counts_table(labelled, "koppen_code", "province_key")),
-            "day_of_year_known": round(float(labelled["day_of_year"].notna().mean()), 3) if len(labelled) else 0.0,
-            "capture_dates": md_table(capture_date_provenance(labelled["taken_at_source"], labelled["date_note"])),
-            "rejections_per_reason": md_table(counts_table(rejections, "reason", "source")),
+            "rows_per_province_and_source": md_table(summary.table("province_source")),
+            "koppen_classes": md_table(summary.table("koppen_province")),
+            "day_of_year_known": round(summary.day_of_year_known / summary.rows, 3) if summary.rows else 0.0,
+            "capture_dates": md_table(summary.capture_table()),
+            "rejections_per_reason": md_table(summary.table("rejection_source")),
             "preview": md_table(
-                labelled[["source", "source_id", "lat", "lon", "province_key", "koppen_code", "day_of_year"]].head(10)
+                preview[["source", "source_id", "lat", "lon", "province_key", "koppen_code", "day_of_year"]].head(10)
             ),
             "labelled_catalog": dg.MetadataValue.path(str(paths.labelled)),
             "koppen_raster": dg.MetadataValue.path(str(paths.koppen_geotiff)),
