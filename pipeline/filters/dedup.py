@@ -344,7 +344,7 @@ def dealt_bit_order(balance: np.ndarray, parts: int) -> np.ndarray:
     return order
 
 
-def permute_bits(hashes: np.ndarray, order: np.ndarray, chunk: int = 1 << 20) -> np.ndarray:
+def permute_bits(hashes: np.ndarray, order: np.ndarray, chunk: int = 1 << 16) -> np.ndarray:
     """Rows with bit ``order[k]`` moved to position k (chunked: 256 bytes a row at a time, not 256 × n)."""
     out = np.empty_like(hashes)
     for lo in range(0, len(hashes), chunk):
