@@ -344,9 +344,10 @@ def dealt_bit_order(balance: np.ndarray, parts: int) -> np.ndarray:
     return order
 
 
-def permute_bits(hashes: np.ndarray, order: np.ndarray, chunk: int = 1 << 16) -> np.ndarray:
-    """Rows with bit ``order[k]`` moved to position k (chunked: 256 bytes a row at a time, not 256 × n)."""
-    out = np.empty_like(hashes)
+def permute_bits(hashes: np.ndarray, order: np.ndarray, chunk: int = 1 << 16, inplace: bool = False) -> np.ndarray:
+    """Rows with bit ``order[k]`` moved to position k (chunked: 256 bytes a row at a time, not 256 × n);
+    ``inplace`` rewrites ``hashes`` itself (no second copy of a 10 M-row matrix)."""
+    out = hashes if inplace else np.empty_like(hashes)
     for lo in range(0, len(hashes), chunk):
         block = np.ascontiguousarray(hashes[lo:lo + chunk].astype("<u8")).view(np.uint8)
         bits = np.unpackbits(block, axis=1, bitorder="little")[:, order]
@@ -376,7 +377,7 @@ def heavy_rows(hashes: np.ndarray, plan: Sequence[Part], limit: int = HEAVY_BUCK
 
 
 def mih_pairs(hashes: np.ndarray, max_distance: int, parts: Sequence[Part] | None = None,
-              step_limit: int = 1 << 22, heavy_bucket: int = HEAVY_BUCKET
+              step_limit: int = 1 << 22, heavy_bucket: int = HEAVY_BUCKET, reorder_in_place: bool = False
               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """All pairs i < j of rows within ``max_distance`` by multi-index hashing (rows should be distinct hashes;
     identical ones are found too, just less cheaply). Sorted by (i, j).
@@ -384,12 +385,13 @@ def mih_pairs(hashes: np.ndarray, max_distance: int, parts: Sequence[Part] | Non
     Robust to hashes whose bits are not independent and uniform (real pHashes: constant bits, shared prefixes,
     dense clusters): the bits are dealt to the parts by measured balance (``dealt_bit_order``), and rows of
     overfull buckets (``heavy_rows``) are compared among themselves by brute force once, while the keys only
-    verify pairs with at least one other row."""
+    verify pairs with at least one other row. ``reorder_in_place``: the caller's array may be overwritten with
+    its bits reordered (a caller that made ``hashes`` for this call saves a copy)."""
     n = len(hashes)
     if n < 2:
         return _EMPTY
     plan = parts if parts is not None else plan_parts(n, max_distance, allow_brute=False)
-    hashes = permute_bits(hashes, dealt_bit_order(bit_balance(hashes), len(plan)))
+    hashes = permute_bits(hashes, dealt_bit_order(bit_balance(hashes), len(plan)), inplace=reorder_in_place)
     heavy = heavy_rows(hashes, plan, heavy_bucket)
     light = np.ones(n, dtype=bool)
     light[heavy] = False
@@ -431,7 +433,7 @@ def representative_pairs(hashes: np.ndarray, max_distance: int, method: str = "a
     if method == "brute" or (method == "auto" and plan is None):
         i, j, d = brute_force_pairs(sub, max_distance)
     else:
-        i, j, d = mih_pairs(sub, max_distance, plan)
+        i, j, d = mih_pairs(sub, max_distance, plan, reorder_in_place=True)  # ``sub`` is this call's own copy
     return rep_of, (reps[i], reps[j], d)
 
 
