@@ -144,7 +144,9 @@ def test_labelling_a_file_in_batches_equals_labelling_the_frame(tmp_path, bounda
             for k, (lat, lon) in enumerate(zip(rng.uniform(24, 37, 40), rng.uniform(61, 77, 40)))]
     catalog, _ = build_catalog([pd.DataFrame(rows)], store, now=dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc))
     catalog["sharpness"] = rng.random(len(catalog))  # a filter column the labels carry on
-    write_table(catalog, tmp_path / "filtered.parquet", CATALOG_SCHEMA)
+    catalog.index = catalog.index + 1000  # a frame's index saved with it (pandas metadata) is no column
+    catalog.to_parquet(tmp_path / "filtered.parquet")
+    catalog = catalog.reset_index(drop=True)
     whole, whole_rej = label_catalog(catalog, boundaries, koppen)
     summary = label_catalog_file(tmp_path / "filtered.parquet", tmp_path / "labelled.parquet",
                                  tmp_path / "rejected.parquet", boundaries, koppen, batch_rows=7)

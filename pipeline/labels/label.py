@@ -152,7 +152,9 @@ def label_catalog_file(
     output writers: 10 M rows label in the memory of 250,000 (``bench/scale_labels.py``)."""
     source = pq.ParquetFile(filtered)
     total = source.metadata.num_rows
-    extras = [f for f in source.schema_arrow if f.name not in LABELLED_SCHEMA.names]
+    saved_index = (source.schema_arrow.pandas_metadata or {}).get("index_columns") or []
+    index = {c for c in saved_index if isinstance(c, str)}  # a frame's index saved as a column (a range is not)
+    extras = [f for f in source.schema_arrow if f.name not in LABELLED_SCHEMA.names and f.name not in index]
     out_schema = pa.schema(list(LABELLED_SCHEMA) + extras)
     summary = LabelSummary()
     map_every = max(1, math.ceil(total / MAP_POINTS))
@@ -160,7 +162,7 @@ def label_catalog_file(
             pq.ParquetWriter(lab_tmp, out_schema, compression="zstd") as lab_w, \
             pq.ParquetWriter(rej_tmp, REJECTIONS_SCHEMA, compression="zstd") as rej_w:
         for batch in source.iter_batches(batch_size=batch_rows):
-            catalog = fill_optional(pa.Table.from_batches([batch]), CATALOG_SCHEMA).to_pandas()
+            catalog = fill_optional(pa.Table.from_batches([batch]), CATALOG_SCHEMA).to_pandas().reset_index(drop=True)
             to_table(catalog, CATALOG_SCHEMA)  # the input still satisfies the contract
             labelled, rejections = label_catalog(catalog, provinces, koppen, now)
             lab_w.write_table(to_table(labelled, LABELLED_SCHEMA).select(out_schema.names).cast(out_schema))
