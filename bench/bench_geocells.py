@@ -4,7 +4,7 @@ haversine HDBSCAN on 200k points, in one script.
 Usage: python bench/bench_geocells.py [--points 1000000] [--compare-points 200000] [--cache /tmp/sw.parquet]
        [--splits]   (also time the split of the same points, owner-disjoint and owner×day)
 
-Points are the sample world's own placement (``plan_sample_world``: GEOPAK's province imbalance, photos jittered
+Points are the sample world's own placement (``plan_sample_world``: the census province mix, photos jittered
 around GeoNames places ∝ population^0.7, 15 % uniform rural points), without defects. Planning 1M points takes
 about a minute; ``--cache`` keeps them between runs. Each measured step runs in a fresh subprocess so its peak RSS
 (VmHWM of /proc/self/status, reset just before the step; it counts C allocations) is its own; imports, reading the

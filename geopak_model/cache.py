@@ -19,7 +19,9 @@ memory of an append are O(rows added), not O(cache) (the old layout rewrote ever
 
 A different encoder (other weights, architecture, resolution, CLIP activation, preprocessing, or the autocast
 precision the features are computed in) has another weights id, hence another folder: nothing computed with old
-settings is ever reused; ``prune_other_caches`` deletes those folders. ``meta.json`` records the ``precision``.
+settings is ever reused; ``prune_other_caches`` deletes those folders. ``meta.json`` records the ``precision``
+and the ``image_source`` (original files, or the image shards' copies with their settings): a cache whose images
+came from another source is emptied and computed again, since its features describe other pixels.
 A cache written by the previous layout (``clip-<gen>.npy``, ``index-<gen>.parquet`` named by ``meta.json``'s
 ``generation``) is read as one more shard, never rewritten.
 """
@@ -40,7 +42,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from geopak_model.data import ImageDataset, make_loader
+from geopak_model.data import ImageDataset, image_source, make_loader
 from geopak_model.encoders import DualEncoder
 from geopak_model.precision import amp_dtype as resolve_amp_dtype
 from geopak_model.precision import autocast, dtype_name
@@ -69,6 +71,12 @@ class EmbeddingCache:
     def _read_meta(self) -> dict:
         p = self.dir / META
         return json.loads(p.read_text()) if p.exists() else {}
+
+    @property
+    def image_source(self) -> str | None:
+        """Where the features' images were read from: "files", or "shards:<copy settings>" (None: empty cache;
+        caches written before the shards existed read files)."""
+        return self._meta.get("image_source", "files") if self._meta else None
 
     @property
     def precision(self) -> str | None:
@@ -276,12 +284,20 @@ def build_embedding_cache(encoder: DualEncoder, table: pd.DataFrame, data_root: 
     if weights_id is not None and weights_id != wid:  # e.g. an id computed for fp32 while autocasting to bf16
         raise ValueError(f"weights_id {weights_id} does not name this encoder's {precision} features ({wid}); "
                          f"compute it as encoder.weights_id({precision!r})")
-    cache = EmbeddingCache(cache_root, wid)
     table = table.drop_duplicates("image_id")
+    source = image_source(table, data_root).kind  # the shards' copies when the data root has them (issue 22)
+    cache = EmbeddingCache(cache_root, wid)
+    discarded = None
+    if cache.image_source not in (None, source):  # features of other pixels: never reused
+        discarded = f"{cache.image_source or 'unknown'} -> {source}"
+        shutil.rmtree(cache.dir)
+        cache = EmbeddingCache(cache_root, wid)
     skip = cache.rejected_ids()
     todo = table[table["image_id"].isin(cache.missing(table["image_id"])) & ~table["image_id"].isin(skip)]
     stats: dict = {"requested": len(table), "reused": len(table) - len(todo) - len(skip & set(table["image_id"])),
-                   "computed": 0, "unreadable": 0, "shards_written": 0, "reasons": {}}
+                   "computed": 0, "unreadable": 0, "shards_written": 0, "reasons": {}, "image_source": source}
+    if discarded:
+        stats["discarded_other_image_source"] = discarded
     if not len(todo):
         return cache, stats
     encoder = encoder.to(device).eval()
@@ -290,7 +306,7 @@ def build_embedding_cache(encoder: DualEncoder, table: pd.DataFrame, data_root: 
     batches = [list(range(i, min(i + batch_size, len(ds)))) for i in range(0, len(ds), batch_size)]
     loader = make_loader(ds, batches, num_workers, pin_memory=device.type == "cuda")
     ids, paths = todo["image_id"].to_numpy(), todo["path"].to_numpy()
-    meta = {"encoder": _enc_meta(encoder), "precision": precision}
+    meta = {"encoder": _enc_meta(encoder), "precision": precision, "image_source": source}
     chunk = _Chunk(chunk_images, chunk_seconds)
 
     def commit() -> None:

@@ -25,9 +25,11 @@ from geopak_model.model import GeopakHeads, GeopakModel
 from pipeline.core.store import atomic_path
 
 FORMAT = "geopak-checkpoint-v1"
-# per phase: the validation metric its best checkpoint is chosen on, and whether lower or higher is better
-SELECTION: dict[int, tuple[str, str]] = {0: ("val_province_acc", "max"), 1: ("val_median_km", "min"),
-                                         2: ("val_median_km", "min")}
+# per phase: the validation metric its best checkpoint is chosen on, and whether lower or higher is better. Negative
+# log-likelihoods of the truth (evaluate.py), not the median km: on a few hundred val images the median swung by
+# 20 km between epochs whose loss was flat, so choosing on it chose noise.
+SELECTION: dict[int, tuple[str, str]] = {0: ("val_province_nll", "min"), 1: ("val_joint_nll", "min"),
+                                         2: ("val_joint_nll", "min")}
 
 
 # torch's zip container adds per-tensor records and alignment padding; pickled numbers and strings are small
@@ -157,10 +159,11 @@ def final_candidates(run_dir: str | Path, run_phases: list[int]) -> list[int]:
 
 
 def select_final(results: dict[int, dict[str, float]], run_phases: list[int]) -> int:
-    """The exported phase: lowest end-to-end ``val_median_km`` on the whole validation split among the candidates
-    ``results`` (phase-2 epochs may have been validated on a subset, and a short phase 2 can be worse than where
-    it started); phase 0 when only it ran."""
+    """The exported phase: the lowest ``val_joint_nll`` (the phases' own criterion) on the whole validation
+    split among the candidates ``results``, each validated the same way — uncalibrated, with the run's default
+    inference settings — so like is compared with like (phase-2 epochs may have been validated on a subset, and
+    a short phase 2 can be worse than where it started); phase 0 when only it ran. Ties keep the earlier phase."""
     top = max(run_phases)
     if top == 0:
         return top
-    return min(results, key=lambda k: results[k].get("val_median_km", math.inf))
+    return min(sorted(results), key=lambda k: results[k].get("val_joint_nll", math.inf))

@@ -106,7 +106,9 @@ class LossConfig:
     koppen: float = _f(0.2, "weight of the Köppen-Geiger loss", ge=0.0)
     doy: float = _f(0.1, "weight of the day-of-year loss", ge=0.0)
     mvmf: float = _f(0.05, "weight of the mvMF negative log-likelihood", ge=0.0)
-    class_weight_beta: float = _f(0.9995, "effective-number class weights (GEOPAK's logged weights match 0.9995)",
+    class_weight_beta: float = _f(0.0, "must be 0 to train: the province-balanced sampler is the one rebalancing "
+                                  "mechanism (train.Trainer._setup_loss says why); > 0 (GEOPAK's 0.9995: "
+                                  "effective-number class weights on top) is refused, kept so older configs load",
                                   ge=0.0, lt=1.0)
     tau_km: dict[str, float] = _f(doc="upper bound of the smoothing τ per province (km), replaced whole",
                                   factory=lambda: dict(DEFAULT_TAU_KM))
@@ -155,7 +157,9 @@ class AugmentConfig:
 
 @dataclass
 class InferenceConfig:
-    """How the predicted distribution becomes one point."""
+    """How the predicted distribution becomes one point. These defaults are what training validates each epoch
+    with; ``model.pt`` holds the values chosen on val when it was exported (``selection.py``), which the
+    predictor and the evaluation use."""
 
     # hypotheses: the top provinces × top cells of each (the geometric median wants the whole distribution; the
     # cap bounds the work where provinces have thousands of cells)

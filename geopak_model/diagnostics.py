@@ -23,14 +23,18 @@ def term_gradient_norms(terms: Mapping[str, torch.Tensor], weights: Mapping[str,
     """
     params = [p for p in params if p.requires_grad]
     norms: dict[str, float] = {}
+    on_device: dict[str, torch.Tensor] = {}
     for name, term in terms.items():
         w = float(weights.get(name, 0.0))
+        norms[name] = 0.0
         if not w or not params or not term.requires_grad:
-            norms[name] = 0.0
             continue
         grads = torch.autograd.grad(term * (w * scale), params, retain_graph=True, allow_unused=True)
         sq = [g.detach().float().pow(2).sum() for g in grads if g is not None]
-        norms[name] = float(torch.stack(sq).sum().sqrt()) / scale if sq else 0.0
+        if sq:
+            on_device[name] = torch.stack(sq).sum().sqrt()
+    if on_device:  # one host read for every term (the GPU is not made to wait once per term)
+        norms.update({k: v / scale for k, v in zip(on_device, torch.stack(list(on_device.values())).tolist())})
     return norms
 
 

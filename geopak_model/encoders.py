@@ -37,8 +37,9 @@ CLIP_ACTIVATIONS = ("auto", "gelu", "quick_gelu")
 FEATURE_PRECISIONS = ("fp32", "bf16", "fp16")  # precision.dtype_name of the autocast dtype the features came from
 # Bump when the image → tensor path of the embedding cache / predictor changes (``data.load_image`` +
 # ``data.eval_view``): v2 = JPEGs >= 2x the input size are DCT-scaled while decoding, then short-side
-# antialiased bilinear resize + centre crop.
-PREPROCESS_VERSION = "jpeg-draft>=2x, short-side resize + centre crop, v2"
+# antialiased bilinear resize + centre crop; v3 = training, its cache and the evaluation read the image shards'
+# pre-resized copies (``pipeline.core.shards``; which copies is in the cache's meta.json ``image_source``).
+PREPROCESS_VERSION = "image shards (pre-resized copies) or files, jpeg-draft>=2x, short-side resize + centre crop, v3"
 WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".tar", ".safetensors", ".ckpt")
 
 

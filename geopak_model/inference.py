@@ -23,8 +23,9 @@ import math
 
 import torch
 
-from geopak_model.geo import haversine_km, unit_xyz, xyz_to_latlon
+from geopak_model.geo import unit_xyz, xyz_to_latlon
 from geopak_model.model import GeopakHeads
+from pipeline.core.gazetteer import EARTH_RADIUS_KM
 
 
 POINT_METHODS = ("geomedian", "mode", "mean")
@@ -45,6 +46,7 @@ class Prediction:
     hyp_lat: torch.Tensor  # (B, H)
     hyp_lon: torch.Tensor
     coverage: torch.Tensor  # (B,) unnormalised Σ P(prov)·P(cell | prov) over the hypotheses (the mass they hold)
+    grid: tuple[int, int] = (0, 0)  # the hypotheses' layout: (provinces, cells per province), row-major
 
     @property
     def top_lat(self) -> torch.Tensor:
@@ -56,16 +58,27 @@ class Prediction:
 
 
 def province_log_probs(heads: GeopakHeads, e: torch.Tensor, prior_correction: bool = True) -> torch.Tensor:
-    """log P(province | image) at inference: prior-corrected (optionally) and temperature-calibrated."""
-    logits = heads.province_logits(e).float()
+    """log P(province | image) at inference: temperature-calibrated, then prior-corrected (optionally).
+
+    The prior shift log(true prior / trained prior) is a change of the class prior, which Bayes' rule adds to the
+    calibrated log-odds; dividing it by the temperature (the old order) would shrink the correction whenever the
+    temperature is above 1."""
+    return _province_logp(heads, heads.province_logits(e).float(), prior_correction)
+
+
+def _province_logp(heads: GeopakHeads, logits: torch.Tensor, prior_correction: bool) -> torch.Tensor:
+    logits = logits / heads.province_calibration
     if prior_correction:
         logits = logits + heads.province_prior_shift
-    return torch.log_softmax(logits / heads.province_calibration, dim=-1)
+    return torch.log_softmax(logits, dim=-1)
 
 
 def cell_log_probs(heads: GeopakHeads, e: torch.Tensor) -> torch.Tensor:
     """log P(cell | province, image) for every province: (B, 7, W), −inf on padding; temperature-calibrated."""
-    logits_all, mask_all = heads.cell_logits_all(e)
+    return _cell_logp(heads, *heads.cell_logits_all(e))
+
+
+def _cell_logp(heads: GeopakHeads, logits_all: torch.Tensor, mask_all: torch.Tensor) -> torch.Tensor:
     logits_all = logits_all / heads.cell_calibration
     return torch.log_softmax(logits_all.masked_fill(~mask_all[None], float("-inf")), dim=-1)
 
@@ -80,34 +93,60 @@ def joint_log_probs(province_logp: torch.Tensor, cell_logp: torch.Tensor, heads:
     return out
 
 
-@torch.no_grad()
-def fit_calibration(heads: GeopakHeads, e: torch.Tensor, cell_ids: torch.Tensor, prior_correction: bool = True,
-                    grid: tuple[float, ...] = (0.5, 0.7, 0.85, 1.0, 1.2, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0)
-                    ) -> dict[str, float]:
-    """Temperature scaling (Guo et al. 2017) of the province and cell logits on held-out images: the pair on
-    ``grid`` that minimises the negative log-likelihood of the true cell under P(province)·P(cell | province).
+TEMPERATURE_BOUNDS = (0.05, 20.0)  # the continuous fit's search interval; an optimum at either end is flagged
 
-    The point estimate (a geometric median or a densest cluster of the hypotheses) is only as good as their
-    probabilities; trained on few images per cell the cell heads are over-confident. Sets the heads' buffers and
-    returns the chosen temperatures with the NLL before and after."""
+
+def true_cell_log_probs(heads: GeopakHeads, e: torch.Tensor, cell_ids: torch.Tensor,
+                        prior_correction: bool = True) -> torch.Tensor:
+    """log P(province of the true cell) + log P(true cell | that province) per row, clamped at −50 so a cell the
+    model rules out (a province without training images) costs a large but finite amount."""
+    joint = joint_log_probs(province_log_probs(heads, e, prior_correction), cell_log_probs(heads, e), heads)
+    return joint.gather(1, cell_ids[:, None]).squeeze(1).clamp(min=-50.0)
+
+
+@torch.no_grad()
+def fit_calibration(heads: GeopakHeads, e: torch.Tensor, cell_ids: torch.Tensor, prior_correction: bool = True
+                    ) -> dict[str, float | bool]:
+    """Temperature scaling (Guo et al. 2017) of the province and cell logits on held-out images, fitted
+    continuously: the temperatures that minimise the negative log-likelihood of the true cell under
+    P(province)·P(cell | province).
+
+    The NLL separates into a province term (in the province temperature) and a cell term (in the cell
+    temperature), each convex in 1/T, so each is a bounded 1-D minimisation over log T in ``TEMPERATURE_BOUNDS``;
+    an optimum at a bound is reported (``*_at_bound``), never silently used as if interior. Sets the heads'
+    buffers and returns the temperatures with the NLL before and after. Whether the fit is KEPT is not decided
+    here: ``selection.select_inference`` keeps it only if it improves the selection metric on val."""
+    from scipy.optimize import minimize_scalar
+
     old = float(heads.province_calibration), float(heads.cell_calibration)
+    p_logits, (c_logits, c_mask) = heads.province_logits(e).float(), heads.cell_logits_all(e)  # once, not per T
 
     def nll(tp: float, tc: float) -> float:
         heads.province_calibration.fill_(tp)
         heads.cell_calibration.fill_(tc)
-        joint = joint_log_probs(province_log_probs(heads, e, prior_correction), cell_log_probs(heads, e), heads)
+        joint = joint_log_probs(_province_logp(heads, p_logits, prior_correction),
+                                _cell_logp(heads, c_logits, c_mask), heads)
         return float(-joint.gather(1, cell_ids[:, None]).clamp(min=-50.0).mean())
 
     before = nll(1.0, 1.0)
-    best = min(((nll(tp, tc), tp, tc) for tp in grid for tc in grid), key=lambda t: t[0])
-    if not math.isfinite(best[0]):
+    lo, hi = math.log(TEMPERATURE_BOUNDS[0]), math.log(TEMPERATURE_BOUNDS[1])
+    # the province term varies with tp only (tc fixed at 1) and the cell term with tc only (tp fixed at the fit)
+    tp = round(math.exp(minimize_scalar(lambda x: nll(math.exp(x), 1.0), bounds=(lo, hi), method="bounded",
+                                        options={"xatol": 1e-4}).x), 4)
+    tc = round(math.exp(minimize_scalar(lambda x: nll(tp, math.exp(x)), bounds=(lo, hi), method="bounded",
+                                        options={"xatol": 1e-4}).x), 4)
+    after = nll(tp, tc)  # leaves the buffers at the fitted (rounded) temperatures
+    if not math.isfinite(after):
         heads.province_calibration.fill_(old[0])
         heads.cell_calibration.fill_(old[1])
         raise ValueError("calibration NLL is not finite")
-    heads.province_calibration.fill_(best[1])
-    heads.cell_calibration.fill_(best[2])
-    return {"province_temperature": best[1], "cell_temperature": best[2], "val_cell_nll_uncalibrated": before,
-            "val_cell_nll_calibrated": best[0]}
+
+    def at_bound(t: float) -> bool:
+        return abs(math.log(t) - lo) < 1e-2 or abs(math.log(t) - hi) < 1e-2
+
+    return {"province_temperature": tp, "cell_temperature": tc,
+            "province_temperature_at_bound": at_bound(tp), "cell_temperature_at_bound": at_bound(tc),
+            "val_cell_nll_uncalibrated": before, "val_cell_nll_calibrated": after}
 
 
 def weighted_mean(lat: torch.Tensor, lon: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -133,10 +172,12 @@ def densest_cluster(lat: torch.Tensor, lon: torch.Tensor, weight: torch.Tensor, 
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """The hypothesis with the most weight within ``radius_km`` of it, refined to the weighted mean of the
     hypotheses in that radius: the densest cluster, not a point between clusters."""
-    d = haversine_km(lat[:, :, None].double(), lon[:, :, None].double(), lat[:, None, :].double(),
-                     lon[:, None, :].double())
-    near = (d <= radius_km).to(weight.dtype)  # (B, H, H)
-    density = (near * weight[:, None, :]).sum(-1)
+    # within radius_km on the sphere <=> chord between unit vectors <= 2 sin(r / 2R): one batched cdist, no
+    # trigonometry per pair (this runs for every candidate setting the val selection tries)
+    u = unit_xyz(lat.double(), lon.double())
+    chord = 2.0 * math.sin(radius_km / (2.0 * EARTH_RADIUS_KM))
+    near = (torch.cdist(u, u) <= chord).to(weight.dtype)  # (B, H, H)
+    density = torch.bmm(near, weight[:, :, None]).squeeze(-1)
     best = density.argmax(1)
     members = near[torch.arange(lat.shape[0]), best] * weight  # (B, H)
     return weighted_mean(lat, lon, members / members.sum(1, keepdim=True).clamp(min=1e-12))
@@ -187,5 +228,30 @@ def mixture_predict(heads: GeopakHeads, e: torch.Tensor, top_provinces: int = 2,
         top_cell=cells.gather(1, weight.argmax(1, keepdim=True)).squeeze(1),
         hyp_cell=torch.where(flat_valid, cells, torch.full_like(cells, -1)),
         hyp_province=p_ids[:, :, None].expand(-1, -1, k_c).reshape(b, -1),
-        hyp_weight=weight, hyp_lat=lat, hyp_lon=lon, coverage=coverage,
+        hyp_weight=weight, hyp_lat=lat, hyp_lon=lon, coverage=coverage, grid=(k_p, k_c),
     )
+
+
+def restrict(pred: Prediction, top_provinces: int, top_cells: int, point: str = "geomedian",
+             mode_radius_km: float = 25.0) -> Prediction:
+    """What ``mixture_predict`` gives with ``top_provinces`` × ``top_cells`` hypotheses, taken from a prediction
+    of the same heads with at least as many (its first provinces and cells: both are in descending order), the
+    weights renormalised and the point estimated by ``point``: the val selection tries every K and point
+    estimator without running the heads again."""
+    kp, kc = pred.grid
+    tp, tc = min(top_provinces, kp), min(top_cells, kc)
+    b = pred.lat.shape[0]
+
+    def cut(x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(b, kp, kc)[:, :tp, :tc].reshape(b, -1)
+
+    held = cut(pred.hyp_weight)
+    mass = held.sum(1)
+    weight = held / mass[:, None].clamp(min=1e-30)
+    lat, lon, cells = cut(pred.hyp_lat), cut(pred.hyp_lon), cut(pred.hyp_cell)
+    mean_lat, mean_lon = weighted_mean(lat, lon, weight)
+    plat, plon = point_estimate(lat, lon, weight, point, mode_radius_km)
+    return Prediction(lat=plat, lon=plon, mean_lat=mean_lat, mean_lon=mean_lon, province_probs=pred.province_probs,
+                      province_id=pred.province_id, top_cell=cells.gather(1, weight.argmax(1, keepdim=True)).squeeze(1),
+                      hyp_cell=cells, hyp_province=cut(pred.hyp_province), hyp_weight=weight, hyp_lat=lat,
+                      hyp_lon=lon, coverage=pred.coverage * mass, grid=(tp, tc))

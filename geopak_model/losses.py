@@ -232,14 +232,23 @@ def weighted_terms(out: dict[str, torch.Tensor], batch: dict[str, torch.Tensor],
     return terms, weights
 
 
-def total_loss(out: dict[str, torch.Tensor], batch: dict[str, torch.Tensor], ctx: LossContext, cfg: LossConfig,
-               offset_weight: float = 1.0) -> tuple[torch.Tensor, dict[str, float]]:
-    """Weighted sum of every term the outputs allow, and each term's value (unweighted) for the logs."""
+def loss_terms(out: dict[str, torch.Tensor], batch: dict[str, torch.Tensor], ctx: LossContext, cfg: LossConfig,
+               offset_weight: float = 1.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Weighted sum of every term the outputs allow, and each term's value (unweighted, detached, 0-dim, on the
+    device) plus ``total`` for the logs: a training loop adds these up on the device and reads them once."""
     terms, weights = weighted_terms(out, batch, ctx, cfg, offset_weight)
     total = terms["province"].new_zeros(())
     for k, v in terms.items():
         if weights[k]:
             total = total + weights[k] * v
-    logged = {k: float(v.detach()) for k, v in terms.items()}
-    logged["total"] = float(total.detach())
+    logged = {k: v.detach() for k, v in terms.items()}
+    logged["total"] = total.detach()
     return total, logged
+
+
+def total_loss(out: dict[str, torch.Tensor], batch: dict[str, torch.Tensor], ctx: LossContext, cfg: LossConfig,
+               offset_weight: float = 1.0) -> tuple[torch.Tensor, dict[str, float]]:
+    """``loss_terms`` with the logged values as floats (one host read for all of them)."""
+    total, logged = loss_terms(out, batch, ctx, cfg, offset_weight)
+    values = torch.stack([v.double() for v in logged.values()]).tolist()
+    return total, dict(zip(logged, values))

@@ -104,15 +104,16 @@ class GeopakHeads(nn.Module):
         return self.province_head(e) / self.temperature
 
     def cell_logits_true(self, e: torch.Tensor, province_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Training: each sample through its true province's head → padded logits (B, max_n) and validity mask."""
+        """Training: each sample through its true province's head → padded logits (B, max_n) and validity mask.
+
+        Every head runs on the whole batch and each row keeps its own province's logits (a gather): no
+        per-province ``nonzero()``, whose variable-sized result makes the host wait for the device once per
+        province and step. The heads are small next to the encoders; the kept values and their gradients equal
+        the per-province subsets', and every head stays in the graph (a head whose province is absent from a
+        rank's batch gets a zero gradient, so DDP needs no unused-parameter search)."""
+        logits_all, _ = self.cell_logits_all(e)  # (B, 7, W), 0 beyond a province's cells
+        logits = logits_all.gather(1, province_ids.view(-1, 1, 1).expand(-1, 1, logits_all.shape[-1]))[:, 0]
         width = self.local_to_global.shape[1]
-        logits = e.new_zeros((e.shape[0], width), dtype=torch.float32)
-        for p, n in enumerate(self.counts):
-            idx = (province_ids == p).nonzero(as_tuple=True)[0]
-            if n == 0 or idx.numel() == 0:
-                continue
-            logits = logits.index_put((idx[:, None], torch.arange(n, device=e.device)[None, :]),
-                                      self.cell_heads[p](e[idx]).float())
         mask = torch.arange(width, device=e.device)[None, :] < self.cells_per_province[province_ids][:, None]
         return logits, mask
 

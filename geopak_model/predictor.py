@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from geopak_model.baselines import knn_features
 from geopak_model.checkpoint import load_model
 from geopak_model.config import TrainConfig
 from geopak_model.data import eval_view, load_image
@@ -120,10 +121,13 @@ class GeopakPredictor:
         top_cells: int | None = None,
         batch_size: int = 32,
         oracle_cells: Sequence[int] | None = None,
+        features: bool = False,
     ) -> dict[str, Any] | list[dict[str, Any]]:
         """One dict per image (a list for a list input); images are read batch by batch. Unreadable inputs raise
         ``ImageLoadError``. ``oracle_cells`` (evaluation only): the true cell of each image, to add the ORACLE
-        estimate (true cell centre + predicted offset) that GEOPAK reported instead of an end-to-end error."""
+        estimate (true cell centre + predicted offset) that GEOPAK reported instead of an end-to-end error.
+        ``features`` (evaluation only): add ``encoder_features``, the image's kNN-baseline feature
+        (``baselines.knn_features`` of the encoders' output), so baselines reuse this read of the image."""
         single = not isinstance(x, (list, tuple))
         items = [x] if single else list(x)
         out: list[dict[str, Any]] = []
@@ -131,11 +135,11 @@ class GeopakPredictor:
             chunk = items[start : start + batch_size]
             views = torch.stack([self.view(i) for i in chunk])
             oracle = None if oracle_cells is None else torch.as_tensor(list(oracle_cells[start : start + batch_size]))
-            out.extend(self._predict_batch(views, top_provinces, top_cells, oracle))
+            out.extend(self._predict_batch(views, top_provinces, top_cells, oracle, features))
         return out[0] if single else out
 
     def _predict_batch(self, images: torch.Tensor, top_provinces: int | None, top_cells: int | None,
-                       oracle_cells: torch.Tensor | None = None) -> list[dict]:
+                       oracle_cells: torch.Tensor | None = None, features: bool = False) -> list[dict]:
         inf = self.cfg.inference
         heads = self.model.heads
         with autocast(self.device, self.dtype):  # as evaluate_features: encoders, heads and mixture
@@ -146,6 +150,7 @@ class GeopakPredictor:
             pred = mixture_predict(heads, res["embedding"], top_provinces or inf.top_provinces,
                                    top_cells or inf.top_cells, inf.prior_correction, inf.point, inf.mode_radius_km)
             uncorrected = province_log_probs(heads, res["embedding"], prior_correction=False).argmax(1)
+        knn = knn_features(clip_feat, scene_feat).cpu().numpy() if features else None
         refined = None
         if self.gallery is not None:
             refined = refine(pred, res["embedding"], self.gallery, inf.refine_radius_km, inf.refine_neighbours,
@@ -207,6 +212,8 @@ class GeopakPredictor:
             item["aux_lat"], item["aux_lon"] = float(res["aux_lat"][b]), float(res["aux_lon"][b])
             if oracle_cells is not None:
                 item["oracle_lat"], item["oracle_lon"] = float(o_lat[b]), float(o_lon[b])
+            if knn is not None:
+                item["encoder_features"] = knn[b]
             if koppen is not None:
                 item["koppen"] = KOPPEN_CODES[int(koppen[b])]
                 item["koppen_id"] = int(koppen[b])

@@ -6,8 +6,12 @@ Two uses, both without extra training:
   *which region*; the gallery says *where in it*. Among the training images within ``refine_radius_km`` of the
   classifier's point estimate, the ``refine_neighbours`` nearest to the query (cosine in the fused space) vote
   with weight softmax(cos / T) · P(their cell); the answer is the weighted mean of the densest cluster of voters
-  (``mode_radius_km``), so a photo lands where its look-alikes were taken, not between them.
-- **kNN baseline** (``nearest_neighbour``): the location of the single nearest training image, no classifier.
+  (``mode_radius_km``), so a photo lands where its look-alikes were taken, not between them. A whole batch is
+  refined at once on the model's device: matrix products of the queries with blocks of the gallery in bf16 find
+  each query's best candidates, and the few a rigorous rounding bound cannot separate are scored again exactly,
+  so the answers are the per-query loop's (``refine``; ``bench/bench_refine.py``).
+- **kNN baseline** (``baselines.knn_neighbours``; ``nearest_neighbour`` is its k = 1): the locations of the nearest
+  training images, no classifier; the gallery for it is ``KNN_GALLERY_FILE`` (the encoders' features).
 
 The gallery is built once after training from the final model (``build_gallery``) and saved beside the checkpoint
 (``gallery.npz``), tagged with the checkpoint's sha256 so a gallery never serves another model.
@@ -15,20 +19,25 @@ The gallery is built once after training from the final model (``build_gallery``
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
-from dataclasses import dataclass
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from geopak_model.geo import haversine_km
+from geopak_model.geo import haversine_km, unit_xyz
 from geopak_model.inference import Prediction, densest_cluster
+from pipeline.core.gazetteer import EARTH_RADIUS_KM
 from pipeline.core.store import atomic_path
 
 GALLERY_FILE = "gallery.npz"
+KNN_GALLERY_FILE = "knn_gallery.npz"  # the same layout over the encoders' features: the kNN baseline's gallery
 
 
 def file_sha256(path: str | Path) -> str:
@@ -49,6 +58,7 @@ class Gallery:
     cell_id: torch.Tensor  # (N,) int64, ascending
     cell_start: torch.Tensor  # (n_cells + 1,) row offsets: cell c is rows cell_start[c]:cell_start[c + 1]
     model_sha256: str = ""
+    _indexes: dict[str, "GalleryIndex"] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         n = self.emb.shape[0]
@@ -88,15 +98,23 @@ class Gallery:
             return cls(torch.from_numpy(z["emb"]), torch.from_numpy(z["lat"]), torch.from_numpy(z["lon"]),
                        torch.from_numpy(z["cell_id"]), torch.from_numpy(z["cell_start"]), meta["model_sha256"])
 
+    def index_on(self, device: torch.device | str) -> "GalleryIndex":
+        """The gallery prepared for batched refinement on ``device``, built on first use and kept (the rows must
+        not change afterwards)."""
+        key = str(torch.device(device))
+        if key not in self._indexes:
+            self._indexes[key] = GalleryIndex.build(self, torch.device(device))
+        return self._indexes[key]
+
     def rows_of_cells(self, cells: list[int]) -> torch.Tensor:
         parts = [torch.arange(int(self.cell_start[c]), int(self.cell_start[c + 1])) for c in cells if c >= 0]
         return torch.cat(parts) if parts else torch.empty(0, dtype=torch.long)
 
 
-def load_gallery_for(checkpoint: str | Path) -> Gallery | None:
-    """The gallery saved beside ``checkpoint`` if it was built from exactly that file; None when there is none.
-    A gallery of another checkpoint is an error (it would refine with the wrong embedding space)."""
-    path = Path(checkpoint).with_name(GALLERY_FILE)
+def load_gallery_for(checkpoint: str | Path, name: str = GALLERY_FILE) -> Gallery | None:
+    """The gallery ``name`` saved beside ``checkpoint`` if it was built from exactly that file; None when there is
+    none. A gallery of another checkpoint is an error (it would refine with the wrong embedding space)."""
+    path = Path(checkpoint).with_name(name)
     if not path.exists():
         return None
     gallery = Gallery.load(path)
@@ -108,41 +126,229 @@ def load_gallery_for(checkpoint: str | Path) -> Gallery | None:
     return gallery
 
 
+# --- batched refinement (issue 22.4) ------------------------------------------------------------------------------
+REFINE_BLOCK = (4096, 1 << 16)  # gallery rows per block (CPU, CUDA): small on a CPU, so a block far from a query
+# is skipped for it; large on a GPU, where one product over many rows is what is fast
+STRIP_DEG = 0.5  # blocks are cut from rows sorted by latitude strip, then longitude: each covers a small area
+PREFILTER_M = 1.0  # the product of unit vectors keeps rows up to this many metres beyond the radius; the rows it
+# selects are then tested with haversine_km itself, the per-query loop's test, so float64 rounding decides nothing
+
+
+def _approx_dtype(device: torch.device) -> torch.dtype:
+    """bf16 where the device multiplies it natively (CUDA tensor cores, AVX512-BF16/AMX CPUs), else float32."""
+    if device.type == "cuda":
+        return torch.bfloat16
+    native = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)() or \
+        getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+    return torch.bfloat16 if native else torch.float32
+
+
+@dataclass
+class GalleryIndex:
+    """A gallery laid out for batched refinement on one device (built once per device, ``Gallery.index_on``).
+
+    Rows are re-ordered by ``STRIP_DEG`` latitude strip, then longitude, and cut into blocks of ``block`` rows
+    whose bounding boxes (``boxes``: lat min/max, lon min/max) are known, so a block far from every query of a
+    batch is skipped and a block is multiplied only with the queries near it. Each row keeps its stored float16
+    embedding, a copy in the fast multiply dtype, its unit vector, location and cell; ``max_norm`` and
+    ``max_round`` bound |fast − exact| cosine (``margin``)."""
+
+    emb: torch.Tensor  # (N, d) float16, as stored
+    fast: torch.Tensor  # (N, d) in the fast dtype
+    xyz: torch.Tensor  # (N, 3) float64
+    lat: torch.Tensor  # (N,) float64
+    lon: torch.Tensor
+    cell_id: torch.Tensor  # (N,) int64
+    n_cells: int
+    max_norm: float  # max ‖e‖ over the rows
+    max_round: float  # max ‖e − fast(e)‖ over the rows
+    block: int
+    boxes: np.ndarray  # (blocks, 4) lat min, lat max, lon min, lon max of each block's rows
+
+    @classmethod
+    def build(cls, gallery: "Gallery", device: torch.device) -> "GalleryIndex":
+        lat_np, lon_np = gallery.lat.double().numpy(), gallery.lon.double().numpy()
+        order = np.lexsort((lon_np, np.floor(lat_np / STRIP_DEG)))
+        block = REFINE_BLOCK[device.type == "cuda"]
+        starts = range(0, len(order), block)
+        boxes = np.array([[lat_np[order[s:s + block]].min(), lat_np[order[s:s + block]].max(),
+                           lon_np[order[s:s + block]].min(), lon_np[order[s:s + block]].max()] for s in starts]
+                         ).reshape(-1, 4)
+        idx = torch.from_numpy(order)
+        emb = gallery.emb[idx].to(device)
+        fast = emb.to(_approx_dtype(device))
+        e32 = emb.float()
+        max_norm = float(e32.norm(dim=1).max()) if len(emb) else 0.0
+        max_round = float((e32 - fast.float()).norm(dim=1).max()) if len(emb) else 0.0
+        lat, lon = gallery.lat[idx].to(device, torch.float64), gallery.lon[idx].to(device, torch.float64)
+        return cls(emb, fast, unit_xyz(lat, lon), lat, lon, gallery.cell_id[idx].to(device),
+                   gallery.cell_start.shape[0] - 1, max_norm, max_round, block, boxes)
+
+    def error_bound(self, q: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """(ε (B, 1), u): |fast − exact cosine| ≤ ε + u·|fast| for each query with any row, ×1.25 to spare.
+
+        With ẽ, q̃ the rows and queries rounded to the fast dtype, |ẽ·q̃ − e·q| ≤ ‖e − ẽ‖‖q̃‖ + ‖e‖‖q − q̃‖
+        (Cauchy–Schwarz); each float32 sum of d products is off by at most d·2⁻²⁴·‖e‖‖q‖ (the fast product and
+        the exact re-scoring); and the product's result is rounded to the fast dtype (relative 2⁻⁸ for bf16)."""
+        qf = q.to(self.fast.dtype).float()
+        d = q.shape[1]
+        eps = (self.max_round * qf.norm(dim=1) + self.max_norm * (q - qf).norm(dim=1)
+               + 2 * d * 2.0 ** -24 * self.max_norm * q.norm(dim=1))
+        u = 2.0 ** -8 / (1 - 2.0 ** -8) if self.fast.dtype == torch.bfloat16 else 0.0
+        return (1.25 * eps + 1e-7)[:, None], 1.25 * u
+
+    def near_blocks(self, lat: torch.Tensor, lon: torch.Tensor, radius_km: float) -> np.ndarray:
+        """(B, blocks) bool: the block's box meets the query's cap box (latitude ± θ, longitude ± asin(sin θ /
+        cos φ): exact bounds of a spherical cap of radius θ; over a pole or the antimeridian: every block)."""
+        theta = (radius_km + PREFILTER_M / 1000.0) / EARTH_RADIUS_KM
+        la, lo = lat.double().cpu().numpy()[:, None], lon.double().cpu().numpy()[:, None]
+        dlat = math.degrees(theta) + 1e-9
+        reach = math.sin(theta) / np.maximum(np.cos(np.radians(np.minimum(np.abs(la) + dlat, 90.0))), 1e-300)
+        dlon = np.degrees(np.arcsin(np.minimum(reach, 1.0))) + 1e-9
+        wide = (reach >= 1) | (lo - dlon < -180) | (lo + dlon >= 180)
+        box = self.boxes[None]
+        meets = (box[..., 1] >= la - dlat) & (box[..., 0] <= la + dlat) & (box[..., 3] >= lo - dlon) & \
+            (box[..., 2] <= lo + dlon)
+        return meets | wide
+
+
+@contextlib.contextmanager
+def _ieee_matmul(device: torch.device) -> Iterator[None]:
+    """Full float32 products and float32 sums of bf16 products on CUDA while refining (TF32 or bf16 partial sums
+    would exceed the error bound the exact re-scoring relies on); the settings are restored after."""
+    if device.type != "cuda":
+        yield
+        return
+    m = torch.backends.cuda.matmul
+    saved = m.fp32_precision, m.allow_bf16_reduced_precision_reduction
+    m.fp32_precision, m.allow_bf16_reduced_precision_reduction = "ieee", False
+    try:
+        yield
+    finally:
+        m.fp32_precision, m.allow_bf16_reduced_precision_reduction = saved
+
+
+def _top_candidates(index: GalleryIndex, q: torch.Tensor, q_xyz: torch.Tensor, lat: torch.Tensor,
+                    lon: torch.Tensor, radius_km: float, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, k) values and gallery rows of the k best fast cosines among the rows within ``radius_km`` (+
+    ``PREFILTER_M``) of each query (−inf: fewer such rows). Per gallery block ONE matrix product of the queries
+    near it (``GalleryIndex.near_blocks``; on CUDA, blocks are large and most queries take part) with its rows,
+    and one of their unit vectors (cos θ ≥ cos r); the best are merged across blocks."""
+    cos_r = math.cos((radius_km + PREFILTER_M / 1000.0) / EARTH_RADIUS_KM)
+    qf = q.to(index.fast.dtype)
+    near = index.near_blocks(lat, lon, radius_km)
+    used = np.flatnonzero(near.any(0))
+    # each block's best go to their own columns; one top-k over all of them at the end
+    all_v = q.new_full((q.shape[0], max(1, len(used)) * k), float("-inf"))
+    all_i = torch.zeros(all_v.shape, dtype=torch.long, device=q.device)
+    for slot, blk in enumerate(used):
+        who = torch.from_numpy(np.flatnonzero(near[:, blk])).to(q.device)
+        rows = slice(int(blk) * index.block, min(len(index.fast), (int(blk) + 1) * index.block))
+        sims = (qf[who] @ index.fast[rows].T).float()
+        sims.masked_fill_(q_xyz[who] @ index.xyz[rows].T < cos_r, float("-inf"))
+        v, i = sims.topk(min(k, sims.shape[1]), dim=1)
+        cols = slice(slot * k, slot * k + v.shape[1])
+        all_v[who, cols], all_i[who, cols] = v, i + rows.start
+    best_v, pos = all_v.topk(k, dim=1)
+    return best_v, all_i.gather(1, pos)
+
+
 @torch.no_grad()
-def refine(pred: Prediction, e: torch.Tensor, gallery: Gallery, radius_km: float = 100.0, neighbours: int = 16,
-           temperature: float = 0.1, cluster_km: float = 25.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Refined (lat, lon) per query: see the module docstring. Candidates are the gallery images within
-    ``radius_km`` of the classifier's point estimate, so refinement moves a photo to its look-alikes in the
+def refine(pred: Prediction, e: torch.Tensor, gallery: "Gallery", radius_km: float = 100.0, neighbours: int = 16,
+           temperature: float = 0.1, cluster_km: float = 25.0, batch: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """Refined (lat, lon) per query (float64, CPU): see the module docstring. Candidates are the gallery images
+    within ``radius_km`` of the classifier's point estimate, so refinement moves a photo to its look-alikes in the
     region the classifier chose and never jumps across the country to a look-alike elsewhere (which the cells'
-    probabilities would not back). A query without candidates keeps the classifier's estimate."""
-    q = F.normalize(e.float(), dim=1).cpu()
-    lat_out, lon_out = pred.lat.detach().double().cpu().clone(), pred.lon.detach().double().cpu().clone()
-    hyp_cell, hyp_w = pred.hyp_cell.cpu(), pred.hyp_weight.double().cpu()
-    n_cells = gallery.cell_start.shape[0] - 1
-    for b in range(q.shape[0]):  # one query at a time: memory O(gallery), not O(batch × gallery)
-        d = haversine_km(lat_out[b], lon_out[b], gallery.lat, gallery.lon)
-        cand = torch.nonzero(d <= radius_km).squeeze(1)
-        if not len(cand):
-            continue
-        cell_w = torch.zeros(n_cells, dtype=torch.float64)  # P(cell) of the hypotheses, 0 for the others
-        ok = (hyp_cell[b] >= 0) & (hyp_cell[b] < n_cells)
-        cell_w.index_add_(0, hyp_cell[b][ok], hyp_w[b][ok])
-        sims = gallery.emb[cand].float() @ q[b]
-        top_sim, top_i = sims.topk(min(neighbours, len(cand)))
-        picked = cand[top_i]
-        # a small floor: a look-alike in a cell outside the hypotheses still counts, just less
-        w = torch.softmax(top_sim.double() / temperature, 0) * (cell_w[gallery.cell_id[picked]] + 1e-6)
-        la, lo = densest_cluster(gallery.lat[picked][None], gallery.lon[picked][None], (w / w.sum())[None],
-                                 cluster_km)
-        lat_out[b], lon_out[b] = la[0], lo[0]
-    return lat_out, lon_out
+    probabilities would not back). A query without candidates keeps the classifier's estimate.
+
+    Batched on ``e``'s device (the gallery is prepared there once, ``Gallery.index_on``), ``batch`` queries at a
+    time: per block of the gallery ONE matrix product of the queries near it with its rows in a fast dtype (bf16
+    where native; on CUDA blocks of 65k rows, so nearly one product per batch), masked to the candidates, keeps
+    each query's best; the rows whose exact cosine the product's error bound cannot rule out of the top
+    ``neighbours`` are scored again exactly (float16 rows × float32 query, as the per-query loop did), so the
+    neighbours, their weights and the answer are the loop's (``tests/test_model_retrieval.py`` compares them,
+    ``bench/bench_refine.py`` times them)."""
+    device = e.device
+    index = gallery.index_on(device)
+    lat0, lon0 = pred.lat.detach().to(device, torch.float64), pred.lon.detach().to(device, torch.float64)
+    hyp_cell, hyp_w = pred.hyp_cell.to(device), pred.hyp_weight.to(device, torch.float64)
+    q = F.normalize(e.float(), dim=1)
+    out_lat, out_lon = lat0.clone(), lon0.clone()
+    with _ieee_matmul(device):
+        for s in range(0, q.shape[0], batch):
+            part = slice(s, min(q.shape[0], s + batch))
+            out_lat[part], out_lon[part] = _refine_batch(index, q[part], lat0[part], lon0[part], hyp_cell[part],
+                                                         hyp_w[part], radius_km, neighbours, temperature, cluster_km)
+    return out_lat.cpu(), out_lon.cpu()
+
+
+def _refine_batch(index: GalleryIndex, q: torch.Tensor, lat0: torch.Tensor, lon0: torch.Tensor,
+                  hyp_cell: torch.Tensor, hyp_w: torch.Tensor, radius_km: float, neighbours: int,
+                  temperature: float, cluster_km: float) -> tuple[torch.Tensor, torch.Tensor]:
+    fast_v, rows, need = _enough_candidates(index, q, unit_xyz(lat0, lon0), lat0, lon0, radius_km, neighbours)
+    # exact cosines (the loop's arithmetic: float16 rows × float32 query) where the bound cannot rule a row out
+    b, j = torch.nonzero(need, as_tuple=True)
+    exact = torch.full_like(fast_v, float("-inf"))
+    exact[b, j] = (index.emb[rows[b, j]].float() * q[b]).sum(1)
+    top_sim, pos = exact.topk(min(neighbours, exact.shape[1]), dim=1)
+    picked = rows.gather(1, pos)
+    valid = torch.isfinite(top_sim)
+    # P(cell) of the hypotheses, 0 for the others; a small floor: a look-alike in a cell outside the hypotheses
+    # still counts, just less
+    ok = (hyp_cell >= 0) & (hyp_cell < index.n_cells)
+    cell_w = torch.zeros((q.shape[0], index.n_cells), dtype=torch.float64, device=q.device)
+    cell_w.scatter_add_(1, hyp_cell.clamp(0, max(index.n_cells - 1, 0)), torch.where(ok, hyp_w, 0.0))
+    w = torch.softmax(top_sim.double() / temperature, 1) * (cell_w.gather(1, index.cell_id[picked]) + 1e-6)
+    w = torch.where(valid, w, 0.0)  # rows without candidates: softmax of −inf only
+    total = w.sum(1, keepdim=True)
+    w = torch.where(total > 0, w / total.clamp(min=1e-300), 0.0)
+    # padding (fewer candidates than neighbours) at the South Pole with no weight: never a cluster, never a member
+    lat = torch.where(valid, index.lat[picked], -90.0)
+    lon = torch.where(valid, index.lon[picked], 0.0)
+    la, lo = densest_cluster(lat, lon, w, cluster_km)
+    has = valid.any(1)
+    return torch.where(has, la, lat0), torch.where(has, lo, lon0)
+
+
+def _enough_candidates(index: GalleryIndex, q: torch.Tensor, q_xyz: torch.Tensor, lat0: torch.Tensor,
+                       lon0: torch.Tensor, radius_km: float, neighbours: int
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each query's best fast cosines among the gallery rows within ``radius_km`` (``haversine_km``, as the loop
+    tests them; −inf elsewhere), their rows, and which of them need an exact score: those whose upper bound
+    reaches the ``neighbours``-th best lower bound (``GalleryIndex.error_bound``). Enough rows are kept that every
+    row left out is below that too (its fast value is at most the last one kept); queries short of that are
+    searched again with twice as many."""
+    eps, u = index.error_bound(q)
+
+    def spread(v: torch.Tensor, who: torch.Tensor | slice = slice(None)) -> torch.Tensor:
+        return eps[who] + u * torch.where(torch.isfinite(v), v.abs(), 0.0)  # how far exact may be from v
+
+    k = max(4 * neighbours, 64)
+    todo = torch.arange(q.shape[0], device=q.device)
+    fast_v = q.new_full((q.shape[0], k), float("-inf"))
+    rows = torch.zeros((q.shape[0], k), dtype=torch.long, device=q.device)
+    while True:
+        v, r = _top_candidates(index, q[todo], q_xyz[todo], lat0[todo], lon0[todo], radius_km, k)
+        last = v[:, -1:]  # every row left out has a fast value at most this
+        far = haversine_km(lat0[todo, None], lon0[todo, None], index.lat[r], index.lon[r]) > radius_km
+        v = v.masked_fill(far, float("-inf"))  # the prefilter's extra metre
+        if k > fast_v.shape[1]:
+            fast_v = F.pad(fast_v, (0, k - fast_v.shape[1]), value=float("-inf"))
+            rows = F.pad(rows, (0, k - rows.shape[1]))
+        fast_v[todo], rows[todo] = v, r
+        low = torch.sort(v - spread(v, todo), dim=1, descending=True).values[:, neighbours - 1:neighbours]
+        done = torch.isinf(last) | (last + spread(last, todo) < low)
+        if bool(done.all()):
+            break
+        todo, k = todo[~done[:, 0]], 2 * k
+    low = torch.sort(fast_v - spread(fast_v), dim=1, descending=True).values[:, neighbours - 1:neighbours]
+    return fast_v, rows, torch.isfinite(fast_v) & (fast_v + spread(fast_v) >= low)
 
 
 @torch.no_grad()
 def nearest_neighbour(query: torch.Tensor, gallery_feats: torch.Tensor, batch: int = 1024) -> torch.Tensor:
-    """Index of the most cosine-similar gallery row for each query row (kNN baseline, k = 1), in blocks so the
-    similarity matrix never exceeds ``batch`` × N."""
-    g = F.normalize(gallery_feats.float(), dim=1)
-    q = F.normalize(query.float(), dim=1)
-    return torch.cat([(q[i:i + batch] @ g.T).argmax(1) for i in range(0, q.shape[0], batch)])
+    """Index of the most cosine-similar gallery row for each query row (k = 1 of ``baselines.knn_neighbours``,
+    in blocks so the similarity matrix never exceeds ``batch`` × N)."""
+    from geopak_model.baselines import knn_neighbours
 
+    return knn_neighbours(query, gallery_feats, 1, batch)[:, 0]

@@ -1,11 +1,13 @@
 """Training: phase 0 (province pretraining) and phase 1 (all heads) on cached frozen-encoder features, phase 2
 (top ~30% of both encoders unfrozen, images in the loop with geography-safe augmentation).
 
-Each phase resumes from ``phase<k>_last.pt`` when its fingerprint (config, cells, data, encoder weights) still
-matches, starts from the previous phase's best checkpoint otherwise, and keeps ``phase<k>_best.pt`` chosen on
-the END-TO-END validation median (mixture inference; phase 0: validation province accuracy). Every epoch
-appends a row to ``metrics.jsonl``. ``model.pt`` is the better of the phase-1 and phase-2 best checkpoints on the
-whole validation split; ``summary.json`` holds its metrics, the majority baselines and the best epochs.
+Each phase resumes from ``phase<k>_last.pt`` when its fingerprint (config incl. the LR schedule, cells, data,
+encoder weights) still matches, starts from the previous phase's best checkpoint otherwise, and keeps
+``phase<k>_best.pt`` chosen on the validation negative log-likelihood of the truth under the inference
+distribution (``checkpoint.SELECTION``; phase 0: of the province). Every epoch appends a row to
+``metrics.jsonl``. ``model.pt`` is the better of the phase-1 and phase-2 best checkpoints on the whole validation
+split (same criterion, both uncalibrated), with every inference setting then chosen on val by one rule
+(``selection``); ``summary.json`` holds its metrics, the selection, the majority baselines and the best epochs.
 
 Layout (after open_clip's ``main`` / ``train_one_epoch`` / ``evaluate``): ``TrainState`` is one phase's module,
 optimiser, loss scaler, epoch, best record and history; ``train_one_epoch`` and ``validate`` are functions of
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import hashlib
 import json
 import math
@@ -46,6 +49,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from geopak_model.baselines import knn_features
 from geopak_model.cache import CHUNK_IMAGES, CHUNK_SECONDS, EmbeddingCache, build_embedding_cache
 from geopak_model.cells import CellTable
 from geopak_model.checkpoint import (
@@ -72,19 +76,20 @@ from geopak_model.data import (
 from geopak_model.encoders import DualEncoder, build_encoders
 from geopak_model.diagnostics import fusion_parameters, gradient_share_metrics, term_gradient_norms
 from geopak_model.evaluate import evaluate_features, majority_baselines
-from geopak_model.inference import fit_calibration
-from geopak_model.losses import LossContext, effective_number_weights, total_loss, weighted_terms
+from geopak_model.losses import LossContext, effective_number_weights, loss_terms, weighted_terms
 from geopak_model.model import GeopakHeads, GeopakModel, count_params
 from geopak_model.precision import amp_dtype, autocast, dtype_name
-from geopak_model.retrieval import GALLERY_FILE, Gallery, file_sha256
+from geopak_model.retrieval import GALLERY_FILE, KNN_GALLERY_FILE, Gallery, file_sha256
+from geopak_model.selection import select_baselines, select_inference, setting_scores
 from pipeline.core import reasons
 from pipeline.core.paths import DataPaths
 from pipeline.core.processes import exit_with_parent
 from pipeline.core.provinces import NUM_PROVINCES
 from pipeline.core.store import atomic_write_bytes
 
-__all__ = ["SELECTION", "DistEnv", "TrainState", "Trainer", "collective_device", "cosine_lr", "embed_only",
-           "encode_features", "main", "optimiser_step", "run_cli", "setup_runtime", "train_one_epoch", "validate"]
+__all__ = ["SELECTION", "DistEnv", "SplitEncoder", "TrainState", "Trainer", "collective_device", "cosine_lr",
+           "embed_only", "encode_features", "main", "optimiser_step", "run_cli", "setup_runtime", "train_one_epoch",
+           "validate"]
 
 
 def collective_device(backend: str, local_rank: int = 0) -> torch.device:
@@ -110,23 +115,81 @@ class DistEnv:
             else:
                 dist.barrier()
 
-    def mean(self, values: dict[str, float]) -> dict[str, float]:
-        """Average a dict of floats over ranks (identical key order on every rank), reduced on the group's device."""
-        if self.world == 1 or not values:
-            return values
+    def mean(self, values: dict[str, float | torch.Tensor]) -> dict[str, float]:
+        """Average over ranks (identical keys on every rank) of floats or 0-dim tensors still on the device they
+        were summed on: one all_reduce on the group's device and ONE host read for all of them."""
+        if not values:
+            return {}
         keys = sorted(values)
-        t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=self.device)
-        dist.all_reduce(t)
-        return {k: float(v) / self.world for k, v in zip(keys, t.cpu().tolist())}
+        where = next((v.device for v in values.values() if isinstance(v, torch.Tensor)), self.device)
+        t = torch.stack([torch.as_tensor(values[k], dtype=torch.float64, device=where).reshape(()) for k in keys])
+        if self.world > 1:
+            t = t.to(self.device)
+            dist.all_reduce(t)
+            t = t / self.world
+        return dict(zip(keys, t.cpu().tolist()))
+
+    def broadcast_int(self, value: int) -> int:
+        """Rank 0's ``value`` on every rank (a decision only rank 0 could make, e.g. from its validation)."""
+        if self.world == 1:
+            return int(value)
+        t = torch.tensor([int(value)], dtype=torch.int64, device=self.device)
+        dist.broadcast(t, src=0)
+        return int(t.item())
+
+    def sum_counts(self, counts: dict[str, int]) -> dict[str, int]:
+        """Per-key sums over ranks of small integer counts (e.g. unreadable images by reason)."""
+        if self.world == 1:
+            return dict(counts)
+        every: list[dict[str, int]] = [{} for _ in range(self.world)]
+        dist.all_gather_object(every, counts)
+        out: dict[str, int] = {}
+        for d in every:
+            for k, v in d.items():
+                out[k] = out.get(k, 0) + int(v)
+        return out
+
+    def gather_rows(self, parts: dict[str, torch.Tensor], keep: bool = True, block: int = 4096
+                    ) -> dict[str, torch.Tensor]:
+        """Every rank's rows of ``parts`` (same keys, dtypes and trailing shapes on every rank, any row count),
+        concatenated in rank order on the CPU of the ranks with ``keep`` (the others get empty tensors).
+
+        All-gathers of at most ``block`` zero-padded rows per rank at a time on the group's device, so device
+        memory stays bounded whatever the table's size (gloo and NCCL alike)."""
+        if self.world == 1:
+            return {k: v.cpu() for k, v in parts.items()} if keep else {k: v[:0].cpu() for k, v in parts.items()}
+        n = torch.tensor([len(next(iter(parts.values())))], dtype=torch.int64, device=self.device)
+        counts_t = [torch.zeros_like(n) for _ in range(self.world)]
+        dist.all_gather(counts_t, n)
+        counts = [int(c.item()) for c in counts_t]
+        got: dict[str, list[list[torch.Tensor]]] = {k: [[] for _ in range(self.world)] for k in parts}
+        for start in range(0, max(counts), block):
+            size = min(block, max(counts) - start)
+            for k, v in parts.items():
+                mine = v[start: start + size].to(self.device)
+                buf = torch.zeros((size, *v.shape[1:]), dtype=v.dtype, device=self.device)
+                buf[: len(mine)] = mine
+                bufs = [torch.empty_like(buf) for _ in range(self.world)]
+                dist.all_gather(bufs, buf)
+                if keep:
+                    for r, b in enumerate(bufs):
+                        got[k][r].append(b[: max(0, min(size, counts[r] - start))].cpu())
+        return {k: torch.cat([t for per_rank in got[k] for t in per_rank]) if keep else v[:0].cpu()
+                for k, v in parts.items()}
 
 
 def setup_runtime(pref: str) -> tuple[DistEnv, torch.device]:
-    """Single process, or one rank of ``torchrun`` (NCCL with one GPU per rank, gloo on CPU)."""
+    """Single process, or one rank of ``torchrun`` (NCCL with one GPU per rank, gloo on CPU).
+
+    Under torchrun (``LOCAL_RANK`` set) a process group is started at world size 1 too: whatever needs one (DDP,
+    collectives, ``bench/gpu_check.py``'s DDP step) then runs on one GPU exactly as on eight, and NCCL is
+    initialised by the first one-GPU run rather than the first multi-GPU one. ``DistEnv`` still skips every
+    collective at world size 1, and the trainer wraps its module in DDP only when there are several ranks."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     use_cuda = pref == "cuda" or (pref == "auto" and torch.cuda.is_available())
     if pref == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device 'cuda' requested but CUDA is not available")
-    if world > 1:
+    if world > 1 or "LOCAL_RANK" in os.environ:
         local = int(os.environ.get("LOCAL_RANK", "0"))
         if use_cuda:
             torch.cuda.set_device(local)
@@ -207,14 +270,18 @@ def train_one_epoch(state: TrainState, batches: Iterable[dict[str, torch.Tensor]
     """One epoch of ``state.phase`` at ``state.epoch`` over ``batches`` (dicts on ``device``): per-step learning
     rate, autocast in ``dtype``, scaled step with clipping. Returns the epoch's mean losses over ranks, the last
     learning rate, the offset weight and (phases >= 1) each weighted term's gradient norm and share at the fusion
-    layer, measured on the epoch's first batch."""
+    layer, measured on the epoch's first batch.
+
+    The losses are summed on the device and read once, after the last step (with the all_reduce over ranks): no
+    step waits for the device to report a number, so the host queues the next batch while the GPU computes. The
+    first batch's gradient diagnostics are the only other read."""
     k, epoch = state.phase, state.epoch
     pc = cfg.phase(k)
     opt, scaler = state.optimizer, state.scaler
     state.net.train()
     parts = phase_parts(k)
     offset_w = offset_weight(cfg, k, epoch)
-    sums: dict[str, float] = {}
+    sums: dict[str, torch.Tensor] = {}
     diag: dict[str, float] = {}
     steps = 0
     total_steps = pc.epochs * steps_per_epoch
@@ -225,7 +292,7 @@ def train_one_epoch(state: TrainState, batches: Iterable[dict[str, torch.Tensor]
                 else g["base_lr"]
         with autocast(device, dtype):
             out = forward_batch(state.net, b, parts)
-            loss, logged = total_loss(out, b, ctx, cfg.loss, offset_w)
+            loss, logged = loss_terms(out, b, ctx, cfg.loss, offset_w)
             if i == 0 and k >= 1:  # once per epoch: each weighted term's pull on the shared fusion layer
                 terms, weights = weighted_terms(out, b, ctx, cfg.loss, offset_w)
         if i == 0 and k >= 1:  # the optimised terms only (weight 0: a monitor such as the error in km)
@@ -234,12 +301,12 @@ def train_one_epoch(state: TrainState, batches: Iterable[dict[str, torch.Tensor]
             diag = gradient_share_metrics(term_gradient_norms(weighted, weights, fusion_parameters(state.heads),
                                                               scale))
         optimiser_step(loss, opt, scaler, cfg.grad_clip)
+        logged["gate"] = out["gate"].detach().float().mean()
         for kk, v in logged.items():
-            sums[kk] = sums.get(kk, 0.0) + v
-        sums["gate"] = sums.get("gate", 0.0) + float(out["gate"].detach().float().mean())
+            sums[kk] = sums[kk] + v.double() if kk in sums else v.double()
         steps += 1
     means = {f"train_{kk}": v / max(steps, 1) for kk, v in sums.items()}
-    means = env.mean({**means, **diag})
+    means = env.mean({**means, **diag})  # the epoch's one host read (and one all_reduce)
     means["lr"] = opt.param_groups[0]["lr"]
     means["offset_weight"] = offset_w
     return means
@@ -262,32 +329,75 @@ def fused_embeddings(heads: GeopakHeads, data: FeatureData, device: torch.device
     return torch.cat(out) if out else torch.empty(0)
 
 
-@torch.no_grad()
+class SplitEncoder:
+    """Features of one table's images through the current encoders (phase 2 changed them): validation in phase 2
+    (every epoch) and the export. At most ``cap`` images (a fixed random subset: the table may be ordered by
+    province; 0 = all). Each rank encodes its share (rows rank, rank + world, …) and rank 0 gathers them, so the
+    split is encoded once by all ranks together, not by rank 0 while the others wait at a barrier (an NCCL
+    timeout risk with gpu-full). The DataLoader is built once and iterated at every ``encode`` (persistent
+    workers, each image's bytes verified once per worker)."""
+
+    def __init__(self, table: pd.DataFrame, root: Path, cfg: TrainConfig, device: torch.device, env: DistEnv,
+                 cap: int = 0):
+        if cap and len(table) > cap:
+            table = table.sample(n=cap, random_state=cfg.seed).sort_index()
+        self.table, self.device, self.env = table, device, env
+        ds = ImageDataset(table, root, cfg.encoder.image_size, augment=None)
+        mine = list(range(env.rank, len(ds), env.world))
+        bs = cfg.embed_batch_size
+        batches = [mine[i: i + bs] for i in range(0, len(mine), bs)]
+        self.loader: torch.utils.data.DataLoader | None = make_loader(
+            ds, batches, cfg.num_workers if batches else 0, pin_memory=device.type == "cuda")
+
+    @torch.no_grad()
+    def encode(self, encoder: DualEncoder, dtype: torch.dtype | None, failures: dict[str, int] | None = None
+               ) -> FeatureData | None:
+        """The features in table order on rank 0 (None on the other ranks). Images that cannot be read now (their
+        bytes changed since the cache was built) are left out and counted by reason in ``failures``."""
+        assert self.loader is not None, "encode after close"
+        encoder.eval()
+        clip, scene, rows = [], [], []
+        mine: dict[str, int] = {}
+        for batch in self.loader:
+            count_failures(batch, mine)
+            if "image" not in batch:
+                continue
+            with autocast(self.device, dtype):
+                c, s = encoder(batch["image"].to(self.device, non_blocking=True))
+            clip.append(c.float().cpu())  # float32: tuned encoders can leave float16's range
+            scene.append(s.float().cpu())
+            rows.append(batch["row"])
+        dc, ds = encoder.dims
+        got = self.env.gather_rows({"clip": torch.cat(clip) if clip else torch.zeros(0, dc),
+                                    "scene": torch.cat(scene) if scene else torch.zeros(0, ds),
+                                    "row": torch.cat(rows) if rows else torch.zeros(0, dtype=torch.long)},
+                                   keep=self.env.main)
+        every = self.env.sum_counts(mine)
+        if failures is not None:
+            for why, n in every.items():
+                failures[why] = failures.get(why, 0) + n
+        if not self.env.main:
+            return None
+        if not len(got["row"]):
+            raise RuntimeError(f"none of the {len(self.table)} images could be read ({every})")
+        order = torch.argsort(got["row"])
+        kept = self.table.iloc[got["row"][order].numpy()].reset_index(drop=True)
+        return FeatureData(got["clip"][order], got["scene"][order], label_tensors(kept))
+
+    def close(self) -> None:
+        """Stop the loader's workers (they persist until the loader goes)."""
+        self.loader = None
+
+
 def encode_features(encoder: DualEncoder, table: pd.DataFrame, root: Path, cfg: TrainConfig, device: torch.device,
-                    dtype: torch.dtype | None, cap: int = 0, failures: dict[str, int] | None = None) -> FeatureData:
-    """Features of ``table``'s images through the current encoders (phase 2 changed them), at most ``cap``
-    images (a fixed random subset: the table may be ordered by province; 0 = all). Images that cannot be read
-    now (their bytes changed since the cache was built) are left out and counted by reason in ``failures``."""
-    if cap and len(table) > cap:
-        table = table.sample(n=cap, random_state=cfg.seed).sort_index()
-    encoder.eval()
-    ds = ImageDataset(table, root, cfg.encoder.image_size, augment=None)
-    bs = cfg.embed_batch_size
-    batches = [list(range(i, min(i + bs, len(ds)))) for i in range(0, len(ds), bs)]
-    clip, scene, rows = [], [], []
-    for batch in make_loader(ds, batches, cfg.num_workers, pin_memory=device.type == "cuda"):
-        count_failures(batch, failures)
-        if "image" not in batch:
-            continue
-        with autocast(device, dtype):
-            c, s = encoder(batch["image"].to(device))
-        clip.append(c.float().cpu())  # float32: tuned encoders can leave float16's range
-        scene.append(s.float().cpu())
-        rows.extend(batch["row"].tolist())
-    if not rows:
-        raise RuntimeError(f"none of the {len(table)} images could be read ({failures})")
-    kept = table.iloc[rows].reset_index(drop=True)
-    return FeatureData(torch.cat(clip), torch.cat(scene), label_tensors(kept))
+                    dtype: torch.dtype | None, cap: int = 0, failures: dict[str, int] | None = None,
+                    env: DistEnv | None = None) -> FeatureData | None:
+    """One ``SplitEncoder.encode`` of ``table`` (a single process when ``env`` is None)."""
+    enc = SplitEncoder(table, root, cfg, device, env or DistEnv(), cap)
+    try:
+        return enc.encode(encoder, dtype, failures)
+    finally:
+        enc.close()
 
 
 def count_failures(batch: dict, failures: dict[str, int] | None) -> None:
@@ -338,6 +448,7 @@ class Trainer:
         self.cache_stats: dict[str, Any] = {}
         self.train_data: FeatureData | None = None
         self.val_data: FeatureData | None = None
+        self._val_encoder: SplitEncoder | None = None  # phase 2's val loader, built once per phase
 
     def log(self, msg: str) -> None:
         if self.env.main:
@@ -384,11 +495,20 @@ class Trainer:
         return self.cache_stats
 
     def _setup_loss(self) -> None:
+        """Loss context and prior shift. ONE rebalancing mechanism: the province-balanced sampler. It puts every
+        province in every batch, so each province's own geocell head and the offset head learn from its images
+        at every step; class weights reweight only the province cross-entropy (a rare province's cell head would
+        still see a handful of images an epoch), and on top of the sampler they rebalanced twice and needed a
+        ~7-nat prior shift to undo. So the province CE is unweighted (``loss.class_weight_beta`` must be 0) and
+        the prior shift undoes exactly the sampler's prior."""
+        if self.cfg.loss.class_weight_beta > 0:
+            raise ValueError("loss.class_weight_beta > 0 adds class weights on top of the province-balanced sampler "
+                             "(rebalancing twice); the sampler is the one rebalancing mechanism: set it to 0")
         counts = np.bincount(self.train_table["province_id"].to_numpy(), minlength=NUM_PROVINCES)
-        w = effective_number_weights(counts, self.cfg.loss.class_weight_beta)
+        w = effective_number_weights(counts, self.cfg.loss.class_weight_beta)  # β = 0: 1 per present province
         self.loss_ctx = LossContext.build(self.cells, w, self.cfg.loss).to(self.device)
         self.class_weights = w
-        # what the model is trained to believe (balanced batches × class weights) vs the true training prior
+        # what the model is trained to believe (the balanced batches' prior) vs the true training prior
         sampler = self.sampler(0)
         trained = sampler.sampling_prior() * w
         true = counts / counts.sum()
@@ -403,15 +523,23 @@ class Trainer:
             self.train_table["province_id"].to_numpy(), pc.batch_size, pc.batches_per_epoch, self.cfg.sampler_shares,
             seed=self.cfg.seed + 101 * k, rank=self.env.rank, world_size=self.env.world, with_seeds=with_seeds)
 
-    def batches(self, k: int, sampler: ProvinceBalancedBatchSampler) -> Iterator[dict[str, torch.Tensor]]:
-        """The training batches of one epoch on the device: cached features (phases 0-1) or augmented images."""
+    def image_loader(self, sampler: ProvinceBalancedBatchSampler) -> torch.utils.data.DataLoader:
+        """Phase 2's augmented training images: one loader for the whole phase (workers persist across epochs;
+        ``sampler.set_epoch`` still draws each epoch's batches, in this process)."""
+        ds = ImageDataset(self.train_table, self.paths.root, self.cfg.encoder.image_size, self.cfg.augment)
+        return make_loader(ds, sampler, self.cfg.num_workers, pin_memory=self.device.type == "cuda")
+
+    def batches(self, k: int, sampler: ProvinceBalancedBatchSampler,
+                loader: torch.utils.data.DataLoader | None = None) -> Iterator[dict[str, torch.Tensor]]:
+        """The training batches of one epoch on the device: cached features (phases 0-1) or augmented images from
+        ``loader`` (phase 2, ``image_loader``)."""
         if k < 2:
             assert self.train_data is not None
             for rows in sampler:
                 yield self.train_data.batch(rows, self.device)
             return
-        ds = ImageDataset(self.train_table, self.paths.root, self.cfg.encoder.image_size, self.cfg.augment)
-        for item in make_loader(ds, sampler, self.cfg.num_workers, pin_memory=self.device.type == "cuda"):
+        assert loader is not None
+        for item in loader:
             if item["failed_rows"]:  # read after the cache was built: the bytes changed or the file went away
                 count_failures(item, self.read_failures)
                 self.log(f"phase {k}: {len(item['failed_rows'])} training images unreadable now "
@@ -422,9 +550,15 @@ class Trainer:
 
     # --- checkpoints ------------------------------------------------------------------------------------------
     def fingerprint(self, k: int) -> str:
+        """What phase ``k``'s checkpoints depend on. The epoch count is left out where it changes nothing already
+        trained (a constant learning rate: more epochs resume), but kept where it sets the learning-rate schedule
+        (cosine: the LR of every step depends on the total), so a changed count never makes the schedule jump;
+        the selection criterion is in too (a best kept on another metric is not this phase's best)."""
         c = self.cfg.to_dict()
-        phases = [{kk: v for kk, v in p.items() if kk not in ("epochs", "val_every")} for p in c["phases"][: k + 1]]
+        phases = [{kk: v for kk, v in p.items() if kk != "val_every" and (kk != "epochs" or p["schedule"] != "none")}
+                  for p in c["phases"][: k + 1]]
         return _hash({"encoder": c["encoder"], "model": c["model"], "loss": c["loss"], "phases": phases,
+                      "selection": list(SELECTION[k]),
                       "augment": c["augment"] if k == 2 else None, "shares": c["sampler_shares"], "seed": c["seed"],
                       "cells": self.cells.fingerprint(), "weights": self.weights_id,
                       "train": _hash(sorted(self.train_table["image_id"])), "val": _hash(sorted(self.val_table["image_id"])),
@@ -543,32 +677,92 @@ class Trainer:
             scaler.load_state_dict(last["scaler"])
         net = module
         if self.env.world > 1:
+            unused = self.unused_parameters(k, module)
+            if unused:
+                self.log(f"phase {k}: {len(unused)} trainable parameters get no gradient ({', '.join(unused[:4])}"
+                         f"{', …' if len(unused) > 4 else ''}): DDP searches for unused parameters every step")
             net = nn.parallel.DistributedDataParallel(
                 module, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                find_unused_parameters=True)  # a rank's batch half may lack a province: its head is unused
+                find_unused_parameters=bool(unused))
         return TrainState(k, self.heads, net, opt, scaler, epoch, best or initial_best(k, self._ckpt(k, "best")),
                           list(self.history))
+
+    def unused_parameters(self, k: int, module: nn.Module) -> list[str]:
+        """Names of ``module``'s trainable parameters that phase ``k``'s loss never reaches (e.g. a head whose loss
+        weight is 0), found by one forward and backward on a few training rows (their cached features; random
+        pixels through phase 2's encoders) before DDP wraps the module: only then does DDP need
+        ``find_unused_parameters``, which walks the autograd graph after every step. Every cell head runs on
+        every row, so a province missing from a rank's share of a batch leaves nothing unused. The same on every
+        rank (same rows, fixed pixels); BatchNorm statistics are restored afterwards."""
+        assert self.train_data is not None
+        rows = torch.arange(min(len(self.train_data), 8))
+        b = self.train_data.batch(rows, self.device)
+        if k == 2:
+            size = self.cfg.encoder.image_size
+            b["image"] = torch.rand((len(rows), 3, size, size), generator=torch.Generator().manual_seed(0)
+                                    ).to(self.device)
+        named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+        saved = {n: t.clone() for n, t in module.named_buffers()}
+        was_training = module.training
+        module.train()
+        try:
+            with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+                out = forward_batch(module, b, phase_parts(k))
+                loss, _ = loss_terms(out, b, self.loss_ctx, self.cfg.loss, offset_weight(self.cfg, k, 0))
+                grads = torch.autograd.grad(loss, [p for _, p in named], allow_unused=True)
+        finally:
+            module.train(was_training)
+            with torch.no_grad():
+                for n, t in module.named_buffers():
+                    t.copy_(saved[n])
+        return [n for (n, _), g in zip(named, grads) if g is None]
 
     def _run_epochs(self, state: TrainState) -> dict[str, Any]:
         k = state.phase
         pc = self.cfg.phase(k)
-        metric, mode = SELECTION[k]
         best_path, last = self._ckpt(k, "best"), self._ckpt(k, "last")
         sampler = self.sampler(k, with_seeds=k == 2)
         steps_per_epoch = len(sampler)
         self.log(f"phase {k}: {count_params(self.heads, True) + count_params(self.encoder, True):,} trainable "
                  f"parameters, {steps_per_epoch} batches of {pc.batch_size} per epoch, {pc.epochs} epochs, "
                  f"{self.precision}")
+        # phase 2's loaders are built once for the phase (workers persist across its epochs)
+        loader = self.image_loader(sampler) if k == 2 and state.epoch < pc.epochs else None
+        if loader is not None:
+            self._val_encoder = SplitEncoder(self.val_table, self.paths.root, self.cfg, self.device, self.env,
+                                             self.cfg.max_val_images)
+        try:
+            self._epochs(state, sampler, loader)
+        finally:
+            loader = None  # its persistent workers stop with it
+            if self._val_encoder is not None:
+                self._val_encoder.close()
+                self._val_encoder = None
+        self.env.barrier()
+        self._load_weights(read_checkpoint(best_path))  # the next phase starts from this phase's best
+        if not self.env.main:
+            state.best = read_checkpoint(last)["best"]
+        return state.best
+
+    def _epochs(self, state: TrainState, sampler: ProvinceBalancedBatchSampler,
+                loader: torch.utils.data.DataLoader | None) -> None:
+        """The phase's remaining epochs: train, validate (every rank: phase 2 encodes val together), keep the
+        best and last checkpoints (rank 0)."""
+        k = state.phase
+        pc = self.cfg.phase(k)
+        metric, mode = SELECTION[k]
+        best_path, last = self._ckpt(k, "best"), self._ckpt(k, "last")
+        steps_per_epoch = len(sampler)
         while state.epoch < pc.epochs:
             epoch = state.epoch
             t0 = time.perf_counter()
             torch.manual_seed(self.cfg.seed + 1000 * k + epoch)  # dropout stream: the same on resume
             sampler.set_epoch(epoch)
-            train_m = train_one_epoch(state, self.batches(k, sampler), steps_per_epoch, self.cfg, self.loss_ctx,
-                                      self.device, self.amp_dtype, self.env)
+            train_m = train_one_epoch(state, self.batches(k, sampler, loader), steps_per_epoch, self.cfg,
+                                      self.loss_ctx, self.device, self.amp_dtype, self.env)
             row: dict[str, Any] = {"phase": k, "epoch": epoch, **train_m}
-            if self.env.main and ((epoch + 1) % max(1, pc.val_every) == 0 or epoch + 1 == pc.epochs):
-                row.update(self.validate_now(k))
+            if (epoch + 1) % max(1, pc.val_every) == 0 or epoch + 1 == pc.epochs:
+                row.update(self.validate_now(k))  # {} on ranks > 0
             row["seconds"] = round(time.perf_counter() - t0, 2)
             state.history.append(row)
             if self.env.main:
@@ -587,73 +781,107 @@ class Trainer:
                     self._on_epoch(row)
             self.env.barrier()
             state.epoch += 1
-        self.env.barrier()
-        self._load_weights(read_checkpoint(best_path))  # the next phase starts from this phase's best
-        if not self.env.main:
-            state.best = read_checkpoint(last)["best"]
-        return state.best
 
     def validate_now(self, k: int, full: bool = False) -> dict[str, float]:
-        """Validation of the current heads; phase 2 first re-encodes the val images (capped unless ``full``)."""
+        """Validation of the current heads on rank 0 ({} on the others); phase 2 first re-encodes the val images
+        through the current encoders (capped unless ``full``), every rank encoding its share, so every rank must
+        call it."""
         data = self.val_data
-        if k == 2:  # the encoders changed: features through the current encoders (capped for cost)
-            data = encode_features(self.encoder, self.val_table, self.paths.root, self.cfg, self.device,
-                                   self.amp_dtype, 0 if full else self.cfg.max_val_images, self.read_failures)
+        if k == 2:
+            if full or self._val_encoder is None:
+                data = encode_features(self.encoder, self.val_table, self.paths.root, self.cfg, self.device,
+                                       self.amp_dtype, 0 if full else self.cfg.max_val_images, self.read_failures,
+                                       self.env)
+            else:
+                data = self._val_encoder.encode(self.encoder, self.amp_dtype, self.read_failures)
+        if not self.env.main:
+            return {}
         assert data is not None
         return validate(self.heads, data, self.loss_ctx, self.cfg, self.device, k)
 
     # --- summary ----------------------------------------------------------------------------------------------
     def _choose_final(self) -> tuple[int, dict[int, dict[str, float]]]:
-        """The exported model: see ``checkpoint.select_final`` (each candidate re-validated on the WHOLE split)."""
+        """The exported model: see ``checkpoint.select_final``. Each candidate is re-validated on the WHOLE split
+        the same way (uncalibrated, the run's default inference settings), so like is compared with like."""
         results = {}
         for k in final_candidates(self.run_dir, self.cfg.run_phases):
             self._load_weights(read_checkpoint(self._ckpt(k, "best")))
+            self.heads.province_calibration.fill_(1.0)
+            self.heads.cell_calibration.fill_(1.0)
             with self.phase_threads(k):
                 results[k] = self.validate_now(k, full=True)
-        choice = select_final(results, self.cfg.run_phases)
+        # rank 0 decides (only it has the metrics); every rank validated so phase 2's encoding was shared
+        choice = self.env.broadcast_int(select_final(results, self.cfg.run_phases) if self.env.main else 0)
         self._load_weights(read_checkpoint(self._ckpt(choice, "best")))
         return choice, results
 
-    def _export(self, choice: int) -> dict[str, Any]:
-        """``model.pt``: the chosen phase's best weights with inference temperatures fitted on the whole validation
-        split; ``gallery.npz`` beside it: the training images in that model's fused embedding space (retrieval
-        refinement). Returns the calibration and the exported model's validation metrics."""
+    def _export(self, choice: int, candidates: dict[int, dict[str, float]]) -> dict[str, Any]:
+        """``model.pt``: the chosen phase's best weights with every inference setting chosen on the whole validation
+        split (``selection.select_inference``: the calibration — kept only if it improves the selection metric —,
+        the hypotheses, the point estimator, the refinement) and the baselines' settings
+        (``selection.select_baselines``), all with their val scores in ``ckpt["selection"]`` and the chosen values
+        in its config's ``inference``; beside it ``gallery.npz`` (the training images in the model's fused space,
+        for refinement) and ``knn_gallery.npz`` (their encoder features, for the kNN baseline), both tied to
+        model.pt's sha256. Returns the selection record and the classifier's val metrics at the chosen settings."""
         model_path = self.run_dir / "model.pt"
         ckpt = read_checkpoint(self._ckpt(choice, "best"))
-        val = self.val_data if choice < 2 else encode_features(
+        val = self.val_data if choice < 2 else encode_features(  # phase 2: every rank encodes its share
             self.encoder, self.val_table, self.paths.root, self.cfg, self.device, self.amp_dtype,
-            failures=self.read_failures)
+            failures=self.read_failures, env=self.env)
         train = self.train_data if choice < 2 else encode_features(
             self.encoder, self.train_table, self.paths.root, self.cfg, self.device, self.amp_dtype,
-            failures=self.read_failures)
+            failures=self.read_failures, env=self.env)
+        if not self.env.main:
+            return {}
         assert val is not None and train is not None
         self.heads.eval()
-        calibration = fit_calibration(self.heads, fused_embeddings(self.heads, val, self.device),
-                                      val.labels["cell_id"].to(self.device), self.cfg.inference.prior_correction)
-        ckpt["heads"] = {k: v.detach().cpu() for k, v in self.heads.state_dict().items()}
-        ckpt["calibration"] = calibration
-        ckpt["config"] = self.cfg.to_dict()  # this run's inference settings (not part of a phase's fingerprint)
+        t_lat, t_lon = train.labels["lat"].double().numpy(), train.labels["lon"].double().numpy()
+        v_lat, v_lon = val.labels["lat"].double().numpy(), val.labels["lon"].double().numpy()
+        gallery = Gallery.from_arrays(fused_embeddings(self.heads, train, self.device).cpu(), t_lat, t_lon,
+                                      train.labels["cell_id"].numpy(), self.cells.n_cells)
+        inf = self.cfg.inference
+        record = select_inference(self.heads, fused_embeddings(self.heads, val, self.device),
+                                  val.labels["cell_id"].to(self.device), v_lat, v_lon, gallery, inf.mode_radius_km,
+                                  inf.prior_correction)
+        train_knn, val_knn = knn_features(train.clip, train.scene), knn_features(val.clip, val.scene)
+        record["baselines"] = select_baselines(t_lat, t_lon, train.labels["province_id"].numpy(), train_knn, val_knn,
+                                               v_lat, v_lon, record.pop("val_pred_province"))
+        record["checkpoint"] = {"criterion": SELECTION[max(choice, 1)][0], "phase": choice, "candidates": {
+            str(k): {m: v.get(m) for m in ("val_joint_nll", "val_median_km", "val_acc_25km")}
+            for k, v in sorted(candidates.items())}}
+        cfg = dataclasses.replace(self.cfg, inference=dataclasses.replace(inf, **record["inference"]))
+        ckpt["heads"] = {k: v.detach().cpu() for k, v in self.heads.state_dict().items()}  # chosen temperatures
+        ckpt["calibration"] = record["calibration"]
+        ckpt["selection"] = record
+        ckpt["config"] = cfg.to_dict()  # the val-chosen inference settings (not part of a phase's fingerprint)
         save_checkpoint(model_path, ckpt)
-        gallery = Gallery.from_arrays(fused_embeddings(self.heads, train, self.device).cpu(),
-                                      train.labels["lat"].double().numpy(), train.labels["lon"].double().numpy(),
-                                      train.labels["cell_id"].numpy(), self.cells.n_cells, file_sha256(model_path))
+        sha = file_sha256(model_path)
+        gallery.model_sha256 = sha
         gallery.save(self.run_dir / GALLERY_FILE)
+        Gallery.from_arrays(train_knn, t_lat, t_lon, train.labels["cell_id"].numpy(), self.cells.n_cells,
+                            sha).save(self.run_dir / KNN_GALLERY_FILE)
         with self.phase_threads(choice):
-            metrics = validate(self.heads, val, self.loss_ctx, self.cfg, self.device, choice)
-        self.log(f"exported {model_path} (phase {choice}): calibration {calibration}; gallery of {len(gallery)} "
-                 f"training images")
-        return {"calibration": calibration, **metrics}
+            metrics = validate(self.heads, val, self.loss_ctx, cfg, self.device, choice)
+        self.log(f"exported {model_path} (phase {choice}): chosen on val by '{record['rule']}': "
+                 f"{record['inference']}, calibration kept: {record['calibration']['kept']}; val median "
+                 f"{record['val']['median_km']:.1f} km, within 25 km {record['val']['acc_25km']:.3f}; gallery of "
+                 f"{len(gallery)} training images")
+        return {"calibration": record["calibration"],
+                "selection": {**{k: record[k] for k in ("rule", "inference", "classifier_val", "val", "checkpoint")},
+                              "choices": setting_scores(record["candidates"]),
+                              "baselines": {k: {kk: vv for kk, vv in v.items() if kk not in ("points", "point")}
+                                            for k, v in record["baselines"]["chosen"].items()}},
+                **metrics}
 
     def _summary(self, phase_info: dict[str, Any]) -> dict[str, Any]:
         model_path = self.run_dir / "model.pt"
-        choice, results = self._choose_final() if self.env.main else (max(self.cfg.run_phases), {})
-        if self.env.main:
-            results[choice] = self._export(choice)
+        choice, results = self._choose_final()  # every rank: phase 2's candidates encode val together
+        final: dict[str, Any] = {"phase": choice}
+        final.update(self._export(choice, results))  # every rank encodes; rank 0 writes ({} elsewhere)
         best_rows = {}
         for k, info in phase_info.items():
             rows = [h for h in self.history if h["phase"] == int(k) and h["epoch"] == info["epoch"]]
             best_rows[k] = rows[-1] if rows else {}
-        final = {"phase": choice, **results.get(choice, {})}
         summary = {
             "model": str(model_path), "run_dir": str(self.run_dir), "preset": self.cfg.preset,
             "device": str(self.device), "world_size": self.env.world, "precision": self.precision,
@@ -665,7 +893,8 @@ class Trainer:
             "baselines": majority_baselines(self.train_table, self.val_table, self.cells.center_lat,
                                             self.cells.center_lon),
             "phases": phase_info, "best_rows": best_rows, "final": final,
-            "final_candidates": {str(k): v.get("val_median_km") for k, v in results.items()},
+            # like with like: every candidate uncalibrated, default inference settings, the whole val split
+            "final_candidates": {str(k): v.get(SELECTION[max(k, 1)][0]) for k, v in sorted(results.items())},
             "parameters": {"heads": count_params(self.heads), "encoders": count_params(self.encoder)},
         }
         if self.env.main:

@@ -1,4 +1,5 @@
-"""The ``geopak`` command line: label coordinates, predict locations, sweep dead runs (``geopak runs sweep``)."""
+"""The ``geopak`` command line: label coordinates, predict locations, print the latest evaluation (``geopak
+report``), sweep dead runs (``geopak runs sweep``)."""
 
 from __future__ import annotations
 
@@ -106,6 +107,21 @@ def _runs_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report(args: argparse.Namespace) -> int:
+    """Print the latest evaluation's report (its tables, with the commit and date it came from), or its record."""
+    from pipeline.evaluation.record import RECORD_FILE, latest_evaluation
+
+    paths = _data_paths(args.data_root)
+    found = latest_evaluation(paths.evaluation_dir, args.run_name)
+    if found is None:
+        print(f"error: no evaluation under {paths.evaluation_dir} (run the main job: make run)", file=sys.stderr)
+        return 2
+    print((found / (RECORD_FILE if args.json else "report.md")).read_text().rstrip())
+    if not args.json:
+        print(f"\n(from {found})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="geopak", description="GeoPak: image geolocation pipeline for Pakistan")
     sub = p.add_subparsers(dest="command", required=True)
@@ -122,11 +138,20 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--weights-dir", default=None,
                     help="folder of encoder weights files the model's config names by relative path, as training "
                          "found them (default: <data root>/weights)")
-    pr.add_argument("--top-provinces", type=int, default=None, help="provinces in the mixture (default: 2)")
-    pr.add_argument("--top-cells", type=int, default=None, help="cells per province in the mixture (default: 5)")
+    pr.add_argument("--top-provinces", type=int, default=None,
+                    help="provinces in the mixture (default: the value chosen on val, in the checkpoint)")
+    pr.add_argument("--top-cells", type=int, default=None,
+                    help="cells per province in the mixture (default: the value chosen on val, in the checkpoint)")
     pr.add_argument("--batch-size", type=int, default=32)
     pr.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     pr.set_defaults(func=_predict)
+    rep = sub.add_parser("report", help="print the latest evaluation's tables with the commit and date they came "
+                                        "from (the only source of the model's figures)")
+    rep.add_argument("--data-root", default=None,
+                     help="data root (default: $GEOPAK_DATA_ROOT, else the repository's data/)")
+    rep.add_argument("--run-name", default=None, help="only evaluations of this model run (default: any)")
+    rep.add_argument("--json", action="store_true", help="print the machine-readable evaluation.json instead")
+    rep.set_defaults(func=_report)
     runs = sub.add_parser("runs", help="Dagster runs of this instance")
     runs_sub = runs.add_subparsers(dest="runs_command", required=True)
     sweep = runs_sub.add_parser("sweep", help="mark runs whose process is gone failed and free their pool slots; "

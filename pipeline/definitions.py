@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dagster as dg
 
-from pipeline.defs import automation, crawl, evaluation, filtering, geocells, ingest, labels, model
+from pipeline.defs import automation, crawl, evaluation, filtering, geocells, ingest, labels, model, shards
 from pipeline.defs.crawl import SOURCE_OF_ASSET, crawl_resources
 from pipeline.defs.executors import multiprocess_sweeping_executor
 from pipeline.defs.jobs import JOBS
@@ -30,7 +30,7 @@ def source_reasons() -> dict[str, str | None]:
     return reasons
 
 
-assets = dg.load_assets_from_modules([ingest, filtering, labels, geocells, model, evaluation, crawl])
+assets = dg.load_assets_from_modules([ingest, filtering, labels, geocells, shards, model, evaluation, crawl])
 assets = automation.with_automation_conditions(with_source_status(with_ownership(assets), source_reasons()))
 
 defs = dg.Definitions(

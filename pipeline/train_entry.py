@@ -19,7 +19,9 @@ command runs standalone (no Pipes environment: nothing is reported, the trainer 
   second of its parent's death (a SIGKILLed step), and torchrun's workers end with the agent the same way.
   A run terminated from Dagster reaches the agent as SIGINT (``PipesSubprocessClient`` forwards it); torchrun
   then stops its workers (SIGINT, SIGKILL after 30 s).
-* ``--timeout-s``: after that long this process interrupts itself (same path as a cancel).
+* ``--timeout-s``: after that long this process interrupts itself (same path as a cancel); if it is still there
+  ``KILL_GRACE_S`` later (a rank stuck in a collective, a data loader that never joins), it kills itself, and
+  its torchrun workers follow it. So the step's wait on this process (Pipes waits without a limit) ends too.
 """
 
 from __future__ import annotations
@@ -31,11 +33,13 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 EPOCH_MESSAGE = "epoch"  # the ``kind`` of the per-epoch custom Pipes message
+KILL_GRACE_S = 120.0  # after the interrupt at --timeout-s: time to save and stop before SIGKILL
 
 
 def _plain(row: dict[str, Any]) -> dict[str, Any]:
@@ -106,13 +110,19 @@ def run_torchrun(torchrun_args: list[str], trainer_args: list[str]) -> int:
     return 0
 
 
-def _interrupt_after(seconds: float, log: Callable[[str], None]) -> threading.Timer:
-    def fire() -> None:
-        log(f"geopak: training ran past its {seconds:g} s limit: interrupting it")
-        os.kill(os.getpid(), signal.SIGINT)
+def _interrupt_after(seconds: float, log: Callable[[str], None], grace_s: float = KILL_GRACE_S) -> threading.Thread:
+    """Interrupt this process after ``seconds`` (SIGINT, as a cancel); kill it if it has not ended ``grace_s``
+    after that."""
 
-    timer = threading.Timer(seconds, fire)
-    timer.daemon = True
+    def fire() -> None:
+        time.sleep(seconds)
+        log(f"geopak: training ran past its {seconds:g} s limit (timeout_s): interrupting it")
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(grace_s)
+        log(f"geopak: training did not stop within {grace_s:g} s of the interrupt: killing it (pid {os.getpid()})")
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    timer = threading.Thread(target=fire, name="geopak-train-time-limit", daemon=True)
     timer.start()
     return timer
 

@@ -246,14 +246,15 @@ def unique_jpeg(name: str, size: int = 24) -> bytes:
     return data
 
 
-def image_routes(server: FakeServer, prefix: str = "/img/", missing: set[str] = frozenset()) -> None:
-    """``GET <prefix><name>`` → a unique JPEG for ``name`` (404 for names in ``missing``)."""
+def image_routes(server: FakeServer, prefix: str = "/img/", missing: set[str] = frozenset(),
+                 jpeg: Callable[[str], bytes] = unique_jpeg) -> None:
+    """``GET <prefix><name>`` → ``jpeg(name)``, by default a tiny unique JPEG (404 for names in ``missing``)."""
 
     def handle(req: Request) -> Reply:
         name = req.path[len(prefix):]
         if name in missing:
             return Reply(404, b"<html>gone</html>", "text/html")
-        return Reply(200, unique_jpeg(name), "image/jpeg")
+        return Reply(200, jpeg(name), "image/jpeg")
 
     server.route("GET", prefix, handle)
 
@@ -295,14 +296,14 @@ def _naive(text: str) -> float:
 
 
 def flickr_routes(server: FakeServer, photos: list[FlickrPhoto], api_key: str, cap: int = 4000,
-                  getinfo: bool = True) -> None:
+                  getinfo: bool = True, jpeg: Callable[[str], bytes] = unique_jpeg) -> None:
     """``POST /services/rest/`` flickr.photos.search (bbox, taken dates, paging, ``total``, the 4,000 cap) and
     flickr.photos.licenses.getInfo (the recorded 2025 list), and ``GET /flickr-img/<id>.jpg``. Checks the OAuth
     consumer key flickrapi puts in the Authorization header. Keys and value types follow the recordings in
     tests/data/recorded/flickr (tests/test_recorded_flickr.py checks it): the envelope's numbers and ``farm``,
     ``ispublic``... as numbers (Flickr's JSON), every other attribute as text (Flickr's JSON format page: "Element
     attributes are represented by an object member with a string value"). ``getinfo=False``: licenses.getInfo
-    answers "method not found", as a service without it would."""
+    answers "method not found", as a service without it would. ``jpeg(name)``: the image bytes served."""
     ids = np.array([p.id for p in photos])
     lat = np.array([p.lat for p in photos])
     lon = np.array([p.lon for p in photos])
@@ -343,7 +344,7 @@ def flickr_routes(server: FakeServer, photos: list[FlickrPhoto], api_key: str, c
                                       "photo": out}, "stat": "ok"})
 
     server.route("POST", "/services/rest/", search)
-    image_routes(server, "/flickr-img/")
+    image_routes(server, "/flickr-img/", jpeg=jpeg)
     assert len(set(ids.tolist())) == len(ids), "photo ids must be unique"
 
 

@@ -166,3 +166,14 @@ def _cells(labelled: pd.DataFrame, want: pd.DataFrame) -> pd.DataFrame:
     cells["local_id"] = cells.groupby("province_id").cumcount().astype(np.int64)
     cells["cell_id"] = np.arange(len(cells), dtype=np.int64)
     return cells.reset_index(drop=True)
+
+
+def with_test_split(paths: DataPaths) -> DataPaths:
+    """Move the second image of every cell from train to a test split (the builder makes train/val only)."""
+    splits = pd.read_parquet(paths.splits)
+    labelled = pd.read_parquet(paths.labelled)
+    assign = pd.read_parquet(paths.cell_assignments)
+    order = labelled.merge(assign[["image_id", "cell_id"]], on="image_id").groupby("cell_id").cumcount()
+    splits.loc[(order == 1).to_numpy() & (splits["split"] == "train").to_numpy(), "split"] = "test"
+    splits.to_parquet(paths.splits)
+    return paths

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 
@@ -17,6 +18,7 @@ from pipeline.sources.crawl_state import DONE, FAILED, PENDING, REJECTED, CrawlS
 from pipeline.sources.http import (
     ApiSession,
     BadImage,
+    BodyTooSlow,
     Fetched,
     HttpSettings,
     HttpStats,
@@ -225,3 +227,35 @@ def test_crawl_state_is_transactional_and_idempotent(tmp_path):
         assert set(items.index) == {"p1", "p2"} and items.loc["p1", "status"] == DONE
         assert not st.has_units()
         assert PENDING not in st.counts()["units"]
+
+
+def test_a_body_that_trickles_is_cut_off_at_its_deadline():
+    """Each read gets a byte within the per-read timeout, so only the whole-body deadline ends the download; the
+    error is transient (retried as a timeout)."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def trickle() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.recv(65536)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: image/jpeg\r\nContent-Length: 100000\r\n\r\n")
+            end = time.monotonic() + 5.0  # then the connection closes: a reader without a deadline sees a cut body
+            while not stop.wait(0.05) and time.monotonic() < end:
+                try:
+                    conn.sendall(b"x")
+                except OSError:
+                    return
+
+    server = threading.Thread(target=trickle, daemon=True)
+    server.start()
+    session = ApiSession(timeout_s=2, body_deadline_s=0.5)
+    start = time.monotonic()
+    try:
+        with pytest.raises(BodyTooSlow, match="incomplete after 0.5 s") as caught:
+            fetch_url(session, f"http://127.0.0.1:{listener.getsockname()[1]}/img.jpg", 10**6)
+    finally:
+        stop.set()
+        listener.close()
+    assert time.monotonic() - start < 5
+    assert classify(caught.value) == ("timeout", None)

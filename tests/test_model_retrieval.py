@@ -67,3 +67,110 @@ def test_nearest_neighbour_is_cosine_in_blocks():
     g = torch.randn(50, 8)
     q = g[[3, 17, 42]] * 5.0 + 0.01 * torch.randn(3, 8)  # scale does not matter for cosine
     assert nearest_neighbour(q, g, batch=2).tolist() == [3, 17, 42]
+
+
+# --- batched refinement against the per-query loop it replaced (issue 22.4) ---------------------------------------
+def _per_query_loop():
+    """The loop before issue 22, kept verbatim in bench/bench_refine.py (the bench times the two against each
+    other; here they must give the same answers)."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("bench_refine", Path(__file__).parents[1] / "bench" / "bench_refine.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _clustered(n: int, dim: int, seed: int, dup_rows: int = 0) -> tuple[Gallery, Prediction, torch.Tensor]:
+    """Photos around 40 towns in Pakistan plus a sparse scatter; queries near gallery images, one far away (no
+    candidates) and one in the scatter (fewer candidates than neighbours); ``dup_rows`` near-copies of one row (a
+    dense top: many cosines within the fast product's error of each other)."""
+    rng = np.random.default_rng(seed)
+    towns = np.column_stack([rng.uniform(24.5, 36.0, 40), rng.uniform(62.0, 76.0, 40)])
+    which = rng.integers(0, 40, n)
+    lat, lon = towns[which, 0] + rng.normal(0, 0.2, n), towns[which, 1] + rng.normal(0, 0.2, n)
+    lat[: n // 20], lon[: n // 20] = rng.uniform(24, 37, n // 20), rng.uniform(61, 77, n // 20)
+    emb = torch.from_numpy(rng.standard_normal((n, dim), dtype=np.float32))
+    emb[n // 2: n // 2 + dup_rows] = emb[n // 2] + 1e-3 * torch.randn(dup_rows, dim)
+    lat[n // 2: n // 2 + dup_rows], lon[n // 2: n // 2 + dup_rows] = lat[n // 2], lon[n // 2]
+    bench = _per_query_loop()
+    g = Gallery.from_arrays(emb, lat, lon, rng.integers(0, 300, n), 300)
+    pred, e = bench.random_queries(g, 40, seed=seed + 1)
+    pred.lat[0], pred.lon[0] = 5.0, 40.0  # nothing within reach
+    pred.lat[1], pred.lon[1] = float(lat[0]), float(lon[0])  # in the sparse scatter
+    if dup_rows:
+        pred.lat[2], pred.lon[2] = float(lat[n // 2]), float(lon[n // 2])
+        e[2] = g.emb[torch.nonzero(g.lat == float(lat[n // 2]))[0, 0]].float()
+    return g, pred, e
+
+
+@pytest.mark.parametrize("radius,neighbours,temperature", [(100.0, 16, 0.1), (50.0, 4, 0.03), (200.0, 64, 0.3)])
+def test_batched_refinement_gives_the_per_query_loops_answers(radius, neighbours, temperature):
+    g, pred, e = _clustered(6000, 48, seed=3, dup_rows=300)
+    old = _per_query_loop().refine_per_query(pred, e, g, radius, neighbours, temperature)
+    new = refine(pred, e, g, radius, neighbours, temperature)
+    split = refine(pred, e, g, radius, neighbours, temperature, batch=7)  # batches of the batch
+    for got in (new, split):
+        # the cosines are float32 sums in another order (~1e-7), which moves a softmax(cos / T) weighted mean by
+        # far less than a metre; another neighbour or cluster would move it by kilometres
+        assert float((got[0] - old[0]).abs().max()) < 1e-6 and float((got[1] - old[1]).abs().max()) < 1e-6
+    assert (float(new[0][0]), float(new[1][0])) == (5.0, 40.0)  # no candidate: the classifier's estimate stands
+    assert got[0].dtype == torch.float64 and got[0].device.type == "cpu"
+
+
+def test_fast_product_bound_holds_and_more_candidates_are_fetched_when_needed(monkeypatch):
+    """The exact re-scoring is only exact if |fast − exact| stays within ``error_bound``; and near-copies (a top
+    denser than that bound) make the first 4 × neighbours candidates too few, so a second pass fetches more."""
+    from geopak_model import retrieval
+
+    g, pred, e = _clustered(3000, 48, seed=5, dup_rows=400)
+    index = g.index_on("cpu")
+    q = torch.nn.functional.normalize(e.float(), dim=1)
+    fast = (q.to(index.fast.dtype) @ index.fast.T).float()
+    exact = index.emb.float() @ q.T
+    eps, u = index.error_bound(q)
+    assert bool(((fast - exact.T).abs() <= eps + u * fast.abs()).all())
+    calls: list[int] = []
+    real = retrieval._top_candidates
+    monkeypatch.setattr(retrieval, "_top_candidates", lambda *a: calls.append(a[-1]) or real(*a))
+    old = _per_query_loop().refine_per_query(pred, e, g, 100.0, 16, 0.1)
+    new = refine(pred, e, g, 100.0, 16, 0.1)
+    assert len(calls) >= 2 and calls[1] == 2 * calls[0]
+    assert float((new[0] - old[0]).abs().max()) < 1e-6 and float((new[1] - old[1]).abs().max()) < 1e-6
+
+
+def test_float32_products_and_the_radius_edge_match_the_loop(monkeypatch):
+    """Without native bf16 the fast product is float32; gallery images 0.4 m inside and outside the radius are
+    decided by the loop's own haversine test."""
+    from geopak_model import retrieval
+    from geopak_model.geo import KM_PER_DEG_LAT
+
+    monkeypatch.setattr(retrieval, "_approx_dtype", lambda device: torch.float32)
+    g, pred, e = _clustered(2000, 32, seed=7)
+    lat0 = float(pred.lat[5])
+    edge = torch.tensor([lat0 + (100.0 - 4e-4) / KM_PER_DEG_LAT, lat0 + (100.0 + 4e-4) / KM_PER_DEG_LAT],
+                        dtype=torch.float64)
+    emb = torch.cat((g.emb.float(), e[5:6].repeat(2, 1)))  # the query's twins: they win whenever they count
+    g2 = Gallery.from_arrays(emb, torch.cat((g.lat, edge)).numpy(), torch.cat((g.lon, pred.lon[5:6].double().repeat(2))).numpy(),
+                             torch.cat((g.cell_id, torch.tensor([0, 0]))).numpy(), 300)
+    d = haversine_km(pred.lat[5].double(), pred.lon[5].double(), edge, pred.lon[5:6].double().repeat(2))
+    assert float(d[0]) <= 100.0 < float(d[1])
+    assert g2.index_on("cpu").fast.dtype == torch.float32
+    old = _per_query_loop().refine_per_query(pred, e, g2)
+    new = refine(pred, e, g2)
+    assert float((new[0] - old[0]).abs().max()) < 1e-6 and float((new[1] - old[1]).abs().max()) < 1e-6
+
+
+def test_exact_matmul_settings_on_cuda_are_restored():
+    """On CUDA refinement turns TF32 and bf16 partial sums off while it runs and restores them (flags only: no
+    GPU needed to check them)."""
+    from geopak_model.retrieval import _ieee_matmul
+
+    m = torch.backends.cuda.matmul
+    before = m.fp32_precision, m.allow_bf16_reduced_precision_reduction
+    with _ieee_matmul(torch.device("cuda")):
+        assert (m.fp32_precision, m.allow_bf16_reduced_precision_reduction) == ("ieee", False)
+    assert (m.fp32_precision, m.allow_bf16_reduced_precision_reduction) == before
+    with _ieee_matmul(torch.device("cpu")):
+        assert (m.fp32_precision, m.allow_bf16_reduced_precision_reduction) == before

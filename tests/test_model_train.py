@@ -50,11 +50,13 @@ def test_all_phases_metrics_and_selection(trained):
                     "oracle_val_median_km", "val_top1_median_km"):
             assert key in r and r[key] == r[key], key  # present, not NaN
     assert rows[2]["offset_weight"] == pytest.approx(1 / 3) and rows[4]["offset_weight"] == 1.0
-    # best phase-1 epoch is the one with the lowest END-TO-END median, not the oracle one
+    # best phase-1 epoch: the lowest val NLL of the true cell under the inference distribution (not the noisy
+    # median, never the oracle error)
     p1 = [r for r in rows if r["phase"] == 1]
-    best = min(p1, key=lambda r: r["val_median_km"])
-    assert summary["phases"]["1"]["epoch"] == best["epoch"] and summary["phases"]["1"]["metric"] == "val_median_km"
-    assert summary["phases"]["0"]["metric"] == "val_province_acc"
+    best = min(p1, key=lambda r: r["val_joint_nll"])
+    assert summary["phases"]["1"]["epoch"] == best["epoch"] and summary["phases"]["1"]["metric"] == "val_joint_nll"
+    assert summary["phases"]["0"]["metric"] == "val_province_nll"
+    assert summary["class_weights"] == [1.0] * 7  # one rebalancing mechanism: the sampler, no class weights
     b = summary["baselines"]
     assert 0 < b["majority_province_acc"] < 1 and "majority_cell_acc" in b and "majority_cell_centre_median_km" in b
     assert summary["train_images"] + summary["val_images"] == 56 and summary["cells"] == 14
@@ -70,13 +72,16 @@ def test_checkpoints_load_weights_only_and_predict(trained):
         assert isinstance(ckpt["config"], dict) and "center_lat" in ckpt["cells"]
     assert read_checkpoint(run / "phase1_best.pt")["encoder"] is None  # frozen: rebuilt and checked by id
     assert read_checkpoint(run / "phase2_best.pt")["encoder"] is not None  # phase 2 tuned the encoders
-    # model.pt: the better of the phase-1 and phase-2 bests on the whole val split
+    # model.pt: the better of the phase-1 and phase-2 bests on the whole val split, both uncalibrated, on val NLL
     cands = {int(k): v for k, v in summary["final_candidates"].items()}
     assert set(cands) == {1, 2} and summary["final"]["phase"] == min(cands, key=cands.get)
     assert read_checkpoint(run / "model.pt")["phase"] == summary["final"]["phase"]
     assert summary["final"]["val_images"] == summary["val_images"]
     model, cfg2 = load_model(run / "model.pt")
-    assert cfg2.to_dict() == cfg.to_dict()
+    chosen = read_checkpoint(run / "model.pt")["selection"]["inference"]
+    assert {k: v for k, v in cfg2.to_dict().items() if k != "inference"} == \
+        {k: v for k, v in cfg.to_dict().items() if k != "inference"}
+    assert {k: getattr(cfg2.inference, k) for k in chosen} == chosen  # the val-chosen settings are the config's
     labelled = __import__("pandas").read_parquet(root / "labels" / "labelled_catalog.parquet").head(3)
     x = torch.stack([eval_view(load_image(root / p), cfg.encoder.image_size) for p in labelled["path"]])
     with torch.no_grad():
@@ -84,13 +89,22 @@ def test_checkpoints_load_weights_only_and_predict(trained):
         pred = mixture_predict(model.heads, model.heads.fuse(c, s)[0])
     assert pred.lat.shape == (3,) and torch.isfinite(pred.lat).all()
     assert ((pred.lat > 20) & (pred.lat < 40)).all()
-    # model.pt carries inference temperatures fitted on val; the gallery beside it is tied to its bytes
+    # model.pt carries temperatures fitted on val, used only if they won on val; the galleries beside it are tied
+    # to its bytes
     final = read_checkpoint(run / "model.pt")
     cal = final["calibration"]
     assert cal["val_cell_nll_calibrated"] <= cal["val_cell_nll_uncalibrated"] + 1e-9
-    assert float(final["heads"]["cell_calibration"]) == pytest.approx(cal["cell_temperature"])
+    used = cal["cell_temperature"] if cal["kept"] else 1.0
+    assert float(final["heads"]["cell_calibration"]) == pytest.approx(used) == cal["cell_temperature_used"]
+    sel = final["selection"]
+    assert all("val_median_km" in r and "val_acc_25km" in r for r in sel["candidates"])
+    assert sum(r["chosen"] for r in sel["candidates"]) == 2  # one classifier setting, one refinement setting
+    assert {"knn", "province_median", "province_cluster", "global_median"} <= set(sel["baselines"]["chosen"])
+    assert sel["checkpoint"]["criterion"] == "val_joint_nll" and set(sel["checkpoint"]["candidates"]) == {"1", "2"}
     gallery = load_gallery_for(run / "model.pt")
     assert gallery is not None and len(gallery) == summary["train_images"]
+    knn = load_gallery_for(run / "model.pt", "knn_gallery.npz")
+    assert knn is not None and len(knn) == summary["train_images"]
     predictor = GeopakPredictor.from_checkpoint(run / "model.pt", device="cpu")
     out = predictor.predict(root / labelled["path"].iloc[0])
     assert predictor.gallery is not None and 20 < out["refined_lat"] < 40

@@ -18,22 +18,25 @@ def test_collective_device_per_backend() -> None:
     assert collective_device("gloo", 3) == torch.device("cpu")
 
 
-def test_setup_runtime_nccl_rank_carries_its_cuda_device(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A torchrun rank on CUDA (faked: no GPU here) gets a DistEnv whose collectives run on cuda:LOCAL_RANK."""
+@pytest.mark.parametrize("world,local", [(2, 1), (1, 0)])
+def test_setup_runtime_nccl_rank_carries_its_cuda_device(monkeypatch: pytest.MonkeyPatch, world: int,
+                                                         local: int) -> None:
+    """A torchrun rank on CUDA (faked: no GPU here) gets a DistEnv whose collectives run on cuda:LOCAL_RANK, at
+    world size 1 too (``torchrun --nproc_per_node=1``: NCCL on one GPU, as with several)."""
     calls: dict[str, object] = {}
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    monkeypatch.setenv("LOCAL_RANK", str(local))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.setdefault("set_device", d))
     monkeypatch.setattr(dist, "is_initialized", lambda: False)
     monkeypatch.setattr(dist, "init_process_group", lambda backend: calls.setdefault("backend", backend))
-    monkeypatch.setattr(dist, "get_rank", lambda: 1)
-    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(dist, "get_rank", lambda: local)
+    monkeypatch.setattr(dist, "get_world_size", lambda: world)
     monkeypatch.setattr(dist, "get_backend", lambda *a: "nccl")
     env, device = setup_runtime("auto")
-    assert calls == {"set_device": 1, "backend": "nccl"}
-    assert device == torch.device("cuda", 1) and env.device == torch.device("cuda", 1)
-    assert (env.rank, env.world) == (1, 2)
+    assert calls == {"set_device": local, "backend": "nccl"}
+    assert device == torch.device("cuda", local) and env.device == torch.device("cuda", local)
+    assert (env.rank, env.world) == (local, world)
 
 
 def test_mean_reduces_on_the_group_device(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -60,3 +63,33 @@ def test_mean_reduces_on_the_group_device(monkeypatch: pytest.MonkeyPatch) -> No
     assert DistEnv(0, 2).mean({"b": 3.0, "a": 1.5}) == {"a": 1.5, "b": 3.0}
     assert seen[-1] == torch.device("cpu")
     assert train.DistEnv().device == torch.device("cpu")
+
+
+def test_setup_runtime_starts_a_group_at_world_size_one_under_torchrun(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``torchrun --nproc_per_node=1`` sets LOCAL_RANK: a real gloo group starts at world size 1 (before, none did,
+    and a one-GPU DDP step failed); the env still skips collectives at world size 1."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for k, v in {"LOCAL_RANK": "0", "RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                 "MASTER_PORT": str(port)}.items():
+        monkeypatch.setenv(k, v)
+    assert not dist.is_initialized()
+    env, device = setup_runtime("cpu")
+    try:
+        assert dist.is_initialized() and dist.get_backend() == "gloo" and dist.get_world_size() == 1
+        assert (env.rank, env.world, env.device, device) == (0, 1, torch.device("cpu"), torch.device("cpu"))
+        assert env.mean({"a": torch.tensor(2.0), "b": 1.0}) == {"a": 2.0, "b": 1.0}
+        assert env.broadcast_int(7) == 7
+    finally:
+        dist.destroy_process_group()
+
+
+def test_without_torchrun_no_group_is_started(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setattr(dist, "init_process_group", lambda *a, **k: pytest.fail("no group without torchrun"))
+    env, device = setup_runtime("cpu")
+    assert (env.world, device) == (1, torch.device("cpu"))

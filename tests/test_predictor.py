@@ -16,20 +16,14 @@ from geopak_model.predictor import GeopakPredictor, ImageLoadError
 from pipeline.cli import main as cli_main
 from pipeline.core.gazetteer import haversine_km
 from pipeline.evaluation.report import ACC_KM, baseline_verdict, evaluate
-from tests.model_world import build_world
+from tests.model_world import build_world, with_test_split
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("world")
-    paths = build_world(root, per_cell=4, size=40)
-    splits = pd.read_parquet(paths.splits)
+    paths = with_test_split(build_world(root, per_cell=4, size=40))  # one image per cell goes to test
     labelled = pd.read_parquet(paths.labelled)
-    assign = pd.read_parquet(paths.cell_assignments)
-    # one image per cell goes to a test split (the world builder makes train/val only)
-    order = labelled.merge(assign[["image_id", "cell_id"]], on="image_id").groupby("cell_id").cumcount()
-    splits.loc[(order == 1).to_numpy() & (splits["split"] == "train").to_numpy(), "split"] = "test"
-    splits.to_parquet(paths.splits)
     cells = CellTable.from_frames(pd.read_parquet(paths.geocells), pd.read_parquet(paths.geocell_neighbours))
     ckpt = save_untrained(paths.model_dir / "geopak" / "model.pt", preset("test-tiny", data_root=str(root)), cells)
     return paths, ckpt, labelled
@@ -125,14 +119,18 @@ def test_evaluate_metrics_by_hand():
     assert base["Köppen fine class accuracy"] == 0.0
     doy = "day of year, mean absolute error (days, circular; lower is better)"
     assert other[doy] == pytest.approx(15.25) and base[doy] == pytest.approx(10.0)  # 10 vs 360; 10 vs 20
-    # the verdict: 55.6 km median beats the kNN's 55.6? no: kNN is 0.5° off for everyone (55.6 km), pred's median
-    # is the mean of 0 and 111 km = 55.6: not strictly below, so GeoPak does not beat every baseline
+    # the verdict decides on paired bootstrap intervals of the differences: the kNN is 0.5° off for everyone
+    # (55.6 km) and pred's median is the mean of 0 and 111 km = 55.6, so resamples put the difference on both
+    # sides of zero: not distinguishable, and named
     verdict = baseline_verdict(rep)
-    assert not verdict["passed"] and "kNN" in verdict["table"]
+    assert not verdict["passed"] and "kNN" in verdict["decision"] and "not distinguishable" in verdict["decision"]
     df2 = df.assign(knn_lat=lat + 2.0)
-    assert baseline_verdict(evaluate(df2))["passed"] is False  # province median (11 km) still wins
+    v2 = baseline_verdict(evaluate(df2))
+    assert v2["passed"] is False and "worse than: predicted province" in v2["decision"]  # 11 km for everyone
     df3 = df2.assign(province_median_lat=lat + 2.0)
-    assert baseline_verdict(evaluate(df3))["passed"] is True
+    assert baseline_verdict(evaluate(df3))["passed"] is True  # 222 km for every baseline: every interval < 0
+    again = evaluate(df3)  # seeded: the same predictions give the same intervals
+    assert again.boot.interval("pred", "median_km") == evaluate(df3).boot.interval("pred", "median_km")
     assert int(rep.confusion.loc["punjab", "sindh"]) == 2
     assert set(rep.headline.columns) >= {f"acc_{k}km" for k in ACC_KM}
 
@@ -144,8 +142,14 @@ def test_evaluation_asset(world, boundaries_path):
     md = materialize_evaluation(paths.root, boundaries_path)
     assert md["test_images"].value == 14 and md["unreadable_images"].value == 0
     table = md["distance_errors"].value
-    assert "ORACLE" in table and "majority cell centre" in table and "kNN" in table and "predicted province" in table
+    assert "ORACLE" in table and "majority cell centre" in table and "predicted province" in table
+    assert "densest cluster" in table and "all training points" in table
+    assert "[" in table  # every figure with its interval
+    # an untrained checkpoint has no val selection and no kNN gallery: the report says so, it does not guess
+    assert "no val selection record" in md["val: Settings chosen on val"].value
+    assert "kNN" not in table and "no knn_gallery.npz" in md["val: Settings of every method"].value
     assert "baseline_comparison" in md and isinstance(md["beats_every_baseline"].value, bool)
+    assert md["test_image_reads"].value == md["test_images"].value  # each test image read once
     assert "evaluation_error_cdf.preview.png" in md["error_cdf"].value
     html_path = md["report_html"].value
     text = open(html_path).read()

@@ -17,7 +17,7 @@ from pathlib import Path
 import dagster as dg
 
 from pipeline.cli import main as geopak
-from pipeline.defs.executors import in_process_sweeping_executor
+from pipeline.defs.executors import POOL_WAIT_ENV, in_process_sweeping_executor, multiprocess_sweeping_executor
 from pipeline.defs.run_hygiene import pool_holders
 from tests.process_support import wait_until
 
@@ -48,7 +48,25 @@ def next_job() -> None:
     quick()
 
 
-defs = dg.Definitions(jobs=[holder_job, next_job])
+@dg.job(executor_def=multiprocess_sweeping_executor)
+def next_job_multiprocess() -> None:
+    quick()
+
+
+defs = dg.Definitions(jobs=[holder_job, next_job, next_job_multiprocess])
+
+
+def _children(pid: int) -> list[int]:
+    """Live processes whose parent is ``pid`` (from /proc)."""
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            kids.append(int(stat.parent.name))
+    return kids
 
 
 def _execute(job: str, env: dict, **kw) -> subprocess.Popen:
@@ -130,3 +148,49 @@ def test_a_waiting_run_names_the_holder_and_goes_on_once_the_holder_is_killed(tm
         raise AssertionError("the waiting run never got the killed holder's slot:\n" + out.decode()[-3000:]) from None
     assert nxt.returncode == 0, out.decode()[-3000:]
     assert instance.get_run_by_id(run.run_id).status == dg.DagsterRunStatus.FAILURE
+
+
+def test_a_run_that_waits_on_a_live_holder_past_its_limit_fails_naming_it(tmp_path):
+    """No slot for 5 s (GEOPAK_POOL_WAIT_TIMEOUT_S): the waiting run ends FAILURE, in-process and multiprocess
+    alike, its event log names the pool and the run that holds it, and it leaves no process and no claim."""
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    (home / "dagster.yaml").write_text(INSTANCE_YAML)
+    ready = tmp_path / "ready"
+    env = {**os.environ, "DAGSTER_HOME": str(home), READY_ENV: str(ready)}
+    holder = _execute("holder_job", env)
+    waiters: list[subprocess.Popen] = []
+    try:
+        assert wait_until(lambda: ready.exists() or holder.poll() is not None, 90), "the holder never started"
+        instance = dg.DagsterInstance.from_config(str(home))
+        (held,) = instance.get_runs()
+        waiters = [_execute(job, {**env, POOL_WAIT_ENV: "5"}) for job in ("next_job", "next_job_multiprocess")]
+        for waiter in waiters:
+            try:
+                out, _ = waiter.communicate(timeout=120)
+            except subprocess.TimeoutExpired:
+                os.killpg(waiter.pid, signal.SIGKILL)
+                out, _ = waiter.communicate()
+                raise AssertionError("a run waited past its pool-wait limit:\n" + out.decode()[-3000:]) from None
+            assert waiter.returncode != 0, out.decode()[-3000:]
+            assert not _children(waiter.pid)
+        assert holder.poll() is None, "the holder is alive: nothing may have freed its slot"
+        for job in ("next_job", "next_job_multiprocess"):
+            (run,) = [r for r in instance.get_runs() if r.job_name == job]
+            assert run.status == dg.DagsterRunStatus.FAILURE
+            logs = instance.all_logs(run.run_id)
+            reason = [e.message for e in logs if "longer than this run allows" in (e.message or "")]
+            assert reason and "quick waited" in reason[0] and "pool test_pool" in reason[0], reason
+            assert held.run_id in reason[0] and "holder_job" in reason[0] and POOL_WAIT_ENV in reason[0]
+            (failure,) = [e for e in logs if e.dagster_event_type == dg.DagsterEventType.RUN_FAILURE]
+            error = failure.dagster_event.event_specific_data.error  # type: ignore[union-attr]
+            assert error is not None and held.run_id in error.message, failure
+        info = instance.event_log_storage.get_concurrency_info("test_pool")
+        assert [slot.run_id for slot in info.claimed_slots] == [held.run_id], "only the live holder holds it"
+        assert {step.run_id for step in info.pending_steps} == {held.run_id}, "a failed run left a pending claim"
+    finally:
+        for proc in [holder, *waiters]:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+            proc.stdout.close()  # type: ignore[union-attr]

@@ -165,12 +165,21 @@ def test_small_worlds_have_every_province():
     assert sum(counts.values()) == 40 and min(counts.values()) >= 3
 
 
-def test_province_imbalance_follows_geopak(big_plan):
+def test_province_mix_follows_the_census_population(big_plan):
+    """The mix is the stated proxy (census population), to within rounding and the defects that copy rows."""
+    from pipeline.core.provinces import CENSUS_POPULATION, population_shares
+
     counts = big_plan["province_key"].value_counts()
-    order = ["sindh", "punjab", "kpk", "ict", "balochistan", "gb", "ajk"]
+    order = ["punjab", "sindh", "kpk", "balochistan", "ajk", "ict", "gb"]  # by census population
+    assert order == sorted(CENSUS_POPULATION, key=CENSUS_POPULATION.get, reverse=True)
     values = [counts[k] for k in order]
-    assert values == sorted(values, reverse=True) and len(set(values)) == len(values)
-    assert sum(province_counts(5000).values()) == 5000
+    assert values == sorted(values, reverse=True)
+    assert counts["punjab"] > 2 * counts["sindh"]  # no longer "mostly Sindh" (GEOPAK's crawl: 70 %)
+    planned = province_counts(5000)
+    assert sum(planned.values()) == 5000
+    for key, share in population_shares().items():
+        assert abs(planned[key] - 5000 * share) <= 1, key
+    assert province_counts(5000) == planned  # deterministic
 
 
 def test_points_lie_in_their_province(big_plan):
@@ -339,14 +348,23 @@ PINNED = SampleWorldConfig(n_images=40, seed=3, image_size=96, defect_fraction=0
 # sha256 over the per-image sha256s of PINNED's 40 images (every defect code among them), computed from the
 # single-module sample_world.py before it was split into a package: the split must not change one byte.
 PINNED_DIGEST = "a35965c41a0d80f1cbc66fa5decb27b81e4865b7c0af81d1bb43bbb717710b32"
+# the same over PLAN_VERSION 2's placement (province mix from the census population); the renderer is unchanged,
+# which the first case shows by planning with GEOPAK's old mix and getting the old digest
+PINNED_DIGEST_CENSUS_MIX = "9b660cddc61a023f91ba6398ce62dc73a84fc523280de4331b0595df6653b35e"
 
 
-def test_rendered_images_are_byte_identical_to_before_the_split(tmp_path):
+@pytest.mark.parametrize("mix", ["geopak", "census"])
+def test_rendered_images_are_byte_identical_to_before_the_split(tmp_path, monkeypatch, mix):
+    from pipeline.core import provinces
+
+    if mix == "geopak":  # plan 1's province mix: the bytes pinned before the split
+        monkeypatch.setattr(provinces, "population_shares", provinces.imbalance_shares)
     store = ImageStore(tmp_path)
     manifest, truth = generate_sample_world(PINNED, store, workers=1)
     assert set(truth["defect"]) == {"", *DEFECT_CODES}
     digests = [hashlib.sha256((tmp_path / p).read_bytes()).hexdigest() for p in manifest["path"]]
-    assert hashlib.sha256("".join(digests).encode()).hexdigest() == PINNED_DIGEST
+    got = hashlib.sha256("".join(digests).encode()).hexdigest()
+    assert got == (PINNED_DIGEST if mix == "geopak" else PINNED_DIGEST_CENSUS_MIX)
 
 
 class _CountingBoundaries:

@@ -11,6 +11,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from pipeline.core.shards import ShardSet
 from pipeline.defs.jobs import MAIN_JOB
 
 REPO = Path(__file__).resolve().parents[1]
@@ -40,6 +41,12 @@ def test_dagster_job_execute_main_job(tmp_path):
     assigned = pd.read_parquet(data / "geocells" / "assignments.parquet")
     assert len(cells) > 0 and set(assigned["image_id"]) == set(labelled["image_id"])
     assert (data / "model" / "geopak" / "model.pt").is_file()
+    # the image shards (issue 22): every train/val/test image once, the datasheet beside them
+    shards = ShardSet.find(data)
+    splits = pd.read_parquet(data / "splits" / "splits.parquet")
+    kept = splits[splits["split"].isin(["train", "val", "test"])]
+    assert sorted(shards.index()["key"]) == sorted(kept["image_id"]) and shards.urls("train")
+    assert "synthetic sample world** (entirely)" in (data / "shards" / "DATASHEET.md").read_text()
     reports = list((data / "evaluation").glob("*/report.html"))
     assert len(reports) == 1 and "ORACLE" in reports[0].read_text()
     assert list(home.glob("history/runs.db")) or list(home.glob("storage/**")), "run history kept in DAGSTER_HOME"

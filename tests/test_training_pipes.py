@@ -17,6 +17,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import dagster as dg
@@ -172,3 +173,15 @@ def test_sigkilled_step_takes_torchrun_and_its_workers_along(tmp_path):
     gone = wait_until(lambda: not any(running(p) for p in pids), 20)
     left = _reap(pids)
     assert gone and not left, f"outlived the killed step: {left}"
+
+
+def test_a_trainer_that_ignores_its_time_limit_is_killed():
+    """Past ``--timeout-s`` the trainer is interrupted; one that does not stop (SIGINT ignored here, as a rank stuck
+    in a collective) is killed after the grace time, so the step's wait on it ends."""
+    code = ("import signal, sys, time\nfrom pipeline.train_entry import _interrupt_after\n"
+            "signal.signal(signal.SIGINT, signal.SIG_IGN)\n"
+            "_interrupt_after(0.5, lambda m: print(m, file=sys.stderr, flush=True), grace_s=1.0)\ntime.sleep(60)\n")
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=30)
+    assert proc.returncode == -signal.SIGKILL and time.monotonic() - start < 20
+    assert "ran past its 0.5 s limit" in proc.stderr and "did not stop within 1 s" in proc.stderr

@@ -56,7 +56,7 @@ from pipeline.core.exif import (
     header_from_exif,
     read_header,
 )
-from pipeline.core.parallel import map_chunks
+from pipeline.core.parallel import map_chunks, map_in_pool
 from pipeline.core.processes import exclusive_lock, spawn_pool, stop_pool
 from pipeline.core.schema import (
     CATALOG_SCHEMA,
@@ -354,7 +354,7 @@ def read_headers(root: str, rels: list[str], workers: int, scheduler_address: st
     step = max(200, math.ceil(len(rels) / (max(workers, 1) * 8)))
     chunks = [(root, rels[i : i + step]) for i in range(0, len(rels), step)]
     if pool is not None and not scheduler_address:
-        parts = list(pool.map(_read_header_chunk, chunks))
+        parts = map_in_pool(pool, _read_header_chunk, chunks)
     else:
         parts = map_chunks(_read_header_chunk, chunks, workers=workers, scheduler_address=scheduler_address)
     return [facts for part in parts for facts in part]
@@ -564,7 +564,7 @@ class _Builder:
         if self.scheduler_address:
             return map_chunks(_shard_files_unchanged, tasks, workers=self.workers,
                               scheduler_address=self.scheduler_address)
-        return list(self.pool().map(_shard_files_unchanged, tasks))
+        return map_in_pool(self.pool(), _shard_files_unchanged, tasks)
 
     def pool(self) -> Executor:
         """One set of worker processes for the whole build, started on first use."""

@@ -20,21 +20,77 @@ value; it must not depend on per-process state of the caller (open files, a Dags
 exception in ``fn`` is raised here, with the worker's traceback, and the remaining chunks are cancelled.
 In Dagster code take the address from the ``compute`` resource (``ComputeResource`` in pipeline.defs.resources,
 env ``GEOPAK_DASK_SCHEDULER``) and call ``compute.map_chunks(fn, chunks, progress=...)``.
+
+No chunk is waited for forever: a worker stuck on one file (a hung network filesystem, a decoder that loops)
+would otherwise hold its stage, and its run, for good. Each result is awaited at most ``GEOPAK_CHUNK_TIMEOUT_S``
+(default 1 h; a chunk is a few hundred images at most), then ``ChunkTimeout`` says which function and chunk hung,
+the pool's workers are stopped and the Dask futures cancelled.
 """
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import as_completed
-from typing import Any, TypeVar
+from concurrent.futures import Executor
+from typing import Any, Protocol, TypeVar
 
-from pipeline.core.processes import spawn_pool, stop_pool
+from pipeline.core.processes import spawn_pool, stop_pool, wait_limit
 
 T = TypeVar("T")
 R = TypeVar("R")
 Progress = Callable[[int, int], None]  # (chunks done, chunks in all)
 DASK_CONNECT_TIMEOUT_S = 30.0
+CHUNK_TIMEOUT_ENV = "GEOPAK_CHUNK_TIMEOUT_S"
+DEFAULT_CHUNK_TIMEOUT_S = 3600.0
+
+
+class ChunkTimeout(TimeoutError):
+    """A chunk of per-image work gave no result within the chunk time limit."""
+
+
+class _Result(Protocol):  # concurrent.futures.Future and distributed.Future alike
+    def result(self, timeout: float | None = None) -> Any: ...
+
+
+def chunk_timeout_s() -> float | None:
+    """Seconds to wait for one chunk's result (``GEOPAK_CHUNK_TIMEOUT_S``, read at each call; default 1 h); None:
+    no limit (the variable set to 0)."""
+    return wait_limit(os.environ.get(CHUNK_TIMEOUT_ENV), CHUNK_TIMEOUT_ENV, DEFAULT_CHUNK_TIMEOUT_S) or None
+
+
+def chunk_result(fut: _Result, what: str, index: int, total: int) -> Any:
+    """``fut.result()``, waiting at most the chunk time limit; past it ``ChunkTimeout`` names ``what`` (the
+    function and where it runs) and the chunk."""
+    limit = chunk_timeout_s()
+    try:
+        return fut.result(timeout=limit)
+    except TimeoutError as exc:
+        if isinstance(exc, ChunkTimeout):
+            raise
+        raise ChunkTimeout(
+            f"chunk {index + 1} of {total} of {what} gave no result within {limit:g} s: a worker is probably stuck "
+            f"on one of its files (a hung network filesystem, an image its decoder never finishes). The stage "
+            f"stops its workers and fails; run it again, or raise {CHUNK_TIMEOUT_ENV} (0 = no limit) if a chunk "
+            "really takes that long") from exc
+
+
+def map_in_pool(pool: Executor, fn: Callable[[Any], R], items: Sequence[Any], progress: Progress | None = None,
+                where: str = "local worker processes") -> list[R]:
+    """``[fn(x) for x in items]`` on ``pool``, in order, each result awaited at most the chunk time limit; on an
+    error or a timeout the chunks not started yet are cancelled."""
+    futures = [pool.submit(fn, item) for item in items]
+    what = f"{getattr(fn, '__name__', 'a function')} on {where}"
+    try:
+        out = []
+        for i, fut in enumerate(futures):
+            out.append(chunk_result(fut, what, i, len(futures)))
+            if progress is not None:
+                progress(i + 1, len(futures))
+        return out
+    finally:
+        for fut in futures:
+            fut.cancel()
 
 
 def chunked(items: Sequence[T] | Iterable[T], size: int) -> list[list[T]]:
@@ -70,17 +126,15 @@ def map_chunks(
 
 
 def _on_processes(fn: Callable[[Any], R], chunks: list, workers: int, progress: Progress | None) -> list[R]:
-    results: list[Any] = [None] * len(chunks)
     pool = spawn_pool(workers)
+    grace_s = 30.0  # bounded: a stuck worker is terminated, never waited on forever
     try:
-        futures = {pool.submit(fn, c): i for i, c in enumerate(chunks)}
-        for done, fut in enumerate(as_completed(futures), start=1):
-            results[futures[fut]] = fut.result()
-            if progress is not None:
-                progress(done, len(chunks))
+        return map_in_pool(pool, fn, chunks, progress, f"{workers} local worker processes")
+    except ChunkTimeout:
+        grace_s = 1.0  # a worker is known to be stuck: waiting for it is no use
+        raise
     finally:
-        stop_pool(pool, grace_s=30.0)  # bounded: a stuck worker is terminated, never waited on forever
-    return results
+        stop_pool(pool, grace_s=grace_s)
 
 
 def _on_dask(fn: Callable[[Any], R], chunks: list, address: str, progress: Progress | None) -> list[R]:
@@ -98,10 +152,11 @@ def _on_dask(fn: Callable[[Any], R], chunks: list, address: str, progress: Progr
         keys = [f"geopak-{name}-{uuid.uuid4().hex}-{i}" for i in range(len(chunks))]
         futures = client.map(fn, chunks, key=keys, pure=False)
         try:
-            if progress is not None:  # in chunk order (as_completed would need a default client)
-                for done, fut in enumerate(futures, start=1):
-                    fut.result()
-                    progress(done, len(chunks))
-            return client.gather(futures)
+            out = []
+            for i, fut in enumerate(futures):  # in chunk order (as_completed would need a default client)
+                out.append(chunk_result(fut, f"{name} on the Dask cluster at {address}", i, len(chunks)))
+                if progress is not None:
+                    progress(i + 1, len(chunks))
+            return out
         finally:
             client.cancel(futures)  # on an error or interrupt nothing keeps running for a result nobody reads

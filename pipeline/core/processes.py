@@ -19,10 +19,12 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import math
 import multiprocessing as mp
 import os
 import signal
 import socket
+import sqlite3
 import sys
 import threading
 import time
@@ -118,6 +120,38 @@ def stop_pool(pool: ProcessPoolExecutor, grace_s: float = 10.0) -> bool:
     if manager is not None:
         manager.join(5.0)  # its workers are gone: it finishes at once
     return not left
+
+
+def wait_limit(raw: str | None, setting: str, default: float) -> float:
+    """A wait's limit in seconds from a setting's text (``setting`` names it in the error); empty or unset:
+    ``default``. 0 means no limit; anything but a number ≥ 0 is refused rather than read as "wait forever"."""
+    if raw is None or not raw.strip():
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not value >= 0:
+        raise ValueError(f"{setting} must be a number of seconds ≥ 0 (0: no limit), not {raw!r}")
+    return value
+
+
+SQLITE_BUSY_S = 60.0  # how long a SQLite write waits for another process's write (sqlite3.connect's timeout)
+
+
+def begin_immediate(con: sqlite3.Connection, what: str) -> None:
+    """``BEGIN IMMEDIATE`` on ``con`` (opened with ``timeout=SQLITE_BUSY_S``); a database another process still
+    holds after that wait raises an error naming the file and ``what`` waited, instead of "database is locked"."""
+    try:
+        con.execute("BEGIN IMMEDIATE")
+    except sqlite3.OperationalError as exc:
+        if "locked" not in str(exc):
+            raise
+        files = [row[2] for row in con.execute("PRAGMA database_list") if row[2]]
+        path = files[0] if files else "(in memory)"
+        raise sqlite3.OperationalError(
+            f"{what}: {path} stayed locked by another process's write for {SQLITE_BUSY_S:g} s ({exc}). A process "
+            f"stuck mid-write holds it: find it with `fuser {path}`, stop it and run again") from exc
 
 
 # A short id of this host: a pid means nothing on another machine sharing the data root (shared storage, k8s pods)

@@ -92,6 +92,25 @@ def lookup(name: str) -> Province:
     return p
 
 
+# Census population per unit: the documented proxy for where people (and so photos) are, which the sample world's
+# province mix follows. Pakistan Bureau of Statistics, 7th Population and Housing Census 2023 (results notified in
+# August 2023) for the four provinces and ICT; the 2023 census did not cover Azad Jammu and Kashmir and
+# Gilgit-Baltistan, so theirs are the 2017 census counts (the latest official ones).
+CENSUS_POPULATION: dict[str, int] = {
+    "sindh": 55_696_147, "punjab": 127_688_922, "kpk": 40_856_097, "ict": 2_363_863, "gb": 1_492_924,
+    "balochistan": 14_894_402, "ajk": 4_045_366,
+}
+CENSUS_SOURCE = ("Pakistan Bureau of Statistics, Population and Housing Census 2023 (Punjab, Sindh, Khyber "
+                 "Pakhtunkhwa, Balochistan, Islamabad Capital Territory); 2017 census (Azad Jammu and Kashmir, "
+                 "Gilgit-Baltistan, not covered in 2023)")
+
+
+def population_shares() -> dict[str, float]:
+    """Each unit's share of Pakistan's census population (``CENSUS_POPULATION``)."""
+    total = sum(CENSUS_POPULATION.values())
+    return {p.key: CENSUS_POPULATION[p.key] / total for p in PROVINCES}
+
+
 def imbalance_shares() -> dict[str, float]:
     """Share of images per province in GEOPAK's real data (Sindh ≫ Punjab > KPK > ICT > Balochistan > GB > AJK)."""
     total = sum(p.geopak_images for p in PROVINCES)

@@ -49,6 +49,8 @@ class CrawlResource(LaunchEnvResource):
 
     enabled: bool = Field(default=True, description="false: the source is skipped (its partitions record why)")
     timeout_s: float = bounded_field(30.0, "seconds per HTTP request before it counts as failed", gt=0)
+    download_deadline_s: float = bounded_field(300.0, "seconds a whole image download may take; a host that "
+                                               "trickles bytes is cut off there and retried", gt=0)
     max_attempts: int = bounded_field(6, "tries per request before a unit or download gives up", ge=1)
     backoff_base_s: float = bounded_field(1.0, "first retry delay; doubles per attempt, with jitter", ge=0)
     backoff_max_s: float = bounded_field(60.0, "longest retry delay", ge=0)
@@ -66,6 +68,7 @@ class CrawlResource(LaunchEnvResource):
     def http_settings(self, paths: DataPaths) -> HttpSettings:
         return HttpSettings(
             timeout_s=self.timeout_s,
+            body_deadline_s=self.download_deadline_s,
             retry=RetryPolicy(max_attempts=self.max_attempts, base_delay_s=self.backoff_base_s,
                               max_delay_s=self.backoff_max_s),
             download_workers=self.download_workers,

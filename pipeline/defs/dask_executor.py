@@ -32,6 +32,8 @@ from dagster._core.errors import raise_execution_interrupts
 from dagster._utils import iterate_with_context
 from dagster_dask.executor import DaskExecutor, get_dask_resource_requirements, query_on_dask_worker
 
+from pipeline.core.parallel import DASK_CONNECT_TIMEOUT_S
+
 
 class _Boxed:
     """Hides a step's arguments from dask's argument parser (it would iterate Dagster's records)."""
@@ -61,7 +63,14 @@ class GeopakDaskExecutor(DaskExecutor):
             cluster = dask.distributed.LocalCluster(**self.build_dict(plan_context.job_name))
         run = plan_context.dagster_run
         instance_ref = plan_context.instance.get_ref()
-        with dask.distributed.Client(cluster) as client:
+        try:
+            client = dask.distributed.Client(cluster, timeout=DASK_CONNECT_TIMEOUT_S)
+        except OSError as exc:  # dask's own says only "Timed out trying to connect"
+            raise dg.DagsterInvariantViolationError(
+                f"cannot reach the Dask scheduler at {cluster} within {DASK_CONNECT_TIMEOUT_S:g} s (run config "
+                f"execution.config.cluster.existing.address): {exc}. Start it, or check the address and that this "
+                "machine can reach it") from exc
+        with client:
             futures: dict[str, Any] = {}
             for level in execution_plan.get_steps_to_execute_by_level():
                 for step in level:

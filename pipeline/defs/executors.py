@@ -5,23 +5,92 @@ run killed while it held ``flickr_api`` blocks every later crawl of that pool fo
 executor so that, in the run's orchestrating process, dead runs are marked failed and their slots freed before the
 first step, again each time a step reports it is blocked on a pool (with a log line naming the holders), and every
 ``SWEEP_INTERVAL_S`` while the run goes on, so a holder killed while this run waits is freed within that time too.
+
+A holder that is alive is waited for, but not forever: a step that has waited for a pool slot longer than the
+run's limit (``POOL_WAIT_ENV``, run tag ``POOL_WAIT_TAG``; 6 h by default, 0 = no limit) fails the run with the
+pool and its holders, instead of leaving it STARTED. Dagster's executors only check for a slot (they never yield
+while they wait, and the in-process one never looks at interrupts), so the bound sits on the one call both make
+while waiting, the instance's ``claim_concurrency_slot``: raising there unwinds Dagster's own concurrency context,
+which drops the step's pending claim, and ends the run FAILURE with the reason.
 """
 
 from __future__ import annotations
 
+import contextlib
+import datetime as dt
 import os
+import sys
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Iterator, Mapping
 
 import dagster as dg
 from dagster._core.definitions.executor_definition import ExecutorDefinition
 from dagster._core.events import DagsterEvent, DagsterEventType, EngineEventData
 from dagster._core.executor.base import Executor
+from dagster._core.instance import DagsterInstance
+from dagster._core.storage.dagster_run import DagsterRun
+from dagster._utils.error import serializable_error_info_from_exc_info
 
+from pipeline.core.processes import wait_limit
 from pipeline.defs.run_hygiene import pool_holders, sweep_dead_runs
 
 _BLOCKED = "blocked by limit for pool "
 SWEEP_INTERVAL_S = float(os.environ.get("GEOPAK_SWEEP_INTERVAL_S", "30"))
+POOL_WAIT_ENV = "GEOPAK_POOL_WAIT_TIMEOUT_S"
+POOL_WAIT_TAG = "geopak/pool_wait_timeout_s"
+DEFAULT_POOL_WAIT_S = 6 * 3600.0
+
+
+class PoolWaitTimeout(Exception):
+    """A step waited for a pool slot longer than its run allows; the message names the pool's holders."""
+
+
+def pool_wait_limit(tags: Mapping[str, str], environ: Mapping[str, str] = os.environ) -> float:
+    """Seconds a step may wait for a pool slot: the run tag, else the variable, else 6 h; 0 means no limit."""
+    if tags.get(POOL_WAIT_TAG, "").strip():
+        return wait_limit(tags[POOL_WAIT_TAG], f"run tag {POOL_WAIT_TAG}", DEFAULT_POOL_WAIT_S)
+    return wait_limit(environ.get(POOL_WAIT_ENV), POOL_WAIT_ENV, DEFAULT_POOL_WAIT_S)
+
+
+@contextlib.contextmanager
+def bounded_pool_waits(instance: DagsterInstance, run: DagsterRun, limit_s: float) -> Iterator[None]:
+    """While inside: a step of ``run`` whose slot claims have been refused for ``limit_s`` raises
+    ``PoolWaitTimeout``, after one last sweep of dead runs (a holder that died meanwhile still lets it go on)."""
+    storage = instance.event_log_storage
+    if limit_s <= 0 or not storage.supports_global_concurrency_limits:
+        yield
+        return
+    claim_slot = storage.claim_concurrency_slot
+    refused_since: dict[str, float] = {}
+
+    def claim(concurrency_key: str, run_id: str, step_key: str, priority: int | None = None):  # noqa: ANN202
+        status = claim_slot(concurrency_key, run_id, step_key, priority)
+        if run_id != run.run_id or status.is_claimed:
+            refused_since.pop(step_key, None)
+            return status
+        since = refused_since.setdefault(step_key, time.monotonic())
+        waited = time.monotonic() - since
+        if waited < limit_s:
+            return status
+        sweep_dead_runs(instance, run.run_id)
+        status = claim_slot(concurrency_key, run_id, step_key, priority)
+        if status.is_claimed:
+            refused_since.pop(step_key, None)
+            return status
+        raise PoolWaitTimeout(
+            f"{step_key} waited {dt.timedelta(seconds=round(waited))} for a slot of pool {concurrency_key}, longer "
+            f"than this run allows ({limit_s:g} s: run tag {POOL_WAIT_TAG}, else {POOL_WAIT_ENV}; 0 = no limit), "
+            f"so the run fails instead of waiting on: {pool_holders(instance, concurrency_key)}. Run it again once "
+            f"the holder has finished, or raise the pool's limit (dagster instance concurrency set "
+            f"{concurrency_key} N)")
+
+    storage.claim_concurrency_slot = claim  # type: ignore[method-assign] - this process's storage object only
+    try:
+        yield
+    finally:
+        if storage.__dict__.get("claim_concurrency_slot") is claim:
+            del storage.claim_concurrency_slot
 
 
 class SweepingExecutor(Executor):
@@ -39,20 +108,27 @@ class SweepingExecutor(Executor):
         return self.inner.step_dependency_config
 
     def execute(self, plan_context, execution_plan) -> Iterator[DagsterEvent]:  # noqa: ANN001 - Dagster's types
+        limit_s = pool_wait_limit(plan_context.dagster_run.tags)
         yield from self._sweep(plan_context, "before the first step")
         stop = threading.Event()
         watcher = threading.Thread(target=self._sweep_every, args=(plan_context, stop), daemon=True,
                                    name="geopak-dead-run-sweep")
         watcher.start()
         try:
-            for event in self.inner.execute(plan_context, execution_plan):
-                yield event
-                message = event.message or ""
-                if event.event_type == DagsterEventType.ENGINE_EVENT and _BLOCKED in message:
-                    pool = message.split(_BLOCKED, 1)[1].strip()
-                    yield from self._sweep(plan_context, f"while {event.step_key} waits for pool {pool}")
-                    yield DagsterEvent.engine_event(plan_context, f"{event.step_key} waits: "
-                                                    + pool_holders(plan_context.instance, pool), EngineEventData())
+            with bounded_pool_waits(plan_context.instance, plan_context.dagster_run, limit_s):
+                for event in self.inner.execute(plan_context, execution_plan):
+                    yield event
+                    message = event.message or ""
+                    if event.event_type == DagsterEventType.ENGINE_EVENT and _BLOCKED in message:
+                        pool = message.split(_BLOCKED, 1)[1].strip()
+                        yield from self._sweep(plan_context, f"while {event.step_key} waits for pool {pool}")
+                        yield DagsterEvent.engine_event(plan_context, f"{event.step_key} waits: "
+                                                        + pool_holders(plan_context.instance, pool),
+                                                        EngineEventData())
+        except PoolWaitTimeout as exc:  # the reason as its own event; Dagster then records the run's failure
+            yield DagsterEvent.engine_event(plan_context, str(exc), EngineEventData(
+                error=serializable_error_info_from_exc_info(sys.exc_info())))
+            raise
         finally:
             stop.set()
             watcher.join(10.0)

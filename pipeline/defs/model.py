@@ -22,12 +22,12 @@ from pipeline.core.store import atomic_write_bytes
 from pipeline.defs.config import config_class, overrides
 from pipeline.defs.metadata import md_table, plot, rounded
 from pipeline.defs.resources import DataRootResource, TorchrunResource, writes_stage
-from pipeline.train_entry import EPOCH_MESSAGE
+from pipeline.train_entry import EPOCH_MESSAGE, KILL_GRACE_S
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-# by key: the labels stage and the geocell stage's assets (issue 4)
+# by key: the labels stage, the geocell stage's assets (issue 4) and the image shards (issue 22)
 UPSTREAM = [dg.AssetKey("labelled_catalog"), dg.AssetKey("cell_assignments"), dg.AssetKey("dataset_splits"),
-            dg.AssetKey("geocells")]
+            dg.AssetKey("geocells"), dg.AssetKey("image_shards")]  # the images are read from the shards
 EPOCH_COLUMNS = ["phase", "epoch", "train_total", "train_province", "train_cell", "train_offset_km", "train_aux_km",
                  "val_total", "val_median_km", "val_mean_km", "val_p90_km", "val_province_acc", "val_cell_acc",
                  "oracle_val_median_km", "seconds"]
@@ -108,7 +108,9 @@ def run_training(context: dg.AssetExecutionContext, cfg: TrainConfig, run_dir: P
         invocation = pipes.run(context=context, command=cmd, cwd=str(REPO_ROOT), env=env)
     except DagsterPipesExecutionError as exc:
         raise dg.Failure(f"training subprocess failed: {exc}", metadata={
-            "command": " ".join(cmd), "hint": "the trainer's output is in this step's stdout/stderr"}) from exc
+            "command": " ".join(cmd), "hint": "the trainer's output is in this step's stdout/stderr; one that ran "
+            f"past its time limit (timeout_s) was interrupted, and killed {KILL_GRACE_S:g} s later if it did not "
+            "stop"}) from exc
     if not result_path.exists():
         raise dg.Failure(f"training subprocess exited without writing {result_path}")
     reported: dict[str, dg.MetadataValue] = {}
@@ -117,6 +119,21 @@ def run_training(context: dg.AssetExecutionContext, cfg: TrainConfig, run_dir: P
             reported.update(r.metadata or {})
     epochs = [m for m in invocation.get_custom_messages() if isinstance(m, dict) and m.get("kind") == EPOCH_MESSAGE]
     return TrainingRun(json.loads(result_path.read_text()), reported, epochs)
+
+
+def selection_metadata(selection: dict | None) -> dict[str, dg.MetadataValue]:
+    """The val selection as the UI shows it: the rule, every choice with its val score, the baselines' settings."""
+    if not selection:
+        return {}
+    choices = pd.DataFrame(selection["choices"])
+    choices["chosen"] = choices["chosen"].map({True: "← chosen", False: ""})
+    return {
+        "selection_rule": selection["rule"],
+        "chosen_inference": dg.MetadataValue.json(selection["inference"]),
+        "val_end_to_end": dg.MetadataValue.json({k: round(v, 3) for k, v in selection["val"].items()}),
+        "val_choices": md_table(choices, max_rows=len(choices)),
+        "val_baselines": md_table(pd.DataFrame([{"baseline": k, **v} for k, v in selection["baselines"].items()])),
+    }
 
 
 def _run_dir(cfg: TrainConfig) -> Path:
@@ -200,6 +217,7 @@ def geopak_model(context: dg.AssetExecutionContext, config: ModelParams, data_ro
         "preset": cfg.preset,
         "model_vs_baselines": comparison,
         "beats_majority_baselines": beats_baselines(summary),
+        **selection_metadata(final.get("selection")),
         "val_median_km": round_km(final.get("val_median_km", float("nan"))),
         "val_province_acc": round_share(final.get("val_province_acc", float("nan"))),
         "val_cell_acc": round_share(final.get("val_cell_acc", float("nan"))),

@@ -1,43 +1,32 @@
-"""Baselines the evaluation report must beat, computed from the training split only (never from test labels):
+"""Baselines the evaluation report must beat, all from the training split (never from test labels):
 
-- ``province_medians``: the geometric median of the training images of each province; placed at the province
-  the model predicts, it is what a province classifier alone achieves;
-- ``knn_locations``: the nearest training image in the embedding space of the encoders GeoPak starts from (the
-  embedding cache's frozen features; k = 1), i.e. retrieval without any trained head;
-- the majority answers beside every classification metric (``majority_answers``).
+- ``province_median`` / ``province_cluster``: the geometric median, or the densest cluster, of the training points
+  of the province the model predicts (what a province classifier alone achieves);
+- ``knn``: the k nearest training images in the model's encoder feature space, one point by an estimator;
+- ``global_median``: one constant answer, the geometric median of every training point;
+- ``majority``: the training set's most frequent cell's centre, and the majority answers beside every
+  classification metric (``majority_answers``).
+
+Their settings (k, estimator, cluster radius) were chosen on the validation split when the model was exported,
+with the model's own selection rule, and are recorded with their val scores and the training-only answers in
+``model.pt`` (``selection.select_baselines``); here they are only applied to the test predictions. The kNN uses
+the test images' features from the predictor's single read of each image. A checkpoint without that record (an
+older or an untrained one) gets the settingless baselines recomputed from the training split and the others at
+stated defaults, and the report says so.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
+import torch
 
-from pipeline.core.provinces import NUM_PROVINCES
+from geopak_model import baselines as predictors
+from geopak_model.retrieval import Gallery
 
-
-def geometric_median(lat: np.ndarray, lon: np.ndarray, iters: int = 200) -> tuple[float, float]:
-    """Spherical geometric median of points (Weiszfeld on unit vectors): the point with the least summed
-    great-circle distance, hence the best single guess for the median error."""
-    la, lo = np.radians(np.asarray(lat, float)), np.radians(np.asarray(lon, float))
-    u = np.column_stack([np.cos(la) * np.cos(lo), np.cos(la) * np.sin(lo), np.sin(la)])
-    x = u.mean(0)
-    x /= np.linalg.norm(x)
-    for _ in range(iters):
-        d = np.maximum(np.linalg.norm(u - x, axis=1), 1e-12)
-        x = (u / d[:, None]).sum(0)
-        x /= np.linalg.norm(x)
-    return float(np.degrees(np.arctan2(x[2], np.hypot(x[0], x[1])))), float(np.degrees(np.arctan2(x[1], x[0])))
-
-
-def province_medians(train: pd.DataFrame) -> dict[int, tuple[float, float]]:
-    """Geometric median of the training images of every province that has some (others: all training images)."""
-    overall = geometric_median(train["lat"], train["lon"])
-    out = {p: overall for p in range(NUM_PROVINCES)}
-    for pid, g in train.groupby("province_id"):
-        out[int(pid)] = geometric_median(g["lat"], g["lon"])
-    return out
+DEFAULT_CLUSTER_KM = 25.0  # without a val-chosen radius (a checkpoint without a selection record)
 
 
 def majority_answers(train: pd.DataFrame) -> dict[str, object]:
@@ -59,39 +48,42 @@ def majority_answers(train: pd.DataFrame) -> dict[str, object]:
     }
 
 
-def knn_locations(checkpoint_cfg, data_root: Path, train: pd.DataFrame, test: pd.DataFrame,
-                  weights_dir: Path | None = None, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
-    """(lat, lon) of each test image's nearest training image (cosine over the concatenated, L2-normalised CLIP
-    and scene features of the frozen encoders; the embedding cache computes what it lacks). NaN where a test
-    image cannot be read."""
-    import torch
+def _points(recorded: dict[str, list[float]]) -> dict[int, tuple[float, float]]:
+    return {int(p): (float(a[0]), float(a[1])) for p, a in recorded.items()}
 
-    from geopak_model.cache import build_embedding_cache
-    from geopak_model.encoders import build_encoders
-    from geopak_model.precision import amp_dtype, dtype_name
-    from geopak_model.retrieval import nearest_neighbour
-    from pipeline.core.paths import DataPaths
 
-    cfg = checkpoint_cfg
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    encoder = build_encoders(cfg.encoder, weights_dir)
-    precision = dtype_name(amp_dtype(device, cfg.amp, cfg.amp_dtype))
-    cache_root = Path(cfg.cache_dir) if cfg.cache_dir else DataPaths.at(data_root).embeddings_dir
-    need = pd.concat([train[["image_id", "path"]], test[["image_id", "path"]]])
-    cache, _ = build_embedding_cache(encoder, need, data_root, cache_root, batch_size, device, 0, cfg.amp,
-                                     amp_dtype=cfg.amp_dtype, weights_id=encoder.weights_id(precision))
-    have = set(cache.index.index)
-
-    def feats(ids: pd.Series) -> torch.Tensor:
-        c, s = cache.load(ids)
-        n = torch.nn.functional.normalize
-        return torch.cat([n(c.float(), dim=1), n(s.float(), dim=1)], dim=1)
-
-    tr = train[train["image_id"].isin(have)].reset_index(drop=True)
-    ok = test["image_id"].isin(have).to_numpy()
-    lat = np.full(len(test), np.nan)
-    lon = np.full(len(test), np.nan)
-    if ok.any() and len(tr):
-        nn = nearest_neighbour(feats(test.loc[ok, "image_id"]), feats(tr["image_id"])).numpy()
-        lat[ok], lon[ok] = tr["lat"].to_numpy(float)[nn], tr["lon"].to_numpy(float)[nn]
-    return lat, lon
+def baseline_answers(chosen: dict[str, Any] | None, train: pd.DataFrame, pred_province: np.ndarray,
+                     test_features: np.ndarray | None, knn_gallery: Gallery | None
+                     ) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], dict[str, str]]:
+    """(lat, lon) per test row of every baseline that can be computed, and a line per baseline saying its
+    settings and where they came from. ``chosen``: the checkpoint's ``selection["baselines"]["chosen"]`` (None:
+    none recorded); ``pred_province``: the model's predicted province per test row; ``test_features``: the
+    predictor's kNN features per test row; ``knn_gallery``: the training images' features (``knn_gallery.npz``)."""
+    n = len(pred_province)
+    answers: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    settings: dict[str, str] = {}
+    lat, lon, prov = (train[c].to_numpy() for c in ("lat", "lon", "province_id"))
+    if chosen:
+        med, where = _points(chosen["province_median"]["points"]), "recorded at export"
+        clu, radius = _points(chosen["province_cluster"]["points"]), chosen["province_cluster"]["radius_km"]
+        g = tuple(chosen["global_median"]["point"])
+        settings["province_cluster"] = f"radius {radius:g} km (chosen on val)"
+    else:
+        med, where = predictors.province_geomedians(lat, lon, prov), "recomputed from the training split"
+        clu = predictors.province_densest(lat, lon, prov, DEFAULT_CLUSTER_KM)
+        g = predictors.global_geomedian(lat, lon)
+        settings["province_cluster"] = f"radius {DEFAULT_CLUSTER_KM:g} km (default: no val selection recorded)"
+    answers["province_median"] = predictors.at_province(med, pred_province)
+    answers["province_cluster"] = predictors.at_province(clu, pred_province)
+    answers["global_median"] = (np.full(n, g[0]), np.full(n, g[1]))
+    settings["province_median"] = f"no setting ({where})"
+    settings["global_median"] = f"no setting; ({g[0]:.3f}, {g[1]:.3f}) ({where})"
+    if knn_gallery is not None and test_features is not None and len(knn_gallery):
+        k, est = (chosen["knn"]["k"], chosen["knn"]["estimator"]) if chosen and "knn" in chosen else (1, "nearest")
+        nn = predictors.knn_neighbours(torch.as_tensor(test_features), knn_gallery.emb, k)
+        answers["knn"] = predictors.knn_locate(nn, knn_gallery.lat.numpy(), knn_gallery.lon.numpy(), k, est)
+        settings["knn"] = f"k = {k}, {est}" + (" (chosen on val)" if chosen and "knn" in chosen
+                                              else " (default: no val selection recorded)")
+    else:
+        settings["knn"] = "not computed: no knn_gallery.npz beside the checkpoint"
+    return answers, settings

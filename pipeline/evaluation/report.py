@@ -20,21 +20,27 @@ from pipeline.core.gazetteer import haversine_km
 from pipeline.core.provinces import PROVINCES
 from pipeline.core.report import PROVINCE_COLOURS, column_floatfmt, draw_outlines, markdown_table, png_bytes
 from pipeline.core.store import atomic_write_bytes
+from pipeline.evaluation.bootstrap import LEVEL, METRICS, SAMPLES, SEED, Bootstrap, paired_bootstrap, verdict
 from pipeline.labels.dates import circular_day_difference
 
 # method column prefix -> label in the report; the oracle is never the headline
 METHODS: dict[str, str] = {
-    "pred": "GeoPak end to end (+ retrieval refinement)",
-    "classifier": "GeoPak without refinement (geometric median)",
+    "pred": "GeoPak end to end (settings chosen on val)",
+    "classifier": "GeoPak's classifier point, without refinement",
     "top1": "GeoPak, most probable hypothesis only",
     "mean": "GeoPak, weighted mean (GEOPAK's inference)",
     "aux": "GeoPak's auxiliary lat/lon head alone",
-    "province_median": "baseline: predicted province's median training point",
-    "knn": "baseline: nearest training image (kNN on frozen features)",
+    "province_median": "baseline: predicted province's geometric median of training points",
+    "province_cluster": "baseline: predicted province's densest cluster of training points",
+    "knn": "baseline: kNN on the model's encoder features",
+    "global_median": "baseline: geometric median of all training points (one constant answer)",
     "majority": "baseline: training set's majority cell centre",
     "oracle": "ORACLE: true cell + predicted offset (not achievable)",
 }
-BASELINES = ("province_median", "knn", "majority")  # what GeoPak must beat (the oracle is not a baseline)
+# what GeoPak must beat (the oracle is not a baseline), each with its settings chosen on val
+BASELINES = ("province_median", "province_cluster", "knn", "global_median", "majority")
+# the headline metrics the verdict decides on: the selection rule's two
+VERDICT_METRICS = ("median_km", "acc_25km")
 EVAL_COLUMNS = (
     "image_id", "lat", "lon", "province_id", "cell_id", "koppen_id", "koppen_group", "day_of_year",
     "pred_lat", "pred_lon", "pred_province_id", "pred_cell_top5", "pred_koppen_id", "pred_koppen_group",
@@ -50,7 +56,10 @@ class EvaluationReport:
     other: pd.DataFrame
     errors: dict[str, np.ndarray]
     n_images: int
+    boot: Bootstrap
     plots: dict[str, bytes] = field(default_factory=dict)
+    # extra sections (title -> table), rendered after the headline: settings chosen on val, val vs test, ...
+    sections: dict[str, pd.DataFrame] = field(default_factory=dict)
 
     def metric(self, method: str, column: str) -> float:
         return float(self.headline.set_index("method_key").loc[method, column])
@@ -67,8 +76,9 @@ def _error_row(key: str, err: np.ndarray) -> dict:
     }
 
 
-def evaluate(df: pd.DataFrame) -> EvaluationReport:
-    """Every metric of the report from the per-image predictions (columns ``EVAL_COLUMNS`` + method columns)."""
+def evaluate(df: pd.DataFrame, samples: int = SAMPLES, seed: int = SEED) -> EvaluationReport:
+    """Every metric of the report from the per-image predictions (columns ``EVAL_COLUMNS`` + method columns),
+    with paired bootstrap intervals (``samples`` resamples, ``seed``)."""
     if df.empty:
         raise ValueError("no test images to evaluate")
     errors = {}
@@ -134,6 +144,7 @@ def evaluate(df: pd.DataFrame) -> EvaluationReport:
         other=pd.DataFrame(other, columns=["metric", "GeoPak", "majority baseline"]),
         errors=errors,
         n_images=len(df),
+        boot=paired_bootstrap(errors, samples, seed),
     )
 
 
@@ -182,44 +193,138 @@ def make_plots(rep: EvaluationReport, df: pd.DataFrame, outlines: dict | None = 
     return plots
 
 
+def _ci(value: float, interval: tuple[float, float], scale: float = 1.0, signed: bool = False) -> str:
+    """``value [low, high]`` to one decimal (km, or percentage points with ``scale`` 100)."""
+    f = "{:+.1f}" if signed else "{:.1f}"
+    lo, hi = interval
+    return f"{f.format(value * scale)} [{f.format(lo * scale)}, {f.format(hi * scale)}]"
+
+
 def baseline_verdict(rep: EvaluationReport, method: str = "pred") -> dict:
-    """Does ``method`` beat every baseline present on the median error (lower) and the share within 25 km
-    (higher)? With a Markdown table of the comparison."""
-    rows, passed = [], True
+    """Does ``method`` beat every baseline present? Only when, for each baseline, the paired bootstrap interval
+    of the difference excludes zero in ``method``'s favour on the median error AND on the share within 25 km.
+    Otherwise the decision names each baseline it is "not distinguishable" from (or worse than). With a Markdown
+    table of the differences and their intervals."""
+    rows, undecided, worse = [], [], []
     for b in BASELINES:
         if b not in rep.errors:
             continue
-        med_ok = rep.metric(method, "median_km") < rep.metric(b, "median_km")
-        acc_ok = rep.metric(method, "acc_25km") > rep.metric(b, "acc_25km")
-        passed &= med_ok and acc_ok
-        rows.append({"baseline": METHODS[b], "baseline median km": rep.metric(b, "median_km"),
-                     "GeoPak median km": rep.metric(method, "median_km"), "median beaten": med_ok,
-                     "baseline ≤25 km %": 100 * rep.metric(b, "acc_25km"),
-                     "GeoPak ≤25 km %": 100 * rep.metric(method, "acc_25km"), "≤25 km beaten": acc_ok})
-    return {"passed": passed and bool(rows), "table": markdown_table(pd.DataFrame(rows), floatfmt="{:.1f}")}
+        row = {"baseline": METHODS[b]}
+        name_b = METHODS[b].removeprefix("baseline: ")
+        for metric in VERDICT_METRICS:
+            diff = rep.metric(method, metric) - rep.metric(b, metric)
+            interval = rep.boot.difference(method, b, metric)
+            scale, unit = (100.0, "pp") if metric.startswith("acc") else (1.0, "km")
+            name = "median" if metric == "median_km" else "≤25 km"
+            row[f"Δ {name} ({unit}) GeoPak − baseline [{LEVEL:.0%} CI]"] = _ci(diff, interval, scale, signed=True)
+            row[f"{name}: GeoPak is"] = said = verdict(*interval, METRICS[metric][1])
+            if said == "worse":
+                worse.append(name_b)
+            elif said == "not distinguishable":
+                undecided.append(name_b)
+        rows.append(row)
+    passed = bool(rows) and not undecided and not worse
+    names = lambda xs: "; ".join(dict.fromkeys(xs))  # noqa: E731
+    decision = "beats every baseline (every difference's interval excludes zero in GeoPak's favour)" if passed \
+        else " — ".join(part for part in (f"not distinguishable from: {names(undecided)}" if undecided else "",
+                                          f"worse than: {names(worse)}" if worse else "") if part) or "no baselines"
+    frame = pd.DataFrame(rows)
+    return {"passed": passed, "decision": decision, "not_distinguishable": list(dict.fromkeys(undecided)),
+            "worse": list(dict.fromkeys(worse)), "frame": frame, "table": markdown_table(frame, max_rows=len(rows))}
 
 
 def headline_table(rep: EvaluationReport) -> pd.DataFrame:
-    t = rep.headline.drop(columns=["method_key"]).copy()
-    for k in ACC_KM:
-        t[f"acc_{k}km"] = (t[f"acc_{k}km"] * 100).round(1)
-    return t.rename(columns={f"acc_{k}km": f"≤{k} km (%)" for k in ACC_KM})
+    """Every method's metrics, each with its paired bootstrap interval: ``value [low, high]``."""
+    rows = []
+    for r in rep.headline.itertuples(index=False):
+        row = {"method": r.method}
+        for metric in METRICS:
+            pct = metric.startswith("acc")
+            label = f"≤{metric[4:-2]} km (%)" if pct else metric.replace("_km", " km")
+            row[label] = _ci(getattr(r, metric), rep.boot.interval(r.method_key, metric), 100.0 if pct else 1.0)
+        rows.append(row)
+    return pd.DataFrame(rows)
 
 
-def to_markdown(rep: EvaluationReport, title: str, notes: list[str], plot_links: bool = True) -> str:
-    parts = [f"# {title}", "", *[f"- {n}" for n in notes], "",
-             f"Test images: **{rep.n_images}** (location- and owner-disjoint test split).", "",
-             "## Distance errors", "", markdown_table(headline_table(rep), floatfmt="{:.1f}"), "",
-             "## Classification", "", markdown_table(rep.other), "",
-             "## Per province", "", markdown_table(rep.provinces), "",
-             "## Province confusion (rows: true, columns: predicted)", "",
-             markdown_table(rep.confusion.reset_index()), ""]
+def selection_tables(selection: dict | None, rep: EvaluationReport, settings: dict[str, str]) -> dict[str, pd.DataFrame]:
+    """The report's view of the checkpoint's val selection: every inference choice with its val score, the
+    calibration, the checkpoint choice, and val against test for every method that has a val score."""
+    from geopak_model.selection import setting_scores
+
+    if not selection:
+        return {"Settings chosen on val": pd.DataFrame(
+            [{"note": "this checkpoint has no val selection record (trained before it existed, or untrained): "
+                      "its config's inference settings are used as they are"}])}
+    out = {}
+    choices = pd.DataFrame(setting_scores(selection["candidates"]))
+    choices["value"] = [v if isinstance(v, str) else ("on" if v else "off") if isinstance(v, bool) else f"{v:g}"
+                        for v in choices["value"]]  # 0.03, 50, on
+    choices["val ≤25 km %"] = 100 * choices.pop("val_acc_25km")
+    choices["chosen"] = choices["chosen"].map({True: "← chosen", False: ""})
+    out[f"Inference settings chosen on val ({selection['val_images']} images; rule: {selection['rule']})"] = \
+        choices.rename(columns={"val_median_km": "val median km"})[
+            ["setting", "value", "val median km", "val ≤25 km %", "chosen"]]
+    cal = selection["calibration"]
+    out["Calibration (temperatures fitted continuously on the val NLL; kept only if it wins on the rule)"] = \
+        pd.DataFrame([{"province temperature": cal["province_temperature"],
+                       "at search bound": cal["province_temperature_at_bound"],
+                       "cell temperature": cal["cell_temperature"], "cell at search bound": cal["cell_temperature_at_bound"],
+                       "val NLL before": cal["val_cell_nll_uncalibrated"], "val NLL after": cal["val_cell_nll_calibrated"],
+                       "kept": cal["kept"]}])
+    ck = selection.get("checkpoint")
+    if ck:
+        out[f"Checkpoint chosen on {ck['criterion']} (both candidates uncalibrated, default settings, whole val)"] = \
+            pd.DataFrame([{"phase": int(k), ck["criterion"]: v.get("val_joint_nll"),
+                           "val median km": v.get("val_median_km"), "val ≤25 km %": 100 * (v.get("val_acc_25km") or 0),
+                           "chosen": "← chosen" if int(k) == ck["phase"] else ""} for k, v in ck["candidates"].items()])
+    val = {"pred": selection["val"], "classifier": selection["classifier_val"]}
+    for b, v in selection.get("baselines", {}).get("chosen", {}).items():
+        val[b] = {"median_km": v["val_median_km"], "acc_25km": v["val_acc_25km"]}
+    gap = []
+    for key, v in val.items():
+        if key not in rep.errors:
+            continue
+        t_med, t_acc = rep.metric(key, "median_km"), rep.metric(key, "acc_25km")
+        gap.append({"method": METHODS[key], "settings": settings.get(key, ""), "val median km": v["median_km"],
+                    "test median km": t_med, "test − val km": t_med - v["median_km"],
+                    "val ≤25 km %": 100 * v["acc_25km"], "test ≤25 km %": 100 * t_acc,
+                    # rounded first: equal shares differ by float noise, which would print as "-0.0"
+                    "test − val ≤25 km (% points)": round(100 * (t_acc - v["acc_25km"]), 6) + 0.0})
+    out["Validation against test (val scores of the chosen settings are optimistic: they won on val)"] = \
+        pd.DataFrame(gap)
+    return out
+
+
+def data_table(images: pd.DataFrame, cells: pd.DataFrame) -> pd.DataFrame:
+    """Images per province and split, and cells per province: what the report's figures rest on. ``images``:
+    ``province_id`` and ``split`` of every labelled image; ``cells``: ``province_id`` of every cell."""
+    counts = pd.crosstab(images["province_id"], images["split"]).reindex(range(len(PROVINCES)), fill_value=0)
+    out = pd.DataFrame({"province": [p.name for p in PROVINCES]})
+    for split in ("train", "val", "test", "buffer"):
+        out[f"{split} images"] = counts[split].to_numpy() if split in counts else 0
+    out["cells"] = cells["province_id"].value_counts().reindex(range(len(PROVINCES)), fill_value=0).to_numpy()
+    total = {"province": "all", **{c: int(out[c].sum()) for c in out.columns if c != "province"}}
+    return pd.concat([out, pd.DataFrame([total])], ignore_index=True)
+
+
+def _sections(rep: EvaluationReport) -> list[tuple[str, pd.DataFrame]]:
+    return [("Distance errors (95 % paired bootstrap intervals)", headline_table(rep)), *rep.sections.items(),
+            ("Classification", rep.other), ("Per province", rep.provinces),
+            ("Province confusion (rows: true, columns: predicted)", rep.confusion.reset_index())]
+
+
+def to_markdown(rep: EvaluationReport, title: str, notes: list[str], plot_links: bool = True,
+                banner: str = "") -> str:
+    parts = [f"# {title}", "", *([f"**{banner}**", ""] if banner else []), *[f"- {n}" for n in notes], "",
+             f"Test images: **{rep.n_images}** (location- and owner-disjoint test split).", ""]
+    for name, table in _sections(rep):
+        parts += [f"## {name}", "", markdown_table(table, max_rows=max(len(table), 1)), ""]
     if plot_links:
         parts += ["## Plots", "", *[f"![{name}]({name})" for name in rep.plots], ""]
     return "\n".join(parts)
 
 
-def to_html(rep: EvaluationReport, title: str, notes: list[str]) -> str:
+def to_html(rep: EvaluationReport, title: str, notes: list[str], banner: str = "") -> str:
     def table(df: pd.DataFrame) -> str:
         # km to 0.1, % to 0.1, shares to 3 digits: the same rule as the Markdown tables
         fmts = {c: column_floatfmt(c).format for c in df.columns if pd.api.types.is_float_dtype(df[c])}
@@ -229,86 +334,88 @@ def to_html(rep: EvaluationReport, title: str, notes: list[str]) -> str:
         f'<figure><img alt="{html.escape(n)}" src="data:image/png;base64,{base64.b64encode(b).decode()}">'
         f"<figcaption>{html.escape(n)}</figcaption></figure>" for n, b in rep.plots.items()
     )
+    top = f'<p class="banner"><b>{html.escape(banner)}</b></p>' if banner else ""
+    body = "".join(f"<h2>{html.escape(name)}</h2>{table(t)}" for name, t in _sections(rep))
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}} .t td,.t th{{padding:3px 8px;border-bottom:1px solid #ddd}}
-figure{{display:inline-block;margin:8px}} img{{max-width:520px}}</style></head><body>
-<h1>{html.escape(title)}</h1><ul>{''.join(f'<li>{html.escape(n)}</li>' for n in notes)}</ul>
+figure{{display:inline-block;margin:8px}} img{{max-width:520px}} .banner{{background:#fde2e1;padding:8px}}</style></head><body>
+<h1>{html.escape(title)}</h1>{top}<ul>{''.join(f'<li>{html.escape(n)}</li>' for n in notes)}</ul>
 <p>Test images: <b>{rep.n_images}</b> (location- and owner-disjoint test split).</p>
-<h2>Distance errors</h2>{table(headline_table(rep))}
-<h2>Classification</h2>{table(rep.other)}
-<h2>Per province</h2>{table(rep.provinces)}
-<h2>Province confusion (rows: true, columns: predicted)</h2>{rep.confusion.to_html(border=0, classes="t")}
-<h2>Plots</h2>{imgs}</body></html>"""
+{body}<h2>Plots</h2>{imgs}</body></html>"""
 
 
-def write_report(rep: EvaluationReport, out_dir: Path, title: str, notes: list[str]) -> dict[str, Path]:
-    """Write report.md, report.html and the PNGs into ``out_dir`` atomically."""
+def write_report(rep: EvaluationReport, out_dir: Path, title: str, notes: list[str], banner: str = "",
+                 record: dict | None = None) -> dict[str, Path]:
+    """Write report.md, report.html, the PNGs and (``record``) evaluation.json into ``out_dir`` atomically."""
+    import json
+
+    from pipeline.evaluation.record import RECORD_FILE
+
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {}
     for name, png in rep.plots.items():
         paths[name] = atomic_write_bytes(out_dir / name, png)
-    paths["report.md"] = atomic_write_bytes(out_dir / "report.md", to_markdown(rep, title, notes).encode())
-    paths["report.html"] = atomic_write_bytes(out_dir / "report.html", to_html(rep, title, notes).encode())
+    paths["report.md"] = atomic_write_bytes(out_dir / "report.md", to_markdown(rep, title, notes, banner=banner).encode())
+    paths["report.html"] = atomic_write_bytes(out_dir / "report.html", to_html(rep, title, notes, banner).encode())
+    if record is not None:
+        tables = {name: t.to_dict("records") for name, t in _sections(rep)}
+        paths[RECORD_FILE] = atomic_write_bytes(out_dir / RECORD_FILE, json.dumps(
+            {**record, "title": title, "banner": banner, "notes": notes, "test_images": rep.n_images,
+             "tables": tables}, indent=1, default=str, ensure_ascii=False).encode())
     return paths
 
 
 def test_predictions(
-    predictor, test: pd.DataFrame, train: pd.DataFrame, image_path, batch_size: int = 32, progress=None,
-    top_provinces: int | None = None, top_cells: int | None = None,
-    knn: tuple[np.ndarray, np.ndarray] | None = None,
-) -> tuple[pd.DataFrame, list[dict]]:
-    """Run the predictor over the test rows; return the per-image frame ``evaluate`` takes and the unreadable ones.
+    predictor, test: pd.DataFrame, train: pd.DataFrame, read_bytes, batch_size: int = 32, progress=None,
+    top_provinces: int | None = None, top_cells: int | None = None, chosen_baselines: dict | None = None,
+    knn_gallery=None,
+) -> tuple[pd.DataFrame, list[dict], dict[str, str]]:
+    """Run the predictor over the test rows, reading each image EXACTLY ONCE: ``read_bytes(path)`` is called once
+    per row, the bytes are decoded once, and everything else that needs the image — the kNN baseline's
+    features — comes from that one pass through the encoders. Returns the per-image frame ``evaluate`` takes,
+    the unreadable rows (not scored) and a line per method saying its settings.
 
     ``test``/``train`` carry the labelled columns plus ``cell_id`` (and the cells' centres for the majority
-    baseline: ``center_lat``/``center_lon`` of the training set's most frequent cell). ``knn``: the kNN
-    baseline's (lat, lon) per test row (``baselines.knn_locations``), if computed. Every baseline comes from the
-    training split alone.
+    baseline). ``chosen_baselines``: the checkpoint's val-chosen baseline settings and training-only answers
+    (``selection["baselines"]["chosen"]``); ``knn_gallery``: the training images' encoder features. Every
+    baseline comes from the training split alone.
     """
-    from geopak_model.predictor import ImageLoadError
-    from pipeline.evaluation.baselines import majority_answers, province_medians
+    from geopak_model.predictor import ImageLoadError, load_input
+    from pipeline.evaluation.baselines import baseline_answers, majority_answers
 
     majority = train["cell_id"].value_counts().idxmax()
     mrow = train.loc[train["cell_id"] == majority].iloc[0]
-    medians = province_medians(train)
     answers = majority_answers(train)
-    knn_of = dict(zip(test["image_id"], zip(*knn))) if knn is not None else {}
-    rows, failed = [], []
+    size = predictor.cfg.encoder.image_size
+    rows, failed, features = [], [], []
     keys = [pp.key for pp in PROVINCES]
     records = test.to_dict("records")
     for start in range(0, len(records), batch_size):
-        chunk = records[start : start + batch_size]
-        try:
-            preds = predictor.predict([image_path(r["path"]) for r in chunk], top_provinces, top_cells, batch_size,
-                                      oracle_cells=[int(r["cell_id"]) for r in chunk])
-        except ImageLoadError:  # find the broken ones, keep the rest
-            preds = []
-            for r in chunk:
-                try:
-                    preds.append(predictor.predict(image_path(r["path"]), top_provinces, top_cells,
-                                                   oracle_cells=[int(r["cell_id"])]))
-                except ImageLoadError as exc:
-                    failed.append({"image_id": r["image_id"], "error": str(exc)})
-                    preds.append(None)
+        chunk, images = [], []
+        for r in records[start : start + batch_size]:
+            try:  # the one read of this image; a broken one is reported, never retried
+                images.append(load_input(read_bytes(r["path"]), size))
+                chunk.append(r)
+            except ImageLoadError as exc:
+                failed.append({"image_id": r["image_id"], "error": str(exc)})
+        preds = predictor.predict(images, top_provinces, top_cells, batch_size,
+                                  oracle_cells=[int(r["cell_id"]) for r in chunk],
+                                  features=knn_gallery is not None) if images else []
         for r, p in zip(chunk, preds):
-            if p is None:
-                continue
             top = p["hypotheses"][0] if p["hypotheses"] else {"lat": p["lat"], "lon": p["lon"]}
-            pid = keys.index(p["province"])
-            extra = {"classifier_lat": p["classifier_lat"], "classifier_lon": p["classifier_lon"]}
-            if knn is not None:
-                extra["knn_lat"], extra["knn_lon"] = knn_of[r["image_id"]]
+            if "encoder_features" in p:
+                features.append(p["encoder_features"])
             rows.append({
                 **{k: r.get(k) for k in ("image_id", "lat", "lon", "province_id", "cell_id", "koppen_id",
                                           "koppen_group", "day_of_year")},
                 "pred_lat": p["lat"], "pred_lon": p["lon"],
+                "classifier_lat": p["classifier_lat"], "classifier_lon": p["classifier_lon"],
                 "top1_lat": top["lat"], "top1_lon": top["lon"],
                 "aux_lat": p["aux_lat"], "aux_lon": p["aux_lon"],
                 "mean_lat": p["mean_lat"], "mean_lon": p["mean_lon"],
-                "province_median_lat": medians[pid][0], "province_median_lon": medians[pid][1],
-                **extra,
                 "majority_lat": float(mrow["center_lat"]), "majority_lon": float(mrow["center_lon"]),
                 "oracle_lat": p["oracle_lat"], "oracle_lon": p["oracle_lon"],
-                "pred_province_id": pid,
+                "pred_province_id": keys.index(p["province"]),
                 "pred_province_uncorrected_id": keys.index(p["province_without_prior_correction"]),
                 "majority_province_id": answers["province_id"], "majority_cells_top5": answers["cells_top5"],
                 "majority_koppen_id": answers["koppen_id"], "majority_koppen_group": answers["koppen_group"],
@@ -321,7 +428,15 @@ def test_predictions(
             })
         if progress:
             progress(min(start + batch_size, len(records)), len(records))
-    return pd.DataFrame(rows), failed
+    df = pd.DataFrame(rows)
+    settings: dict[str, str] = {}
+    if len(df):
+        base, settings = baseline_answers(chosen_baselines, train, df["pred_province_id"].to_numpy(),
+                                          np.stack(features) if features else None, knn_gallery)
+        for key, (la, lo) in base.items():
+            df[f"{key}_lat"], df[f"{key}_lon"] = la, lo
+    settings["majority"] = "no setting (the training split's most frequent cell)"
+    return df, failed, settings
 
 
 def _coarse(fine: int) -> int:

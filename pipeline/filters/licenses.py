@@ -66,6 +66,35 @@ def license_family(value: str | None) -> str | None:
     return None
 
 
+# deeds of the families that have one fixed URL (Flickr's licence list uses the same ones)
+_FAMILY_URLS = {
+    "cc0": "https://creativecommons.org/publicdomain/zero/1.0/",
+    "no_known_restrictions": "https://www.flickr.com/commons/usage/",
+    "us_government": "https://www.usa.gov/government-copyright",
+}
+_PUBLIC_DOMAIN_MARK = "https://creativecommons.org/publicdomain/mark/1.0/"
+_CC_NAME = re.compile(r"\b(by(?: (?:nc|sa|nd))*)\b.*?\b(\d\.\d)\b")
+
+
+def license_url(value: str | None) -> str | None:
+    """The licence deed's URL for a licence as a source spells it ("CC BY-SA 4.0", "CC-BY-4.0", "CC0-1.0", a URL,
+    Flickr's names), so an export can link every image's licence; None when the name does not say which deed
+    (a CC name without a version, an unknown string, all rights reserved)."""
+    if is_missing(value, blank_text=True):
+        return None
+    text = str(value).strip()
+    if re.match(r"https?://", text, re.IGNORECASE):
+        return text
+    family = license_family(text)
+    if family in _FAMILY_URLS:
+        return _FAMILY_URLS[family]
+    plain = _plain(text)
+    if family == "public_domain":
+        return _PUBLIC_DOMAIN_MARK if ("mark" in plain or "pdm" in plain.split()) else None
+    m = _CC_NAME.search(plain) if family == "cc" else None
+    return f"https://creativecommons.org/licenses/{m.group(1).replace(' ', '-')}/{m.group(2)}/" if m else None
+
+
 def _plain(text: str) -> str:
     """Case-, space- and hyphen-blind form of a licence name ("CC-BY-SA-4.0" and "CC BY-SA 4.0" are equal)."""
     return " ".join(re.sub(r"[-_]", " ", str(text).lower()).split())

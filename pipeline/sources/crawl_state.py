@@ -26,6 +26,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from pipeline.core.processes import SQLITE_BUSY_S, begin_immediate
+
 PENDING, DONE, REJECTED, FAILED, DEFERRED = "pending", "done", "rejected", "failed", "deferred"
 MAX_SUSPECT_RUNS = 3  # runs on which a download must look like a non-image before it is rejected for good
 _DOWNLOAD_FAILED = "download_failed"  # pipeline.core.reasons.DOWNLOAD_FAILED (kept import-free here)
@@ -65,7 +67,7 @@ class Rejected:
 
 def _connect(path: Path) -> sqlite3.Connection:
     path.parent.mkdir(parents=True, exist_ok=True)
-    con = sqlite3.connect(path, timeout=60, isolation_level=None)
+    con = sqlite3.connect(path, timeout=SQLITE_BUSY_S, isolation_level=None)
     con.execute("PRAGMA journal_mode=WAL")
     con.execute("PRAGMA synchronous=NORMAL")
     return con
@@ -73,7 +75,7 @@ def _connect(path: Path) -> sqlite3.Connection:
 
 @contextlib.contextmanager
 def _transaction(con: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
-    con.execute("BEGIN IMMEDIATE")
+    begin_immediate(con, "writing the crawl state")
     try:
         yield con
     except BaseException:

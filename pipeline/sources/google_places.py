@@ -257,7 +257,7 @@ class GooglePlacesSource(PlacesSource):
                     raise self._diagnose_403(record["place_id"])
                 if resp.status_code != 200:
                     raise PermanentHTTPError(resp.status_code)
-                return Fetched(read_capped(resp, self.http.max_image_bytes), resp.headers.get("Content-Type"))
+                return Fetched(read_capped(resp, self.http.max_image_bytes, self.http.body_deadline_s), resp.headers.get("Content-Type"))
             finally:
                 resp.close()
 

@@ -35,9 +35,11 @@ from typing import TypeVar
 from urllib.parse import urlsplit
 
 import requests
+import urllib3
 from PIL import Image
 
 from pipeline.core import reasons
+from pipeline.core.processes import SQLITE_BUSY_S, begin_immediate
 from pipeline.core.store import ImageStore, sniff_extension
 
 T = TypeVar("T")
@@ -222,14 +224,14 @@ class SharedTokenBucket:
         self.capacity = float(capacity)
         self.name = name
         Path(db_path).parent.mkdir(parents=True, exist_ok=True)
-        self._con = sqlite3.connect(db_path, timeout=60, isolation_level=None, check_same_thread=False)
+        self._con = sqlite3.connect(db_path, timeout=SQLITE_BUSY_S, isolation_level=None, check_same_thread=False)
         self._con.execute("PRAGMA journal_mode=WAL")
         self._con.execute("CREATE TABLE IF NOT EXISTS buckets (name TEXT PRIMARY KEY, tokens REAL, last REAL)")
         self._lock = threading.Lock()
 
     def acquire(self, cost: float = 1.0) -> float:
         with self._lock:
-            self._con.execute("BEGIN IMMEDIATE")
+            begin_immediate(self._con, "taking a token from the shared rate limit")
             try:
                 row = self._con.execute("SELECT tokens, last FROM buckets WHERE name = ?", (self.name,)).fetchone()
                 now = time.time()
@@ -307,9 +309,17 @@ class RetryPolicy:
         return backoff
 
 
+DEFAULT_BODY_DEADLINE_S = 300.0  # a whole body; ``timeout_s`` bounds each read, so a trickle never times out
+
+
+class BodyTooSlow(TimeoutError):
+    """A response body still incomplete at its deadline (transient: retried like a timeout)."""
+
+
 @dataclass(frozen=True)
 class HttpSettings:
     timeout_s: float = 30.0
+    body_deadline_s: float = DEFAULT_BODY_DEADLINE_S
     retry: RetryPolicy = RetryPolicy()
     download_workers: int = 8
     max_image_bytes: int = 25 * 2**20
@@ -352,12 +362,14 @@ class ApiSession(requests.Session):
         stats: HttpStats | None = None,
         label: str = "api",
         bandwidth: Limiter | None = None,
+        body_deadline_s: float = DEFAULT_BODY_DEADLINE_S,
     ):
         super().__init__()
         self.label = label
         self.limiter = limiter
         self.bandwidth = bandwidth
         self.timeout_s = timeout_s
+        self.body_deadline_s = body_deadline_s
         self.stats = stats or HttpStats()
         self.headers["User-Agent"] = user_agent
         self._local = threading.local()
@@ -407,7 +419,8 @@ def _short_text(resp: requests.Response, limit: int = 65536) -> str:
 
 def api_session(http: HttpSettings, stats: HttpStats, key: str, rate_per_s: float) -> ApiSession:
     """A session for one API key, paced by that key's (shared) token bucket."""
-    return ApiSession(rate_limiter(key, rate_per_s, http.rate_limit_db), http.timeout_s, http.user_agent, stats, "api")
+    return ApiSession(rate_limiter(key, rate_per_s, http.rate_limit_db), http.timeout_s, http.user_agent, stats, "api",
+                      body_deadline_s=http.body_deadline_s)
 
 
 def download_session(http: HttpSettings, stats: HttpStats, rate_per_s: float = 0.0, bytes_per_s: float = 0.0,
@@ -417,7 +430,7 @@ def download_session(http: HttpSettings, stats: HttpStats, rate_per_s: float = 0
     limiter = TokenBucket(rate_per_s) if rate_per_s > 0 else None
     bandwidth = rate_limiter(f"bytes:{host}", bytes_per_s, http.rate_limit_db, capacity=bytes_per_s) \
         if bytes_per_s > 0 else None
-    return ApiSession(limiter, http.timeout_s, http.user_agent, stats, "download", bandwidth)
+    return ApiSession(limiter, http.timeout_s, http.user_agent, stats, "download", bandwidth, http.body_deadline_s)
 
 
 def classify(exc: BaseException) -> tuple[str, float | None] | None:
@@ -471,17 +484,41 @@ class Fetched:
     content_type: str | None
 
 
-def read_capped(resp: requests.Response, max_bytes: int) -> bytes:
-    """The body, refusing anything over ``max_bytes`` (by Content-Length up front, else while streaming)."""
+def read_capped(resp: requests.Response, max_bytes: int, deadline_s: float = DEFAULT_BODY_DEADLINE_S) -> bytes:
+    """The body, refusing anything over ``max_bytes`` (by Content-Length up front, else while streaming) or still
+    arriving ``deadline_s`` after the read began (``BodyTooSlow``, retried as a timeout)."""
     length = resp.headers.get("Content-Length")
     if length and length.isdigit() and int(length) > max_bytes:
         raise ImageTooLarge(f"Content-Length {length} > {max_bytes} bytes")
     buf = bytearray()
-    for chunk in resp.iter_content(chunk_size=1 << 16):
+    start = time.monotonic()
+    for chunk in _arriving(resp, 1 << 16):
         buf += chunk
         if len(buf) > max_bytes:
             raise ImageTooLarge(f"body over {max_bytes} bytes")
+        if time.monotonic() - start > deadline_s:
+            raise BodyTooSlow(f"body incomplete after {deadline_s:g} s ({len(buf)} bytes read); "
+                              "the crawl resource's download_deadline_s sets this limit")
     return bytes(buf)
+
+
+def _arriving(resp: requests.Response, size: int) -> Iterator[bytes]:
+    """The body in pieces of whatever has arrived, at most ``size`` bytes each, with the errors ``iter_content``
+    raises. ``iter_content`` waits until it has ``size`` bytes, so a host sending a byte per read timeout would
+    keep one piece, and the deadline check after it, waiting for hours."""
+    raw = resp.raw
+    if not hasattr(raw, "read1"):  # not urllib3's response (a test double): no partial reads to be had
+        yield from resp.iter_content(chunk_size=size)
+        return
+    try:
+        while chunk := raw.read1(size, decode_content=True):
+            yield chunk
+    except urllib3.exceptions.ProtocolError as exc:
+        raise requests.exceptions.ChunkedEncodingError(exc) from exc
+    except urllib3.exceptions.DecodeError as exc:
+        raise requests.exceptions.ContentDecodingError(exc) from exc
+    except urllib3.exceptions.ReadTimeoutError as exc:
+        raise requests.exceptions.ConnectionError(exc) from exc
 
 
 def fetch_url(session: requests.Session, url: str, max_bytes: int) -> Fetched:
@@ -494,7 +531,7 @@ def fetch_url(session: requests.Session, url: str, max_bytes: int) -> Fetched:
         length = resp.headers.get("Content-Length") or ""
         announced = int(length) if length.isdigit() and int(length) <= max_bytes else 0
         pay(announced)
-        data = read_capped(resp, max_bytes)
+        data = read_capped(resp, max_bytes, getattr(session, "body_deadline_s", DEFAULT_BODY_DEADLINE_S))
         pay(len(data) - announced)
         return Fetched(data, resp.headers.get("Content-Type"))
 

@@ -435,9 +435,15 @@ class LocalSource:
         self.rejected.append(rejection(STAGE, {"source": SOURCE, **base}, reason, detail))
 
 
+URL_MAX_BYTES = 256 * 2**20  # a manifest URL's image; a bigger body is refused instead of filling memory
+
+
 def _http_get(url: str, timeout: float) -> bytes:
+    """The body of ``url``: ``timeout`` per read, the whole body within the crawls' download deadline."""
     import requests
 
-    resp = requests.get(url, timeout=timeout)
-    resp.raise_for_status()
-    return resp.content
+    from pipeline.sources.http import read_capped
+
+    with requests.get(url, timeout=timeout, stream=True) as resp:
+        resp.raise_for_status()
+        return read_capped(resp, URL_MAX_BYTES)

@@ -259,7 +259,7 @@ class PlacesV1Api:
                 raise TransientError(PHOTO_URI_EXPIRED, "the content host refused the photoUri (expired)")
             if resp.status_code != 200:
                 raise PermanentHTTPError(resp.status_code)
-            return Fetched(read_capped(resp, self.http.max_image_bytes), resp.headers.get("Content-Type"))
+            return Fetched(read_capped(resp, self.http.max_image_bytes, self.http.body_deadline_s), resp.headers.get("Content-Type"))
 
 
 def places_of(reply: dict) -> list[dict]:

@@ -4,7 +4,7 @@ These images are not photographs. They are cheap procedural renderings (sky, hor
 place-specific "landmark" silhouette) whose appearance is driven by real data at the point where each one is
 placed, so that the offline pipeline has something learnable to train and evaluate on without any network:
 
-- placement: per-province counts follow GEOPAK's real imbalance (``imbalance_shares``); urban points jitter
+- placement: per-province counts follow the census population (``population_shares``); urban points jitter
   around real GeoNames places (chosen ∝ population^0.7), rural points are uniform inside the geoBoundaries ADM1
   polygon, and every non-defect point lies inside its intended province's polygon (checked with the same
   ``ProvinceBoundaries.locate`` the labeller uses, so nothing is rejected by accident);

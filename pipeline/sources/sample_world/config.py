@@ -12,6 +12,7 @@ CAMERA_MAKE = "GeoPak"
 CAMERA_MODEL = "GeoPak SampleWorld"
 UTC_OFFSET_HOURS = PAKISTAN_UTC_OFFSET_HOURS  # the one definition (pipeline.core.provinces)
 RENDER_VERSION = 1  # bump when the appearance changes, so caches keyed on it can be invalidated
+PLAN_VERSION = 2  # bump when placement changes (2: province mix from the census population, not GEOPAK's crawl)
 
 # Catalog-level defects (the catalog must notice them) then filter-level ones (valid geotagged JPEGs in Pakistan).
 CATALOG_DEFECTS: tuple[str, ...] = ("no_gps", "outside_pakistan", "future_date", "truncated", "not_an_image")

@@ -84,12 +84,16 @@ def generate_sample_world(
             pending.extend(io_pool.submit(store.put, b) for b in blobs)
 
         if workers > 1 and n >= 2 * _MIN_ROWS_PER_WORKER:
-            from pipeline.core.processes import spawn_pool
+            from pipeline.core.parallel import chunk_result
+            from pipeline.core.processes import spawn_pool, stop_pool
 
-            with spawn_pool(workers) as pool:  # its workers die with this process, never orphaned
+            pool = spawn_pool(workers)  # its workers die with this process, never orphaned
+            try:
                 futures = [pool.submit(_render_chunk, c, cfg) for c in chunks]
-                for fut in futures:  # in submission order: results line up with rows
-                    consume(fut.result())
+                for i, fut in enumerate(futures):  # in submission order: results line up with rows
+                    consume(chunk_result(fut, "_render_chunk (sample world)", i, len(futures)))
+            finally:
+                stop_pool(pool)  # bounded: never waits on a stuck worker
         else:
             for c in chunks:
                 consume(_render_chunk(c, cfg))

@@ -41,10 +41,12 @@ _OUTSIDE_ANCHORS: tuple[tuple[float, float], ...] = (
 
 
 def province_counts(n: int) -> dict[str, int]:
-    """Images per province: largest-remainder rounding of GEOPAK's shares, each province at least a handful."""
-    from pipeline.core.provinces import imbalance_shares
+    """Images per province: largest-remainder rounding of the census population shares
+    (``provinces.population_shares``: a stated real proxy, not GEOPAK's crawl, whose 70 % Sindh made "predict
+    Sindh" most of what a model could learn), each province at least a handful."""
+    from pipeline.core.provinces import population_shares
 
-    shares = imbalance_shares()
+    shares = population_shares()
     keys = list(shares)
     raw = np.array([shares[k] * n for k in keys])
     counts = np.floor(raw).astype(int)

@@ -1,0 +1,256 @@
+"""Soak test of the real job flow (issue 21.4): crawl → catalog → filter → labels, killed and run again.
+
+Each round crawls a Sindh partition from the fake Flickr (camera-like JPEGs, enough of them that the filter
+measures with its 2-process pool) into a fresh data root with a real ``dagster job execute``, SIGKILLs that
+launcher alone (as an OOM kill or a closed laptop would) at a seeded random moment of start-up or of one of the
+four steps (located through the run's event log, so the points do not drift with the machine's load), then runs
+the same job again on the same root. Rounds alternate the executor: multiprocess (each step in its own process, as the
+crawl job and the UI run it) and in-process (as the main job runs). After each rerun:
+
+* the rerun succeeded, after sweeping the killed run (marked failed, its pool slots freed);
+* the manifest, catalog, filtered catalog, filter rejections and labelled catalog equal an uninterrupted run's
+  (sorted by image id, timing columns aside), and each photo is in them exactly once;
+* no process the killed run started is left (its process group is empty), no pool slot is claimed, no run is
+  left STARTED.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import dagster as dg
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from tests import soak_defs
+from tests.crawl_support import FLICKR_KEY, FLICKR_SECRET
+from tests.fake_apis import FakeServer, FlickrPhoto, flickr_routes
+from tests.process_support import wait_until
+
+REPO = Path(__file__).resolve().parents[1]
+PROVINCE = "sindh"
+# where each round's kill lands: during start-up (None), or a moment after that step started (a seeded fraction of
+# a second: the crawl downloading, the filter measuring with its pool, ...); each with both executors: 10 rounds
+KILL_POINTS = [None, "flickr_photos", "image_catalog", "filtered_catalog", "labelled_catalog"]
+EXECUTORS = ["multiprocess", "in_process"]
+N_PHOTOS = 210  # ~30 % dropped by the crawl (licence, accuracy), so ≥ 128 reach the filter, which then uses its pool
+SEED = 21
+RUN_DEADLINE_S = 240.0
+EXIT_DEADLINE_S = 20.0  # the killed launcher's step and pool processes watch it and stop within about a second
+INSTANCE_YAML = "telemetry:\n  enabled: false\nconcurrency:\n  pools:\n    default_limit: 1\n"
+# (table, file under the data root); rows compared by image id, these columns aside (when a run wrote them)
+TABLES = {"manifest": f"raw/flickr/{PROVINCE}/manifest.parquet", "catalog": "catalog/image_catalog.parquet",
+          "catalog_rejections": "catalog/rejections.parquet", "filtered": "filter/filtered_catalog.parquet", "filter_rejections": "filter/rejections.parquet",
+          "labelled": "labels/labelled_catalog.parquet"}
+TIMING_COLUMNS = {"fetched_at", "ingested_at", "crawled_at", "rejected_at", "measured_at"}
+
+def camera_jpeg(name: str) -> bytes:
+    """A 320 × 240 JPEG that decodes and measures like a photo (smooth light, texture, sensor noise), unique per
+    name and the same on every request; every 40th photo is a blank frame (the filter rejects it) and every 40th
+    another the same bytes as the photo before it (the catalog keeps one)."""
+    number = int(name.split(".")[0])
+    if number % 40 == 7:
+        return _jpeg(np.full((240, 320, 3), 128, "uint8"))
+    if number % 40 == 19:
+        name = f"{number - 1}.jpg"
+    rng = np.random.default_rng(int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "little"))
+    y, x = np.mgrid[0:240, 0:320] / 240.0
+    base = rng.uniform(40, 200, 3) + 50 * np.sin(x[..., None] * rng.uniform(2, 9, 3) + y[..., None] * rng.uniform(1, 6, 3))
+    return _jpeg(np.clip(base + rng.normal(0, 14, (240, 320, 3)), 0, 255).astype("uint8"))
+
+
+def _jpeg(pixels: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, "JPEG", quality=88)
+    return buf.getvalue()
+
+
+def _photos() -> list[FlickrPhoto]:
+    """Photos around Hyderabad (Sindh, inland): most open-licensed and street-accurate, a few that the crawl drops."""
+    rng = random.Random(SEED)
+    out = []
+    for i in range(N_PHOTOS):
+        taken = f"{rng.randrange(2008, 2023)}-{rng.randrange(1, 13):02d}-{rng.randrange(1, 29):02d} 10:{i % 60:02d}:00"
+        out.append(FlickrPhoto(str(60_000_000 + i), 25.39 + rng.uniform(-0.12, 0.12), 68.37 + rng.uniform(-0.12, 0.12),
+                               taken, license=rng.choice(["4", "4", "4", "5", "9", "9", "0"]),
+                               accuracy=rng.choice([16, 16, 16, 14, 6])))
+    return out
+
+
+def _run_config(rest_url: str, executor: str) -> dict:
+    return {
+        "resources": {"flickr": {"config": {"rest_url": rest_url, "queries_per_hour": 3.6e6, "timeout_s": 10.0,
+                                            "min_taken_date": "2005-01-01", "max_taken_date": "2024-01-01"}}},
+        "ops": {"filtered_catalog": {"config": {"workers": 2}}},
+        "execution": {"config": {executor: {}}},
+    }
+
+
+class Soak:
+    """One instance (DAGSTER_HOME) for every run, a data root per round, the fake Flickr and the launchers."""
+
+    def __init__(self, tmp: Path, boundaries_path: Path, rest_url: str):
+        self.tmp, self.rest_url = tmp, rest_url
+        self.home = tmp / "dagster_home"
+        self.home.mkdir()
+        (self.home / "dagster.yaml").write_text(INSTANCE_YAML)
+        self.env = {**os.environ, "DAGSTER_HOME": str(self.home), "GEOPAK_BOUNDARIES": str(boundaries_path),
+                    "FLICKR_API_KEY": FLICKR_KEY, "FLICKR_API_SECRET": FLICKR_SECRET}
+        self.instance = dg.DagsterInstance.from_config(str(self.home))
+
+    def start(self, root: Path, executor: str) -> subprocess.Popen:
+        """``dagster job execute`` of the soak job on ``root``, in a session of its own (its process group)."""
+        config = self.tmp / f"{root.name}-{executor}.yaml"
+        config.write_text(json.dumps(_run_config(self.rest_url, executor)))
+        cmd = [str(Path(sys.executable).with_name("dagster")), "job", "execute", "-f", soak_defs.__file__, "-j",
+               soak_defs.SOAK_JOB,
+               "-c", str(config), "--tags", json.dumps({"dagster/partition": PROVINCE})]
+        log = open(self.tmp / f"{root.name}-{executor}-{time.monotonic_ns()}.log", "wb")  # noqa: SIM115
+        try:
+            return subprocess.Popen(cmd, cwd=REPO, env={**self.env, "GEOPAK_DATA_ROOT": str(root)}, stdout=log,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
+        finally:
+            log.close()
+
+    def finish(self, proc: subprocess.Popen, what: str) -> float:
+        """Wait for a run that must succeed; its wall time."""
+        start = time.monotonic()
+        try:
+            proc.wait(RUN_DEADLINE_S)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            pytest.fail(f"{what} did not finish within {RUN_DEADLINE_S:g} s:\n{self.last_log()}")
+        assert proc.returncode == 0, f"{what} failed:\n{self.last_log()}"
+        return time.monotonic() - start
+
+    def last_log(self) -> str:
+        newest = max(self.tmp.glob("*.log"), key=lambda p: p.stat().st_mtime)
+        return newest.read_text(errors="replace")[-4000:]
+
+    def check_instance_clean(self) -> None:
+        """No pool slot claimed or pending, no run STARTED."""
+        storage = self.instance.event_log_storage
+        for pool in storage.get_concurrency_keys():
+            info = storage.get_concurrency_info(pool)
+            assert not info.claimed_slots and not info.pending_steps, f"pool {pool}: {info}"
+        started = self.instance.get_runs(filters=dg.RunsFilter(statuses=[dg.DagsterRunStatus.STARTED]))
+        assert not started, [r.run_id for r in started]
+
+
+
+def _kill_during(soak: Soak, proc: subprocess.Popen, step: str | None, rng: random.Random, known: set[str]) -> str:
+    """SIGKILL the launcher alone (its children must notice by themselves) a seeded moment into ``step`` of its
+    run (None: into start-up); say where it landed."""
+    if step is None:
+        time.sleep(rng.uniform(0.2, 3.0))
+    else:
+        def started() -> bool:
+            runs = [r for r in soak.instance.get_runs(limit=1) if r.run_id not in known]
+            return bool(runs) and any(e.step_key == step for e in soak.instance.all_logs(
+                runs[0].run_id, of_type=dg.DagsterEventType.STEP_START))
+
+        assert wait_until(lambda: started() or proc.poll() is not None, RUN_DEADLINE_S), f"{step} never started"
+        time.sleep(rng.uniform(0.0, 0.6))
+    landed = proc.poll() is None
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return f"{'into' if landed else 'after the end of'} {step or 'start-up'}"
+
+
+def _described(pids: list[int]) -> str:
+    """``pid: command line`` of each process, for a failure message."""
+    lines = []
+    for pid in pids:
+        try:
+            lines.append(f"{pid}: " + Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()[:300])
+        except OSError:
+            lines.append(f"{pid}: (gone)")
+    return "\n".join(lines)
+
+
+def _group_members(pgid: int) -> list[int]:
+    """Live processes in process group ``pgid`` (from /proc; zombies do not count)."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            members.append(int(stat.parent.name))
+    return members
+
+
+def _tables(root: Path) -> dict[str, pd.DataFrame]:
+    """Each final table, timing columns dropped, sorted by image id, with paths relative to the data root."""
+    out = {}
+    for name, rel in TABLES.items():
+        df = pd.read_parquet(root / rel)
+        df = df.drop(columns=[c for c in df.columns if c in TIMING_COLUMNS])
+        for col in df.columns:
+            if df[col].dtype == object and df[col].astype(str).str.startswith(str(root)).any():
+                df[col] = df[col].astype(str).str.replace(str(root), "<root>", regex=False)
+        out[name] = df.sort_values(["image_id", *[c for c in ("source_id",) if c in df]]).reset_index(drop=True)
+    return out
+
+
+def _check_once(tables: dict[str, pd.DataFrame]) -> None:
+    """Every photo exactly once: once in the manifest; in the catalog or (a copy of another photo's bytes) in its
+    rejections; kept or rejected by the filter, never both; each image once in every table after the crawl."""
+    assert tables["manifest"]["source_id"].is_unique, "the manifest lists a photo twice"
+    for name in ("catalog", "filtered", "labelled"):
+        assert tables[name]["image_id"].is_unique and tables[name]["source_id"].is_unique, f"{name}: duplicates"
+    catalogued, dropped = set(tables["catalog"]["source_id"]), set(tables["catalog_rejections"]["source_id"])
+    assert not catalogued & dropped and catalogued | dropped == set(tables["manifest"]["source_id"])
+    kept, rejected = set(tables["filtered"]["image_id"]), set(tables["filter_rejections"]["image_id"])
+    assert not kept & rejected and kept | rejected == set(tables["catalog"]["image_id"])
+    assert set(tables["labelled"]["image_id"]) <= kept
+
+
+def test_killed_runs_rerun_to_the_same_tables_leaving_nothing_behind(tmp_path, boundaries_path):
+    rng = random.Random(SEED)
+    with FakeServer() as srv:
+        flickr_routes(srv, _photos(), FLICKR_KEY, jpeg=camera_jpeg)
+        soak = Soak(tmp_path, boundaries_path, srv.url + "/services/rest/")
+        for executor in EXECUTORS:
+            soak.finish(soak.start(tmp_path / f"reference-{executor}", executor), f"the uninterrupted {executor} run")
+        reference = _tables(tmp_path / "reference-multiprocess")
+        _check_once(reference)
+        assert len(reference["catalog"]) >= 128, "too few photos reach the filter for its pool to be used"
+        assert len(reference["labelled"]) > 0.8 * len(reference["catalog"])
+        assert len(reference["catalog_rejections"]) and len(reference["filter_rejections"])
+        for name, df in _tables(tmp_path / "reference-in_process").items():
+            pd.testing.assert_frame_equal(df, reference[name], obj=f"in-process vs multiprocess: {name}")
+        soak.check_instance_clean()
+        landed = []
+        for i, (step, executor) in enumerate((p, e) for p in KILL_POINTS for e in EXECUTORS):
+            root = tmp_path / f"round{i}"
+            known = {r.run_id for r in soak.instance.get_runs()}
+            killed = soak.start(root, executor)
+            where = _kill_during(soak, killed, step, rng, known)
+            landed.append(where.startswith("into"))
+            assert wait_until(lambda: not _group_members(killed.pid), EXIT_DEADLINE_S), (
+                f"round {i}: processes of the run killed {where} left after {EXIT_DEADLINE_S:g} s:\n"
+                + _described(_group_members(killed.pid)))
+            rerun = soak.start(root, executor)
+            soak.finish(rerun, f"round {i}'s rerun ({executor}, killed {where})")
+            assert wait_until(lambda: not _group_members(rerun.pid), EXIT_DEADLINE_S), (
+                f"round {i}: the rerun left processes behind:\n" + _described(_group_members(rerun.pid)))
+            soak.check_instance_clean()
+            tables = _tables(root)
+            _check_once(tables)
+            for name, want in reference.items():
+                pd.testing.assert_frame_equal(tables[name], want, obj=f"round {i} (killed {where}): {name}")
+        assert sum(landed) >= len(landed) - 1, f"kills that landed while the run went on: {landed}"
