@@ -20,7 +20,6 @@ The gallery is built once after training from the final model (``build_gallery``
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
 from collections.abc import Iterator
@@ -34,18 +33,10 @@ import torch.nn.functional as F
 from geopak_model.geo import haversine_km, unit_xyz
 from geopak_model.inference import Prediction, densest_cluster
 from pipeline.core.gazetteer import EARTH_RADIUS_KM
-from pipeline.core.store import atomic_path
+from pipeline.core.store import atomic_path, file_sha256  # file_sha256: the gallery records its model
 
 GALLERY_FILE = "gallery.npz"
 KNN_GALLERY_FILE = "knn_gallery.npz"  # the same layout over the encoders' features: the kNN baseline's gallery
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 @dataclass

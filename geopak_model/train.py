@@ -79,7 +79,8 @@ from geopak_model.evaluate import evaluate_features, majority_baselines
 from geopak_model.losses import LossContext, effective_number_weights, loss_terms, weighted_terms
 from geopak_model.model import GeopakHeads, GeopakModel, count_params
 from geopak_model.precision import amp_dtype, autocast, dtype_name
-from geopak_model.retrieval import GALLERY_FILE, KNN_GALLERY_FILE, Gallery, file_sha256
+from geopak_model.retrieval import GALLERY_FILE, KNN_GALLERY_FILE, Gallery
+from pipeline.core.store import file_sha256
 from geopak_model.selection import select_baselines, select_inference, setting_scores
 from pipeline.core import reasons
 from pipeline.core.paths import DataPaths
