@@ -21,6 +21,7 @@ from pipeline.defs.resources import default_resources
 SOAK_JOB = "soak_job"
 ASSETS = [flickr_photos, image_catalog, filtered_catalog, labelled_catalog]
 
-soak_job = dg.define_asset_job(SOAK_JOB, selection=dg.AssetSelection.assets(*ASSETS), partitions_def=PROVINCE_PARTITIONS,
-                               executor_def=sweeping(dg.multi_or_in_process_executor))
+soak_job = dg.define_asset_job(
+    SOAK_JOB, selection=dg.AssetSelection.assets(*ASSETS), partitions_def=PROVINCE_PARTITIONS,
+    executor_def=sweeping(dg.multi_or_in_process_executor))
 defs = dg.Definitions(assets=ASSETS, jobs=[soak_job], resources={**default_resources(), **crawl_resources()})

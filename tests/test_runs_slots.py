@@ -19,7 +19,7 @@ import dagster as dg
 from pipeline.cli import main as geopak
 from pipeline.defs.executors import POOL_WAIT_ENV, in_process_sweeping_executor, multiprocess_sweeping_executor
 from pipeline.defs.run_hygiene import pool_holders
-from tests.process_support import wait_until
+from tests.process_support import live_processes, wait_until
 
 REPO = Path(__file__).resolve().parents[1]
 READY_ENV = "GEOPAK_TEST_SLOT_READY"
@@ -56,17 +56,10 @@ def next_job_multiprocess() -> None:
 defs = dg.Definitions(jobs=[holder_job, next_job, next_job_multiprocess])
 
 
-def _children(pid: int) -> list[int]:
-    """Live processes whose parent is ``pid`` (from /proc)."""
-    kids = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid and fields[0] != "Z":
-            kids.append(int(stat.parent.name))
-    return kids
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time ``pid`` has used so far (from /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _execute(job: str, env: dict, **kw) -> subprocess.Popen:
@@ -117,8 +110,9 @@ def test_killed_run_frees_its_pool_slot_for_the_next_run(tmp_path, capsys):
 
 
 def test_a_waiting_run_names_the_holder_and_goes_on_once_the_holder_is_killed(tmp_path):
-    """The holder is alive when the next run starts, so the next run waits and says who it waits for; once the
-    holder is killed, the periodic sweep frees its slot and the waiting run finishes."""
+    """The holder is alive when the next run starts, so the next run waits (without spinning: Dagster's loop used
+    a full core) and says who it waits for; once the holder is killed, the periodic sweep frees its slot and the
+    waiting run finishes."""
     home = tmp_path / "dagster_home"
     home.mkdir()
     (home / "dagster.yaml").write_text(INSTANCE_YAML)
@@ -136,6 +130,9 @@ def test_a_waiting_run_names_the_holder_and_goes_on_once_the_holder_is_killed(tm
                               for e in instance.all_logs(r.run_id))
         assert wait_until(waiting, 90), "the waiting run never named the holder"
         assert nxt.poll() is None, "the next run must wait while the holder lives"
+        used = _cpu_seconds(nxt.pid)
+        time.sleep(3.0)
+        assert _cpu_seconds(nxt.pid) - used < 0.5, "the waiting run spins instead of waiting"
     finally:
         os.killpg(holder.pid, signal.SIGKILL)
         holder.wait(10)
@@ -173,7 +170,7 @@ def test_a_run_that_waits_on_a_live_holder_past_its_limit_fails_naming_it(tmp_pa
                 out, _ = waiter.communicate()
                 raise AssertionError("a run waited past its pool-wait limit:\n" + out.decode()[-3000:]) from None
             assert waiter.returncode != 0, out.decode()[-3000:]
-            assert not _children(waiter.pid)
+            assert wait_until(lambda: not live_processes(group=waiter.pid), 10), "a failed run left processes"
         assert holder.poll() is None, "the holder is alive: nothing may have freed its slot"
         for job in ("next_job", "next_job_multiprocess"):
             (run,) = [r for r in instance.get_runs() if r.job_name == job]

@@ -3,13 +3,13 @@
 Each round crawls a Sindh partition from the fake Flickr (camera-like JPEGs, enough of them that the filter
 measures with its 2-process pool) into a fresh data root with a real ``dagster job execute``, SIGKILLs that
 launcher alone (as an OOM kill or a closed laptop would) at a seeded random moment of start-up or of one of the
-four steps (located through the run's event log, so the points do not drift with the machine's load), then runs
-the same job again on the same root. Rounds alternate the executor: multiprocess (each step in its own process, as the
+four steps (found through the run's event log, so the points do not drift with the machine's load), then runs the
+same job again on the same root. Rounds use both executors: multiprocess (each step in its own process, as the
 crawl job and the UI run it) and in-process (as the main job runs). After each rerun:
 
-* the rerun succeeded, after sweeping the killed run (marked failed, its pool slots freed);
-* the manifest, catalog, filtered catalog, filter rejections and labelled catalog equal an uninterrupted run's
-  (sorted by image id, timing columns aside), and each photo is in them exactly once;
+* it succeeded, after sweeping the killed run (marked failed, its pool slots freed);
+* the manifest, catalog (and its rejections), filtered catalog, filter rejections and labelled catalog equal an
+  uninterrupted run's (sorted by image id, timing columns aside), and each photo is in them exactly once;
 * no process the killed run started is left (its process group is empty), no pool slot is claimed, no run is
   left STARTED.
 """
@@ -36,14 +36,17 @@ from PIL import Image
 from tests import soak_defs
 from tests.crawl_support import FLICKR_KEY, FLICKR_SECRET
 from tests.fake_apis import FakeServer, FlickrPhoto, flickr_routes
-from tests.process_support import wait_until
+from tests.process_support import described, live_processes, wait_until
 
 REPO = Path(__file__).resolve().parents[1]
 PROVINCE = "sindh"
-# where each round's kill lands: during start-up (None), or a moment after that step started (a seeded fraction of
-# a second: the crawl downloading, the filter measuring with its pool, ...); each with both executors: 10 rounds
-KILL_POINTS = [None, "flickr_photos", "image_catalog", "filtered_catalog", "labelled_catalog"]
-EXECUTORS = ["multiprocess", "in_process"]
+MP, IP = "multiprocess", "in_process"
+# the 10 rounds: where the kill lands (start-up: None; else a seeded fraction of a second after that step started:
+# the crawl downloading, the filter measuring with its pool, ...) and with which executor; the filter, with the
+# most processes, three times; the multiprocess runs, slow to start each step, four times
+ROUNDS = [(None, IP), ("flickr_photos", MP), ("flickr_photos", IP), ("image_catalog", MP), ("image_catalog", IP),
+          ("filtered_catalog", MP), ("filtered_catalog", IP), ("filtered_catalog", IP), ("labelled_catalog", MP),
+          ("labelled_catalog", IP)]
 N_PHOTOS = 210  # ~30 % dropped by the crawl (licence, accuracy), so ≥ 128 reach the filter, which then uses its pool
 SEED = 21
 RUN_DEADLINE_S = 240.0
@@ -51,9 +54,10 @@ EXIT_DEADLINE_S = 20.0  # the killed launcher's step and pool processes watch it
 INSTANCE_YAML = "telemetry:\n  enabled: false\nconcurrency:\n  pools:\n    default_limit: 1\n"
 # (table, file under the data root); rows compared by image id, these columns aside (when a run wrote them)
 TABLES = {"manifest": f"raw/flickr/{PROVINCE}/manifest.parquet", "catalog": "catalog/image_catalog.parquet",
-          "catalog_rejections": "catalog/rejections.parquet", "filtered": "filter/filtered_catalog.parquet", "filter_rejections": "filter/rejections.parquet",
-          "labelled": "labels/labelled_catalog.parquet"}
+          "catalog_rejections": "catalog/rejections.parquet", "filtered": "filter/filtered_catalog.parquet",
+          "filter_rejections": "filter/rejections.parquet", "labelled": "labels/labelled_catalog.parquet"}
 TIMING_COLUMNS = {"fetched_at", "ingested_at", "crawled_at", "rejected_at", "measured_at"}
+
 
 def camera_jpeg(name: str) -> bytes:
     """A 320 × 240 JPEG that decodes and measures like a photo (smooth light, texture, sensor noise), unique per
@@ -66,7 +70,8 @@ def camera_jpeg(name: str) -> bytes:
         name = f"{number - 1}.jpg"
     rng = np.random.default_rng(int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "little"))
     y, x = np.mgrid[0:240, 0:320] / 240.0
-    base = rng.uniform(40, 200, 3) + 50 * np.sin(x[..., None] * rng.uniform(2, 9, 3) + y[..., None] * rng.uniform(1, 6, 3))
+    waves = x[..., None] * rng.uniform(2, 9, 3) + y[..., None] * rng.uniform(1, 6, 3)
+    base = rng.uniform(40, 200, 3) + 50 * np.sin(waves)
     return _jpeg(np.clip(base + rng.normal(0, 14, (240, 320, 3)), 0, 255).astype("uint8"))
 
 
@@ -113,9 +118,8 @@ class Soak:
         """``dagster job execute`` of the soak job on ``root``, in a session of its own (its process group)."""
         config = self.tmp / f"{root.name}-{executor}.yaml"
         config.write_text(json.dumps(_run_config(self.rest_url, executor)))
-        cmd = [str(Path(sys.executable).with_name("dagster")), "job", "execute", "-f", soak_defs.__file__, "-j",
-               soak_defs.SOAK_JOB,
-               "-c", str(config), "--tags", json.dumps({"dagster/partition": PROVINCE})]
+        cmd = [str(Path(sys.executable).with_name("dagster")), "job", "execute", "-f", soak_defs.__file__,
+               "-j", soak_defs.SOAK_JOB, "-c", str(config), "--tags", json.dumps({"dagster/partition": PROVINCE})]
         log = open(self.tmp / f"{root.name}-{executor}-{time.monotonic_ns()}.log", "wb")  # noqa: SIM115
         try:
             return subprocess.Popen(cmd, cwd=REPO, env={**self.env, "GEOPAK_DATA_ROOT": str(root)}, stdout=log,
@@ -123,9 +127,8 @@ class Soak:
         finally:
             log.close()
 
-    def finish(self, proc: subprocess.Popen, what: str) -> float:
-        """Wait for a run that must succeed; its wall time."""
-        start = time.monotonic()
+    def finish(self, proc: subprocess.Popen, what: str) -> None:
+        """Wait for a run that must succeed."""
         try:
             proc.wait(RUN_DEADLINE_S)
         except subprocess.TimeoutExpired:
@@ -133,7 +136,6 @@ class Soak:
             proc.wait()
             pytest.fail(f"{what} did not finish within {RUN_DEADLINE_S:g} s:\n{self.last_log()}")
         assert proc.returncode == 0, f"{what} failed:\n{self.last_log()}"
-        return time.monotonic() - start
 
     def last_log(self) -> str:
         newest = max(self.tmp.glob("*.log"), key=lambda p: p.stat().st_mtime)
@@ -147,7 +149,6 @@ class Soak:
             assert not info.claimed_slots and not info.pending_steps, f"pool {pool}: {info}"
         started = self.instance.get_runs(filters=dg.RunsFilter(statuses=[dg.DagsterRunStatus.STARTED]))
         assert not started, [r.run_id for r in started]
-
 
 
 def _kill_during(soak: Soak, proc: subprocess.Popen, step: str | None, rng: random.Random, known: set[str]) -> str:
@@ -167,30 +168,6 @@ def _kill_during(soak: Soak, proc: subprocess.Popen, step: str | None, rng: rand
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     return f"{'into' if landed else 'after the end of'} {step or 'start-up'}"
-
-
-def _described(pids: list[int]) -> str:
-    """``pid: command line`` of each process, for a failure message."""
-    lines = []
-    for pid in pids:
-        try:
-            lines.append(f"{pid}: " + Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()[:300])
-        except OSError:
-            lines.append(f"{pid}: (gone)")
-    return "\n".join(lines)
-
-
-def _group_members(pgid: int) -> list[int]:
-    """Live processes in process group ``pgid`` (from /proc; zombies do not count)."""
-    members = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            members.append(int(stat.parent.name))
-    return members
 
 
 def _tables(root: Path) -> dict[str, pd.DataFrame]:
@@ -224,33 +201,30 @@ def test_killed_runs_rerun_to_the_same_tables_leaving_nothing_behind(tmp_path, b
     with FakeServer() as srv:
         flickr_routes(srv, _photos(), FLICKR_KEY, jpeg=camera_jpeg)
         soak = Soak(tmp_path, boundaries_path, srv.url + "/services/rest/")
-        for executor in EXECUTORS:
-            soak.finish(soak.start(tmp_path / f"reference-{executor}", executor), f"the uninterrupted {executor} run")
-        reference = _tables(tmp_path / "reference-multiprocess")
+        soak.finish(soak.start(tmp_path / "reference", MP), "the uninterrupted run")
+        reference = _tables(tmp_path / "reference")
         _check_once(reference)
         assert len(reference["catalog"]) >= 128, "too few photos reach the filter for its pool to be used"
         assert len(reference["labelled"]) > 0.8 * len(reference["catalog"])
         assert len(reference["catalog_rejections"]) and len(reference["filter_rejections"])
-        for name, df in _tables(tmp_path / "reference-in_process").items():
-            pd.testing.assert_frame_equal(df, reference[name], obj=f"in-process vs multiprocess: {name}")
         soak.check_instance_clean()
         landed = []
-        for i, (step, executor) in enumerate((p, e) for p in KILL_POINTS for e in EXECUTORS):
+        for i, (step, executor) in enumerate(ROUNDS):
             root = tmp_path / f"round{i}"
             known = {r.run_id for r in soak.instance.get_runs()}
             killed = soak.start(root, executor)
             where = _kill_during(soak, killed, step, rng, known)
             landed.append(where.startswith("into"))
-            assert wait_until(lambda: not _group_members(killed.pid), EXIT_DEADLINE_S), (
+            assert wait_until(lambda: not live_processes(group=killed.pid), EXIT_DEADLINE_S), (
                 f"round {i}: processes of the run killed {where} left after {EXIT_DEADLINE_S:g} s:\n"
-                + _described(_group_members(killed.pid)))
+                + described(live_processes(group=killed.pid)))
             rerun = soak.start(root, executor)
             soak.finish(rerun, f"round {i}'s rerun ({executor}, killed {where})")
-            assert wait_until(lambda: not _group_members(rerun.pid), EXIT_DEADLINE_S), (
-                f"round {i}: the rerun left processes behind:\n" + _described(_group_members(rerun.pid)))
+            assert wait_until(lambda: not live_processes(group=rerun.pid), EXIT_DEADLINE_S), (
+                f"round {i}: the rerun left processes behind:\n" + described(live_processes(group=rerun.pid)))
             soak.check_instance_clean()
             tables = _tables(root)
             _check_once(tables)
-            for name, want in reference.items():
+            for name, want in reference.items():  # the in-process reruns against the multiprocess run, too
                 pd.testing.assert_frame_equal(tables[name], want, obj=f"round {i} (killed {where}): {name}")
         assert sum(landed) >= len(landed) - 1, f"kills that landed while the run went on: {landed}"

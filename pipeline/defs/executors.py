@@ -12,6 +12,12 @@ pool and its holders, instead of leaving it STARTED. Dagster's executors only ch
 while they wait, and the in-process one never looks at interrupts), so the bound sits on the one call both make
 while waiting, the instance's ``claim_concurrency_slot``: raising there unwinds Dagster's own concurrency context,
 which drops the step's pending claim, and ends the run FAILURE with the reason.
+
+While they wait, both executors also spin: the in-process one's sleep is ``min(0, ...)`` of the time to the next
+claim check (never positive), and the multiprocess one's loop has no sleep when no step runs. A run waiting on a
+pool burned a full core until a slot came. ``_pause_when_only_waiting`` makes the loop they share pause
+``IDLE_POLL_S`` when every step left waits for a slot and none runs; claims are still checked when Dagster's
+backoff says, so a freed slot is taken as soon as before.
 """
 
 from __future__ import annotations
@@ -22,14 +28,16 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 import dagster as dg
 from dagster._core.definitions.executor_definition import ExecutorDefinition
 from dagster._core.events import DagsterEvent, DagsterEventType, EngineEventData
+from dagster._core.execution.plan.active import ActiveExecution
 from dagster._core.executor.base import Executor
 from dagster._core.instance import DagsterInstance
 from dagster._core.storage.dagster_run import DagsterRun
+from dagster._utils.concurrency import ConcurrencyClaimStatus
 from dagster._utils.error import serializable_error_info_from_exc_info
 
 from pipeline.core.processes import wait_limit
@@ -40,6 +48,27 @@ SWEEP_INTERVAL_S = float(os.environ.get("GEOPAK_SWEEP_INTERVAL_S", "30"))
 POOL_WAIT_ENV = "GEOPAK_POOL_WAIT_TIMEOUT_S"
 POOL_WAIT_TAG = "geopak/pool_wait_timeout_s"
 DEFAULT_POOL_WAIT_S = 6 * 3600.0
+IDLE_POLL_S = 0.25
+
+
+def _pause_when_only_waiting(events: Callable[..., Iterator[DagsterEvent]]) -> Callable[..., Iterator[DagsterEvent]]:
+    """``ActiveExecution.concurrency_event_iterator`` (called once per loop of both executors), pausing
+    ``IDLE_POLL_S`` after it when steps wait for pool slots and no step is in flight: then the loop has nothing else
+    to do and would otherwise spin."""
+
+    def iterate(self: ActiveExecution, plan_context) -> Iterator[DagsterEvent]:  # noqa: ANN001
+        yield from events(self, plan_context)
+        claims = getattr(self, "_instance_concurrency_context", None)
+        if claims is not None and claims.has_pending_claims() and not self.has_in_flight_steps:
+            time.sleep(IDLE_POLL_S)
+
+    iterate.geopak_paused = True  # type: ignore[attr-defined] - patched once, however often this module loads
+    return iterate
+
+
+if not getattr(ActiveExecution.concurrency_event_iterator, "geopak_paused", False):
+    ActiveExecution.concurrency_event_iterator = _pause_when_only_waiting(  # type: ignore[method-assign]
+        ActiveExecution.concurrency_event_iterator)
 
 
 class PoolWaitTimeout(Exception):
@@ -64,7 +93,7 @@ def bounded_pool_waits(instance: DagsterInstance, run: DagsterRun, limit_s: floa
     claim_slot = storage.claim_concurrency_slot
     refused_since: dict[str, float] = {}
 
-    def claim(concurrency_key: str, run_id: str, step_key: str, priority: int | None = None):  # noqa: ANN202
+    def claim(concurrency_key: str, run_id: str, step_key: str, priority: int | None = None) -> ConcurrencyClaimStatus:
         status = claim_slot(concurrency_key, run_id, step_key, priority)
         if run_id != run.run_id or status.is_claimed:
             refused_since.pop(step_key, None)
