@@ -68,12 +68,35 @@ def _execute(job: str, env: dict, **kw) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True, **kw)
 
 
-def test_killed_run_frees_its_pool_slot_for_the_next_run(tmp_path, capsys):
+def _instance_home(tmp_path: Path, **extra: str) -> tuple[Path, Path, dict]:
+    """(dagster home, readiness file, environment) for runs against a fresh instance with pool limit 1."""
     home = tmp_path / "dagster_home"
     home.mkdir()
     (home / "dagster.yaml").write_text(INSTANCE_YAML)
     ready = tmp_path / "ready"
-    env = {**os.environ, "DAGSTER_HOME": str(home), READY_ENV: str(ready)}
+    return home, ready, {**os.environ, "DAGSTER_HOME": str(home), READY_ENV: str(ready), **extra}
+
+
+def _finish(proc: subprocess.Popen, what: str, timeout: float = 120) -> str:
+    """Wait for ``proc`` to end and return its output; kill it and fail saying ``what`` when it outlives the limit."""
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        raise AssertionError(f"{what}:\n" + out.decode()[-3000:]) from None
+    return out.decode()
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(10)
+    proc.stdout.close()  # type: ignore[union-attr]
+
+
+def test_killed_run_frees_its_pool_slot_for_the_next_run(tmp_path, capsys):
+    home, ready, env = _instance_home(tmp_path)
     holder = _execute("holder_job", env)
     try:
         assert wait_until(lambda: ready.exists() or holder.poll() is not None, 90), "the holder never started"
@@ -83,19 +106,12 @@ def test_killed_run_frees_its_pool_slot_for_the_next_run(tmp_path, capsys):
         held = pool_holders(instance, "test_pool")
         assert run.run_id in held and "holder_job" in held and "STARTED since" in held and f"pid {holder.pid}" in held
     finally:
-        os.killpg(holder.pid, signal.SIGKILL)
-        holder.wait(10)
-        holder.stdout.close()  # type: ignore[union-attr]
+        _kill(holder)
     assert instance.event_log_storage.get_concurrency_info("test_pool").claimed_slots, "the dead run holds the slot"
 
     nxt = _execute("next_job", env)
-    try:
-        out, _ = nxt.communicate(timeout=120)
-    except subprocess.TimeoutExpired:
-        os.killpg(nxt.pid, signal.SIGKILL)
-        out, _ = nxt.communicate()
-        raise AssertionError("the next run waited on the dead run's slot:\n" + out.decode()[-3000:]) from None
-    assert nxt.returncode == 0, out.decode()[-3000:]
+    out = _finish(nxt, "the next run waited on the dead run's slot")
+    assert nxt.returncode == 0, out[-3000:]
     assert instance.get_run_by_id(run.run_id).status == dg.DagsterRunStatus.FAILURE
     (latest,) = [r for r in instance.get_runs() if r.job_name == "next_job"]
     assert latest.status == dg.DagsterRunStatus.SUCCESS
@@ -113,11 +129,7 @@ def test_a_waiting_run_names_the_holder_and_goes_on_once_the_holder_is_killed(tm
     """The holder is alive when the next run starts, so the next run waits (without spinning: Dagster's loop used
     a full core) and says who it waits for; once the holder is killed, the periodic sweep frees its slot and the
     waiting run finishes."""
-    home = tmp_path / "dagster_home"
-    home.mkdir()
-    (home / "dagster.yaml").write_text(INSTANCE_YAML)
-    ready = tmp_path / "ready"
-    env = {**os.environ, "DAGSTER_HOME": str(home), READY_ENV: str(ready), "GEOPAK_SWEEP_INTERVAL_S": "1"}
+    home, ready, env = _instance_home(tmp_path, GEOPAK_SWEEP_INTERVAL_S="1")
     holder = _execute("holder_job", env)
     nxt = None
     try:
@@ -134,27 +146,16 @@ def test_a_waiting_run_names_the_holder_and_goes_on_once_the_holder_is_killed(tm
         time.sleep(3.0)
         assert _cpu_seconds(nxt.pid) - used < 0.5, "the waiting run spins instead of waiting"
     finally:
-        os.killpg(holder.pid, signal.SIGKILL)
-        holder.wait(10)
-        holder.stdout.close()  # type: ignore[union-attr]
-    try:
-        out, _ = nxt.communicate(timeout=120)
-    except subprocess.TimeoutExpired:
-        os.killpg(nxt.pid, signal.SIGKILL)
-        out, _ = nxt.communicate()
-        raise AssertionError("the waiting run never got the killed holder's slot:\n" + out.decode()[-3000:]) from None
-    assert nxt.returncode == 0, out.decode()[-3000:]
+        _kill(holder)
+    out = _finish(nxt, "the waiting run never got the killed holder's slot")
+    assert nxt.returncode == 0, out[-3000:]
     assert instance.get_run_by_id(run.run_id).status == dg.DagsterRunStatus.FAILURE
 
 
 def test_a_run_that_waits_on_a_live_holder_past_its_limit_fails_naming_it(tmp_path):
     """No slot for 5 s (GEOPAK_POOL_WAIT_TIMEOUT_S): the waiting run ends FAILURE, in-process and multiprocess
     alike, its event log names the pool and the run that holds it, and it leaves no process and no claim."""
-    home = tmp_path / "dagster_home"
-    home.mkdir()
-    (home / "dagster.yaml").write_text(INSTANCE_YAML)
-    ready = tmp_path / "ready"
-    env = {**os.environ, "DAGSTER_HOME": str(home), READY_ENV: str(ready)}
+    home, ready, env = _instance_home(tmp_path)
     holder = _execute("holder_job", env)
     waiters: list[subprocess.Popen] = []
     try:
@@ -163,13 +164,8 @@ def test_a_run_that_waits_on_a_live_holder_past_its_limit_fails_naming_it(tmp_pa
         (held,) = instance.get_runs()
         waiters = [_execute(job, {**env, POOL_WAIT_ENV: "5"}) for job in ("next_job", "next_job_multiprocess")]
         for waiter in waiters:
-            try:
-                out, _ = waiter.communicate(timeout=120)
-            except subprocess.TimeoutExpired:
-                os.killpg(waiter.pid, signal.SIGKILL)
-                out, _ = waiter.communicate()
-                raise AssertionError("a run waited past its pool-wait limit:\n" + out.decode()[-3000:]) from None
-            assert waiter.returncode != 0, out.decode()[-3000:]
+            out = _finish(waiter, "a run waited past its pool-wait limit")
+            assert waiter.returncode != 0, out[-3000:]
             assert wait_until(lambda: not live_processes(group=waiter.pid), 10), "a failed run left processes"
         assert holder.poll() is None, "the holder is alive: nothing may have freed its slot"
         for job in ("next_job", "next_job_multiprocess"):
@@ -187,7 +183,4 @@ def test_a_run_that_waits_on_a_live_holder_past_its_limit_fails_naming_it(tmp_pa
         assert {step.run_id for step in info.pending_steps} == {held.run_id}, "a failed run left a pending claim"
     finally:
         for proc in [holder, *waiters]:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
-            proc.stdout.close()  # type: ignore[union-attr]
+            _kill(proc)
