@@ -322,11 +322,15 @@ HEAVY_ROWS_MAX = 40_000  # at most this many such rows (their brute force is qua
 BALANCE_SAMPLE = 65_536  # rows whose bits measure each bit's balance
 
 
+def _bits(rows: np.ndarray) -> np.ndarray:
+    """(N, 256) uint8 array of the rows' bits; column b is bit b % 64 of word b // 64."""
+    return np.unpackbits(np.ascontiguousarray(rows.astype("<u8")).view(np.uint8), axis=1, bitorder="little")
+
+
 def bit_balance(hashes: np.ndarray, sample: int = BALANCE_SAMPLE) -> np.ndarray:
     """Share of set bits per bit position (256), measured on an evenly spaced sample of rows."""
     rows = hashes[:: max(1, len(hashes) // sample)] if len(hashes) else hashes
-    bits = np.unpackbits(np.ascontiguousarray(rows.astype("<u8")).view(np.uint8), axis=1, bitorder="little")
-    return bits.mean(axis=0) if len(rows) else np.full(HASH_BITS, 0.5)
+    return _bits(rows).mean(axis=0) if len(rows) else np.full(HASH_BITS, 0.5)
 
 
 def dealt_bit_order(balance: np.ndarray, parts: int) -> np.ndarray:
@@ -349,8 +353,7 @@ def permute_bits(hashes: np.ndarray, order: np.ndarray, chunk: int = 1 << 16, in
     ``inplace`` rewrites ``hashes`` itself (no second copy of a 10 M-row matrix)."""
     out = hashes if inplace else np.empty_like(hashes)
     for lo in range(0, len(hashes), chunk):
-        block = np.ascontiguousarray(hashes[lo:lo + chunk].astype("<u8")).view(np.uint8)
-        bits = np.unpackbits(block, axis=1, bitorder="little")[:, order]
+        bits = _bits(hashes[lo:lo + chunk])[:, order]
         packed = np.ascontiguousarray(np.packbits(bits, axis=1, bitorder="little"))
         out[lo:lo + chunk] = packed.view("<u8").astype(np.uint64)
     return out

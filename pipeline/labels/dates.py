@@ -27,17 +27,29 @@ def day_of_year(taken_at: pd.Series, now: pd.Timestamp | None = None) -> pd.Seri
     return ts.dt.dayofyear.astype("Int16")
 
 
+def capture_date_origins(taken_at_source: pd.Series, date_note: pd.Series) -> pd.DataFrame:
+    """Per row: where its capture time came from, and why it has no usable date (a note's text before its first
+    ': '), the two columns ``capture_date_provenance`` counts."""
+    return pd.DataFrame({
+        "capture time from": taken_at_source.astype("string").fillna("(no capture time)"),
+        "no usable date because": date_note.astype("string").str.split(": ", n=1).str[0].fillna(""),
+    })
+
+
+def provenance_table(counts: pd.DataFrame) -> pd.DataFrame:
+    """(origin, reason, rows) counts, most rows first."""
+    return counts.sort_values("rows", ascending=False, kind="stable").reset_index(drop=True)
+
+
 def capture_date_provenance(taken_at_source: pd.Series, date_note: pd.Series) -> pd.DataFrame:
-    """Rows per capture-time origin, and per reason a row has none (a note's text before its first ': ').
+    """Rows per capture-time origin, and per reason a row has none.
 
     What a curator checks before trusting day-of-year labels: how many dates came from DateTimeOriginal with an
     offset, how many assumed Pakistan time, how many sources gave no day-precise date and why.
     """
-    origin = taken_at_source.astype("string").fillna("(no capture time)")
-    why = date_note.astype("string").str.split(": ", n=1).str[0].fillna("")
-    out = pd.DataFrame({"capture time from": origin, "no usable date because": why})
-    return (out.groupby(["capture time from", "no usable date because"]).size().rename("rows").reset_index()
-            .sort_values("rows", ascending=False, kind="stable").reset_index(drop=True))
+    out = capture_date_origins(taken_at_source, date_note)
+    return provenance_table(out.groupby(["capture time from", "no usable date because"]).size().rename("rows")
+                            .reset_index())
 
 
 def days_in_year(year: np.ndarray) -> np.ndarray:

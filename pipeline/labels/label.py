@@ -28,10 +28,11 @@ from pipeline.core.store import atomic_path
 from pipeline.labels.boundaries import OUTSIDE, GazetteerProvinces, ProvinceBoundaries
 from pipeline.labels.dates import (
     MIN_PLAUSIBLE_YEAR,
-    capture_date_provenance,
+    capture_date_origins,
     day_of_year,
     days_in_year,
     encode_day,
+    provenance_table,
 )
 from pipeline.labels.koppen import KOPPEN_CODES, NODATA, KoppenRaster, coarse_group
 
@@ -105,8 +106,8 @@ class LabelSummary:
         self.by_province_source.update(_pairs(labelled, "province_key", "source"))
         self.by_koppen_province.update(_pairs(labelled, "koppen_code", "province_key"))
         self.by_rejection_source.update(_pairs(rejections, "reason", "source"))
-        provenance = capture_date_provenance(labelled["taken_at_source"], labelled["date_note"])
-        self.capture_dates.update({(a, b): int(n) for a, b, n in provenance.itertuples(index=False)})
+        origins = capture_date_origins(labelled["taken_at_source"], labelled["date_note"])
+        self.capture_dates.update(_pairs(origins, "capture time from", "no usable date because"))
         if self.preview is None and len(labelled):
             self.preview = labelled.head(10)
         if len(labelled):
@@ -121,9 +122,8 @@ class LabelSummary:
         return counts_table(frame, rows, cols, weights="rows")
 
     def capture_table(self) -> pd.DataFrame:
-        return (pd.DataFrame([(a, b, n) for (a, b), n in self.capture_dates.items()],
-                             columns=["capture time from", "no usable date because", "rows"])
-                .sort_values("rows", ascending=False, kind="stable").reset_index(drop=True))
+        return provenance_table(pd.DataFrame([(a, b, n) for (a, b), n in self.capture_dates.items()],
+                                             columns=["capture time from", "no usable date because", "rows"]))
 
     def points(self) -> pd.DataFrame:
         return pd.concat(self.map_points, ignore_index=True) if self.map_points else \
