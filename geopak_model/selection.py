@@ -140,7 +140,6 @@ def select_inference(heads: GeopakHeads, e: torch.Tensor, cell_ids: torch.Tensor
                     scores.append(score(errors_km(*_latlon(p), lat, lon)))
     c = _choose(rows, scores)
     chosen = {k: rows[c][k] for k in CLASSIFIER_KEYS}
-    classifier_score = scores[c]
     _set_temperatures(heads, *temps[chosen["calibration"]])
     classifier_preds = _classify(heads, e, chosen["top_provinces"], chosen["top_cells"], chosen["point"],
                                  mode_radius_km, prior_correction, batch)

@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -80,7 +79,7 @@ from geopak_model.losses import LossContext, effective_number_weights, loss_term
 from geopak_model.model import GeopakHeads, GeopakModel, count_params
 from geopak_model.precision import amp_dtype, autocast, dtype_name
 from geopak_model.retrieval import GALLERY_FILE, KNN_GALLERY_FILE, Gallery
-from pipeline.core.store import file_sha256
+from pipeline.core.store import file_sha256, stable_hash
 from geopak_model.selection import select_baselines, select_inference, setting_scores
 from pipeline.core import reasons
 from pipeline.core.paths import DataPaths
@@ -224,10 +223,6 @@ def optimiser_step(loss: torch.Tensor, opt: torch.optim.Optimizer, scaler: torch
         torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], grad_clip)
     scaler.step(opt)
     scaler.update()
-
-
-def _hash(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 # --- one phase's state and the pure epoch functions (open_clip's train_one_epoch / evaluate split) ------------
@@ -558,11 +553,11 @@ class Trainer:
         c = self.cfg.to_dict()
         phases = [{kk: v for kk, v in p.items() if kk != "val_every" and (kk != "epochs" or p["schedule"] != "none")}
                   for p in c["phases"][: k + 1]]
-        return _hash({"encoder": c["encoder"], "model": c["model"], "loss": c["loss"], "phases": phases,
+        return stable_hash({"encoder": c["encoder"], "model": c["model"], "loss": c["loss"], "phases": phases,
                       "selection": list(SELECTION[k]),
                       "augment": c["augment"] if k == 2 else None, "shares": c["sampler_shares"], "seed": c["seed"],
                       "cells": self.cells.fingerprint(), "weights": self.weights_id,
-                      "train": _hash(sorted(self.train_table["image_id"])), "val": _hash(sorted(self.val_table["image_id"])),
+                      "train": stable_hash(sorted(self.train_table["image_id"])), "val": stable_hash(sorted(self.val_table["image_id"])),
                       "max_val": c["max_val_images"] if k == 2 else None})
 
     def _ckpt(self, k: int, kind: str) -> Path:

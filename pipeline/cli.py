@@ -102,7 +102,8 @@ def _runs_sweep(args: argparse.Namespace) -> int:
     instance = dagster_instance(home)
     failed, freed = sweep_dead_runs(instance, log=print)
     print(f"{len(failed)} runs marked failed, pool slots of {len(freed)} runs freed")
-    for pool in sorted(instance.event_log_storage.get_concurrency_keys()):
+    storage = instance.event_log_storage  # storage without pools has nothing to list
+    for pool in sorted(storage.get_concurrency_keys() if storage.supports_global_concurrency_limits else []):
         print(pool_holders(instance, pool))
     return 0
 

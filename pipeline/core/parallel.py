@@ -52,6 +52,8 @@ class ChunkTimeout(TimeoutError):
 class _Result(Protocol):  # concurrent.futures.Future and distributed.Future alike
     def result(self, timeout: float | None = None) -> Any: ...
 
+    def done(self) -> bool: ...
+
 
 def chunk_timeout_s() -> float | None:
     """Seconds to wait for one chunk's result (``GEOPAK_CHUNK_TIMEOUT_S``, read at each call; default 1 h); None:
@@ -66,7 +68,7 @@ def chunk_result(fut: _Result, what: str, index: int, total: int) -> Any:
     try:
         return fut.result(timeout=limit)
     except TimeoutError as exc:
-        if isinstance(exc, ChunkTimeout):
+        if fut.done():  # the worker's own error (a socket timeout, a nested ChunkTimeout), not our wait running out
             raise
         raise ChunkTimeout(
             f"chunk {index + 1} of {total} of {what} gave no result within {limit:g} s: a worker is probably stuck "
@@ -75,19 +77,23 @@ def chunk_result(fut: _Result, what: str, index: int, total: int) -> Any:
             "really takes that long") from exc
 
 
+def results_in_order(futures: Sequence[_Result], what: str, progress: Progress | None = None) -> list:
+    """Each future's result in order, each awaited at most the chunk time limit, reporting progress."""
+    out = []
+    for i, fut in enumerate(futures):
+        out.append(chunk_result(fut, what, i, len(futures)))
+        if progress is not None:
+            progress(i + 1, len(futures))
+    return out
+
+
 def map_in_pool(pool: Executor, fn: Callable[[Any], R], items: Sequence[Any], progress: Progress | None = None,
                 where: str = "local worker processes") -> list[R]:
     """``[fn(x) for x in items]`` on ``pool``, in order, each result awaited at most the chunk time limit; on an
     error or a timeout the chunks not started yet are cancelled."""
     futures = [pool.submit(fn, item) for item in items]
-    what = f"{getattr(fn, '__name__', 'a function')} on {where}"
     try:
-        out = []
-        for i, fut in enumerate(futures):
-            out.append(chunk_result(fut, what, i, len(futures)))
-            if progress is not None:
-                progress(i + 1, len(futures))
-        return out
+        return results_in_order(futures, f"{getattr(fn, '__name__', 'a function')} on {where}", progress)
     finally:
         for fut in futures:
             fut.cancel()
@@ -151,12 +157,7 @@ def _on_dask(fn: Callable[[Any], R], chunks: list, address: str, progress: Progr
         # unique keys: two stages (or runs) mapping the same function never share or overwrite results
         keys = [f"geopak-{name}-{uuid.uuid4().hex}-{i}" for i in range(len(chunks))]
         futures = client.map(fn, chunks, key=keys, pure=False)
-        try:
-            out = []
-            for i, fut in enumerate(futures):  # in chunk order (as_completed would need a default client)
-                out.append(chunk_result(fut, f"{name} on the Dask cluster at {address}", i, len(chunks)))
-                if progress is not None:
-                    progress(i + 1, len(chunks))
-            return out
+        try:  # in chunk order (as_completed would need a default client)
+            return results_in_order(futures, f"{name} on the Dask cluster at {address}", progress)
         finally:
             client.cancel(futures)  # on an error or interrupt nothing keeps running for a result nobody reads

@@ -37,7 +37,6 @@ marker, which the next build writes again.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -53,7 +52,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.core.store import atomic_path, atomic_write_bytes, file_sha256
+from pipeline.core.store import atomic_path, atomic_write_bytes, file_sha256, sha256_hex
 
 SHARDS_DIR = "shards"
 MANIFEST = "manifest.json"
@@ -175,7 +174,7 @@ def write_shard(folder: Path, name: str, split: str, samples: Sequence[Sample], 
                 tf.addfile(_member(f"{s.key}.json", len(text)), io.BytesIO(text))
                 rows.append({**{k: _index_value(v) for k, v in s.record.items()}, "key": s.key, "split": split,
                              "shard": name, "offset": data_at, "size": len(s.jpg),
-                             "sha256": hashlib.sha256(s.jpg).hexdigest()})
+                             "sha256": sha256_hex(s.jpg)})
         digest, size = file_sha256(tmp), tmp.stat().st_size
     if index_schema is not None:
         index = pa.Table.from_pylist(rows, schema=index_schema)

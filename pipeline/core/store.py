@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -137,6 +138,11 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
 
 def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def stable_hash(obj: object) -> str:
+    """A short, stable fingerprint of JSON-able settings (key order ignored): what a resume or a ledger compares."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def file_sha256(path: str | Path) -> str:

@@ -190,16 +190,12 @@ class GooglePlacesResource(CrawlResource):
         return None if self.text("api_key") else "GOOGLE_MAPS_API_KEY is not set"
 
     def source(self, http: HttpSettings, stats: HttpStats) -> Source:
-        key = self.text("api_key")
-        if self.api == "legacy":
-            cfg = PlacesConfig(**dataclass_kwargs(
-                PlacesConfig, self, api_key=key, base_url=self.base_url or google_places.DEFAULT_BASE_URL,
-                min_tile_deg=self.min_tile_deg or PlacesConfig.min_tile_deg))
-            return GooglePlacesSource(cfg, http, stats)
-        v1 = PlacesV1Config(**dataclass_kwargs(
-            PlacesV1Config, self, api_key=key, base_url=self.base_url or places_v1.DEFAULT_BASE_URL,
-            min_tile_deg=self.min_tile_deg or PlacesV1Config.min_tile_deg))
-        return PlacesV1Source(v1, http, stats)
+        config, source, module = ((PlacesConfig, GooglePlacesSource, google_places) if self.api == "legacy"
+                                  else (PlacesV1Config, PlacesV1Source, places_v1))
+        cfg = config(**dataclass_kwargs(
+            config, self, api_key=self.text("api_key"), base_url=self.base_url or module.DEFAULT_BASE_URL,
+            min_tile_deg=self.min_tile_deg or config.min_tile_deg))
+        return source(cfg, http, stats)
 
 
 class Yfcc100mResource(CrawlResource):

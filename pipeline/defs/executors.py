@@ -167,21 +167,25 @@ class SweepingExecutor(Executor):
         """While the run goes on: free what runs killed meanwhile hold (a step of this run may be waiting on it)."""
         while not stop.wait(SWEEP_INTERVAL_S):
             try:
-                lines: list[str] = []
-                sweep_dead_runs(plan_context.instance, plan_context.run_id, lines.append)
-                if lines:
-                    plan_context.log.warning("Sweep of dead runs during the run: " + "; ".join(lines))
+                _, _, text = SweepingExecutor._sweep_once(plan_context, "during the run")
+                if text:
+                    plan_context.log.warning(text)
             except Exception as exc:  # noqa: BLE001 - a failed sweep must not end the run; the next one retries
                 plan_context.log.warning(f"Sweep of dead runs failed ({type(exc).__name__}: {exc}); retried later")
 
     @staticmethod
-    def _sweep(plan_context, when: str) -> Iterator[DagsterEvent]:  # noqa: ANN001
+    def _sweep_once(plan_context, when: str) -> tuple[list[str], list[str], str | None]:  # noqa: ANN001
+        """(runs marked failed, runs whose slots were freed, what to log, or None when there was nothing)."""
         lines: list[str] = []
         failed, freed = sweep_dead_runs(plan_context.instance, plan_context.run_id, lines.append)
+        return failed, freed, f"Sweep of dead runs {when}: " + "; ".join(lines) if lines else None
+
+    @staticmethod
+    def _sweep(plan_context, when: str) -> Iterator[DagsterEvent]:  # noqa: ANN001
+        failed, freed, text = SweepingExecutor._sweep_once(plan_context, when)
         if failed or freed:
-            yield DagsterEvent.engine_event(plan_context, f"Sweep of dead runs {when}: " + "; ".join(lines),
-                                            EngineEventData(metadata={"runs_marked_failed": len(failed),
-                                                                      "runs_whose_slots_were_freed": len(freed)}))
+            yield DagsterEvent.engine_event(plan_context, text, EngineEventData(
+                metadata={"runs_marked_failed": len(failed), "runs_whose_slots_were_freed": len(freed)}))
 
 
 def sweeping(base: ExecutorDefinition) -> ExecutorDefinition:

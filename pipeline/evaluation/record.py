@@ -10,22 +10,17 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.core.store import atomic_write_bytes
+from pipeline.core.store import atomic_write_bytes, stable_hash
 
 LEDGER_FILE = "ledger.jsonl"
 RECORD_FILE = "evaluation.json"
 REPO_ROOT = Path(__file__).resolve().parents[2]
-
-
-def stable_hash(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def code_commit(repo: Path = REPO_ROOT) -> dict[str, Any]:

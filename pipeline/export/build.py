@@ -45,7 +45,7 @@ from pipeline.core.shards import (
     write_manifest,
     write_shard,
 )
-from pipeline.core.store import atomic_path, atomic_write_bytes, sweep_orphan_temps
+from pipeline.core.store import atomic_path, atomic_write_bytes, sha256_hex, sweep_orphan_temps
 from pipeline.export.records import INDEX_SCHEMA, sample_records
 from pipeline.filters.decode import DEFAULT_FORMATS, DEFAULT_MAX_PIXELS, DRAFT_FORMATS, DecodeError, decode, open_image
 
@@ -110,7 +110,7 @@ def read_checked(path: Path, image_id: str) -> bytes:
         raise DecodeError(reasons.MISSING_FILE, str(path)) from exc
     except OSError as exc:
         raise DecodeError(reasons.UNDECODABLE, f"cannot read {path}: {exc}"[:200]) from exc
-    got = hashlib.sha256(data).hexdigest()
+    got = sha256_hex(data)
     if got != image_id:
         raise DecodeError(reasons.BYTES_CHANGED, f"sha256 of {path} is {got[:16]}…, its image_id {image_id[:16]}…")
     return data
@@ -149,7 +149,7 @@ def _previous_copies(folder: Path, name: str, preprocess: str) -> dict[str, tupl
         for r in rows:
             fh.seek(r["offset"])
             data = fh.read(r["size"])
-            if hashlib.sha256(data).hexdigest() == r["sha256"]:
+            if sha256_hex(data) == r["sha256"]:
                 out[r["image_id"]] = (data, {k: r[k] for k in ("width", "height", "resized")})
     return out
 

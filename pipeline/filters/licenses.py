@@ -100,13 +100,22 @@ def _plain(text: str) -> str:
     return " ".join(re.sub(r"[-_]", " ", str(text).lower()).split())
 
 
+def _selector(selector: str) -> tuple[str | None, str]:
+    """(family, name pattern) of an allowlist entry: a family's key, or the plain name or ``fnmatch`` pattern
+    ("all CC BY" is "cc by*")."""
+    key = _plain(selector)
+    if key.replace(" ", "_") in FAMILIES:
+        return key.replace(" ", "_"), key
+    return None, key[4:] + "*" if key.startswith("all ") else key
+
+
 def check_selector(selector: str) -> str:
     """``selector`` when it can select something: a family, a name pattern, or a name a family recognises.
 
     A typo such as "copyleft" is refused here (before any row is judged), not silently matched against nothing.
     """
-    key = _plain(selector)
-    if key.replace(" ", "_") in FAMILIES or "*" in key or key.startswith("all ") or license_family(selector):
+    family, pattern = _selector(selector)
+    if family or "*" in pattern or license_family(selector):
         return selector
     raise ValueError(f"unknown licence family or name {selector!r}; families: {list(FAMILIES)}, or a licence "
                      f'name ("CC BY 4.0"), or a pattern ("CC BY*", "all CC BY")')
@@ -116,13 +125,11 @@ def license_selected(selector: str, value: str | None) -> bool:
     """Whether the allowlist entry ``selector`` (family, licence name or pattern) takes the licence ``value``."""
     if is_missing(value):
         return False
-    key = _plain(selector)
-    if key.replace(" ", "_") in FAMILIES:
-        return license_family(value) == key.replace(" ", "_")
-    if key.startswith("all "):
-        key = key[4:] + "*"
+    family, pattern = _selector(selector)
+    if family:
+        return license_family(value) == family
     name = _plain(str(value))
-    return fnmatch.fnmatchcase(name, key) if "*" in key else name == key
+    return fnmatch.fnmatchcase(name, pattern) if "*" in pattern else name == pattern
 
 
 def license_reasons(

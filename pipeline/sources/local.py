@@ -35,7 +35,6 @@ from pipeline.core.values import is_missing
 
 SOURCE = "local"
 STAGE = "source"
-IMAGE_SUFFIXES = PHOTO_SUFFIXES
 COLUMN_ALIASES: dict[str, tuple[str, ...]] = {
     "lat": ("lat", "latitude", "gps_lat", "y"),
     "lon": ("lon", "lng", "long", "longitude", "gps_lon", "x"),
@@ -234,7 +233,7 @@ class LocalSource:
             self.stats["files_seen"] += 1
             sid = f"folder:{path.relative_to(root).as_posix()}"
             base = {"source_id": sid, "source_url": path.resolve().as_uri(), "title": path.stem, "taken_at": None}
-            if path.suffix.lower() not in IMAGE_SUFFIXES:
+            if path.suffix.lower() not in PHOTO_SUFFIXES:
                 steps.append(partial(self._reject, base, reasons.NOT_AN_IMAGE, f"not an image file name: {path.name}"))
                 continue
             steps.append(self._plan_file(path, base, lat=None, lon=None))
