@@ -8,7 +8,7 @@ export DAGSTER_HOME := $(CURDIR)/dagster_home
 export HF_HUB_OFFLINE := 1
 export MPLBACKEND := Agg
 
-.PHONY: install run test ui bench clean-data
+.PHONY: install run test test-fast ui bench clean-data
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,9 +24,13 @@ run: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile tests
 
+# quick local runs: everything but the end-to-end runs marked slow (CI and `make test` run those too)
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m "not slow" tests
+
+# Ports: GEOPAK_UI_PORT (Dagster UI, 3000) and GEOPAK_REPORTS_URL (report server, http://127.0.0.1:3001).
 ui: $(STAMP)
-	$(BIN)/python -m pipeline.report_server & server=$$!; trap 'kill $$server' EXIT INT TERM; \
-	$(BIN)/dagster dev -m pipeline.definitions
+	$(BIN)/geopak ui
 
 bench: $(STAMP)
 	for b in bench/bench_*.py; do $(BIN)/python $$b || exit 1; done

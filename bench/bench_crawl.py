@@ -22,7 +22,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tests.fake_apis import FakeServer, FlickrPhoto, flickr_routes, image_routes  # noqa: E402
+from geopak_testkit.fake_apis import FakeServer, FlickrPhoto, flickr_routes, image_routes  # noqa: E402
 
 KEY, SECRET = "BENCH-KEY", "BENCH-SECRET"
 
@@ -104,7 +104,8 @@ def query_rate(rate: float, queries: int, latency_ms: float) -> None:
 
 def downloads(images: int, latency_ms: float, workers: int) -> None:
     from pipeline.core.store import ImageStore
-    from pipeline.sources.http import HttpSettings, HttpStats, Redactor, download_all, download_session, fetch_url
+    from pipeline.sources.downloads import download_all, fetch_url
+    from pipeline.sources.http import HttpSettings, HttpStats, Redactor, download_session
 
     print(f"== downloads: {images} images, server latency {latency_ms:.0f} ms each ==")
     with FakeServer(latency_s=latency_ms / 1000) as srv:

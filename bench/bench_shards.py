@@ -1,6 +1,7 @@
 """Image shards (issue 22): what writing the 320 px copies costs, and how far features move when the model reads them.
 
     python bench/bench_shards.py decode [--images 200]   # 12 MP JPEGs, one pinned core
+    python bench/bench_shards.py cache --images 24     # filter + shard stage, with and without the copy cache
     python bench/bench_shards.py drift  [--sample 300]   # feature cosine, files vs shard copies
     python bench/bench_shards.py e2e    [--images 3000 --image-size 1024]   # end-to-end metrics, both paths
 
@@ -9,6 +10,13 @@ grey, every metric), (a0) its decode alone, (b) the shard copy as a second decod
 >= 320 px RGB, Lanczos resize, JPEG q90), and (c) a single decode serving both: (b) + the filter's metric work
 without its decode (a - a0) + the grey image taken from the RGB decode (measured). The images are the 4000x3000
 quality-90 photos of ``bench_loader.py``.
+
+cache: the filter's per-image work (``measure``: read, sha256, header, draft decode, metrics) and the shard stage's
+(``_make_copy``) run on the same 12 MP JPEGs in this process, twice: today's path (the shard stage decodes the
+original again) and the copy cache (the filter's decode also writes the copy; the shard stage reads it). CPU seconds
+per image, one pinned core; also the filter-made copies against the shard writer's (bytes, mean abs pixel diff) and
+the shard writer's copy against the copy before ``COPY_VERSION`` 2 (libjpeg's RGB). Appends to
+``bench/results/shards.md``.
 
 drift: the encoders' features of the view the predictor computes from the original file (``load_image`` +
 ``eval_view``) against the view computed from the shard copy, as cosine similarity, for the cpu-small encoders
@@ -50,7 +58,7 @@ def decode_bench(n: int) -> None:
     from bench_loader import write_photos
     from PIL import Image
 
-    from pipeline.filters.decode import DEFAULT_MAX_PIXELS, decode, open_image
+    from pipeline.core.decode import DEFAULT_MAX_PIXELS, decode, open_image
     from pipeline.filters.metrics import MetricsParams, _shrink, measure_source
 
     if hasattr(os, "sched_setaffinity"):
@@ -86,6 +94,108 @@ def decode_bench(n: int) -> None:
             print(f"| {k} | {v * 1000:.1f} |")
         print(f"single decode saves {(a + b - c) * 1000:.1f} ms of {(a + b) * 1000:.1f} ms per image "
               f"({(a + b - c) / (a + b):.0%}); copy size {np.mean([len(shard_copy(d, 320, 90).jpg) for d in blobs[:10]]) / 1024:.0f} KB")
+
+
+def _mean_abs_diff(a: bytes, b: bytes) -> float:
+    from PIL import Image
+
+    x, y = (np.asarray(Image.open(io.BytesIO(d)).convert("RGB"), np.float64) for d in (a, b))
+    return float(np.abs(x - y).mean()) if x.shape == y.shape else float("nan")
+
+
+def _v1_copy(data: bytes, cfg: ShardConfig) -> bytes:
+    """The copy as ``COPY_VERSION`` 1 made it: libjpeg's RGB output at the same draft scale."""
+    from pipeline.core.copies import copy_from_rgb
+    from pipeline.core.decode import DEFAULT_MAX_PIXELS, decode, open_image
+
+    opened = open_image(data, DEFAULT_MAX_PIXELS)
+    opened.image.draft("RGB", (cfg.short_side, cfg.short_side))
+    return copy_from_rgb(decode(opened, "RGB", None, DEFAULT_MAX_PIXELS)[0], cfg.spec).jpg
+
+
+def _metrics_moved(paths: list[Path], plain, with_copies) -> str:
+    """How far the filter's metrics move when the copy sets the draft scale: 1600x1200 (metrics alone: 1/4,
+    with the copy: 1/2) and 2400x1800 (1/8 vs 1/4); 12 MP photos share the scale and do not move at all."""
+    from dataclasses import replace
+
+    from PIL import Image
+
+    from pipeline.filters.metrics import measure_source
+
+    parts = []
+    with tempfile.TemporaryDirectory() as scratch:
+        copies = replace(with_copies, copy_dir=scratch)
+        for size in ((1600, 1200), (2400, 1800)):
+            sharp, std, bits = [], [], []
+            for p in paths:
+                buf = io.BytesIO()
+                Image.open(p).resize(size, Image.Resampling.LANCZOS).save(buf, "JPEG", quality=90)
+                a, b = (measure_source(buf.getvalue(), {"image_id": "0" * 64}, q) for q in (plain, copies))
+                sharp.append(abs(b["sharpness"] / a["sharpness"] - 1))
+                std.append(abs(b["grey_std"] - a["grey_std"]))
+                bits.append(bin(int(a["phash"], 16) ^ int(b["phash"], 16)).count("1"))
+            parts.append(f"{size[0]}x{size[1]}: sharpness {np.median(sharp):.1%} median / {max(sharp):.1%} max, "
+                         f"grey std {max(std):.2f} max, pHash {max(bits)} of 256 bits max")
+    return "; ".join(parts) + f"; {len(paths)} photos each)."
+
+
+def cache_bench(n: int) -> None:
+    from dataclasses import replace
+
+    from bench_loader import write_photos
+
+    from pipeline.core.copies import COPIES_DIR, CopyCache
+    from pipeline.core.store import sha256_hex
+    from pipeline.export.build import COUNTS, _make_copy
+    from pipeline.filters.metrics import MetricsParams, measure
+
+    if hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
+    cfg = ShardConfig()
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        paths = write_photos(root, n)
+        items = [(sha256_hex(p.read_bytes()), p) for p in paths]
+        plain = MetricsParams(verify_bytes=True)
+        with_copies = replace(plain, copy_short_side=cfg.short_side, copy_quality=cfg.quality,
+                              copy_dir=str(root / COPIES_DIR))
+        cache = CopyCache(root / COPIES_DIR, cfg.spec)
+        # warm-up (imports, first-call costs) on both paths, its copy in a scratch folder
+        measure(items[0][1], items[0][0], replace(with_copies, copy_dir=str(root / "scratch")))
+        measure(items[0][1], items[0][0], plain)
+        shard_copy(items[0][1].read_bytes(), cfg.short_side, cfg.quality)
+        runs = {}
+        for label, params in (("today: the shard stage decodes again", plain),
+                              ("copy cache: one decode in the filter", with_copies)):
+            counts = dict.fromkeys(COUNTS, 0)
+            f = cpu_per_image(lambda it: measure(it[1], it[0], params), items)
+            s = cpu_per_image(lambda it: _make_copy(root, cache, it[0], it[1].name, cfg.short_side, cfg.quality,
+                                                    counts), items)
+            runs[label] = (f, s, dict(counts))
+        made = [cache.get(i)[0] for i, _ in items]
+        shard = [shard_copy(p.read_bytes(), cfg.short_side, cfg.quality).jpg for _, p in items]
+        same = sum(c is not None and c.jpg == b for c, b in zip(made, shard))
+        mad = max(_mean_abs_diff(c.jpg, b) for c, b in zip(made, shard) if c is not None)
+        v1 = float(np.mean([_mean_abs_diff(b, _v1_copy(p.read_bytes(), cfg)) for b, (_, p) in zip(shard, items)]))
+        moved = _metrics_moved([p for _, p in items[:12]], plain, with_copies)
+    (f0, s0, _), (f1, s1, c1) = runs.values()
+    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    lines = [f"Copy cache bench (bench_shards.py cache --images {n}), {when}:"
+             f" {n} JPEGs of 4000x3000 q90, CPU ms per image, one pinned core, both paths in one process.", "",
+             "| path | filter stage | shard stage | total |", "|---|---:|---:|---:|"]
+    lines += [f"| {k} | {f * 1e3:.1f} | {s * 1e3:.1f} | {(f + s) * 1e3:.1f} |" for k, (f, s, _) in runs.items()]
+    lines += ["", f"Saves {(f0 + s0 - f1 - s1) * 1e3:.1f} ms of {(f0 + s0) * 1e3:.1f} ms per image "
+              f"({(f0 + s0 - f1 - s1) / (f0 + s0):.0%}); the filter pays {(f1 - f0) * 1e3:.1f} ms more per image "
+              f"(RGB planes, Lanczos, JPEG, two atomic writes; also for images it then rejects). Shard stage counts "
+              f"with the cache: {c1}.",
+              f"Filter-made copy vs the shard writer's: {same}/{n} byte-identical, max mean abs pixel diff {mad:.3f}; "
+              f"copy v2 (Pillow YCbCr->RGB) vs v1 (libjpeg RGB): mean abs pixel diff {v1:.3f} levels.",
+              f"Metrics where the copy needs a larger draft than the metrics (the same photos at {moved}", ""]
+    text = "\n".join(lines)
+    print(text)
+    out = REPO / "bench" / "results" / "shards.md"
+    with open(out, "a") as fh:
+        fh.write(text + "\n")
 
 
 def _views(paths: list[Path], size: int, cfg: ShardConfig):
@@ -212,7 +322,7 @@ def e2e_bench(n: int, image_size: int, data: Path | None) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("what", choices=["decode", "drift", "e2e"])
+    ap.add_argument("what", choices=["decode", "cache", "drift", "e2e"])
     ap.add_argument("--images", type=int, default=200)
     ap.add_argument("--sample", type=int, default=300)
     ap.add_argument("--quality", type=int, default=90)
@@ -222,6 +332,8 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.what == "decode":
         decode_bench(args.images)
+    elif args.what == "cache":
+        cache_bench(args.images)
     elif args.what == "drift":
         drift_bench(args.sample, args.quality)
     else:

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def make_world(root: Path, n_images: int) -> None:
-    from pipeline.core.catalog import build_catalog
+    from pipeline.catalog.build import build_catalog
     from pipeline.core.paths import DataPaths
     from pipeline.core.schema import LABELLED_SCHEMA, write_table
     from pipeline.core.store import ImageStore
@@ -54,7 +54,8 @@ def main() -> None:
     from geopak_model.config import preset
     from geopak_model.data import ImageDataset, make_loader
     from geopak_model.losses import total_loss
-    from geopak_model.train import Trainer, train_one_epoch
+    from geopak_model.epochs import train_one_epoch
+    from geopak_model.trainer import Trainer
     from pipeline.core.paths import DataPaths
     from standin_cells import write_standin
 

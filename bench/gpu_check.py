@@ -7,7 +7,7 @@ random weights: nothing is downloaded), measured the way a first, short GPU loan
     python bench/gpu_check.py --cpu-dry-run --out DIR   # every step on CPU (gloo, test-tiny sizes): proves the
                                                         # script, not the GPU; tests/test_gpu_check.py runs it
 
-It always runs as a torchrun rank, so ``geopak_model.train.setup_runtime`` starts a process group at world size 1
+It always runs as a torchrun rank, so ``geopak_model.distributed.setup_runtime`` starts a process group at world size 1
 (NCCL on CUDA, gloo on CPU), exactly as training under ``torchrun --nproc_per_node=1`` does. Steps (one failing is
 reported and the others still run):
 
@@ -425,7 +425,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if "LOCAL_RANK" not in os.environ:
         return relaunch_under_torchrun(argv)
-    from geopak_model.train import setup_runtime
+    from geopak_model.distributed import setup_runtime
 
     t_start = time.perf_counter()
     env, device = setup_runtime("cpu" if args.cpu_dry_run else "cuda")

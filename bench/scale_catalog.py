@@ -43,15 +43,15 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from bench_scale import in_child as _in_child  # forked, non-daemonic: a build may start worker processes
-from pipeline.core import reasons
-from pipeline.core.catalog import (
+from pipeline.catalog.build import (
     HEADER_SCHEMA,
     build_catalog_files,
     future_date_detail,
     header_dir,
     header_facts,
-    rejection,
 )
+from pipeline.core import reasons
+from pipeline.core.reasons import rejection
 from pipeline.core.exif import DecompressionBomb, NotAnImage, read_header
 from pipeline.core.schema import (
     CATALOG_SCHEMA, RAW_MANIFEST_SCHEMA, REJECTIONS_SCHEMA, empty_frame, fill_optional, to_table,

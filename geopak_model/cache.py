@@ -9,10 +9,12 @@ Layout under ``<cache_root>/<weights_id>/``::
                                     (<s> = <sequence>-<writer pid>-<random>: writers never share a name)
     rejections.parquet              images that could not be read (image_id, path, reason)
 
-The directory listing of ``shards/*.index.parquet`` is the source of truth: a shard exists once its index has
+The shards are a ``pipeline.core.shard_log.ShardLog`` (the mechanism every shard cache shares) whose commit file
+is the index: the listing of ``shards/*.index.parquet`` is the source of truth, a shard exists once its index has
 been renamed into place (every file is written to a temp name and renamed), so a reader never sees half a
 shard, and a writer killed at any instant leaves at most feature files without an index, which the next append
-removes (once their writer's pid is gone). Adding rows writes one new shard and touches nothing that exists: the cost and the
+removes (once their writer's pid is gone). ``compact`` merges small shards (the first copy of an id still wins).
+Adding rows writes one new shard and touches nothing that exists: the cost and the
 memory of an append are O(rows added), not O(cache) (the old layout rewrote every row on every append: 8.9 s and
 2.98 GB to add 1k rows to 200k). ``build_embedding_cache`` commits a shard every ``chunk_images`` images or
 ``chunk_seconds`` of work, so a killed build resumes losing at most one chunk.
@@ -29,8 +31,6 @@ A cache written by the previous layout (``clip-<gen>.npy``, ``index-<gen>.parque
 from __future__ import annotations
 
 import json
-import os
-import secrets
 import shutil
 import time
 from collections.abc import Callable
@@ -46,13 +46,15 @@ from geopak_model.data import ImageDataset, image_source, make_loader
 from geopak_model.encoders import DualEncoder
 from geopak_model.precision import amp_dtype as resolve_amp_dtype
 from geopak_model.precision import autocast, dtype_name
-from pipeline.core.processes import writer_gone, writer_tag
-from pipeline.core.store import atomic_path, atomic_write_bytes, sweep_orphan_temps
+from pipeline.core.shard_log import ShardLog
+from pipeline.core.store import atomic_path, atomic_write_bytes
 
 META = "meta.json"
 SHARDS = "shards"
 REJECTIONS = "rejections.parquet"
 INDEX_SUFFIX = ".index.parquet"
+SHARD_SUFFIXES = (".clip.npy", ".scene.npy", INDEX_SUFFIX)  # the index last: it commits the shard
+COMPACT_ROWS = 200_000  # ``compact`` merges shards under a quarter of this into shards of up to this many rows
 # issue 13.3: a build commits its progress at least this often (a kill loses at most one chunk)
 CHUNK_IMAGES = 2000
 CHUNK_SECONDS = 60.0
@@ -67,6 +69,7 @@ class EmbeddingCache:
         self._meta = self._read_meta()
         self._index: pd.DataFrame | None = None  # image_id (index) -> shard, row
         self._names: list[str] = []  # the shards ``_index`` was read from (its ``shard`` numbers index this)
+        self.log = ShardLog(self.dir / SHARDS, SHARD_SUFFIXES, digits=6, first_seq=0)
 
     def _read_meta(self) -> dict:
         p = self.dir / META
@@ -89,14 +92,13 @@ class EmbeddingCache:
         if name.startswith("legacy-"):
             gen = name.removeprefix("legacy-")
             return (self.dir / f"clip-{gen}.npy", self.dir / f"scene-{gen}.npy", self.dir / f"index-{gen}.parquet")
-        base = self.dir / SHARDS / name
-        return (base.with_name(f"{name}.clip.npy"), base.with_name(f"{name}.scene.npy"),
-                base.with_name(f"{name}{INDEX_SUFFIX}"))
+        clip, scene, index = self.log.files(name)  # SHARD_SUFFIXES' order
+        return clip, scene, index
 
-    def shard_names(self) -> list[str]:
-        """Committed shards, oldest first (a shard is committed once its index file exists)."""
-        names = sorted(p.name.removesuffix(INDEX_SUFFIX) for p in (self.dir / SHARDS).glob(f"*{INDEX_SUFFIX}")
-                       if not p.name.startswith("."))
+    def shard_names(self, refresh: bool = False) -> list[str]:
+        """Committed shards, oldest first (a shard is committed once its index file exists); the folder is listed
+        once per instance, or again with ``refresh``."""
+        names = self.log.names(refresh)
         gen = int(self._meta.get("generation", 0) or 0)
         if gen and (self.dir / f"index-{gen}.parquet").exists():
             names.insert(0, f"legacy-{gen}")
@@ -112,7 +114,7 @@ class EmbeddingCache:
         """image_id (index) → ``shard`` (position in ``shard_names()`` when read) and ``row`` within it; the first
         copy of an id wins."""
         if self._index is None:
-            self._names = self.shard_names()
+            self._names = self.shard_names(refresh=True)  # the one listing of this lookup
             tables = [pq.read_table(self._shard_files(name)[2], columns=["image_id", "row"])
                       for name in self._names]
             shard = np.repeat(np.arange(len(tables), dtype=np.int32), [t.num_rows for t in tables])
@@ -178,40 +180,45 @@ class EmbeddingCache:
         elif (int(clip.shape[1]), int(scene.shape[1])) != (self._meta.get("clip_dim"), self._meta.get("scene_dim")):
             raise ValueError(f"feature dims {clip.shape[1]}/{scene.shape[1]} differ from the cache's "
                              f"{self._meta.get('clip_dim')}/{self._meta.get('scene_dim')} ({self.dir})")
-        name = self._next_name()
-        clip_p, scene_p, index_p = self._shard_files(name)
-        for path, arr in ((clip_p, clip), (scene_p, scene)):
-            arr = np.ascontiguousarray(arr, dtype=np.float16)
-            with atomic_path(path, need_bytes=arr.nbytes + 128) as tmp:
-                with open(tmp, "wb") as fh:
-                    np.save(fh, arr)
-        with atomic_path(index_p) as tmp:
-            pd.DataFrame({"image_id": list(image_ids), "row": np.arange(len(image_ids), dtype=np.int64)}
-                         ).to_parquet(tmp)
+        clip = np.ascontiguousarray(clip, dtype=np.float16)
+        scene = np.ascontiguousarray(scene, dtype=np.float16)
+        self.log.commit(self._writers(list(image_ids), clip, scene),
+                        need_bytes={".clip.npy": clip.nbytes + 128, ".scene.npy": scene.nbytes + 128})
         self._index = None
 
-    def _next_name(self) -> str:
-        """``<seq>-<pid>_<host>-<random>``: the sequence number orders shards (oldest first); the writer's pid, host
-        and a random token keep two writers (a training run and an evaluation's kNN baseline, maybe in two pods on
-        one shared data root) from ever writing the same files. Feature files of shards that never got their index
-        (a killed writer's) are removed here."""
-        self._sweep_uncommitted()
-        numbers = [int(n.split("-")[0]) for n in self.shard_names() if n.split("-")[0].isdigit()]
-        return f"{(max(numbers) + 1) if numbers else 0:06d}-{writer_tag()}-{secrets.token_hex(4)}"
+    @staticmethod
+    def _writers(image_ids: list[str], clip: np.ndarray, scene: np.ndarray) -> dict:
+        """One shard's files: features, then the index that commits them (``SHARD_SUFFIXES``)."""
+        def save(arr: np.ndarray):
+            def write(tmp: Path) -> None:
+                with open(tmp, "wb") as fh:
+                    np.save(fh, arr)
+            return write
 
-    def _sweep_uncommitted(self) -> None:
-        """Remove feature files without an index whose writer is gone: a pid is only checked on its own host (on a
-        shared data root another machine's writer may be mid-shard); other hosts' files go once they are
-        ``FOREIGN_WRITER_STALE_S`` old (``pipeline.core.processes.writer_gone``)."""
-        folder = self.dir / SHARDS
-        sweep_orphan_temps(folder)
-        for f in folder.glob("*.npy"):
-            name = f.name.split(".")[0]
-            if (folder / f"{name}{INDEX_SUFFIX}").exists():
-                continue
-            parts = name.split("-")
-            if writer_gone(parts[1] if len(parts) == 3 else "", f):
-                f.unlink(missing_ok=True)
+        index = pd.DataFrame({"image_id": image_ids, "row": np.arange(len(image_ids), dtype=np.int64)})
+        return {".clip.npy": save(clip), ".scene.npy": save(scene), INDEX_SUFFIX: index.to_parquet}
+
+    def compact(self, max_rows: int = COMPACT_ROWS) -> int:
+        """Merge runs of small shards into one each (the first copy of an id wins, as in ``index``); returns how
+        many shards went. For a cache no process is reading: a reader holding the old index would miss shards."""
+        def rows(name: str) -> int:
+            return pq.ParquetFile(self._shard_files(name)[2]).metadata.num_rows
+
+        def merge(members: list[str]) -> dict:
+            ids, clips, scenes = [], [], []
+            for name in members:
+                clip, scene, index = self._shard_files(name)
+                ids.extend(pq.read_table(index, columns=["image_id"]).column("image_id").to_pylist())
+                order = pq.read_table(index, columns=["row"]).column("row").to_numpy()
+                clips.append(np.load(clip)[order])
+                scenes.append(np.load(scene)[order])
+            first = ~pd.Index(ids, dtype=object).duplicated(keep="first")
+            return self._writers([i for i, k in zip(ids, first) if k], np.concatenate(clips)[first],
+                                 np.concatenate(scenes)[first])
+
+        removed = self.log.compact(rows, merge, max_rows, later_wins=False)
+        self._index = None
+        return removed
 
     def record_rejections(self, rejected: pd.DataFrame) -> None:
         p = self.dir / REJECTIONS

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from pipeline.core.provinces import NUM_PROVINCES, PROVINCES
+from pipeline.core.provinces import NUM_PROVINCES
 
 CELL_COLUMNS = ("cell_id", "province_id", "local_id", "center_lat", "center_lon", "radius_km")
 

@@ -66,9 +66,11 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     return ckpt
 
 
-def load_model(path: str | Path, weights_dir: str | Path | None = None) -> tuple[GeopakModel, TrainConfig]:
-    """Rebuild encoders + heads from a checkpoint (CPU, eval mode)."""
-    ckpt = read_checkpoint(path)
+def load_model(path: str | Path, weights_dir: str | Path | None = None, ckpt: dict[str, Any] | None = None
+               ) -> tuple[GeopakModel, TrainConfig]:
+    """Rebuild encoders + heads from a checkpoint (CPU, eval mode); ``ckpt``: ``read_checkpoint(path)`` when the
+    caller has read it already (a checkpoint with its encoders is large: read it once)."""
+    ckpt = read_checkpoint(path) if ckpt is None else ckpt
     cfg = TrainConfig.from_dict(ckpt["config"])
     cells = CellTable.from_state(ckpt["cells"])
     encoder = build_encoders(cfg.encoder, Path(weights_dir) if weights_dir else None)

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import MISSING, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pipeline.core.fields import doc_field as _f  # the one way settings carry their doc and bounds
 from pipeline.core.provinces import PROVINCES
 
 # GEOPAK's per-province smoothing temperatures for the geocell target exp(-d/tau), in km.
@@ -20,15 +21,6 @@ DEFAULT_TAU_KM: dict[str, float] = {
 }
 # GEOPAK's batch shares: Sindh 16 and every other province 8 of 64.
 DEFAULT_SAMPLER_SHARES: dict[str, float] = {p.key: (2.0 if p.key == "sindh" else 1.0) for p in PROVINCES}
-
-
-def _f(default: Any = MISSING, doc: str = "", *, factory: Any = MISSING, **bounds: Any) -> Any:
-    """A field with its description and bounds as plain dataclass metadata (``doc``, ``ge``/``gt``/``le``/``lt``,
-    ``choices``): the pipeline's Launchpad shows and enforces them (``pipeline.defs.config``); no Dagster here."""
-    meta = {"doc": doc, **bounds}
-    if factory is not MISSING:
-        return field(default_factory=factory, metadata=meta)
-    return field(default=default, metadata=meta)
 
 
 @dataclass
@@ -107,7 +99,7 @@ class LossConfig:
     doy: float = _f(0.1, "weight of the day-of-year loss", ge=0.0)
     mvmf: float = _f(0.05, "weight of the mvMF negative log-likelihood", ge=0.0)
     class_weight_beta: float = _f(0.0, "must be 0 to train: the province-balanced sampler is the one rebalancing "
-                                  "mechanism (train.Trainer._setup_loss says why); > 0 (GEOPAK's 0.9995: "
+                                  "mechanism (trainer.Trainer._setup_loss says why); > 0 (GEOPAK's 0.9995: "
                                   "effective-number class weights on top) is refused, kept so older configs load",
                                   ge=0.0, lt=1.0)
     tau_km: dict[str, float] = _f(doc="upper bound of the smoothing τ per province (km), replaced whole",

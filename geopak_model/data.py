@@ -25,7 +25,7 @@ from pipeline.core import reasons
 from pipeline.core.paths import DataPaths
 from pipeline.core.shards import NotInShards, ShardSet
 from pipeline.core.store import sha256_hex
-from pipeline.filters.decode import DEFAULT_FORMATS, DEFAULT_MAX_PIXELS, DecodeError, open_image
+from pipeline.core.decode import DEFAULT_FORMATS, DEFAULT_MAX_PIXELS, DecodeError, open_image
 from pipeline.core.provinces import NUM_PROVINCES, PROVINCES
 
 LABEL_COLUMNS = ["image_id", "path", "lat", "lon", "province_id", "koppen_id", "koppen_group", "doy_sin", "doy_cos"]

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from geopak_model.config import EncoderConfig
+from pipeline.core.env import hf_offline
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -45,10 +46,6 @@ WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".tar", ".safetensors", ".ckpt")
 
 class WeightsNotFound(FileNotFoundError):
     """Configured encoder weights are not on this machine (and may not be downloaded)."""
-
-
-def _offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
 def _looks_like_file(spec: str) -> bool:
@@ -85,7 +82,7 @@ def resolve_clip_weights(model_name: str, spec: str, weights_dir: Path | None) -
     cached = _cached_open_clip_file(cfg)
     if cached is not None:
         return cached
-    if _offline():
+    if hf_offline():
         raise WeightsNotFound(
             f"CLIP weights {model_name}/{spec} are not in the local cache and HF_HUB_OFFLINE is set, so they will "
             f"not be downloaded. Download them once online (open_clip.create_model({model_name!r}, pretrained="

@@ -18,7 +18,7 @@ from geopak_model import precision
 from geopak_model.config import InferenceConfig, LossConfig
 from geopak_model.data import FeatureData
 from geopak_model.geo import haversine_km
-from geopak_model.inference import mixture_predict, province_log_probs, true_cell_log_probs
+from geopak_model.inference import head_log_probs, mixture_predict, true_cell_log_probs
 from geopak_model.losses import LossContext, loss_terms
 from geopak_model.model import GeopakHeads
 from geopak_model.report import ACC_KM
@@ -54,13 +54,13 @@ def evaluate_features(heads: GeopakHeads, data: FeatureData, ctx: LossContext, l
             _, logged = loss_terms(out, b, ctx, loss_cfg)
             for k, v in logged.items():
                 loss_sums[k] = loss_sums.get(k, 0.0) + v.double() * len(rows)
+            logp = head_log_probs(heads, out["embedding"], inf.prior_correction, out)  # the logits above
             pred = mixture_predict(heads, out["embedding"], inf.top_provinces, inf.top_cells, inf.prior_correction,
-                                   inf.point, inf.mode_radius_km)
+                                   inf.point, inf.mode_radius_km, logp)
             # the checkpoint-selection criteria (val_joint_nll, val_province_nll): −log-likelihoods of the truth
             # under the inference distribution
-            nll = {"joint_nll": -true_cell_log_probs(heads, out["embedding"], b["cell_id"], inf.prior_correction),
-                   "province_nll": -province_log_probs(heads, out["embedding"], inf.prior_correction).gather(
-                       1, b["province_id"][:, None]).clamp(min=-50.0)}
+            nll = {"joint_nll": -true_cell_log_probs(heads, out["embedding"], b["cell_id"], log_probs=logp),
+                   "province_nll": -logp[0].gather(1, b["province_id"][:, None]).clamp(min=-50.0)}
             for k, v in nll.items():
                 loss_sums[k] = loss_sums.get(k, 0.0) + v.double().sum()
         lat, lon = b["lat"].double(), b["lon"].double()

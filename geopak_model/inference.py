@@ -73,14 +73,24 @@ def _province_logp(heads: GeopakHeads, logits: torch.Tensor, prior_correction: b
     return torch.log_softmax(logits, dim=-1)
 
 
-def cell_log_probs(heads: GeopakHeads, e: torch.Tensor) -> torch.Tensor:
-    """log P(cell | province, image) for every province: (B, 7, W), −inf on padding; temperature-calibrated."""
-    return _cell_logp(heads, *heads.cell_logits_all(e))
-
-
 def _cell_logp(heads: GeopakHeads, logits_all: torch.Tensor, mask_all: torch.Tensor) -> torch.Tensor:
+    """log P(cell | province, image) for every province: (B, 7, W), −inf on padding; temperature-calibrated."""
     logits_all = logits_all / heads.cell_calibration
     return torch.log_softmax(logits_all.masked_fill(~mask_all[None], float("-inf")), dim=-1)
+
+
+LogProbs = tuple[torch.Tensor, torch.Tensor]  # (log P(province) (B, 7), log P(cell | province) (B, 7, W))
+
+
+def head_log_probs(heads: GeopakHeads, e: torch.Tensor, prior_correction: bool = True,
+                   out: dict[str, torch.Tensor] | None = None) -> LogProbs:
+    """Both inference log-probabilities of ``e``, from the logits ``out`` (``heads(...)``'s output for ``e``)
+    already holds where it has them: validation runs the heads once per batch, not once per use."""
+    out = out or {}
+    p_logits = out["province_logits"] if "province_logits" in out else heads.province_logits(e)
+    c_logits = (out["cell_logits_all"], out["cell_mask_all"]) if "cell_logits_all" in out else \
+        heads.cell_logits_all(e)
+    return _province_logp(heads, p_logits.float(), prior_correction), _cell_logp(heads, *c_logits)
 
 
 def joint_log_probs(province_logp: torch.Tensor, cell_logp: torch.Tensor, heads: GeopakHeads) -> torch.Tensor:
@@ -97,10 +107,11 @@ TEMPERATURE_BOUNDS = (0.05, 20.0)  # the continuous fit's search interval; an op
 
 
 def true_cell_log_probs(heads: GeopakHeads, e: torch.Tensor, cell_ids: torch.Tensor,
-                        prior_correction: bool = True) -> torch.Tensor:
+                        prior_correction: bool = True, log_probs: LogProbs | None = None) -> torch.Tensor:
     """log P(province of the true cell) + log P(true cell | that province) per row, clamped at −50 so a cell the
-    model rules out (a province without training images) costs a large but finite amount."""
-    joint = joint_log_probs(province_log_probs(heads, e, prior_correction), cell_log_probs(heads, e), heads)
+    model rules out (a province without training images) costs a large but finite amount. ``log_probs``: those
+    of ``e`` (``head_log_probs``) when the caller has them."""
+    joint = joint_log_probs(*(log_probs or head_log_probs(heads, e, prior_correction)), heads)
     return joint.gather(1, cell_ids[:, None]).squeeze(1).clamp(min=-50.0)
 
 
@@ -197,17 +208,17 @@ def point_estimate(lat: torch.Tensor, lon: torch.Tensor, weight: torch.Tensor, m
 
 @torch.no_grad()
 def mixture_predict(heads: GeopakHeads, e: torch.Tensor, top_provinces: int = 2, top_cells: int = 5,
-                    prior_correction: bool = True, point: str = "geomedian", mode_radius_km: float = 25.0
-                    ) -> Prediction:
-    """Predict from the fused embedding ``e`` (B, d) (``heads.fuse`` of the encoder features)."""
-    prov_logp = province_log_probs(heads, e, prior_correction)
+                    prior_correction: bool = True, point: str = "geomedian", mode_radius_km: float = 25.0,
+                    log_probs: LogProbs | None = None) -> Prediction:
+    """Predict from the fused embedding ``e`` (B, d) (``heads.fuse`` of the encoder features); ``log_probs``:
+    ``head_log_probs`` of ``e`` with the same ``prior_correction`` when the caller has them."""
+    prov_logp, all_cell_logp = log_probs or head_log_probs(heads, e, prior_correction)
     has_cells = heads.cells_per_province > 0
     sel_logp = prov_logp.masked_fill(~has_cells[None, :], float("-inf"))
     k_p = min(top_provinces, int(has_cells.sum()))
     p_logp, p_ids = sel_logp.topk(k_p, dim=1)  # (B, Kp)
 
-    cell_logp = cell_log_probs(heads, e)  # (B, 7, W)
-    cell_logp = cell_logp.gather(1, p_ids[:, :, None].expand(-1, -1, cell_logp.shape[-1]))  # (B, Kp, W)
+    cell_logp = all_cell_logp.gather(1, p_ids[:, :, None].expand(-1, -1, all_cell_logp.shape[-1]))  # (B, Kp, W)
     k_c = min(top_cells, cell_logp.shape[-1])
     c_logp, c_local = cell_logp.topk(k_c, dim=-1)  # (B, Kp, Kc); −inf where a province has fewer cells
     glob = heads.local_to_global[p_ids[:, :, None].expand(-1, -1, k_c), c_local]  # (B, Kp, Kc), −1 invalid

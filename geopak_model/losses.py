@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from geopak_model.cells import CellTable
 from geopak_model.config import LossConfig
 from geopak_model.geo import haversine_km, haversine_term
+from pipeline.core.koppen_classes import FINE_TO_COARSE, NUM_COARSE_GROUPS, NUM_KOPPEN_CLASSES
 from pipeline.core.provinces import PROVINCES
-from pipeline.labels.koppen import FINE_TO_COARSE, NUM_COARSE_GROUPS, NUM_KOPPEN_CLASSES
 
 LOG_4PI = math.log(4 * math.pi)
 

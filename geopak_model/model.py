@@ -13,10 +13,10 @@ from torch import nn
 from geopak_model.cells import CellTable
 from geopak_model.config import ModelConfig
 from geopak_model.encoders import DualEncoder
-from geopak_model.geo import km_to_deg, unit_xyz
+from geopak_model.geo import km_to_deg
 from pipeline.core.gazetteer import EARTH_RADIUS_KM
+from pipeline.core.koppen_classes import NUM_KOPPEN_CLASSES
 from pipeline.core.provinces import NUM_PROVINCES
-from pipeline.labels.koppen import NUM_KOPPEN_CLASSES
 
 AUX_CENTRE = (30.0, 69.5)  # the aux head predicts degrees around Pakistan's middle, scaled, not from (0, 0)
 AUX_SCALE_DEG = 5.0
@@ -111,10 +111,16 @@ class GeopakHeads(nn.Module):
         province and step. The heads are small next to the encoders; the kept values and their gradients equal
         the per-province subsets', and every head stays in the graph (a head whose province is absent from a
         rank's batch gets a zero gradient, so DDP needs no unused-parameter search)."""
-        logits_all, _ = self.cell_logits_all(e)  # (B, 7, W), 0 beyond a province's cells
+        return self.true_province_logits(self.cell_logits_all(e)[0], province_ids)
+
+    def true_province_logits(self, logits_all: torch.Tensor, province_ids: torch.Tensor
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row's own province's logits (B, max_n) and mask, cut from ``cell_logits_all``'s (B, 7, max_n)
+        (0 beyond a province's cells)."""
         logits = logits_all.gather(1, province_ids.view(-1, 1, 1).expand(-1, 1, logits_all.shape[-1]))[:, 0]
         width = self.local_to_global.shape[1]
-        mask = torch.arange(width, device=e.device)[None, :] < self.cells_per_province[province_ids][:, None]
+        mask = torch.arange(width, device=logits_all.device)[None, :] < \
+            self.cells_per_province[province_ids][:, None]
         return logits, mask
 
     def cell_logits_all(self, e: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -158,11 +164,11 @@ class GeopakHeads(nn.Module):
         e, alpha = self.fuse(clip_feat, scene_feat)
         out: dict[str, torch.Tensor] = {"embedding": e, "gate": alpha, "province_logits": self.province_logits(e)}
         want = set(parts) if parts else {"cell", "offset", "aux", "koppen", "doy", "mvmf"}
-        if "cell" in want:
+        if "cell" in want:  # every province's logits too: validation's inference reuses them (heads run once)
+            out["cell_logits_all"], out["cell_mask_all"] = self.cell_logits_all(e)
             if province_ids is not None:
-                out["cell_logits"], out["cell_mask"] = self.cell_logits_true(e, province_ids)
-            else:
-                out["cell_logits_all"], out["cell_mask_all"] = self.cell_logits_all(e)
+                out["cell_logits"], out["cell_mask"] = self.true_province_logits(out["cell_logits_all"],
+                                                                                 province_ids)
         if "offset" in want and cell_ids is not None:
             out["offset_lat"], out["offset_lon"] = self.offsets(e, cell_ids)
         if "aux" in want:

@@ -25,7 +25,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Union
 
-import numpy as np
 import torch
 from PIL import Image, ImageOps
 
@@ -37,9 +36,9 @@ from geopak_model.geo import haversine_km
 from geopak_model.inference import mixture_predict, province_log_probs
 from geopak_model.retrieval import Gallery, load_gallery_for, refine
 from geopak_model.precision import amp_dtype, autocast, dtype_name
+from pipeline.core.day_of_year import decode_day
+from pipeline.core.koppen_classes import KOPPEN_CODES
 from pipeline.core.provinces import PROVINCES
-from pipeline.labels.dates import decode_day
-from pipeline.labels.koppen import KOPPEN_CODES
 
 ImageInput = Union[str, Path, bytes, Image.Image]
 CONFIDENCE_KM = 25.0
@@ -91,17 +90,20 @@ class GeopakPredictor:
 
     @classmethod
     def from_checkpoint(
-        cls, path: str | Path, device: str | torch.device | None = None, weights_dir: str | Path | None = None
+        cls, path: str | Path, device: str | torch.device | None = None, weights_dir: str | Path | None = None,
+        ckpt: dict | None = None, sha256: str | None = None,
     ) -> "GeopakPredictor":
         """Model and config from ``path``. ``weights_dir``: where encoder weights files named relative to
-        ``<data root>/weights/`` are (``DataPaths.weights_dir``; the pipeline and ``geopak predict`` pass it)."""
+        ``<data root>/weights/`` are (``DataPaths.weights_dir``; the pipeline and ``geopak predict`` pass it).
+        ``ckpt`` / ``sha256``: the checkpoint already read (``read_checkpoint``) / hashed by the caller, so an
+        evaluation reads and hashes the file once."""
         if not Path(path).is_file():
             raise FileNotFoundError(f"no checkpoint at {path}: train one (geopak_model asset) or pass --checkpoint")
-        model, cfg = load_model(path, weights_dir)
+        model, cfg = load_model(path, weights_dir, ckpt)
         dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
         # the checkpoint's own precision setting (configs written before amp_dtype existed mean "auto")
         return cls(model, cfg, dev, amp_dtype(dev, cfg.amp, getattr(cfg, "amp_dtype", "auto")),
-                   load_gallery_for(path))
+                   load_gallery_for(path, sha256=sha256))
 
     @property
     def precision(self) -> str:

@@ -102,14 +102,16 @@ class Gallery:
         return torch.cat(parts) if parts else torch.empty(0, dtype=torch.long)
 
 
-def load_gallery_for(checkpoint: str | Path, name: str = GALLERY_FILE) -> Gallery | None:
+def load_gallery_for(checkpoint: str | Path, name: str = GALLERY_FILE, sha256: str | None = None
+                     ) -> Gallery | None:
     """The gallery ``name`` saved beside ``checkpoint`` if it was built from exactly that file; None when there is
-    none. A gallery of another checkpoint is an error (it would refine with the wrong embedding space)."""
+    none. A gallery of another checkpoint is an error (it would refine with the wrong embedding space).
+    ``sha256``: the checkpoint's, when the caller has hashed it already (hash a large file once)."""
     path = Path(checkpoint).with_name(name)
     if not path.exists():
         return None
     gallery = Gallery.load(path)
-    sha = file_sha256(checkpoint)
+    sha = file_sha256(checkpoint) if sha256 is None else sha256
     if gallery.model_sha256 != sha:
         raise ValueError(f"{path} was built for another checkpoint (sha256 {gallery.model_sha256[:12]}…, "
                          f"{Path(checkpoint).name} is {sha[:12]}…); rebuild it with python -m geopak_model.train "

@@ -1,14 +1,17 @@
 """The ``geopak`` command line: label coordinates, predict locations, print the latest evaluation (``geopak
-report``), sweep dead runs (``geopak runs sweep``)."""
+report``), sweep dead runs (``geopak runs sweep``), start the UI with its report server (``geopak ui``)."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import TYPE_CHECKING
 
 import numpy as np
+
+from pipeline.report_server import DEFAULT_UI_PORT, UI_PORT_ENV
 
 if TYPE_CHECKING:
     from pipeline.core.paths import DataPaths
@@ -123,6 +126,13 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ui(args: argparse.Namespace) -> int:
+    """The report server (at ``GEOPAK_REPORTS_URL``) and ``dagster dev`` (at ``--port``) together."""
+    from pipeline.report_server import run_ui
+
+    return run_ui(_data_paths(args.data_root).root, args.port)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="geopak", description="GeoPak: image geolocation pipeline for Pakistan")
     sub = p.add_subparsers(dest="command", required=True)
@@ -153,6 +163,13 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--run-name", default=None, help="only evaluations of this model run (default: any)")
     rep.add_argument("--json", action="store_true", help="print the machine-readable evaluation.json instead")
     rep.set_defaults(func=_report)
+    ui = sub.add_parser("ui", help="the Dagster UI and the report server its pictures and report links point at "
+                                   "(GEOPAK_REPORTS_URL, default http://127.0.0.1:3001)")
+    ui.add_argument("--data-root", default=None,
+                    help="data root (default: $GEOPAK_DATA_ROOT, else the repository's data/)")
+    ui.add_argument("--port", type=int, default=int(os.environ.get(UI_PORT_ENV, DEFAULT_UI_PORT)),
+                    help=f"the Dagster UI's port (default: ${UI_PORT_ENV}, else {DEFAULT_UI_PORT})")
+    ui.set_defaults(func=_ui)
     runs = sub.add_parser("runs", help="Dagster runs of this instance")
     runs_sub = runs.add_subparsers(dest="runs_command", required=True)
     sweep = runs_sub.add_parser("sweep", help="mark runs whose process is gone failed and free their pool slots; "

@@ -138,10 +138,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout-s", type=float, default=0.0)
     ap.add_argument("--worker", action="store_true", help="(torchrun starts each rank with it)")
     args, torchrun_args = ap.parse_known_args(own)
-    if os.environ.get("GEOPAK_EXIT_WITH_PARENT") == "1":  # launched by a pipeline step: never outlive it
-        from pipeline.core.processes import exit_with_parent
+    from pipeline.core.processes import exit_with_parent_if_asked
 
-        exit_with_parent(os.getppid())
+    exit_with_parent_if_asked()  # launched by a pipeline step: never outlive it
     if args.timeout_s > 0:
         _interrupt_after(args.timeout_s, lambda m: print(m, file=sys.stderr, flush=True))
     if args.worker or not torchrun_args:

@@ -50,11 +50,8 @@ def free_port() -> int:
 def small_main_job_config(n_images: int = 200) -> dict:
     """Run config for the main job on a small sample world with the tiny model: tens of seconds, every stage."""
     model = {"preset": "test-tiny", "phases": [0, 1]}
-    return {"ops": {
-        "sample_world_images": {"config": {"n_images": n_images, "image_size": 128, "workers": 1}},
-        "embedding_cache": {"config": model},
-        "geopak_model": {"config": model},
-    }}
+    return {"ops": {"sample_world_images": {"config": {"n_images": n_images, "image_size": 128}}},
+            "resources": {"compute": {"config": {"workers": 1}}, "model_run": {"config": model}}}
 
 
 # ---- PostgreSQL -------------------------------------------------------------------------------------------------

@@ -94,6 +94,7 @@ def gps_exif(lat: float, lon: float, when: str | None = "2021:03:14 09:26:53", o
 
 def asset_resources(root, boundaries_path, **overrides) -> dict:
     """Every resource the offline assets need, pointed at a temporary data root (tests never read env vars)."""
+    from pipeline.defs.model import ModelRunResource
     from pipeline.defs.resources import (
         BoundariesResource,
         ComputeResource,
@@ -108,6 +109,7 @@ def asset_resources(root, boundaries_path, **overrides) -> dict:
         "boundaries": BoundariesResource(source=str(boundaries_path)),
         "koppen": KoppenRasterResource(),
         "local_source": LocalSourceResource(),
+        "model_run": ModelRunResource(),
         **overrides,
     }
 

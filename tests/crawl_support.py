@@ -10,7 +10,7 @@ import random
 import sys
 from pathlib import Path
 
-from tests.fake_apis import FakePlace, FlickrPhoto
+from geopak_testkit.fake_apis import FakePlace, FlickrPhoto
 
 from pipeline.sources.http import HttpSettings, HttpStats, RetryPolicy
 

@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from pipeline.core.catalog import build_catalog
+from pipeline.catalog.build import build_catalog
 from pipeline.core.gazetteer import haversine_km
 from pipeline.core.paths import DataPaths
 from pipeline.core.schema import (

@@ -30,10 +30,10 @@ def main(argv: list[str] | None = None) -> int:
 
     job = defs.resolve_implicit_global_asset_job_def().get_subset(
         asset_selection={dg.AssetKey("sample_world_images")})
-    config: dict = {"ops": {"sample_world_images": {"config": {"n_images": args.images, "image_size": 96,
-                                                               "workers": 1}}}}
+    config: dict = {"ops": {"sample_world_images": {"config": {"n_images": args.images, "image_size": 96}}},
+                    "resources": {"compute": {"config": {"workers": 1}}}}
     if args.lock_wait is not None:  # run config for a resource replaces its env mapping: give the path too
-        config["resources"] = {"data_root": {"config": {"path": args.data, "stage_lock_wait_s": args.lock_wait}}}
+        config["resources"]["data_root"] = {"config": {"path": args.data, "stage_lock_wait_s": args.lock_wait}}
     with dg.DagsterInstance.from_config(args.home) as instance:
         print("ready", flush=True)
         while not Path(args.go).exists():

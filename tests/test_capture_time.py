@@ -10,7 +10,7 @@ import pytest
 from PIL import ExifTags, Image
 from PIL.TiffImagePlugin import IFDRational
 
-from pipeline.core.catalog import build_catalog, fast_jpeg_facts, header_facts
+from pipeline.catalog.build import build_catalog, fast_jpeg_facts, header_facts
 from pipeline.core.exif import read_header
 from pipeline.core.store import ImageStore
 from tests.conftest import gps_exif, heic_bytes, jpeg_bytes

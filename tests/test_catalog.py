@@ -8,8 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from pipeline.catalog.build import build_catalog
 from pipeline.core import reasons
-from pipeline.core.catalog import build_catalog
 from pipeline.core.exif import NotAnImage, read_header
 from pipeline.core.schema import CATALOG_SCHEMA, REJECTIONS_SCHEMA, to_table
 from pipeline.core.store import ImageStore

@@ -8,7 +8,7 @@ import random
 import pytest
 from PIL import ExifTags, Image
 
-from pipeline.core.catalog import fast_jpeg_facts, header_facts
+from pipeline.catalog.build import fast_jpeg_facts, header_facts
 from tests.conftest import gps_exif, jpeg_bytes
 
 

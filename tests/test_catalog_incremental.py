@@ -11,8 +11,8 @@ import pandas as pd
 import pytest
 import pyarrow.parquet as pq
 
+from pipeline.catalog.build import build_catalog, build_catalog_files
 from pipeline.core import reasons
-from pipeline.core.catalog import build_catalog, build_catalog_files
 from pipeline.core.schema import CATALOG_SCHEMA, RAW_MANIFEST_SCHEMA, REJECTIONS_SCHEMA, read_table, write_table
 from pipeline.core.store import ImageStore
 from tests.conftest import gps_exif, jpeg_bytes
@@ -130,7 +130,7 @@ def test_in_memory_build_matches_files(tmp_path):
 
 def test_parallel_reads_match_one_process(tmp_path, monkeypatch):
     """Header reads and re-stats in worker processes give the files one process gives."""
-    from pipeline.core import catalog as catalog_mod
+    from pipeline.catalog import build as catalog_mod
 
     root = tmp_path / "root"
     store = ImageStore(root)
@@ -152,7 +152,7 @@ def test_parallel_reads_match_one_process(tmp_path, monkeypatch):
 def test_engine_version_bump_reads_headers_again(tmp_path, monkeypatch):
     """A new ENGINE_VERSION (the resolution or header reading changed) must not reuse header facts the old engine
     cached: every manifest is resolved again from the files' headers, and the catalog shows the new reading."""
-    from pipeline.core import catalog as catalog_mod
+    from pipeline.catalog import build as catalog_mod
 
     root = tmp_path / "root"
     store = ImageStore(root)

@@ -10,7 +10,7 @@ import dagster as dg
 import pytest
 
 from tests.crawl_support import FLICKR_KEY, FLICKR_SECRET, GOOGLE_KEY, flickr_photos, ict_places
-from tests.fake_apis import FakeServer, flickr_routes, places_routes
+from geopak_testkit.fake_apis import FakeServer, flickr_routes, places_routes
 
 from pipeline.defs.crawl import (
     CRAWL_ASSETS,
@@ -22,8 +22,9 @@ from pipeline.defs.crawl import (
     google_places_photos,
 )
 from pipeline.defs.ingest import image_catalog
-from pipeline.defs.jobs import CRAWL_JOB, MAIN_JOB
+from pipeline.defs.jobs import CRAWL_JOB, MAIN_JOB, YFCC_DISCOVERY_JOB
 from pipeline.defs.resources import BoundariesResource, DataRootResource
+from pipeline.defs.metadata import metadata_text
 
 FAST = dict(timeout_s=0.15, max_attempts=10, backoff_base_s=0.002, backoff_max_s=0.02, download_workers=4)
 
@@ -72,6 +73,11 @@ def test_crawl_job_is_partitioned_and_separate_from_the_main_job():
                                                                "ajk"}
     main_nodes = {n.name for n in defs.resolve_job_def(MAIN_JOB).nodes}
     assert not main_nodes & {a.key.path[-1] for a in CRAWL_ASSETS}
+    # the unpartitioned YFCC100M discovery runs once in its own job, not once per province of a crawl backfill
+    crawl_nodes = {n.name for n in crawl.nodes}
+    assert "yfcc100m_candidates" not in crawl_nodes and "yfcc100m_photos" in crawl_nodes
+    discovery = defs.resolve_job_def(YFCC_DISCOVERY_JOB)
+    assert discovery.partitions_def is None and {n.name for n in discovery.nodes} == {"yfcc100m_candidates"}
 
 
 def test_materialize_with_env_keys_leaks_no_secret(tmp_path, boundaries_path, monkeypatch):
@@ -109,13 +115,13 @@ def test_materialize_with_env_keys_leaks_no_secret(tmp_path, boundaries_path, mo
 
     md = ok.asset_materializations_for_node("flickr_photos")[0].metadata
     assert md["images"].value > 0 and md["api_requests_this_run"].value > 0
-    assert "| cause |" in md["retries_per_cause"].value and ".preview.png" in md["map"].value
+    assert "| cause |" in metadata_text(md["retries_per_cause"]) and ".preview.png" in md["map"].value
     gmd = ok.asset_materializations_for_node("google_places_photos")[0].metadata
     assert gmd["images"].value > 0
 
     cat = dg.materialize([image_catalog], resources=resources, instance=instance)
-    per_source = cat.asset_materializations_for_node("image_catalog")[0].metadata["rows_per_source"].value
-    assert "| flickr |" in per_source and "| google_places |" in per_source
+    per_source = cat.asset_materializations_for_node("image_catalog")[0].metadata["rows_per_source"]
+    assert "| flickr |" in metadata_text(per_source) and "| google_places |" in metadata_text(per_source)
 
     secrets = [FLICKR_KEY, FLICKR_SECRET, GOOGLE_KEY]
     for run in (ok, failed, cat):

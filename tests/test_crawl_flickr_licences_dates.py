@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from tests.crawl_support import FLICKR_KEY, fast_http, flickr_source
-from tests.fake_apis import FakeServer, FlickrPhoto, flickr_routes, flickr_searches
+from geopak_testkit.fake_apis import FakeServer, FlickrPhoto, flickr_routes, flickr_searches
 
 from pipeline.core import reasons
 from pipeline.core.paths import DataPaths

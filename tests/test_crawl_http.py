@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -10,31 +12,27 @@ import pytest
 import requests
 
 from tests.conftest import jpeg_bytes
-from tests.fake_apis import FakeServer, Reply, image_routes
+from geopak_testkit.fake_apis import FakeServer, Reply, image_routes
 
 from pipeline.core import reasons
 from pipeline.core.store import ImageStore
 from pipeline.sources.crawl_state import DONE, FAILED, PENDING, REJECTED, CrawlState, Rejected, Unit
+from pipeline.sources.downloads import Fetched, check_image, download_all, fetch_url
 from pipeline.sources.http import (
     ApiSession,
     BadImage,
     BodyTooSlow,
-    Fetched,
     HttpSettings,
     HttpStats,
     ImageTooLarge,
     Redactor,
     RetryableStatus,
     RetryPolicy,
-    SharedTokenBucket,
-    TokenBucket,
     call_with_retries,
-    check_image,
     classify,
-    download_all,
-    fetch_url,
     parse_retry_after,
 )
+from pipeline.sources.rate_limits import SharedTokenBucket, TokenBucket
 
 
 class FakeClock:
@@ -56,28 +54,60 @@ def test_token_bucket_paces_to_the_rate():
     assert clock.t == pytest.approx(2.0)  # first token free, then 8 more at 4/s
 
 
-def test_token_bucket_is_thread_safe():
-    bucket = TokenBucket(200.0)
-    start = time.monotonic()
-    threads = [threading.Thread(target=lambda: [bucket.acquire() for _ in range(10)]) for _ in range(4)]
+def _waits_from_threads(holders, per_holder: int) -> list[float]:
+    """Every wait the holders' ``acquire`` returned, taken from one thread per holder on a frozen clock: each
+    token's place in the queue shows in its wait, so a lost update shows as a repeated or missing place."""
+    waits: list[float] = []
+    lock = threading.Lock()
+
+    def take(holder) -> None:
+        for _ in range(per_holder):
+            w = holder.acquire()
+            with lock:
+                waits.append(w)
+
+    threads = [threading.Thread(target=take, args=(h,)) for h in holders]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert time.monotonic() - start >= 39 / 200 * 0.95  # 40 tokens, the first free
+    return sorted(waits)
+
+
+def test_token_bucket_is_thread_safe():
+    bucket = TokenBucket(200.0, clock=lambda: 0.0, sleep=lambda s: None)
+    waits = _waits_from_threads([bucket] * 4, 10)
+    assert waits == pytest.approx([k / 200 for k in range(40)])  # 40 tokens, the first free, each place once
 
 
 def test_shared_bucket_splits_one_budget_between_holders(tmp_path):
     """Two holders of one key (as two Dagster run processes would be) get the key's rate together, not each."""
-    a = SharedTokenBucket(tmp_path / "rl.sqlite", "k", 100.0)
-    b = SharedTokenBucket(tmp_path / "rl.sqlite", "k", 100.0)
-    start = time.monotonic()
-    threads = [threading.Thread(target=lambda x=x: [x.acquire() for _ in range(15)]) for x in (a, b)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert time.monotonic() - start >= 29 / 100 * 0.95
+    holders = [SharedTokenBucket(tmp_path / "rl.sqlite", "k", 100.0, clock=lambda: 0.0, sleep=lambda s: None)
+               for _ in range(2)]
+    waits = _waits_from_threads(holders, 15)
+    assert waits == pytest.approx([k / 100 for k in range(30)])  # one queue of 30 places, not two of 15
+
+
+def test_shared_bucket_refills_on_the_injected_clock(tmp_path):
+    clock = FakeClock()
+    a, b = (SharedTokenBucket(tmp_path / "rl.sqlite", "k", 4.0, clock=clock, sleep=clock.sleep) for _ in range(2))
+    for _ in range(4):
+        a.acquire()
+        b.acquire()
+    assert clock.t == pytest.approx(7 / 4)  # 8 tokens of one budget at 4/s, the first free
+
+
+def test_importing_http_changes_no_global_state():
+    """No logging filter and no limiter registry on import: a session installs the scrubber, a first use makes the
+    registry."""
+    code = ("import logging, pipeline.sources.downloads, pipeline.sources.http as h, pipeline.sources.rate_limits as r\n"
+            "log = logging.getLogger('urllib3.connectionpool')\n"
+            "assert not log.filters and r._process is None, (log.filters, r._process)\n"
+            "h.ApiSession(); r.rate_limiter('k', 1.0)\n"
+            "assert len(log.filters) == 1 and r._process is not None\n"
+            "h.ApiSession(); assert len(log.filters) == 1\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
 
 
 def test_retry_after_parsing():

@@ -22,7 +22,7 @@ from tests.crawl_support import (
     flickr_photos,
     flickr_source,
 )
-from tests.fake_apis import FakeServer, flickr_routes, flickr_searches
+from geopak_testkit.fake_apis import FakeServer, flickr_routes, flickr_searches
 
 from pipeline.core.paths import DataPaths
 from pipeline.core.schema import RAW_MANIFEST_SCHEMA, read_table

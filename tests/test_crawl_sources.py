@@ -21,7 +21,7 @@ from tests.crawl_support import (
     flickr_source,
     ict_places,
 )
-from tests.fake_apis import FakeServer, FlickrPhoto, flickr_routes, flickr_searches, image_routes, places_routes, \
+from geopak_testkit.fake_apis import FakeServer, FlickrPhoto, flickr_routes, flickr_searches, image_routes, places_routes, \
     wd_entity, wikidata_routes
 
 from pipeline.core import reasons

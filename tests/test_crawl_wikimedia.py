@@ -12,7 +12,7 @@ from dataclasses import replace
 import pytest
 
 from tests.crawl_support import fast_http
-from tests.fake_apis import RECORDED, FakeServer, Reply, unique_jpeg, wikidata_routes
+from geopak_testkit.fake_apis import RECORDED, FakeServer, Reply, unique_jpeg, wikidata_routes
 from tests.test_crawl_sources import _gldv2_files
 
 from pipeline.core.paths import DataPaths

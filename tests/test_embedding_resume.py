@@ -19,7 +19,7 @@ import torch
 from geopak_model.cache import INDEX_SUFFIX, SHARDS, EmbeddingCache
 from geopak_model.config import preset
 from geopak_model.data import load_training_table
-from geopak_model.train import embed_only
+from geopak_model.trainer import embed_only
 from tests.model_world import build_world
 from tests.process_support import running, wait_until
 

@@ -5,6 +5,7 @@ split read once and guarded by a ledger, and ``geopak report``."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -105,7 +106,7 @@ def test_knn_and_densest_cluster_baselines():
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     from geopak_model.config import preset
-    from geopak_model.train import Trainer
+    from geopak_model.trainer import Trainer
     from tests.model_world import build_world, with_test_split
 
     root = tmp_path_factory.mktemp("world")
@@ -167,13 +168,28 @@ def test_evaluation_reads_test_once_is_deterministic_and_guarded(trained, capsys
     assert "FORCED RE-EVALUATION" in out and "code: commit " in out and "evaluated: " in out
 
 
+def test_evaluation_hashes_and_reads_the_checkpoint_once(trained, monkeypatch):
+    import geopak_model.retrieval as retrieval
+
+    paths, _ = trained
+    model = paths.model_dir / "geopak" / "model.pt"
+    hashed, loaded = [], []
+    real_hash, real_load = retrieval.file_sha256, torch.load
+    monkeypatch.setattr(retrieval, "file_sha256", lambda p: hashed.append(Path(p)) or real_hash(p))
+    monkeypatch.setattr(torch, "load", lambda f, *a, **k: loaded.append(Path(f)) or real_load(f, *a, **k))
+    result = _evaluate(paths, force=True)  # force: the test above evaluated with other settings too
+    assert (model.with_name("gallery.npz").exists() and model.with_name("knn_gallery.npz").exists()
+            and "knn" in result.report.errors)  # both galleries were checked against the model's sha256
+    assert hashed == [model] and loaded.count(model) == 1
+
+
 def test_resume_fingerprint_covers_the_lr_schedule_and_one_rebalancing(tmp_path):
     """With a cosine schedule a changed epoch count starts the phase afresh (its LR curve changed); class weights
     on top of the balanced sampler are refused."""
     import json
 
     from geopak_model.config import preset
-    from geopak_model.train import Trainer
+    from geopak_model.trainer import Trainer
     from tests.model_world import build_world
 
     build_world(tmp_path, per_cell=3, size=40)

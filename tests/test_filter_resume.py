@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pandas as pd
@@ -20,6 +19,7 @@ from pipeline.filters.cache import ImageValueCache, commit_in_chunks
 from pipeline.filters.indoor import ClipSpec
 from pipeline.filters.stage import FilterConfig, filter_catalog
 from tests.filter_corpus import Case, encode, scene
+from tests.process_support import wait_until
 from tests.test_filters import catalog_of
 
 REPO = Path(__file__).resolve().parents[1]
@@ -71,19 +71,25 @@ def test_sigkill_mid_run_loses_at_most_one_chunk(world, boundaries, boundaries_p
     cache_dir = root / "f" / "metrics.parquet"
     log = root / "progress.log"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    # images are measured in catalog order: one image of the 4th chunk becomes a FIFO, so the child commits 3
+    # shards, then blocks reading it (no race between a poll and the child) until it is killed
+    blocked = ImageStore(root).abspath(catalog["path"].iloc[KILL_AFTER_SHARDS * COMMIT_ROWS + 1])
+    real_bytes = blocked.read_bytes()
+    blocked.unlink()
+    os.mkfifo(blocked)
     proc = subprocess.Popen([sys.executable, "-c", CHILD, str(root), str(boundaries_path), str(root / "hf-empty"),
                              str(COMMIT_ROWS), str(log)], cwd=REPO, env=env, stderr=subprocess.PIPE)
     try:
-        deadline = time.monotonic() + 120
-        while len(_shards(cache_dir)) < KILL_AFTER_SHARDS and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.002)
+        assert wait_until(lambda: len(_shards(cache_dir)) >= KILL_AFTER_SHARDS or proc.poll() is not None, 120)
         seen = len(_shards(cache_dir))
         os.kill(proc.pid, signal.SIGKILL)
     finally:
         proc.wait(timeout=60)
         err = proc.stderr.read().decode(errors="replace")[-2000:]
+        blocked.unlink()
+        blocked.write_bytes(real_bytes)
     assert proc.returncode == -signal.SIGKILL, f"the child was not killed mid-run (rc {proc.returncode}): {err}"
-    assert seen >= KILL_AFTER_SHARDS
+    assert seen == KILL_AFTER_SHARDS  # blocked in the 4th chunk: exactly three committed
     shards = _shards(cache_dir)
     sizes = [pq.ParquetFile(s).metadata.num_rows for s in shards]
     committed = sum(sizes)

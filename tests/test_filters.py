@@ -16,7 +16,7 @@ from PIL import Image
 from pipeline.core import reasons
 from pipeline.core.store import ImageStore
 from pipeline.filters.cache import ImageValueCache
-from pipeline.filters.decode import load_oriented, to_mode
+from pipeline.core.decode import load_oriented, to_mode
 from pipeline.filters.dedup import group_near_duplicates, hash_matrix, near_pairs
 from pipeline.filters.examples import contact_sheet_png
 from pipeline.filters.geotag import AccuracyRule, geotag_reasons

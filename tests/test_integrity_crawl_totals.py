@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from tests.crawl_support import FLICKR_KEY, fast_http, flickr_photos, flickr_source
-from tests.fake_apis import FakeServer, flickr_routes
+from geopak_testkit.fake_apis import FakeServer, flickr_routes
 
 from pipeline.core.paths import DataPaths
 from pipeline.core.store import ImageStore

@@ -10,10 +10,10 @@ import pandas as pd
 import pytest
 from PIL import Image, ImageDraw
 
+from pipeline.catalog.build import build_catalog
 from pipeline.core import reasons
-from pipeline.core.catalog import build_catalog
 from pipeline.core.store import ImageStore
-from pipeline.filters.decode import DecodeError, open_image
+from pipeline.core.decode import DecodeError, open_image
 from pipeline.filters.examples import contact_sheet_png, wrap_caption
 from pipeline.filters.indoor import ClipSpec
 from pipeline.filters.stage import KEPT, FilterConfig, filter_catalog

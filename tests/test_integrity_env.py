@@ -96,8 +96,7 @@ def test_google_places_opt_in_and_key_set_after_load_take_effect(clean_env):
 def test_explicit_field_wins_over_env(clean_env):
     clean_env.setenv("GEOPAK_GOOGLE_PLACES_ENABLED", "1")
     clean_env.setenv("GOOGLE_MAPS_API_KEY", GOOGLE_KEY)
-    explicit_off = GooglePlacesResource(enabled=False, env={"enabled": "GEOPAK_GOOGLE_PLACES_ENABLED",
-                                                            "api_key": "GOOGLE_MAPS_API_KEY"})
+    explicit_off = GooglePlacesResource(enabled=False)
     assert "opt-in" in _probe_run(explicit_off)[1]
 
 

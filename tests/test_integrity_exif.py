@@ -8,8 +8,8 @@ import pytest
 from PIL import ExifTags, Image
 from PIL.TiffImagePlugin import IFDRational
 
+from pipeline.catalog.build import build_catalog
 from pipeline.core import reasons
-from pipeline.core.catalog import build_catalog
 from pipeline.core.exif import read_header
 from pipeline.core.store import ImageStore
 from pipeline.labels.label import label_catalog

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 from tests.crawl_support import fast_http
-from tests.fake_apis import FakeServer, image_routes
+from geopak_testkit.fake_apis import FakeServer, image_routes
 from tests.test_crawl_sources import _crawl, _gldv2_files
 
 from pipeline.sources.gldv2 import Gldv2Config, Gldv2Source

@@ -27,7 +27,8 @@ from pipeline.core.processes import LockHeldError
 from pipeline.core.store import ImageStore
 from pipeline.sources.crawl import CrawlContext, Source, run_crawl
 from pipeline.sources.crawl_state import DONE, FAILED, PENDING, CrawlState
-from pipeline.sources.http import Fetched, HttpStats
+from pipeline.sources.downloads import Fetched
+from pipeline.sources.http import HttpStats
 
 REPO = Path(__file__).resolve().parents[1]
 DEADLINE_S = 20.0  # generous for a loaded machine; the watchdog acts within about 0.2 s

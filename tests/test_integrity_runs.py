@@ -1,7 +1,7 @@
 """A run whose ``dagster job execute`` process was killed is marked failed at the next launch (issue 12.5).
 
 A real ``dagster job execute`` runs a job that never ends; it is SIGKILLed, so nothing reports the end and the run
-stays STARTED. The next launch (here: a crawl asset, which sweeps before it starts) must report it failed, saying
+stays STARTED. The next launch (any job: the project's executors sweep before the first step) must report it failed, saying
 that its process is gone. A run whose process still runs is left alone."""
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from pipeline.defs.resources import DataRootResource
+from pipeline.defs.executors import in_process_sweeping_executor
+from pipeline.defs.run_hygiene import HOST_TAG, PID_TAG, fail_orphaned_runs, orphan_reason
 from tests.process_support import wait_until
-from pipeline.defs.run_hygiene import fail_orphaned_runs, orphan_reason
 
 REPO = Path(__file__).resolve().parents[1]
 READY_ENV = "GEOPAK_TEST_HANG_READY"
@@ -35,6 +35,19 @@ def hang() -> None:
 @dg.job(executor_def=dg.in_process_executor)
 def hang_job() -> None:
     hang()
+
+
+@dg.op
+def noop() -> None:
+    return None
+
+
+@dg.job(executor_def=in_process_sweeping_executor)
+def next_job() -> None:
+    noop()
+
+
+defs = dg.Definitions(jobs=[hang_job, next_job])
 
 
 def _failure_message(instance: dg.DagsterInstance, run_id: str) -> str:
@@ -65,13 +78,8 @@ def test_killed_job_execute_run_is_marked_failed_at_next_launch(tmp_path):
         proc.stderr.close()  # type: ignore[union-attr]
     assert instance.get_run_by_id(run.run_id).status == dg.DagsterRunStatus.STARTED, "nobody reported the kill"
 
-    # the next launch of any job: every asset uses the data root, whose setup sweeps
-    @dg.asset
-    def any_stage(data_root: DataRootResource) -> None:
-        data_root.paths.root.mkdir(parents=True, exist_ok=True)
-
-    result = dg.materialize([any_stage], resources={"data_root": DataRootResource(path=str(tmp_path / "data"))},
-                            instance=instance)
+    # the next launch of any job: the project's executors sweep before the first step
+    result = dg.execute_job(dg.reconstructable(next_job), instance=instance)
     assert result.success
     killed = instance.get_run_by_id(run.run_id)
     assert killed.status == dg.DagsterRunStatus.FAILURE
@@ -79,3 +87,5 @@ def test_killed_job_execute_run_is_marked_failed_at_next_launch(tmp_path):
     assert f"pid {proc.pid}" in message and "gone" in message and result.run_id in message
     assert fail_orphaned_runs(instance) == [], "reported once"
     assert instance.get_run_by_id(result.run_id).status == dg.DagsterRunStatus.SUCCESS
+    tags = instance.get_run_by_id(result.run_id).tags
+    assert tags[PID_TAG] == str(os.getpid()) and HOST_TAG in tags, "the executor tags its run once"

@@ -62,10 +62,13 @@ def test_without_the_watch_a_trainer_would_be_orphaned(tmp_path):
     """The control: the same launch without ``GEOPAK_EXIT_WITH_PARENT`` leaves the trainer running (so the test
     above measures the watchdog, not an accident of the run)."""
     launcher, trainer = _start(tmp_path, "plain")
+    metrics = tmp_path / "model" / "geopak" / "metrics.jsonl"
     os.kill(launcher.pid, signal.SIGKILL)
     launcher.wait()
-    time.sleep(1.0)
+    size_at_kill = metrics.stat().st_size
     try:
-        assert running(trainer)
+        # no fixed sleep: the orphan is seen working on (a new epoch row) after its launcher is gone
+        assert wait_until(lambda: metrics.stat().st_size > size_at_kill or not running(trainer), DEADLINE_S)
+        assert running(trainer) and metrics.stat().st_size > size_at_kill
     finally:
         os.kill(trainer, signal.SIGKILL)

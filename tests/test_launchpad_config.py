@@ -5,16 +5,16 @@ import dataclasses
 import dagster as dg
 import pydantic
 import pytest
-from dagster._config import ConfigTypeKind
 
 from geopak_model.config import PhaseConfig, TrainConfig, preset
 from pipeline.defs import geocells
 from pipeline.defs.config import config_class, from_dataclass, overrides, to_dataclass
+from pipeline.defs.dagster_private import ConfigTypeKind
 from pipeline.defs.filtering import FilterParams
 from pipeline.defs.geocells import GeocellParams, SplitParams
 from pipeline.defs.ingest import SampleWorldParams
 from pipeline.defs.jobs import CRAWL_JOB, MAIN_JOB
-from pipeline.defs.model import ModelParams, train_config
+from pipeline.defs.model import ModelRunResource, train_config
 from pipeline.defs.resources import BoundariesResource, DataRootResource
 from pipeline.definitions import defs
 from pipeline.filters.geotag import AccuracyRule
@@ -65,8 +65,8 @@ def test_every_launchpad_field_is_described(job_name):
     paths = {p for p, _ in fields}
     # nested dataclasses are nested Config sections, reached by the walk
     assert "ops.filtered_catalog.config.clip.pretrained" in paths or job_name != MAIN_JOB
-    assert "ops.geopak_model.config.overrides.phases[][].epochs" in paths or job_name != MAIN_JOB
-    assert "ops.geopak_model.config.overrides.loss[].tau_km" in paths or job_name != MAIN_JOB
+    assert "resources.model_run.config.overrides.phases[][].epochs" in paths or job_name != MAIN_JOB
+    assert "resources.model_run.config.overrides.loss[].tau_km" in paths or job_name != MAIN_JOB
 
 
 def _config_field_names(op_entry) -> list[str]:
@@ -123,7 +123,7 @@ def test_choices_are_checked_before_launch():
     bad = {"ops": {"geocells": {"config": {"cluster_selection_method": "kmeans"}}}}
     with pytest.raises(dg.DagsterInvalidConfigError, match="cluster_selection_method"):
         dg.validate_run_config(job, bad)
-    bad_preset = {"ops": {"geopak_model": {"config": {"preset": "huge"}}}}
+    bad_preset = {"resources": {"model_run": {"config": {"preset": "huge"}}}}
     with pytest.raises(dg.DagsterInvalidConfigError, match="preset"):
         dg.validate_run_config(job, bad_preset)
     dg.validate_run_config(job, {"ops": {"geocells": {"config": {"cluster_selection_method": "leaf"}}}})
@@ -165,7 +165,7 @@ def test_conversion_is_by_keyword_and_nested():
 
 
 def test_model_overrides_are_typed_and_merged_into_the_preset_by_name(tmp_path):
-    params = ModelParams(preset="test-tiny", overrides={
+    params = ModelRunResource(preset="test-tiny", overrides={
         "cpu_threads": 1, "phases": [{"epochs": 3}, {}, {"lr": 0.5}], "loss": {"cell": 2.0},
         "encoder": {"clip_activation": "gelu"}})
     assert overrides(params.overrides) == {"cpu_threads": 1, "phases": [{"epochs": 3}, {}, {"lr": 0.5}],
@@ -178,10 +178,10 @@ def test_model_overrides_are_typed_and_merged_into_the_preset_by_name(tmp_path):
     assert cfg.encoder.clip_activation == "gelu" and cfg.encoder.image_size == base.encoder.image_size
     assert cfg.cpu_threads == 1 and cfg.data_root == str(tmp_path)
     # nothing set: exactly the preset
-    assert train_config(ModelParams(), DataRootResource(path=str(tmp_path))) == preset(
+    assert train_config(ModelRunResource(), DataRootResource(path=str(tmp_path))) == preset(
         "cpu-small", data_root=str(tmp_path))
     with pytest.raises(pydantic.ValidationError, match="greater than or equal to 1"):
-        ModelParams(overrides={"phases": [{"batch_size": 0}]})
+        ModelRunResource(overrides={"phases": [{"batch_size": 0}]})
 
 
 def test_a_field_without_description_is_an_error():
@@ -192,3 +192,33 @@ def test_a_field_without_description_is_an_error():
 
     with pytest.raises(TypeError, match="Undocumented.silent has no description"):
         config_class(Undocumented)
+
+
+@pytest.mark.parametrize("job_name", [MAIN_JOB, CRAWL_JOB])
+def test_launchpad_text_is_curator_text(job_name):
+    """Descriptions read as plain Markdown: no reStructuredText double backquotes, no issue numbers; every resource
+    is described, and none shows an always-empty ``env`` map."""
+    import re
+
+    texts = [(p, d or "") for p, d in _user_fields(job_name)]
+    resources = defs.get_repository_def().get_top_level_resources()
+    texts += [(f"resources.{key}", r.description or "") for key, r in resources.items()]
+    assert not [key for key, r in resources.items() if not (r.description or "").strip()]
+    assert not [p for p, d in texts if "``" in d or re.search(r"#\d|\bissue \d", d)]
+    assert not [p for p, _ in _user_fields(job_name) if p.startswith("resources.") and p.endswith(".config.env")]
+
+
+@pytest.mark.parametrize("dc,bad", [
+    (GeocellConfig, {"urban_cap_km": 0.0}), (GeocellConfig, {"cluster_selection_method": "kmeans"}),
+    (SplitConfig, {"min_distance_km": -1.0}), (SampleWorldConfig, {"image_size": 2048}),
+    (AccuracyRule, {"max_metres": -5.0}),
+])
+def test_dataclass_bounds_come_from_the_field_metadata(dc, bad):
+    """The bound the Launchpad shows is the one the dataclass enforces: both read the field's metadata."""
+    ((name, value),) = bad.items()
+    meta = {f.name: f.metadata for f in dataclasses.fields(dc)}[name]
+    with pytest.raises(ValueError, match=name):
+        dc(**bad)
+    description = config_class(dc).model_fields[name].description or ""
+    assert meta["doc"] in description
+    assert all(f"{bound}" in description for key, bound in meta.items() if key in ("ge", "gt", "le", "lt"))

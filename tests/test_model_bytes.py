@@ -11,10 +11,11 @@ import pytest
 from geopak_model.cache import EmbeddingCache
 from geopak_model.config import preset
 from geopak_model.data import BytesChangedError, ImageDataset, Unreadable, read_verified
-from geopak_model.train import Trainer
+from geopak_model.trainer import Trainer
 from pipeline.core import reasons
 from tests.conftest import materialize_evaluation
 from tests.model_world import build_world
+from pipeline.defs.metadata import metadata_text
 
 
 def _truncate(path) -> None:
@@ -69,7 +70,7 @@ def test_truncated_train_and_test_images_are_caught_with_the_reason(tmp_path, bo
     n_test = int((split_of == "test").sum())
     assert md["test_images"].value == n_test - 1  # the changed test image is not scored
     assert md["unreadable_images"].value == 1 and md["bytes_changed_images"].value == 1
-    detail = md["unreadable_detail"].value
+    detail = metadata_text(md["unreadable_detail"])
     assert test_victim in detail and reasons.BYTES_CHANGED in detail
     predictions = pd.read_parquet(next(paths.evaluation_dir.glob("*/predictions.parquet")))
     assert test_victim not in set(predictions["image_id"]) and len(predictions) == n_test - 1

@@ -312,7 +312,7 @@ def test_model_loader_refuses_decompression_bombs_like_the_filter(tmp_path):
     import io
 
     from geopak_model.data import ImageDataset, Unreadable, load_image
-    from pipeline.filters.decode import DEFAULT_MAX_PIXELS, DecodeError
+    from pipeline.core.decode import DEFAULT_MAX_PIXELS, DecodeError
 
     buf = io.BytesIO()
     Image.new("L", (9000, 9000)).save(buf, "PNG")  # 81 MP > the 64 MP limit, a few KB on disk
@@ -333,7 +333,7 @@ def test_model_loader_accepts_only_photo_formats(tmp_path):
     import io
 
     from geopak_model.data import load_image
-    from pipeline.filters.decode import DecodeError
+    from pipeline.core.decode import DecodeError
 
     buf = io.BytesIO()
     Image.new("P", (64, 64)).save(buf, "GIF")

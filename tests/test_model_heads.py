@@ -213,3 +213,37 @@ def test_mvmf_head_buffers_and_clamped_kappa():
     out = heads(torch.randn(2, 8), torch.randn(2, 8), torch.zeros(2, dtype=torch.long), torch.zeros(2, dtype=torch.long))
     assert float(out["mvmf_log_kappa"].detach().max()) == SMALL.log_kappa_max
     assert out["mvmf_logits"].shape == (2, 2)
+
+
+def test_validation_runs_each_head_once_per_batch_with_the_same_metrics():
+    """``evaluate_features`` reuses the forward's logits for the inference and both NLLs (it ran the province
+    and cell heads three more times per batch before); the metrics equal those from separate head calls."""
+    from geopak_model.config import InferenceConfig, LossConfig
+    from geopak_model.data import FeatureData
+    from geopak_model.evaluate import evaluate_features
+    from geopak_model.inference import province_log_probs, true_cell_log_probs
+    from geopak_model.losses import LossContext
+
+    torch.manual_seed(0)
+    cells = cell_table({0: 3, 1: 2, 4: 1})
+    heads = GeopakHeads(cells, 8, 8, SMALL).eval()
+    n = 10
+    cell_id = torch.randint(0, cells.n_cells, (n,))
+    labels = {"province_id": torch.as_tensor(cells.province_id)[cell_id].long(), "cell_id": cell_id,
+              "lat": torch.as_tensor(cells.center_lat)[cell_id].float(),
+              "lon": torch.as_tensor(cells.center_lon)[cell_id].float(), "koppen_id": torch.full((n,), 3),
+              "doy_sin": torch.zeros(n), "doy_cos": torch.ones(n)}
+    data = FeatureData(torch.randn(n, 8), torch.randn(n, 8), labels)
+    calls = {"province": 0, "cell": 0}
+    heads.province_head.register_forward_hook(lambda *_: calls.__setitem__("province", calls["province"] + 1))
+    heads.cell_heads[0].register_forward_hook(lambda *_: calls.__setitem__("cell", calls["cell"] + 1))
+    inf = InferenceConfig()
+    got = evaluate_features(heads, data, LossContext.build(cells, None, LossConfig()), LossConfig(), inf,
+                            torch.device("cpu"), batch_size=4)
+    assert calls == {"province": 3, "cell": 3}  # 3 batches, each head once per batch
+    with torch.no_grad():
+        e = heads.fuse(data.clip, data.scene)[0]
+        joint = -true_cell_log_probs(heads, e, cell_id, inf.prior_correction)
+        prov = -province_log_probs(heads, e, inf.prior_correction).gather(1, labels["province_id"][:, None])
+    assert got["val_joint_nll"] == pytest.approx(float(joint.mean()), rel=1e-5)
+    assert got["val_province_nll"] == pytest.approx(float(prov.clamp(min=-50.0).mean()), rel=1e-5)

@@ -19,7 +19,9 @@ import geopak_model.data as gdata
 from geopak_model.config import AugmentConfig, preset
 from geopak_model.data import ImageDataset, augment_view, load_training_table, make_loader, rain, read_verified
 from geopak_model.model import GeopakHeads
-from geopak_model.train import DistEnv, SplitEncoder, Trainer, train_one_epoch
+from geopak_model.distributed import DistEnv
+from geopak_model.epochs import SplitEncoder, train_one_epoch
+from geopak_model.trainer import Trainer
 from tests.model_world import build_world
 from tests.test_model_heads import SMALL, cell_table
 
@@ -126,11 +128,13 @@ def test_loader_workers_persist_across_epochs_and_still_draw_each_epochs_batches
 
 
 def test_phase_two_builds_its_loaders_once_for_all_its_epochs(world, monkeypatch, tmp_path):
-    import geopak_model.train as train_mod
+    import geopak_model.epochs as epochs_mod  # the val encoder's loader
+    import geopak_model.trainer as trainer_mod  # the training images' loader
 
     built: list[int] = []
-    real = train_mod.make_loader
-    monkeypatch.setattr(train_mod, "make_loader", lambda *a, **k: built.append(1) or real(*a, **k))
+    real = trainer_mod.make_loader
+    for mod in (trainer_mod, epochs_mod):
+        monkeypatch.setattr(mod, "make_loader", lambda *a, **k: built.append(1) or real(*a, **k))
     cfg = tiny(world.root, run_dir=str(tmp_path / "run"), run_phases=[2], max_val_images=8,
                phases=[{}, {}, {"epochs": 3, "batches_per_epoch": 1}])
     trainer = Trainer(cfg, log=lambda m: None)
@@ -212,7 +216,7 @@ def test_an_epochs_host_reads_do_not_grow_with_its_steps(world, tmp_path, monkey
     assert counts[2] and len(counts[2]) == len(counts[4]), (counts[2], counts[4])
     # the first batch's gradient diagnostics: one read; the epoch's losses: one read
     assert sorted(r.split(":")[0] + " " + r.split()[-1] for r in counts[4]) == ["diagnostics.py tolist",
-                                                                                  "train.py tolist"]
+                                                                                  "distributed.py tolist"]
 
 
 # --- validation encoded by every rank together -------------------------------------------------------------------

@@ -12,7 +12,7 @@ from torch import nn
 
 from geopak_model.diagnostics import gradient_share_metrics, term_gradient_norms
 from geopak_model.config import preset
-from geopak_model.train import Trainer
+from geopak_model.trainer import Trainer
 from tests.model_world import build_world
 
 

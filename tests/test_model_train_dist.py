@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from geopak_model import train
-from geopak_model.train import DistEnv, collective_device, setup_runtime
+from geopak_model import distributed
+from geopak_model.distributed import DistEnv, collective_device, setup_runtime
 
 
 def test_collective_device_per_backend() -> None:
@@ -16,27 +16,6 @@ def test_collective_device_per_backend() -> None:
     assert collective_device("nccl", 1) == torch.device("cuda", 1)
     assert collective_device("NCCL", 0) == torch.device("cuda", 0)
     assert collective_device("gloo", 3) == torch.device("cpu")
-
-
-@pytest.mark.parametrize("world,local", [(2, 1), (1, 0)])
-def test_setup_runtime_nccl_rank_carries_its_cuda_device(monkeypatch: pytest.MonkeyPatch, world: int,
-                                                         local: int) -> None:
-    """A torchrun rank on CUDA (faked: no GPU here) gets a DistEnv whose collectives run on cuda:LOCAL_RANK, at
-    world size 1 too (``torchrun --nproc_per_node=1``: NCCL on one GPU, as with several)."""
-    calls: dict[str, object] = {}
-    monkeypatch.setenv("WORLD_SIZE", str(world))
-    monkeypatch.setenv("LOCAL_RANK", str(local))
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.setdefault("set_device", d))
-    monkeypatch.setattr(dist, "is_initialized", lambda: False)
-    monkeypatch.setattr(dist, "init_process_group", lambda backend: calls.setdefault("backend", backend))
-    monkeypatch.setattr(dist, "get_rank", lambda: local)
-    monkeypatch.setattr(dist, "get_world_size", lambda: world)
-    monkeypatch.setattr(dist, "get_backend", lambda *a: "nccl")
-    env, device = setup_runtime("auto")
-    assert calls == {"set_device": local, "backend": "nccl"}
-    assert device == torch.device("cuda", local) and env.device == torch.device("cuda", local)
-    assert (env.rank, env.world) == (local, world)
 
 
 def test_mean_reduces_on_the_group_device(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -62,7 +41,7 @@ def test_mean_reduces_on_the_group_device(monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.setattr(dist, "all_reduce", sum_of_two)
     assert DistEnv(0, 2).mean({"b": 3.0, "a": 1.5}) == {"a": 1.5, "b": 3.0}
     assert seen[-1] == torch.device("cpu")
-    assert train.DistEnv().device == torch.device("cpu")
+    assert distributed.DistEnv().device == torch.device("cpu")
 
 
 def test_setup_runtime_starts_a_group_at_world_size_one_under_torchrun(monkeypatch: pytest.MonkeyPatch) -> None:

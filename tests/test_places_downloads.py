@@ -14,7 +14,7 @@ from tests.crawl_support import (
     few_places,
     places_expected,
 )
-from tests.fake_apis import FakeServer, places_routes
+from geopak_testkit.fake_apis import FakeServer, places_routes
 
 from pipeline.core import reasons
 from pipeline.core.paths import DataPaths

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from tests.crawl_support import GOOGLE_KEY, few_places, places_expected
-from tests.fake_apis import FakeServer, places_routes
+from geopak_testkit.fake_apis import FakeServer, places_routes
 
 from pipeline.defs.crawl import CRAWL_ASSETS, GooglePlacesResource, crawl_resources, google_places_photos
 from pipeline.defs.jobs import CRAWL_JOB
@@ -84,8 +84,8 @@ def test_env_opt_in_holds_in_crawl_job_with_a_yaml_run_config(opted_in, boundari
 
 
 @pytest.mark.parametrize("config", [
-    {"env": {}},  # a run config that empties the map still reads the opt-in and the key
-    {"env": {"api_key": "GOOGLE_MAPS_API_KEY"}},
+    {},  # a run config that names the resource but sets nothing still reads the opt-in and the key
+    {"api": "new"},
     {"base_url": "http://127.0.0.1:9", "tile_deg": 0.3},
 ])
 def test_opt_in_and_key_come_from_the_environment_under_any_run_config(opted_in, config):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from tests.crawl_support import GOOGLE_KEY, crawl_places, few_places, ict_places, places_expected
-from tests.fake_apis import FakeServer, places_routes
+from geopak_testkit.fake_apis import FakeServer, places_routes
 
 from pipeline.core.paths import DataPaths
 from pipeline.core.provinces import BY_KEY

@@ -10,7 +10,7 @@ import dagster as dg
 import pytest
 
 from tests.crawl_support import GOOGLE_KEY, assert_store_intact, crawl_places, few_places, places_expected
-from tests.fake_apis import FakeServer, places_routes
+from geopak_testkit.fake_apis import FakeServer, places_routes
 
 from pipeline.core import reasons
 from pipeline.core.paths import DataPaths

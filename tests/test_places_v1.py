@@ -18,8 +18,8 @@ import pytest
 import requests
 
 from tests.crawl_support import GOOGLE_KEY, assert_store_intact, crawl_places, fast_http
-from tests.fake_apis import FakeServer
-from tests.fake_places_v1 import V1Place, dense_city, expected_items, places_v1_routes
+from geopak_testkit.fake_apis import FakeServer
+from geopak_testkit.fake_places_v1 import V1Place, dense_city, expected_items, places_v1_routes
 
 from pipeline.core import reasons
 from pipeline.core.paths import DataPaths
@@ -30,6 +30,7 @@ from pipeline.defs.resources import BoundariesResource, DataRootResource
 from pipeline.sources.crawl_state import CrawlState
 from pipeline.sources.http import CrawlError, HttpStats
 from pipeline.sources.places_v1 import PLACE_MASK, PlacesV1Config, PlacesV1Source, billing_table
+from pipeline.defs.metadata import metadata_text
 
 FAULT_RATE = 0.2
 T0 = dt.datetime(2026, 3, 1, 12, 0, tzinfo=dt.timezone.utc)
@@ -252,8 +253,8 @@ def test_asset_uses_places_new_by_default_and_reports_billing(tmp_path, boundari
                      if e.event_type == dg.DagsterEventType.ASSET_CHECK_EVALUATION
                      and e.event_specific_data.check_name == PLACES_COMPLETE_CHECK)
         assert first.success and md["quota_exhausted"].value is True and not check.passed
-        assert "Places API Nearby Search Pro" in md["requests_per_sku"].value
-        assert "Places API Place Details Photos" in md["requests_per_sku"].value
+        assert "Places API Nearby Search Pro" in metadata_text(md["requests_per_sku"])
+        assert "Places API Place Details Photos" in metadata_text(md["requests_per_sku"])
         assert md["estimated_list_cost_usd"].value > 0
         ctl.photo_quota = None
         second = dg.materialize([google_places_photos], resources=resources, partition_key="ict")
@@ -271,7 +272,7 @@ def test_switching_from_legacy_keeps_its_pending_photos(tmp_path, boundaries):
     """A crawl discovered with the legacy API and then switched to the new one: discovery restarts (new parameters)
     but finds the same places stored once, and the legacy photos still pending are fetched through Place Details
     (New) photo names, since a legacy photo_reference means nothing to the new API."""
-    from tests.fake_apis import FakePlace, places_routes
+    from geopak_testkit.fake_apis import FakePlace, places_routes
 
     places = _few(n=4, photos=3)
     with FakeServer() as api, FakeServer() as content:

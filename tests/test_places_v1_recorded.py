@@ -12,11 +12,11 @@ import pytest
 import requests
 
 from tests.crawl_support import GOOGLE_KEY, fast_http
-from tests.fake_apis import FakeServer, Reply
-from tests.fake_places_v1 import V1Place, places_v1_routes
+from geopak_testkit.fake_apis import FakeServer, Reply
+from geopak_testkit.fake_places_v1 import V1Place, places_v1_routes
 
 from pipeline.sources.http import CredentialsRejected, HttpStats, Redactor, RetryableStatus
-from pipeline.sources.places_terms import place_row
+from pipeline.sources.places_source import place_row
 from pipeline.sources.places_tiles import Tile
 from pipeline.sources.places_v1 import (
     PlacesV1Api,

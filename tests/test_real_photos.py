@@ -17,12 +17,12 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from pipeline.catalog.build import build_catalog, fast_jpeg_facts, header_facts
 from pipeline.core import reasons
-from pipeline.core.catalog import build_catalog, fast_jpeg_facts, header_facts
 from pipeline.core.exif import DEFAULT_UTC_OFFSET, DecompressionBomb, ImageHeader, read_header
 from pipeline.core.image_formats import AVIF_READABLE, PHOTO_FORMATS
 from pipeline.core.store import ImageStore, sniff_extension
-from pipeline.filters.decode import DEFAULT_MAX_PIXELS, DecodeError, decode, open_image
+from pipeline.core.decode import DEFAULT_MAX_PIXELS, DecodeError, decode, open_image
 from pipeline.sources.local import LocalSource, LocalSourceConfig
 
 PHOTOS = Path(__file__).parent / "data" / "real_photos"

@@ -12,7 +12,7 @@ import pytest
 import requests
 
 from tests.crawl_support import FLICKR_KEY, fast_http, flickr_source
-from tests.fake_apis import RECORDED, FakeServer, FlickrPhoto, flickr_routes
+from geopak_testkit.fake_apis import RECORDED, FakeServer, FlickrPhoto, flickr_routes
 
 from pipeline.core import reasons
 from pipeline.filters.licenses import license_family, license_reasons

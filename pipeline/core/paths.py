@@ -135,6 +135,11 @@ class DataPaths:
     def model_dir(self) -> Path:
         return self.root / "model"
 
+    def run_dir(self, run_name: str, configured: str | Path = "") -> Path:
+        """A training run's folder: the configured one, else ``<model_dir>/<run_name>`` (the one rule the trainer
+        and the Dagster step share, so both find the same checkpoints)."""
+        return Path(configured) if configured else self.model_dir / run_name
+
     @property
     def weights_dir(self) -> Path:
         """Encoder weights files (``resnet50_places365.pth.tar``, CLIP files) that configs name by relative path:

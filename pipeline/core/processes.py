@@ -9,6 +9,7 @@ task queue. Such orphans went on crawling and raced the rerun. So:
   in Dagster step processes; ``spawn_pool`` workers call it at start-up. It does nothing in a process that was not
   started by ``multiprocessing`` (the launcher itself, an in-process run, a test), unless given a pid to watch.
   Everything a run writes is atomic (SQLite transactions, temp file + rename), so ending at any instant is safe.
+  A launched program (the trainer) opts in through ``EXIT_WITH_PARENT_ENV`` and ``exit_with_parent_if_asked``.
 * ``exclusive_lock`` holds an OS file lock (``flock``) for the duration of a piece of work; a second process waits a
   little (an orphan being reaped releases it) and then fails naming the holder's pid. The OS releases the lock when
   its holder dies, so a killed run never leaves it behind.
@@ -34,6 +35,8 @@ from pathlib import Path
 
 _watch_guard = threading.Lock()
 _watched_pid: int | None = None
+# set to "1" by a step that launches a program (the trainer): that program then never outlives its launcher
+EXIT_WITH_PARENT_ENV = "GEOPAK_EXIT_WITH_PARENT"
 
 
 def launcher_pid() -> int | None:
@@ -74,6 +77,14 @@ def exit_with_parent(parent_pid: int | None = None, poll_s: float = 0.2) -> int 
         threading.Thread(target=_watch, args=(pid, poll_s), name="geopak-parent-watchdog", daemon=True).start()
         _watched_pid = pid
     return pid
+
+
+def exit_with_parent_if_asked() -> int | None:
+    """Watch this process's parent (``exit_with_parent``) when the launcher set ``EXIT_WITH_PARENT_ENV``; the pid
+    watched, or None."""
+    if os.environ.get(EXIT_WITH_PARENT_ENV) == "1":
+        return exit_with_parent(os.getppid())
+    return None
 
 
 def _init_pool_worker(parent_pid: int) -> None:

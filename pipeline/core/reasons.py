@@ -1,6 +1,9 @@
-"""Every rejection reason code, in one place. A row that leaves the pipeline carries exactly one of these."""
+"""Every rejection reason code, in one place. A row that leaves the pipeline carries exactly one of these, written
+by ``rejection`` (every stage's rejections share one row shape)."""
 
 from __future__ import annotations
+
+from pipeline.core.values import is_missing
 
 # sources: rows a source cannot turn into an image with a coordinate
 MALFORMED_DATE = "malformed_date"
@@ -78,3 +81,16 @@ DESCRIPTIONS: dict[str, str] = {
     LICENSE_NOT_ALLOWED: "the licence is not on the source's allowlist (or missing where the source must report one)",
     INDOOR: "zero-shot CLIP puts the indoor prompts above the configured probability (only when CLIP is evaluated)",
 }
+
+
+def rejection(stage: str, row, reason: str, detail: str = "") -> dict:
+    """One rejections-table row (REJECTIONS_SCHEMA) for a manifest-like ``row`` that leaves ``stage``."""
+    return {
+        "stage": stage,
+        "source": str(row["source"]),
+        "source_id": str(row["source_id"]),
+        "image_id": None if is_missing(row.get("image_id")) else row.get("image_id"),
+        "path": None if is_missing(row.get("path")) else row.get("path"),
+        "reason": reason,
+        "detail": detail,
+    }

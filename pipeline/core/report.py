@@ -45,6 +45,51 @@ def column_floatfmt(column, default: str = "{:.3f}") -> str:
     return "{:.1f}" if is_distance_km(column) or "%" in str(column) else default
 
 
+SHARE_NAME = re.compile(r"(^|[_ ])(acc|accuracy|share|fraction|rate|known|precision|recall)([_ ]|$)|^acc_\d")
+
+
+def is_share(name) -> bool:
+    """A name for a fraction of 1 (``acc_25km``, ``val_province_acc``, ``day_of_year_known``, ``share``), shown
+    to people as a percentage; a name that already says ``%`` or ``pct`` is a percentage, not a fraction."""
+    text = str(name).strip().lower()
+    return "%" not in text and "pct" not in text and SHARE_NAME.search(text) is not None
+
+
+def curator_cell(column, value) -> str | int:
+    """One value as a curator reads it, by the one rounding rule: distances (``is_distance_km``) to 0.1 km,
+    shares (``is_share``) as percentages to 0.1 %, percentages to 0.1 %, other fractional numbers to 3 decimals;
+    whole numbers stay numbers, booleans become yes/no, missing values stay empty."""
+    if value is None or value is pd.NaT or (isinstance(value, float | np.floating) and np.isnan(value)):
+        return ""
+    if isinstance(value, bool | np.bool_):
+        return "yes" if value else "no"
+    if isinstance(value, int | np.integer):
+        return int(value)
+    if isinstance(value, float | np.floating):
+        if is_share(column) and 0.0 <= value <= 1.0:
+            return f"{100 * float(value):.1f} %"
+        return column_floatfmt(column).format(float(value))
+    return str(value).replace("\n", " ")
+
+
+def settings_rows(value, name: str = "") -> list[tuple[str, str]]:
+    """A settings object as (dotted name, plain text) rows for people: dataclasses and mappings are opened up
+    (``accuracy_rules.flickr.min_level``, ``clip.model``), lists joined, booleans yes/no, None "unset"; never a
+    Python repr such as ``AccuracyRule(min_level=11.0, ...)``."""
+    import dataclasses
+
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        value = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+    if isinstance(value, dict):
+        rows = [r for k, v in value.items() for r in settings_rows(v, f"{name}.{k}" if name else str(k))]
+        return rows or [(name, "none")]
+    if value is None:
+        return [(name, "unset")]
+    if isinstance(value, list | tuple | set | frozenset):
+        return [(name, ", ".join(str(curator_cell(name, v)) for v in value) or "none")]
+    return [(name, str(curator_cell(name, value)))]
+
+
 def round_km(value: float) -> float:
     """A distance in km as a metadata number: 0.1 km is what a geolocation error means."""
     return round(float(value), 1)
@@ -117,7 +162,7 @@ def province_map_png(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.5, 6))
+    fig, ax = plt.subplots(figsize=(3.4, 3.3))
     draw_outlines(ax, outlines)
     lat = np.asarray(lat, float)
     lon = np.asarray(lon, float)
@@ -133,7 +178,8 @@ def province_map_png(
     ax.set_ylabel("latitude")
     ax.set_aspect(1 / np.cos(np.radians(30)))
     ax.set_title(title)
-    ax.legend(fontsize=7, markerscale=3, loc="lower right")
+    # below the map, two columns: inside it the legend would hide the points of the south-east
+    ax.legend(fontsize=8, markerscale=3, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, frameon=False)
     return png_bytes(fig)
 
 
@@ -144,7 +190,7 @@ def bar_chart_png(table: pd.DataFrame, index: str, title: str, stacked: bool = T
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = plt.subplots(figsize=(3.8, 3.4))
     table.set_index(index).plot.bar(ax=ax, stacked=stacked)
     ax.set_title(title)
     ax.set_ylabel("images")
@@ -152,8 +198,10 @@ def bar_chart_png(table: pd.DataFrame, index: str, title: str, stacked: bool = T
     return png_bytes(fig)
 
 
-def curves_png(df: pd.DataFrame, panels: dict[str, Sequence[str]], title: str = "", x: str | None = None) -> bytes:
-    """One line panel per entry of ``panels`` (panel title -> columns of ``df``), against ``x`` or the row index."""
+def curves_png(df: pd.DataFrame, panels: dict[str, Sequence[str]], title: str = "", x: str | None = None,
+               ncols: int = 2) -> bytes:
+    """One line panel per entry of ``panels`` (panel title -> columns of ``df``), against ``x`` or the row index;
+    ``ncols`` 1 for a picture shown in a narrow column (fonts stay legible when it is scaled down)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -163,19 +211,21 @@ def curves_png(df: pd.DataFrame, panels: dict[str, Sequence[str]], title: str = 
     panels = {k: v for k, v in panels.items() if v}
     # at most two panels a row: the picture stays about as wide as tall, so it fits a page when scaled down
     n = max(1, len(panels))
-    ncols = min(2, n)
+    ncols = min(ncols, n)
     nrows = -(-n // ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.2 * nrows), squeeze=False)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.6 * ncols, 2.6 * nrows), squeeze=False)
     for ax in axes.ravel()[len(panels):]:
         ax.set_visible(False)
     xs = df[x] if x else np.arange(1, len(df) + 1)
     for ax, (name, cols) in zip(axes.ravel(), panels.items()):
         for c in cols:
             ax.plot(xs, df[c], marker="o", markersize=2.5, linewidth=1.2, label=c)
-        ax.set_title(name, fontsize=9)
-        ax.set_xlabel(x or "epoch (all phases)")
-        ax.legend(fontsize=6)
+        ax.set_title(name, fontsize=11)
+        ax.set_xlabel(x or "epoch (all phases)", fontsize=9)
+        ax.tick_params(labelsize=9)
+        ax.legend(fontsize=8.5)
         ax.grid(alpha=0.3)
-    fig.suptitle(title, fontsize=10)
+    if title:
+        fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     return png_bytes(fig)

@@ -1,4 +1,4 @@
-"""Automation, every piece of it off until you turn it on in the UI (Automation tab / Overview → Schedules, Sensors).
+"""Automation, every piece of it off until you turn it on in the UI (the Automation page: schedules and sensors).
 
 - **Weekly crawl schedules**, one per crawl source (``crawl_<source>_weekly``, Mondays 03:00 UTC): one run per
   province partition. A Flickr run carries the run tag ``geopak/min_upload_date`` = the start of that province's
@@ -7,7 +7,9 @@
   and YFCC100M / GLDv2 are fixed snapshots: their weekly run resumes unfinished work (quota stops, downloads left
   to retry) and finds nothing new otherwise.
 - **``local_images_sensor``**: materializes ``local_images`` when files appear in (or change under) the local
-  folder or the manifest changes. Cursor: file count, newest mtime and total size; the same files never fire twice.
+  folder or the manifest changes. Each tick stats only the folders (a new file changes its folder's mtime) and
+  the manifest; it walks the files only when one changed. Cursor: those mtimes, plus file count, newest mtime and
+  total size; the same files never fire twice.
 - **Declarative automation**: the catalog, filter, labels and geocell stages follow their inputs
   (``AutomationCondition.eager()``); training and evaluation follow at most weekly (``on_cron``), since a training
   run is hours on a GPU. Conditions only act while ``geopak_automation_sensor`` runs; it is defined here, STOPPED,
@@ -21,15 +23,16 @@
 import datetime as dt
 import json
 import os
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import dagster as dg
-from dagster._core.definitions.unresolved_asset_job_definition import UnresolvedAssetJobDefinition
 import pandas as pd
 from pydantic import Field
 
+from pipeline.defs.dagster_private import UnresolvedAssetJobDefinition
 from pipeline.defs.crawl import CRAWL_ASSETS, MIN_UPLOAD_TAG, PROVINCE_PARTITIONS, SOURCE_OF_ASSET
 from pipeline.defs.ingest import local_images
 from pipeline.defs.metadata import md_table
@@ -153,31 +156,57 @@ def crawl_freshness_check_for(asset: dg.AssetsDefinition) -> dg.AssetChecksDefin
 
 # ------------------------------------------------------------------------------------------------ local folder
 FIRES_KEY = "fires"  # in the sensor's cursor, next to the fingerprint: how many runs it requested
+DIRS_KEY, SCANNED_KEY = "dirs", "scanned_at"  # the cheap signal: each folder's mtime, and when they were read
+SETTLE_S = 2.0  # a folder changed this close to the last scan may change again within one mtime tick: look again
 
 
-def folder_fingerprint(cfg_folder: str | None, cfg_manifest: str | None) -> dict[str, float] | None:
-    """What the sensor compares: file count, newest mtime and total size under the folder (hidden files skipped,
-    as the ingest skips them), and the manifest's mtime and size. None when no local source is configured."""
-    if not (cfg_folder or cfg_manifest):
-        return None
-    files, newest, size = 0, 0.0, 0
-    if cfg_folder and Path(cfg_folder).is_dir():
-        for root, dirs, names in os.walk(cfg_folder):
-            dirs[:] = [d for d in dirs if not d.startswith(".")]
-            for name in names:
-                if name.startswith("."):
-                    continue
-                try:
-                    st = os.stat(os.path.join(root, name))
-                except OSError:  # removed while we looked
-                    continue
-                files, newest, size = files + 1, max(newest, st.st_mtime), size + st.st_size
-    manifest_mtime, manifest_size = 0.0, 0
-    if cfg_manifest and Path(cfg_manifest).is_file():
-        st = Path(cfg_manifest).stat()
-        manifest_mtime, manifest_size = st.st_mtime, st.st_size
-    return {"files": files, "newest_mtime": newest, "bytes": size, "manifest_mtime": manifest_mtime,
-            "manifest_bytes": manifest_size}
+def _visible(name: str) -> bool:
+    return not name.startswith(".")  # hidden files and folders are skipped, as the ingest skips them
+
+
+def folder_scan(folder: str) -> tuple[dict[str, float], dict[str, int]]:
+    """The full walk (what the sensor compares: file count, newest mtime, total size) and every visible folder's
+    mtime (ns), relative to ``folder``; a folder that is not there counts as empty."""
+    files, newest, size, dirs = 0, 0.0, 0, {}
+    if not Path(folder).is_dir():
+        return {"files": 0, "newest_mtime": 0.0, "bytes": 0}, {}
+    for root, subdirs, names in os.walk(folder):
+        subdirs[:] = [d for d in subdirs if _visible(d)]
+        try:
+            dirs[os.path.relpath(root, folder)] = os.stat(root).st_mtime_ns
+        except OSError:  # removed while we looked
+            continue
+        for name in filter(_visible, names):
+            try:
+                st = os.stat(os.path.join(root, name))
+            except OSError:
+                continue
+            files, newest, size = files + 1, max(newest, st.st_mtime), size + st.st_size
+    return {"files": files, "newest_mtime": newest, "bytes": size}, dirs
+
+
+def folders_changed(folder: str, dirs: dict[str, int], scanned_at: float) -> bool:
+    """Whether anything may have been added, removed or renamed under ``folder`` since the scan that recorded
+    ``dirs``: one stat per folder, none per file. A new file or folder changes its parent folder's mtime; a
+    folder whose mtime is within ``SETTLE_S`` of that scan is looked at again (its mtime tick may hide a change).
+    Not seen: a file rewritten in place under its name (its folder's mtime stays); the next change nearby or a
+    manual run of local_images picks it up."""
+    if not dirs:
+        return True
+    settled_ns = int((scanned_at - SETTLE_S) * 1e9)
+    for rel, mtime_ns in dirs.items():
+        try:
+            now_ns = os.stat(os.path.join(folder, rel)).st_mtime_ns
+        except OSError:
+            return True
+        if now_ns != mtime_ns or now_ns >= settled_ns:
+            return True
+    return False
+
+
+def _manifest_stat(manifest: str | None) -> dict[str, float]:
+    st = Path(manifest).stat() if manifest and Path(manifest).is_file() else None
+    return {"manifest_mtime": st.st_mtime if st else 0.0, "manifest_bytes": st.st_size if st else 0}
 
 
 @dg.sensor(
@@ -187,19 +216,30 @@ def folder_fingerprint(cfg_folder: str | None, cfg_manifest: str | None) -> dict
     "(GEOPAK_LOCAL_FOLDER) or the local manifest changes. Off by default.",
 )
 def local_images_sensor(context: dg.SensorEvaluationContext, local_source: LocalSourceResource):
+    """Each tick stats the folders seen last time (not every file) and the manifest; only when one changed does
+    it walk the folder and compare file count, newest mtime and total size with the last run's."""
     cfg = local_source.config()
-    now = folder_fingerprint(cfg.folder, cfg.manifest)
-    if now is None:
+    if not (cfg.folder or cfg.manifest):
         return dg.SkipReason("no local source configured (GEOPAK_LOCAL_FOLDER / GEOPAK_LOCAL_MANIFEST)")
-    if now["files"] == 0 and now["manifest_bytes"] == 0:
-        return dg.SkipReason(f"nothing in {cfg.folder or cfg.manifest} yet")
     before = json.loads(context.cursor) if context.cursor else {}
     fires = int(before.pop(FIRES_KEY, 0))
-    if before == now:
+    old_dirs, scanned_at = before.pop(DIRS_KEY, {}), float(before.pop(SCANNED_KEY, 0.0))
+    manifest = _manifest_stat(cfg.manifest)
+    if (before and cfg.folder and not folders_changed(cfg.folder, old_dirs, scanned_at)
+            and all(before.get(k) == v for k, v in manifest.items())):
+        return dg.SkipReason(f"no change: {before.get('files', 0)} files, as at the last run")
+    started = time.time()
+    files, dirs = folder_scan(cfg.folder) if cfg.folder else ({"files": 0, "newest_mtime": 0.0, "bytes": 0}, {})
+    now = {**files, **manifest}
+    if now["files"] == 0 and now["manifest_bytes"] == 0:
+        return dg.SkipReason(f"nothing in {cfg.folder or cfg.manifest} yet")
+    cursor = {**now, DIRS_KEY: dirs, SCANNED_KEY: started}
+    if before == now:  # the folders changed but not the files the ingest reads: remember the new mtimes only
+        context.update_cursor(json.dumps({**cursor, FIRES_KEY: fires}, sort_keys=True))
         return dg.SkipReason(f"no change: {now['files']} files, as at the last run")
     # the run key counts this sensor's runs: a folder back to an earlier state (a file added, then removed) is a
     # change too, and a run key equal to that earlier run's would make Dagster drop the request silently
-    context.update_cursor(json.dumps({**now, FIRES_KEY: fires + 1}, sort_keys=True))
+    context.update_cursor(json.dumps({**cursor, FIRES_KEY: fires + 1}, sort_keys=True))
     key = f"{fires + 1}|" + "|".join(f"{k}={now[k]}" for k in sorted(now))
     return dg.RunRequest(run_key=key, tags={"geopak/trigger": "local folder changed"})
 

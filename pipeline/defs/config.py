@@ -5,11 +5,10 @@ that know nothing of Dagster. Hand-mirroring them as ``dg.Config`` classes drift
 copied by hand, no descriptions), so the Config is *generated* from the dataclass:
 
 - every field keeps its type and its default (computed from the dataclass, never copied);
-- its description and bounds come from the field's metadata, ``field(default=..., metadata={"doc": "...",
-  "ge": 0, "le": 1, "choices": ("a", "b")})`` (keys: ``doc``, ``ge``, ``gt``, ``le``, ``lt``, ``choices``). A
-  dataclass whose module we cannot annotate registers the same mapping with ``register_docs(dc, {field: {...}})``
-  before its Config is built. A field without a description is an error at import, so the Launchpad never shows
-  an unexplained field;
+- its description and bounds come from the field's metadata, the one place they are written
+  (``pipeline.core.fields``: ``doc_field(default, "...", ge=0, le=1, choices=("a", "b"))``), which the
+  dataclass's own ``check_fields`` validates against too. A field without a description is an error at import,
+  so the Launchpad never shows an unexplained field;
 - bounds become pydantic ``Field(ge=..)`` constraints (checked when the step starts, with pydantic's message) and
   are repeated in the description (the Launchpad shows descriptions, not constraints); ``choices`` become an
   ``Enum`` (checked by Dagster before the run is launched; Dagster's schema accepts no optional ``Literal``);
@@ -34,32 +33,15 @@ from typing import Any, Optional, Union
 import dagster as dg
 import pydantic
 
-BOUND_KEYS = ("ge", "gt", "le", "lt")
-_SYMBOLS = {"ge": "≥", "gt": ">", "le": "≤", "lt": "<"}
+from pipeline.core.fields import describe, field_bounds
+
 _CACHE: dict[tuple, type[dg.Config]] = {}
-_DOCS: dict[type, dict[str, Mapping[str, Any]]] = {}
-
-
-def register_docs(dc: type, docs: Mapping[str, Mapping[str, Any]]) -> None:
-    """Docs/bounds for a dataclass whose own fields carry none (its module is not ours to annotate)."""
-    _DOCS[dc] = {**_DOCS.get(dc, {}), **docs}
-
-
-def describe(doc: str, bounds: Mapping[str, Any]) -> str:
-    """The description as the Launchpad shows it: the doc plus its bounds, e.g. ``"… (≥ 0, ≤ 1)"``."""
-    shown = [f"{_SYMBOLS[k]} {bounds[k]}" for k in BOUND_KEYS if bounds.get(k) is not None]
-    return f"{doc} ({', '.join(shown)})" if shown else doc
 
 
 def bounded_field(default: Any, doc: str, **bounds: Any) -> Any:
-    """A pydantic ``Field`` whose description shows its bounds (``describe``): the bounds are written once."""
+    """A pydantic ``Field`` (a resource's or a Config's own setting) whose description shows its bounds
+    (``describe``): the bounds are written once, as for dataclass fields."""
     return pydantic.Field(default=default, description=describe(doc, bounds), **bounds)
-
-
-def field_meta(dc: type, name: str) -> dict[str, Any]:
-    """A dataclass field's doc/bounds/choices: its own metadata, completed by ``register_docs``."""
-    f = {x.name: x for x in dataclasses.fields(dc)}[name]
-    return {**dict(_DOCS.get(dc, {}).get(name, {})), **dict(f.metadata)}
 
 
 def _default(f: dataclasses.Field) -> Any:
@@ -127,14 +109,14 @@ def config_class(
     for f in dataclasses.fields(dc):
         if f.name in exclude or not f.init:
             continue
-        meta = field_meta(dc, f.name)
+        meta = f.metadata
         text = str(meta.get("doc", "")).strip()
         if not text:
-            raise TypeError(f"{dc.__name__}.{f.name} has no description (metadata 'doc' or register_docs)")
+            raise TypeError(f"{dc.__name__}.{f.name} has no description (its field metadata's 'doc')")
         tp = _annotation(hints[f.name], optional)
         if meta.get("choices"):
             tp = enum.Enum(f"{dc.__name__}_{f.name}", {str(c): c for c in meta["choices"]})  # type: ignore[misc]
-        bounds = {k: meta[k] for k in BOUND_KEYS if meta.get(k) is not None}
+        bounds = field_bounds(meta)
         if optional:
             fields[f.name] = (Optional[tp], pydantic.Field(
                 default=None, description=describe(f"{text} Empty: keep the preset's value.", bounds), **bounds))

@@ -21,7 +21,7 @@ from pipeline.core.provinces import PROVINCE_KEYS
 from pipeline.core.report import province_map_png
 from pipeline.defs.config import bounded_field, dataclass_kwargs
 from pipeline.core.schema import RAW_MANIFEST_SCHEMA
-from pipeline.defs.metadata import md_table, plot, schema_metadata, table_metadata
+from pipeline.defs.metadata import data_file, md_table, plot, schema_metadata, table_metadata
 from pipeline.defs.resources import BoundariesResource, DataRootResource, LaunchEnvResource
 from pipeline.defs.source_status import skipped_result
 from pipeline.labels.boundaries import ProvinceBoundaries
@@ -44,7 +44,7 @@ CRAWL_GROUP = "crawl"
 
 class CrawlResource(LaunchEnvResource):
     """Settings every crawler shares: HTTP timeouts, retries and parallel downloads. Secrets and paths left empty
-    are read from the environment at run start (``env``), so they never enter the run config. ``contact`` (empty:
+    are read from the environment at run start, so they never enter the run config. `contact` (empty:
     GEOPAK_CONTACT) goes into the User-Agent, which Wikimedia requires (GLDv2 refuses to start without one)."""
 
     enabled: bool = Field(default=True, description="false: the source is skipped (its partitions record why)")
@@ -144,7 +144,7 @@ PLACES_ENV = {"enabled": "GEOPAK_GOOGLE_PLACES_ENABLED", "api_key": "GOOGLE_MAPS
 
 class GooglePlacesResource(CrawlResource):
     """Google Places: Places API (New) by default (the only one a new Google Cloud project can enable since
-    1 March 2025), the legacy Places API with ``api: legacy``. OPT-IN: Google's terms restrict storing and
+    1 March 2025), the legacy Places API with `api: legacy`. OPT-IN: Google's terms restrict storing and
     redistributing Places content. Set GOOGLE_MAPS_API_KEY and GEOPAK_GOOGLE_PLACES_ENABLED=1 (or enabled: true)."""
 
     ENV: ClassVar[dict[str, str]] = PLACES_ENV
@@ -199,7 +199,7 @@ class GooglePlacesResource(CrawlResource):
 
 
 class Yfcc100mResource(CrawlResource):
-    """YFCC100M from a local ``yfcc100m_dataset`` file. Set GEOPAK_YFCC100M_METADATA to enable it."""
+    """YFCC100M from a local `yfcc100m_dataset` file. Set GEOPAK_YFCC100M_METADATA to enable it."""
 
     ENV: ClassVar[dict[str, str]] = {"metadata_path": "GEOPAK_YFCC100M_METADATA",
                                      "mirror_url_template": "GEOPAK_YFCC100M_MIRROR"}
@@ -334,9 +334,9 @@ def _metadata(result: CrawlResult, paths: DataPaths, locator: ProvinceBoundaries
         "summary": md_table(_counts(result.summary, "fact")),
         "elapsed_s": round(result.elapsed_s, 2),
         "parameters_changed": result.reset,
-        "manifest": dg.MetadataValue.path(str(paths.raw_manifest(result.source, result.province))),
-        "rejections": dg.MetadataValue.path(str(paths.source_rejections(result.source, result.province))),
-        "crawl_state": dg.MetadataValue.path(str(paths.crawl_state(result.source, result.province))),
+        "manifest": data_file(paths, paths.raw_manifest(result.source, result.province)),
+        "rejections": data_file(paths, paths.source_rejections(result.source, result.province)),
+        "crawl_state": data_file(paths, paths.crawl_state(result.source, result.province)),
         "preview": md_table(m.drop(columns=["image_id"]).head(10)),
         "quota_exhausted": result.stopped is not None,
         "remaining_work": md_table(_counts(result.remaining, "what")),
@@ -432,8 +432,8 @@ def yfcc100m_candidates(context: dg.AssetExecutionContext, yfcc100m: Yfcc100mRes
         yield skipped_result(reason)  # materialized as skipped, saying why (pipeline.defs.source_status)
         return
     paths = data_root.paths
-    # each province run of the crawl job includes this step: the first reads the file, the others wait for it and
-    # then find the record fresh
+    # it runs in its own job (pipeline.defs.jobs), once; the lock only orders two runs started by hand at once:
+    # the second waits, then finds the record fresh
     with exclusive_lock(paths.yfcc_discovery.with_name("discovery.lock"), "the YFCC100M discovery pass",
                         wait_s=yfcc100m.discovery_lock_wait_s):
         result = discover_candidates(yfcc100m.text("metadata_path"), boundaries.polygons(), paths,
@@ -450,7 +450,7 @@ def yfcc100m_candidates(context: dg.AssetExecutionContext, yfcc100m: Yfcc100mRes
         "malformed_lines": int(result.malformed_lines.get("count", 0)),
         "candidates_per_province": md_table(per_province),
         **{f"candidates_{k}": v["in_bbox"] for k, v in result.provinces.items()},
-        "record": dg.MetadataValue.path(str(paths.yfcc_discovery)),
+        "record": data_file(paths, paths.yfcc_discovery),
     })
 
 

@@ -1,4 +1,5 @@
-"""dagster-dask's executor, fixed for what GeoPak runs on: each step of a run as a task on a dask.distributed cluster.
+"""A subclass of dagster-dask's executor, fixed for what GeoPak runs on: each step of a run as a task on a
+dask.distributed cluster.
 
 ``dagster_dask.dask_executor`` (0.29.27) does not work as shipped with the dask/distributed of its own release line:
 
@@ -21,18 +22,15 @@ the data root's stage locks (``DataRootResource.stage_lock``) still keep two run
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from typing import Any
 
 import dagster as dg
-from dagster._core.events import DagsterEvent
-from dagster._core.execution.context.system import PlanOrchestrationContext
-from dagster._core.execution.plan.plan import ExecutionPlan
-from dagster._core.errors import raise_execution_interrupts
-from dagster._utils import iterate_with_context
 from dagster_dask.executor import DaskExecutor, get_dask_resource_requirements, query_on_dask_worker
 
 from pipeline.core.parallel import DASK_CONNECT_TIMEOUT_S
+from pipeline.defs.dagster_private import iterate_with_context, raise_execution_interrupts
 
 
 class _Boxed:
@@ -44,23 +42,34 @@ class _Boxed:
         self.args = args
 
 
-def run_step_on_worker(dependencies: list[Any], boxed: _Boxed) -> list[DagsterEvent]:
+def run_step_on_worker(dependencies: list[Any], boxed: _Boxed) -> list[dg.DagsterEvent]:
     """The Dask task: dagster-dask's step runner; ``dependencies`` (upstream results) only order the tasks."""
     return list(query_on_dask_worker(dependencies, *boxed.args))
 
 
 class GeopakDaskExecutor(DaskExecutor):
-    def execute(self, plan_context: PlanOrchestrationContext, execution_plan: ExecutionPlan) -> Iterator[DagsterEvent]:
+    """A subclass of dagster-dask's ``DaskExecutor`` that overrides only ``execute`` (the module docstring says
+    why); the cluster configuration, ``build_dict`` and the worker-side step runner are dagster-dask's."""
+
+    def execute(self, plan_context, execution_plan) -> Iterator[dg.DagsterEvent]:  # noqa: ANN001 - Dagster's types
         import dask.distributed
 
         if not plan_context.instance.is_persistent:
             raise dg.DagsterInvariantViolationError(
                 "the Dask executor needs a persistent Dagster instance: set DAGSTER_HOME (Postgres for workers on "
                 "other machines, deploy/dagster-postgres.yaml)")
-        if self.cluster_type == "existing":
-            cluster: Any = self.cluster_configuration["address"]
-        else:
-            cluster = dask.distributed.LocalCluster(**self.build_dict(plan_context.job_name))
+        with contextlib.ExitStack() as owned:
+            if self.cluster_type == "existing":
+                cluster: Any = self.cluster_configuration["address"]
+            else:  # started for this run, so closed with it (its workers and scheduler go too)
+                cluster = owned.enter_context(dask.distributed.LocalCluster(**self.build_dict(plan_context.job_name)))
+            yield from self._run_on(cluster, plan_context, execution_plan)
+
+    @staticmethod
+    def _run_on(cluster: Any, plan_context, execution_plan) -> Iterator[dg.DagsterEvent]:  # noqa: ANN001
+        """Submit every step of the plan to ``cluster`` (an address or a LocalCluster) and relay their events."""
+        import dask.distributed
+
         run = plan_context.dagster_run
         instance_ref = plan_context.instance.get_ref()
         try:
@@ -80,7 +89,7 @@ class GeopakDaskExecutor(DaskExecutor):
                     futures[step.key] = client.submit(
                         run_step_on_worker, upstream, _Boxed(args),
                         key=f"{plan_context.job_name}.{step.key}.{run.run_id}",  # unique per run (#21418)
-                        resources=get_dask_resource_requirements(step.tags), pure=False,
+                        resources=get_dask_resource_requirements(step.tags),
                     )
             done = dask.distributed.as_completed(list(futures.values()), with_results=True)
             for _future, events in iterate_with_context(raise_execution_interrupts, done):

@@ -7,15 +7,16 @@ from pydantic import Field
 from pipeline.core import reasons
 from pipeline.core.report import round_km
 from pipeline.core.store import atomic_path
-from pipeline.defs.metadata import md_table, plot, progress_logger, report_link
-from pipeline.defs.model import geopak_model
+from pipeline.defs.metadata import data_file, md_table, plot, progress_logger, report_link, synthetic_note
+from pipeline.defs.model import ModelRunResource, geopak_model
 from pipeline.defs.resources import BoundariesResource, DataRootResource, writes_stage
 from pipeline.evaluation.report import METHODS, data_table, headline_table
 from pipeline.evaluation.run import EvaluationRequest, TestReuseRefused, evaluate_model
 
 
 class EvaluationParams(dg.Config):
-    run_name: str = Field(default="geopak", description="which trained model under <data root>/model/")
+    """How to evaluate; which trained model is the model_run resource's run_name (the one the model steps wrote)."""
+
     split: str = Field(default="test", description="the split evaluated (train, val or test)")
     top_provinces: int = Field(default=0, ge=0, description="hypotheses: top provinces; 0: the value chosen on val "
                                "(model.pt); another value is other settings for the test ledger (≥ 0)")
@@ -88,13 +89,15 @@ def verified_reader(store, test: pd.DataFrame):
 @writes_stage("evaluation")
 def evaluation_report(
     context: dg.AssetExecutionContext, config: EvaluationParams, data_root: DataRootResource,
-    boundaries: BoundariesResource,
+    boundaries: BoundariesResource, model_run: ModelRunResource,
 ) -> dg.MaterializeResult:
     paths = data_root.paths
-    checkpoint = paths.model_dir / config.run_name / "model.pt"
+    checkpoint = paths.model_dir / model_run.run_name / "model.pt"
     test = _split_table(paths, config.split)
     image_bytes, changed = verified_reader(data_root.store, test)
-    req = EvaluationRequest(**{k: getattr(config, k) for k in EvaluationRequest.__dataclass_fields__})
+    req = EvaluationRequest(run_name=model_run.run_name, **{k: getattr(config, k)
+                                                            for k in EvaluationRequest.__dataclass_fields__
+                                                            if k != "run_name"})
     try:
         data = data_table(pd.read_parquet(paths.labelled, columns=["image_id", "province_id"]).merge(
             pd.read_parquet(paths.splits, columns=["image_id", "split"]), on="image_id"),
@@ -109,12 +112,14 @@ def evaluation_report(
         res.predictions.to_parquet(tmp)
     check = dg.AssetCheckResult(
         check_name="beats_every_baseline", passed=bool(verdict["passed"]), severity=dg.AssetCheckSeverity.WARN,
-        metadata={"decision": verdict["decision"], "comparison": dg.MetadataValue.md(verdict["table"])},
+        metadata={"decision": verdict["decision"], "comparison": md_table(verdict["frame"], max_rows=100)},
     )
     sections = {name.split(" (")[0].split(":")[0]: table for name, table in rep.sections.items()}
     return dg.MaterializeResult(check_results=[check], metadata={
+        **synthetic_note(paths.labelled),  # first: every figure below inherits the caveat
         # opens in the browser through the report server (a file:// link is blocked from the UI's http page)
-        "report": dg.MetadataValue.url(report_link(paths, written["report.html"])),
+        # a short Markdown link (a URL value shows the whole address, one long word that would not fit)
+        "report": dg.MetadataValue.md(f"[open the HTML report]({report_link(paths, written['report.html'])})"),
         **({"FORCED": res.banner} if res.banner else {}),
         "error_cdf": plot(paths, "evaluation_error_cdf.png", rep.plots["error_cdf.png"], "error CDF"),
         "error_map": plot(paths, "evaluation_error_map.png", rep.plots["error_map.png"], "error map"),
@@ -126,10 +131,10 @@ def evaluation_report(
             [{"image_id": f["image_id"], "reason": reasons.BYTES_CHANGED if f["image_id"] in changed
               else "unreadable", "error": f["error"]} for f in failed], columns=["image_id", "reason", "error"])),
         "end_to_end_median_km": round_km(rep.metric("pred", "median_km")),
-        "end_to_end_median_km_95ci": [round_km(x) for x in rep.boot.interval("pred", "median_km")],
-        "beats_every_baseline": bool(verdict["passed"]),
-        "beats_every_baseline_decision": verdict["decision"],
-        "baseline_comparison": dg.MetadataValue.md(verdict["table"]),
+        "end_to_end_median_km_95ci": " to ".join(f"{round_km(x)} km" for x in rep.boot.interval("pred", "median_km")),
+        "beats_every_baseline": "yes" if verdict["passed"] else "no (see the beats_every_baseline check)",
+        "baseline_decision": verdict["decision"],
+        "baseline_comparison": md_table(verdict["frame"], max_rows=100),
         "oracle_median_km (not end to end)": round_km(rep.metric("oracle", "median_km")),
         "distance_errors": md_table(headline_table(rep)),
         **{f"val: {name}": md_table(table, max_rows=max(len(table), 1)) for name, table in sections.items()
@@ -139,8 +144,8 @@ def evaluation_report(
         "province_confusion": md_table(rep.confusion.reset_index()),
         "province_accuracy": plot(paths, "evaluation_province_accuracy.png", rep.plots["province_accuracy.png"],
                                   "per-province accuracy"),
-        "notes": dg.MetadataValue.md("\n".join(f"- {n}" for n in res.notes)),
-        "report_html": dg.MetadataValue.path(str(written["report.html"])),
-        "report_md": dg.MetadataValue.path(str(written["report.md"])),
-        "methods": dg.MetadataValue.md("\n".join(f"- `{k}`: {v}" for k, v in METHODS.items())),
+        "notes": md_table(pd.DataFrame({"note": res.notes}), max_rows=100),
+        "report_html": data_file(paths, written["report.html"]),
+        "report_md": data_file(paths, written["report.md"]),
+        "methods": md_table(pd.DataFrame(list(METHODS.items()), columns=["method", "what it is"]), max_rows=100),
     })

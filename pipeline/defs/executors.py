@@ -15,7 +15,7 @@ which drops the step's pending claim, and ends the run FAILURE with the reason.
 
 While they wait, both executors also spin: the in-process one's sleep is ``min(0, ...)`` of the time to the next
 claim check (never positive), and the multiprocess one's loop has no sleep when no step runs. A run waiting on a
-pool burned a full core until a slot came. ``_pause_when_only_waiting`` makes the loop they share pause
+pool burned a full core until a slot came. ``dagster_private.patch_idle_spin`` makes the loop they share pause
 ``IDLE_POLL_S`` when every step left waits for a slot and none runs; claims are still checked when Dagster's
 backoff says, so a freed slot is taken as soon as before.
 """
@@ -28,47 +28,25 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 
 import dagster as dg
-from dagster._core.definitions.executor_definition import ExecutorDefinition
-from dagster._core.events import DagsterEvent, DagsterEventType, EngineEventData
-from dagster._core.execution.plan.active import ActiveExecution
-from dagster._core.executor.base import Executor
-from dagster._core.instance import DagsterInstance
-from dagster._core.storage.dagster_run import DagsterRun
-from dagster._utils.concurrency import ConcurrencyClaimStatus
-from dagster._utils.error import serializable_error_info_from_exc_info
 
 from pipeline.core.processes import wait_limit
-from pipeline.defs.run_hygiene import pool_holders, sweep_dead_runs
+from pipeline.defs.dagster_private import (
+    EngineEventData,
+    patch_idle_spin,
+    serializable_error_info_from_exc_info,
+)
+from pipeline.defs.run_hygiene import pool_holders, sweep_dead_runs, tag_current_run
 
 _BLOCKED = "blocked by limit for pool "
 SWEEP_INTERVAL_S = float(os.environ.get("GEOPAK_SWEEP_INTERVAL_S", "30"))
 POOL_WAIT_ENV = "GEOPAK_POOL_WAIT_TIMEOUT_S"
 POOL_WAIT_TAG = "geopak/pool_wait_timeout_s"
 DEFAULT_POOL_WAIT_S = 6 * 3600.0
-IDLE_POLL_S = 0.25
 
-
-def _pause_when_only_waiting(events: Callable[..., Iterator[DagsterEvent]]) -> Callable[..., Iterator[DagsterEvent]]:
-    """``ActiveExecution.concurrency_event_iterator`` (called once per loop of both executors), pausing
-    ``IDLE_POLL_S`` after it when steps wait for pool slots and no step is in flight: then the loop has nothing else
-    to do and would otherwise spin."""
-
-    def iterate(self: ActiveExecution, plan_context) -> Iterator[DagsterEvent]:  # noqa: ANN001
-        yield from events(self, plan_context)
-        claims = getattr(self, "_instance_concurrency_context", None)
-        if claims is not None and claims.has_pending_claims() and not self.has_in_flight_steps:
-            time.sleep(IDLE_POLL_S)
-
-    iterate.geopak_paused = True  # type: ignore[attr-defined] - patched once, however often this module loads
-    return iterate
-
-
-if not getattr(ActiveExecution.concurrency_event_iterator, "geopak_paused", False):
-    ActiveExecution.concurrency_event_iterator = _pause_when_only_waiting(  # type: ignore[method-assign]
-        ActiveExecution.concurrency_event_iterator)
+patch_idle_spin()  # the executors below are Dagster's own loops: make them pause instead of spin (see above)
 
 
 class PoolWaitTimeout(Exception):
@@ -83,7 +61,7 @@ def pool_wait_limit(tags: Mapping[str, str], environ: Mapping[str, str] = os.env
 
 
 @contextlib.contextmanager
-def bounded_pool_waits(instance: DagsterInstance, run: DagsterRun, limit_s: float) -> Iterator[None]:
+def bounded_pool_waits(instance: dg.DagsterInstance, run: dg.DagsterRun, limit_s: float) -> Iterator[None]:
     """While inside: a step of ``run`` whose slot claims have been refused for ``limit_s`` raises
     ``PoolWaitTimeout``, after one last sweep of dead runs (a holder that died meanwhile still lets it go on)."""
     storage = instance.event_log_storage
@@ -93,7 +71,7 @@ def bounded_pool_waits(instance: DagsterInstance, run: DagsterRun, limit_s: floa
     claim_slot = storage.claim_concurrency_slot
     refused_since: dict[str, float] = {}
 
-    def claim(concurrency_key: str, run_id: str, step_key: str, priority: int | None = None) -> ConcurrencyClaimStatus:
+    def claim(concurrency_key: str, run_id: str, step_key: str, priority: int | None = None):  # noqa: ANN202
         status = claim_slot(concurrency_key, run_id, step_key, priority)
         if run_id != run.run_id or status.is_claimed:
             refused_since.pop(step_key, None)
@@ -122,10 +100,10 @@ def bounded_pool_waits(instance: DagsterInstance, run: DagsterRun, limit_s: floa
             del storage.claim_concurrency_slot
 
 
-class SweepingExecutor(Executor):
+class SweepingExecutor(dg.Executor):
     """``inner``, with the dead-run sweep before the first step and at every "blocked on a pool" event."""
 
-    def __init__(self, inner: Executor):
+    def __init__(self, inner: dg.Executor):
         self.inner = inner
 
     @property
@@ -136,8 +114,9 @@ class SweepingExecutor(Executor):
     def step_dependency_config(self):  # noqa: ANN201
         return self.inner.step_dependency_config
 
-    def execute(self, plan_context, execution_plan) -> Iterator[DagsterEvent]:  # noqa: ANN001 - Dagster's types
+    def execute(self, plan_context, execution_plan) -> Iterator[dg.DagsterEvent]:  # noqa: ANN001 - Dagster's types
         limit_s = pool_wait_limit(plan_context.dagster_run.tags)
+        tag_current_run(plan_context.instance, plan_context.run_id)  # the run's own process: host and pid
         yield from self._sweep(plan_context, "before the first step")
         stop = threading.Event()
         watcher = threading.Thread(target=self._sweep_every, args=(plan_context, stop), daemon=True,
@@ -148,14 +127,14 @@ class SweepingExecutor(Executor):
                 for event in self.inner.execute(plan_context, execution_plan):
                     yield event
                     message = event.message or ""
-                    if event.event_type == DagsterEventType.ENGINE_EVENT and _BLOCKED in message:
+                    if event.event_type == dg.DagsterEventType.ENGINE_EVENT and _BLOCKED in message:
                         pool = message.split(_BLOCKED, 1)[1].strip()
                         yield from self._sweep(plan_context, f"while {event.step_key} waits for pool {pool}")
-                        yield DagsterEvent.engine_event(plan_context, f"{event.step_key} waits: "
+                        yield dg.DagsterEvent.engine_event(plan_context, f"{event.step_key} waits: "
                                                         + pool_holders(plan_context.instance, pool),
                                                         EngineEventData())
         except PoolWaitTimeout as exc:  # the reason as its own event; Dagster then records the run's failure
-            yield DagsterEvent.engine_event(plan_context, str(exc), EngineEventData(
+            yield dg.DagsterEvent.engine_event(plan_context, str(exc), EngineEventData(
                 error=serializable_error_info_from_exc_info(sys.exc_info())))
             raise
         finally:
@@ -181,18 +160,18 @@ class SweepingExecutor(Executor):
         return failed, freed, f"Sweep of dead runs {when}: " + "; ".join(lines) if lines else None
 
     @staticmethod
-    def _sweep(plan_context, when: str) -> Iterator[DagsterEvent]:  # noqa: ANN001
+    def _sweep(plan_context, when: str) -> Iterator[dg.DagsterEvent]:  # noqa: ANN001
         failed, freed, text = SweepingExecutor._sweep_once(plan_context, when)
         if failed or freed:
-            yield DagsterEvent.engine_event(plan_context, text, EngineEventData(
+            yield dg.DagsterEvent.engine_event(plan_context, text, EngineEventData(
                 metadata={"runs_marked_failed": len(failed), "runs_whose_slots_were_freed": len(freed)}))
 
 
-def sweeping(base: ExecutorDefinition) -> ExecutorDefinition:
+def sweeping(base: dg.ExecutorDefinition) -> dg.ExecutorDefinition:
     """``base`` (same name, config and requirements) with ``SweepingExecutor`` around the executor it creates."""
     create = base.executor_creation_fn
     assert create is not None, f"{base.name} has no creation function"
-    return ExecutorDefinition(
+    return dg.ExecutorDefinition(
         name=base.name,
         config_schema=base.config_schema,
         requirements=base._requirements_fn,  # noqa: SLF001 - the same requirements as the executor it wraps

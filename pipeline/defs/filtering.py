@@ -12,36 +12,22 @@ import pandas as pd
 from pydantic import Field, field_validator
 
 from pipeline.core import reasons
+from pipeline.core.copies import COPIES_DIR
 from pipeline.core.provinces import PROVINCES
 from pipeline.core.report import bar_chart_png, counts_table
 from pipeline.core.schema import CATALOG_SCHEMA, FILTERED_FILE_SCHEMA, REJECTIONS_SCHEMA, read_table, write_table
-from pipeline.defs.config import config_class, register_docs, to_dataclass
+from pipeline.defs.config import config_class, to_dataclass
 from pipeline.defs.ingest import image_catalog
-from pipeline.defs.metadata import LINEAGE, md_table, plot, progress_logger, schema_metadata, table_metadata
+from pipeline.defs.metadata import (
+    LINEAGE, PREVIEW_MAX_WIDTH, breakable, data_file, md_table, plot, progress_logger, schema_metadata, settings_table,
+    synthetic_note, table_metadata,
+)
 from pipeline.defs.resources import BoundariesResource, ComputeResource, DataRootResource, writes_stage
 from pipeline.filters.examples import contact_sheet_png
-from pipeline.filters.geotag import AccuracyRule
-from pipeline.filters.indoor import ClipSpec
 from pipeline.filters.stage import KEPT, STAGE, FilterConfig, FilterResult, filter_catalog
 
-# Rules and the CLIP spec live in modules this stage does not own, so their Launchpad docs are given here.
-ACCURACY_RULE_DOCS = {
-    "min_level": {"doc": "minimum Flickr-style accuracy level (1 world … 11 city … 16 street; higher is "
-                  "better); set exactly one of min_level / max_metres", "ge": 0},
-    "max_metres": {"doc": "maximum position error in metres (lower is better); set exactly one of min_level / "
-                   "max_metres", "ge": 0},
-}
-CLIP_DOCS = {
-    "model": {"doc": "open_clip model name (or local-dir:/hf-hub: id) of the indoor classifier"},
-    "pretrained": {"doc": "open_clip pretrained tag, a local checkpoint file, or '' (indoor filter off)"},
-    "cache_dir": {"doc": "open_clip / Hugging Face download cache; empty: the Hugging Face default"},
-    "download": {"doc": "fetch a tag's weights when not cached (needs internet; hundreds of MB)"},
-}
-register_docs(AccuracyRule, ACCURACY_RULE_DOCS)
-register_docs(ClipSpec, CLIP_DOCS)
-
-
-class FilterParams(config_class(FilterConfig)):  # type: ignore[misc]
+# workers is the compute resource's (one knob for every stage's local processes), so it is not a filter setting here
+class FilterParams(config_class(FilterConfig, exclude=("workers",))):  # type: ignore[misc]
     """Thresholds of the filtering stage (their reasons: ``pipeline.filters.stage.FilterConfig``)."""
 
     examples_per_reason: int = Field(default=4, ge=0, description="rejected images shown per reason in the "
@@ -52,14 +38,18 @@ class FilterParams(config_class(FilterConfig)):  # type: ignore[misc]
     def _upper(cls, formats: list[str]) -> list[str]:
         return [f.upper() for f in formats]
 
-    def to_config(self) -> FilterConfig:
-        return to_dataclass(self, FilterConfig)
+    def to_config(self, workers: int = FilterConfig.workers) -> FilterConfig:
+        """The domain config; ``workers`` comes from the compute resource."""
+        return to_dataclass(self, FilterConfig, workers=workers)
 
 
 DISJOINT = dg.AssetCheckSpec("filtered_disjoint_from_rejections", asset="filtered_catalog", blocking=True,
                             description="No image is both kept and rejected.")
 HAVE_REASONS = dg.AssetCheckSpec("filter_rejections_have_reasons", asset="filtered_catalog", blocking=True,
                                 description="Every rejection has a known reason code (and stage 'filter').")
+INDOOR_EVALUATED = dg.AssetCheckSpec("indoor_filter_evaluated", asset="filtered_catalog",
+                                    description="The CLIP indoor filter ran; WARNs when it was skipped and every "
+                                    "image passed through unchecked (no pretrained weights).")
 
 
 @dg.asset(
@@ -72,7 +62,7 @@ HAVE_REASONS = dg.AssetCheckSpec("filter_rejections_have_reasons", asset="filter
     metadata=schema_metadata(FILTERED_FILE_SCHEMA),
     # config-less checks run in the asset's own step (no empty check op in the Launchpad); the configurable
     # province-loss check below stays its own op
-    check_specs=[DISJOINT, HAVE_REASONS],
+    check_specs=[DISJOINT, HAVE_REASONS, INDOOR_EVALUATED],
 )
 @writes_stage("filter")
 def filtered_catalog(
@@ -83,21 +73,28 @@ def filtered_catalog(
     compute: ComputeResource,
 ) -> dg.MaterializeResult:
     paths = data_root.paths
-    cfg = config.to_config()
+    cfg = config.to_config(workers=compute.workers)
     catalog = read_table(paths.catalog, CATALOG_SCHEMA)
     locator = boundaries.locator()
     res = filter_catalog(
         catalog, data_root.store, locator, cfg, paths.filter_cache, paths.filter_indoor_cache,
         progress=progress_logger(context, "measured"), log=context.log.info, scheduler_address=compute.address(),
+        copy_dir=paths.root / COPIES_DIR,
     )
     context.log.info(f"indoor filter: {res.indoor_note}")
     write_table(res.kept, paths.filtered, CATALOG_SCHEMA)
     write_table(res.rejections, paths.filter_rejections, REJECTIONS_SCHEMA)
     return dg.MaterializeResult(
         check_results=[disjoint_check(paths.filtered, paths.filter_rejections),
-                       reasons_check(paths.filter_rejections)],
+                       reasons_check(paths.filter_rejections), indoor_check(res)],
         metadata=_metadata(paths, res, cfg, config.examples_per_reason, locator.source),
     )
+
+
+def indoor_check(res: FilterResult) -> dg.AssetCheckResult:
+    """``indoor_filter_evaluated``: a WARN, not a silent note, when indoor photos could not be looked for."""
+    return dg.AssetCheckResult(check_name=INDOOR_EVALUATED.name, passed=res.indoor_evaluated,
+                               severity=dg.AssetCheckSeverity.WARN, metadata={"indoor_filter": res.indoor_note})
 
 
 def _outcome_order(outcomes: pd.Series) -> list[str]:
@@ -114,24 +111,28 @@ def _metadata(paths, res: FilterResult, cfg: FilterConfig, per_reason: int, prov
     rejected = o[o["outcome"] != KEPT]
     chart = counts_table(rejected.rename(columns={"outcome": "reason"}), "reason", "province_key", total=False)
     meta = {
+        **synthetic_note(o["source"]),
         **table_metadata(paths.filtered, FILTERED_FILE_SCHEMA, LINEAGE["filtered_catalog"]),
         "rejection_examples": dg.MetadataValue.md(_examples_md(paths, rejected, per_reason, cfg)),
         "input_rows": len(o),
+        # a percentage, charted run by run on the Plots tab
+        "rejected_pct": round(100 * len(res.rejections) / len(o), 1) if len(o) else 0.0,
         "kept": len(res.kept),
         "rejected": len(res.rejections),
-        "indoor_filter": res.indoor_note,
-        "outcomes_per_province_and_source": md_table(by_prov_src.astype(int).reset_index(), max_rows=60),
-        "outcomes_per_reason_and_province": md_table(counts_table(o, "outcome", "province_key")),
-        "province_source": province_source,
+        "indoor_filter": breakable(res.indoor_note),
+        "per_province_and_source": md_table(by_prov_src.astype(int).reset_index(), max_rows=60),
+        "per_reason_and_province": md_table(counts_table(o, "outcome", "province_key")),
+        "province_source": breakable(province_source),
         "metrics_decoded": res.metrics_computed,
         "metrics_from_cache": res.metrics_reused,
-        "metrics_reread_changed_files": res.metrics_rechecked,  # cached, but the file's size/mtime changed since
+        "metrics_reread_changed": res.metrics_rechecked,  # cached, but the file's size/mtime changed since
+        # training copies made by the metrics decode for image_shards (pipeline.core.copies)
+        "copies_of_kept_images": res.copies_kept,
+        "copies_dropped_rejected": res.copies_dropped,
         "near_duplicate_groups": res.duplicate_groups,
-        "thresholds": md_table(pd.DataFrame(
-            [(k, str(v)) for k, v in vars(cfg).items() if k != "clip"] + [("clip", str(cfg.clip))],
-            columns=["parameter", "value"])),
-        "filtered_catalog": dg.MetadataValue.path(str(paths.filtered)),
-        "rejections": dg.MetadataValue.path(str(paths.filter_rejections)),
+        "thresholds": settings_table(cfg, "parameter"),
+        "filtered_catalog": data_file(paths, paths.filtered),
+        "rejections": data_file(paths, paths.filter_rejections),
     }
     if len(rejected):
         meta["rejections_chart"] = plot(
@@ -150,7 +151,9 @@ def _examples_md(paths, rejected: pd.DataFrame, per_reason: int, cfg: FilterConf
                  for p, sid in grp[["path", "source_id"]].head(per_reason).itertuples(index=False)]
         for reason, grp in rejected.groupby("outcome", sort=False)
     }
-    png = contact_sheet_png(dict(sorted(examples.items())), max_pixels=cfg.max_pixels)
+    # 66 px thumbnails, three to a line: the sheet fits the preview at its own size, so labels stay legible
+    png = contact_sheet_png(dict(sorted(examples.items())), thumb=66, max_pixels=cfg.max_pixels,
+                            max_width=PREVIEW_MAX_WIDTH)
     return plot(paths, "filter_rejection_examples.png", png, "example rejected images per reason").value
 
 

@@ -7,7 +7,7 @@ import pandas as pd
 from pydantic import Field
 import pyarrow.parquet as pq
 
-from pipeline.core.catalog import build_catalog_files
+from pipeline.catalog.build import build_catalog_files
 from pipeline.labels.dates import capture_date_provenance
 from pipeline.core.report import counts_table, province_map_png
 from pipeline.core.schema import (
@@ -19,9 +19,11 @@ from pipeline.core.schema import (
     write_table,
 )
 from pipeline.defs import crawl
-from pipeline.defs.config import config_class, register_docs, to_dataclass
+from pipeline.defs.config import config_class, to_dataclass
 from pipeline.defs.source_status import skipped_result
-from pipeline.defs.metadata import LINEAGE, md_table, plot, progress_logger, schema_metadata, table_metadata
+from pipeline.defs.metadata import (
+    LINEAGE, breakable, data_file, md_table, plot, progress_logger, schema_metadata, synthetic_note, table_metadata,
+)
 from pipeline.defs.resources import (
     BoundariesResource,
     ComputeResource,
@@ -35,25 +37,11 @@ from pipeline.sources.local import LocalSource
 from pipeline.sources.sample_world import SampleWorldConfig, generate_sample_world
 
 
-# SampleWorldConfig's module is the generator's, so its Launchpad docs and bounds are registered here.
-register_docs(SampleWorldConfig, {
-    "n_images": {"doc": "images rendered", "ge": 1},
-    "seed": {"doc": "seed of places, dates, scenes and defects (same config: byte-identical world)", "ge": 0},
-    "image_size": {"doc": "long side in px; the aspect ratio varies per image", "ge": 64, "le": 1024},
-    "rural_fraction": {"doc": "share of points not tied to a populated place", "ge": 0.0, "le": 1.0},
-    "defect_fraction": {"doc": "share of deliberately bad rows, spread evenly over the defect kinds",
-                        "ge": 0.0, "le": 0.5},
-    "start_date": {"doc": "earliest taken_at (YYYY-MM-DD)"},
-    "end_date": {"doc": "latest taken_at (YYYY-MM-DD)"},
-})
-
-
 class SampleWorldParams(config_class(SampleWorldConfig)):  # type: ignore[misc]
     """Size and seed of the synthetic sample world (images rendered from real geodata, not photographs)."""
 
     enabled: bool = Field(default=True, description="turn off when you bring your own images and want no synthetic "
                           "ones in the catalog")
-    workers: int = Field(default=2, ge=1, description="processes rendering images (≥ 1)")
 
 
 @dg.asset(
@@ -70,6 +58,7 @@ def sample_world_images(
     data_root: DataRootResource,
     boundaries: BoundariesResource,
     koppen: KoppenRasterResource,
+    compute: ComputeResource,
 ) -> dg.MaterializeResult:
     cfg = to_dataclass(config, SampleWorldConfig)
     paths = data_root.paths
@@ -79,7 +68,7 @@ def sample_world_images(
         return skipped_result("disabled in its run config (enabled: false); its manifest is removed")
     polygons, raster = boundaries.polygons(), koppen.raster()  # the configured ones, as the labeller uses them
     manifest, truth = generate_sample_world(
-        cfg, data_root.store, progress=progress_logger(context, "rendered"), workers=config.workers,
+        cfg, data_root.store, progress=progress_logger(context, "rendered"), workers=compute.workers,
         boundaries=polygons, koppen=raster,
     )
     write_table(manifest, paths.raw_manifest("sample_world"), RAW_MANIFEST_SCHEMA, check_values=False)
@@ -89,9 +78,10 @@ def sample_world_images(
     outlines = polygons.polygons
     return dg.MaterializeResult(
         metadata={
-            "synthetic": "yes: images rendered from real geodata (GeoNames places, a Köppen map), not photos",
+            **synthetic_note(manifest["source"]),
+            "how_made": "rendered from real geodata (GeoNames places, a Köppen map), not photographs",
             "koppen_source": raster.source,
-            "province_source": polygons.source,
+            "province_source": breakable(polygons.source),
             **table_metadata(paths.raw_manifest("sample_world"), RAW_MANIFEST_SCHEMA),
             "map": plot(
                 paths,
@@ -103,7 +93,7 @@ def sample_world_images(
             "distinct_image_ids": int(manifest["image_id"].nunique()),
             "deliberate_defects": md_table(defects.groupby("defect").size().rename("rows").reset_index()),
             "planned_per_province": md_table(counts_table(defects, "province_key", "defect")),
-            "manifest": dg.MetadataValue.path(str(paths.raw_manifest("sample_world"))),
+            "manifest": data_file(paths, paths.raw_manifest("sample_world")),
         }
     )
 
@@ -148,13 +138,13 @@ def local_images(
     write_table(result.rejections, paths.source_rejections(LOCAL_SOURCE), REJECTIONS_SCHEMA)
     return dg.MaterializeResult(
         metadata={
-            "enabled": True,
+            "enabled": "yes",
             **table_metadata(manifest_path, RAW_MANIFEST_SCHEMA),
             **{k: int(v) for k, v in result.stats.items()},
             "rejections_per_reason": md_table(result.rejections.groupby("reason").size().rename("rows").reset_index()),
             "preview": md_table(result.manifest[["source_id", "lat", "lon", "taken_at", "license"]].head(10)),
-            "manifest": dg.MetadataValue.path(str(manifest_path)),
-            "rejections": dg.MetadataValue.path(str(paths.source_rejections(LOCAL_SOURCE))),
+            "manifest": data_file(paths, manifest_path),
+            "rejections": data_file(paths, paths.source_rejections(LOCAL_SOURCE)),
         }
     )
 
@@ -191,6 +181,7 @@ def image_catalog(context: dg.AssetExecutionContext, data_root: DataRootResource
     return dg.MaterializeResult(
         check_results=[unique_ids_check(paths.catalog)],
         metadata={
+            **synthetic_note(sources["source"]),
             **table_metadata(paths.catalog, CATALOG_SCHEMA, LINEAGE["image_catalog"]),
             "rows": stats.rows,
             "rejected": stats.rejected,
@@ -199,8 +190,8 @@ def image_catalog(context: dg.AssetExecutionContext, data_root: DataRootResource
             "rejections_per_reason": md_table(counts_table(rejections, "reason", "source")),
             "capture_dates": md_table(capture_date_provenance(sources["taken_at_source"], sources["date_note"])),
             "preview": md_table(preview.drop(columns=["image_id"])),
-            "catalog": dg.MetadataValue.path(str(paths.catalog)),
-            "rejections": dg.MetadataValue.path(str(paths.catalog_rejections)),
+            "catalog": data_file(paths, paths.catalog),
+            "rejections": data_file(paths, paths.catalog_rejections),
         }
     )
 

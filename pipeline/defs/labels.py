@@ -6,10 +6,12 @@ import dagster as dg
 import numpy as np
 import pandas as pd
 
-from pipeline.core.report import province_map_png
+from pipeline.core.report import curator_cell, province_map_png
 from pipeline.core.schema import LABELLED_FILE_SCHEMA, LABELLED_SCHEMA, empty_frame
 from pipeline.defs.filtering import filtered_catalog
-from pipeline.defs.metadata import LINEAGE, md_table, plot, schema_metadata, table_metadata
+from pipeline.defs.metadata import (
+    LINEAGE, breakable, data_file, md_table, plot, schema_metadata, synthetic_note, table_metadata,
+)
 from pipeline.defs.resources import (
     BoundariesResource,
     DataRootResource,
@@ -65,6 +67,7 @@ def labelled_catalog(
         check_results=[inside_pakistan_check(paths.labelled, locator), koppen_check(paths.labelled),
                        polygons_check(fallback)],
         metadata={
+            **synthetic_note(paths.labelled),
             **table_metadata(paths.labelled, LABELLED_FILE_SCHEMA, LINEAGE["labelled_catalog"]),
             "map": plot(
                 paths,
@@ -75,18 +78,20 @@ def labelled_catalog(
             ),
             "rows": summary.rows,
             "rejected": summary.rejected,
-            **fallback,
+            **{k: curator_cell(k, v) if isinstance(v, bool) else breakable(v) if isinstance(v, str) else v
+               for k, v in fallback.items()},  # yes/no, long paths may wrap
             "koppen_source": raster.source,
-            "rows_per_province_and_source": md_table(summary.table("province_source")),
+            "rows_per_province_source": md_table(summary.table("province_source")),
             "koppen_classes": md_table(summary.table("koppen_province")),
-            "day_of_year_known": round(summary.day_of_year_known / summary.rows, 3) if summary.rows else 0.0,
+            # a percentage (not a 0-1 share that reads like a count), charted run by run on the Plots tab
+            "day_of_year_known_pct": round(100 * summary.day_of_year_known / summary.rows, 1) if summary.rows else 0.0,
             "capture_dates": md_table(summary.capture_table()),
             "rejections_per_reason": md_table(summary.table("rejection_source")),
             "preview": md_table(
                 preview[["source", "source_id", "lat", "lon", "province_key", "koppen_code", "day_of_year"]].head(10)
             ),
-            "labelled_catalog": dg.MetadataValue.path(str(paths.labelled)),
-            "koppen_raster": dg.MetadataValue.path(str(paths.koppen_geotiff)),
+            "labelled_catalog": data_file(paths, paths.labelled),
+            "koppen_raster": data_file(paths, paths.koppen_geotiff),
         }
     )
 

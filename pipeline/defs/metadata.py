@@ -3,18 +3,25 @@
 Tables get Dagster's standard entries (``dagster/row_count``, ``dagster/column_schema`` with the descriptions that
 ``pipeline.core.schema`` declares, ``dagster/column_lineage``), so the UI shows a row count and a Columns tab.
 
+What a curator reads (issue 24): every value must fit the narrow Value column of an asset page without scrolling
+sideways. Summary tables become Dagster table values (``md_table``: inline at any length, one rounding rule, one row
+per item when too wide); long words get break points (``breakable``); files are shown relative to the data root
+(``data_file``); figures drawn from the sample world carry a synthetic-data note as their first entry
+(``synthetic_note``). ``docs/ui/screenshots.py`` checks the result in a browser at 1,280 and 1,400 px.
+
 Pictures: the UI renders a Markdown metadata value inline (no "[Show Markdown]" click) only when it is shorter than
 1,000 characters, and draws images at their natural pixel size (its Markdown has no width control and no raw HTML).
 A base64 PNG is never that short, so each picture is written twice under ``<data root>/reports/``: full size, and a
 preview small enough for the metadata column. The metadata is a short Markdown image of the preview, linked to the
-full picture, both served by ``python -m pipeline.report_server`` (``make ui`` starts it beside ``dagster dev``);
-the file's path is the picture's tooltip, and its alt text (shown when no server runs) names the file.
+picture's viewer page (a back link returns to the UI), all served by ``python -m pipeline.report_server`` (``geopak
+ui`` / ``make ui`` start it beside ``dagster dev`` at ``GEOPAK_REPORTS_URL``); the file's path under the data root
+is the picture's tooltip, and its alt text (shown when no server runs) names the file.
 """
 
 from __future__ import annotations
 
 import io
-import os
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from urllib.parse import quote
@@ -25,21 +32,145 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.core.paths import DataPaths
-from pipeline.core.report import is_distance_km, markdown_table, round_km, round_share
+from pipeline.core.report import curator_cell, is_distance_km, round_km, round_share, settings_rows
 from pipeline.core.schema import description
 from pipeline.core.store import atomic_write_bytes
-
-REPORTS_URL_ENV = "GEOPAK_REPORTS_URL"
-DEFAULT_REPORTS_URL = "http://127.0.0.1:3001"
-# Width of a preview: what the value column of an asset's Overview metadata table leaves in a 1,400 px window
-# (measured in headless Chromium by docs/ui/screenshots.py: 298-410 px, narrowest where a metadata key is long;
-# the Events tab leaves ~520 px); the height limit keeps a tall contact sheet on one screen.
-PREVIEW_MAX_WIDTH = 296
-PREVIEW_MAX_HEIGHT = 480
+from pipeline.report_server import VIEW, reports_url
 
 
-def md_table(df: pd.DataFrame, max_rows: int = 30) -> dg.MetadataValue:
-    return dg.MetadataValue.md(markdown_table(df, max_rows=max_rows))
+
+# Room for one value in an asset page's metadata table: the Value column that docs/ui/screenshots.py measured at
+# 1,280 px with ordinary scrollbars (label | updated | value, a right sidebar) beside a MAX_LABEL_WORD label: about
+# 225 px. Dagster's table font takes about 7.8 px a character; a cell adds its padding. A table estimated wider is
+# shown one row per item (``md_table``).
+VALUE_COLUMN_PX = 220
+# A label is one unbreakable word per underscore-joined name: the label column is as wide as the longest and the
+# Value column gets the rest, so longer labels are shortened where they are made (tests/test_ui_metadata.py).
+MAX_LABEL_WORD = 25
+CHAR_PX, CELL_PAD_PX = 7.8, 18
+MORE_ROWS = "more rows"
+# A preview is as wide as a value may be (docs/ui/screenshots.py fails on a cut picture); the height limit keeps
+# a tall contact sheet within one 1,000 px high window.
+PREVIEW_MAX_WIDTH = VALUE_COLUMN_PX
+PREVIEW_MAX_HEIGHT = 760
+SYNTHETIC_KEY = "synthetic_data"
+SAMPLE_WORLD_SOURCE = "sample_world"
+
+
+def table_width_px(columns: Sequence[str], rows: Sequence[Sequence[object]]) -> float:
+    """Least width a browser gives an HTML table: each column as wide as its header (Dagster's headers do not
+    wrap) or its longest unbreakable word (zero-width spaces are break points)."""
+    def word(text: object) -> int:
+        return max((len(w) for w in str(text).replace(BREAK, " ").split()), default=0)
+
+    return sum(max([len(str(c)), *(word(r[i]) for r in rows)]) * CHAR_PX + CELL_PAD_PX
+               for i, c in enumerate(columns))
+
+
+LONG_WORD = 12  # characters (about 95 px in the UI's monospace font): a longer word gets break points
+PATH_FITS = 28  # characters of a file path that fit the Value column unbroken beside a MAX_LABEL_WORD label
+BREAK = "\u200b"  # zero-width space: a place where the browser may wrap, invisible otherwise
+_SEPARATORS = re.compile(r"([/:+_.\-,=])")
+_RUN = re.compile(r"[^/:+_.\-,=\s]{12}(?=[^/:+_.\-,=\s])")
+
+
+def breakable(text: object) -> str:
+    """``text`` with break points after the separators of its long words (paths, hashes, ``exif:A+B`` tags) and
+    every 12 characters of a long unseparated run: one such word would widen the whole metadata table past the
+    window; with them it wraps inside its cell."""
+    def fix(word: str) -> str:
+        if len(word) <= LONG_WORD:
+            return word
+        return _RUN.sub(lambda m: m.group(0) + BREAK, _SEPARATORS.sub(lambda m: m.group(1) + BREAK, word))
+
+    return " ".join(fix(w) for w in str(text).split(" "))
+
+
+def _header(column: object) -> str:
+    """A column name as a header that may wrap (``per_province`` -> ``per province``)."""
+    return str(column).replace("_", " ")
+
+
+def _cell(column: object, value: object, root: Path | None) -> str | int:
+    """One table cell: ``curator_cell``'s text, paths under ``root`` made relative, long words breakable."""
+    cell = curator_cell(column, value)
+    if isinstance(cell, int):
+        return cell
+    return breakable(cell.replace(f"{root}/", "") if root is not None else cell)
+
+
+def md_table(df: pd.DataFrame, max_rows: int = 30, root: Path | None = None) -> dg.MetadataValue:
+    """A table for the asset page, readable in the Value column without scrolling sideways.
+
+    Dagster's table value renders inline at any length (Markdown over 1,000 characters hides behind "[Show
+    Markdown]"). Cells follow ``curator_cell`` (one rounding rule, shares as %, yes/no), paths under ``root`` are
+    shown relative to it, long words may wrap (``breakable``). When the columns would not
+    fit ``VALUE_COLUMN_PX``, the table turns to one row per item: the first column, then the others as wrapping
+    "name: value" pairs (in one column when even that is too wide), so no number sits off-screen.
+    """
+    shown = df.head(max_rows)
+    headers = [_header(c) for c in shown.columns]
+    rows = [[_cell(c, v, root) for c, v in zip(shown.columns, row)] for row in shown.itertuples(index=False)]
+    if len(headers) > 2 and table_width_px(headers, rows) > VALUE_COLUMN_PX:
+        pairs = [" · ".join(f"{h}: {v}" for h, v in zip(headers[1:], r[1:]) if v != "") for r in rows]
+        headers, rows = [headers[0], "values"], [[r[0], p] for r, p in zip(rows, pairs)]
+        if table_width_px(headers, rows) > VALUE_COLUMN_PX:  # a long first header (headers never wrap): one column
+            headers, rows = headers[:1], [[f"{r[0]} — {r[1]}"] for r in rows]
+    if len(df) > max_rows:
+        rows.append([f"{len(df) - max_rows} {MORE_ROWS}", *[""] * (len(headers) - 1)])
+    if not headers:
+        headers, rows = ["rows"], [[0]]
+    types = ["int" if rows and all(isinstance(r[i], int) for r in rows) else "string" for i in range(len(headers))]
+    return dg.MetadataValue.table(
+        records=[dg.TableRecord(dict(zip(headers, r))) for r in rows],
+        schema=dg.TableSchema(columns=[dg.TableColumn(h, t) for h, t in zip(headers, types)]),
+    )
+
+
+def settings_table(settings: object, name: str = "setting") -> dg.MetadataValue:
+    """Settings or counts (a dataclass, a mapping) as a name/value table, never a Python or JSON repr."""
+    return md_table(pd.DataFrame(settings_rows(settings), columns=[name, "value"]), max_rows=200)
+
+
+def metadata_text(value: object) -> str:
+    """A metadata value as text without its break points: a table value as ``| a | b |`` lines (header first),
+    anything else its value; what tests and logs read."""
+    if isinstance(value, dg.TableMetadataValue):
+        names = [c.name for c in value.schema.columns]
+        text = "\n".join(["| " + " | ".join(names) + " |",
+                          *("| " + " | ".join(str(r.data.get(n, "")) for n in names) + " |" for r in value.records)])
+    else:
+        text = str(getattr(value, "value", value))
+    return text.replace(BREAK, "")
+
+
+def data_file(paths: DataPaths, file: str | Path) -> dg.MetadataValue:
+    """A file's path relative to the data root, as people compare it across machines (absolute if outside)."""
+    full = Path(file).resolve()
+    try:
+        rel = full.relative_to(paths.root.resolve()).as_posix()
+    except ValueError:
+        rel = str(full)
+    # a path is one word: a longer one is shown as text that may wrap (copy it without the break points)
+    return dg.MetadataValue.path(rel) if len(rel) <= PATH_FITS else dg.MetadataValue.text(breakable(rel))
+
+
+def synthetic_note(sources: pd.Series | str | Path | None) -> dict[str, dg.MetadataValue]:
+    """The caveat for figures drawn from the generated sample world, meant as the FIRST metadata entry (dict order
+    is the UI's order): ``{**synthetic_note(...), ...}``. ``sources``: the ``source`` column, or a Parquet file that
+    has one; empty when no row is synthetic, so real data carries no warning."""
+    if sources is None:
+        return {}
+    if not isinstance(sources, pd.Series):
+        if not Path(sources).exists():
+            return {}
+        sources = pq.read_table(sources, columns=["source"]).column("source").to_pandas()
+    share = float((sources == SAMPLE_WORLD_SOURCE).mean()) if len(sources) else 0.0
+    if share == 0.0:
+        return {}
+    return {SYNTHETIC_KEY: dg.MetadataValue.md(
+        f"⚠️ **Synthetic data.** {curator_cell('share', share)} of these images are the generated sample world "
+        "(drawn tiles, not photographs): every figure here checks the pipeline, not real-world accuracy.")}
 
 
 # ---------------------------------------------------------------------------------------------------- tables
@@ -119,15 +250,11 @@ def schema_metadata(schema: pa.Schema) -> dict[str, dg.TableSchema]:
 
 
 # -------------------------------------------------------------------------------------------------- pictures
-def reports_url() -> str:
-    """Where ``python -m pipeline.report_server`` serves the data root's reports (``GEOPAK_REPORTS_URL``)."""
-    return os.environ.get(REPORTS_URL_ENV, DEFAULT_REPORTS_URL).rstrip("/")
-
-
-def report_link(paths: DataPaths, file: str | Path) -> str:
-    """The report server's URL of a file under the data root (a URL the browser may open from the UI)."""
-    rel = Path(file).resolve().relative_to(paths.root)
-    return f"{reports_url()}/{quote(rel.as_posix())}"
+def report_link(paths: DataPaths, file: str | Path, view: bool = False) -> str:
+    """The report server's URL of a file under the data root (a URL the browser may open from the UI); ``view``:
+    its page with a link back, for a picture opened from the UI."""
+    rel = quote(Path(file).resolve().relative_to(paths.root.resolve()).as_posix())
+    return f"{reports_url()}/{VIEW}/{rel}" if view else f"{reports_url()}/{rel}"
 
 
 def preview_png(png: bytes, max_width: int = PREVIEW_MAX_WIDTH, max_height: int = PREVIEW_MAX_HEIGHT) -> bytes:
@@ -158,9 +285,9 @@ def plot(paths: DataPaths, name: str, png: bytes, alt: str) -> dg.MetadataValue:
     atomic_write_bytes(small, preview_png(png))
     alt = alt.replace("[", "(").replace("]", ")")
     # the file's place goes in the tooltip: a path line under the picture would be clipped by the narrow column
-    title = f"{full} - click for full size".replace('"', "'").replace(")", "]")
+    title = f"reports/{name} - click for full size".replace('"', "'").replace(")", "]")
     alt = f"{alt}: reports/{name}"  # what a browser shows when the report server is not running
-    md = f'[![{alt}]({report_link(paths, small)} "{title}")]({report_link(paths, full)})'
+    md = f'[![{alt}]({report_link(paths, small)} "{title}")]({report_link(paths, full, view=True)})'
     return dg.MetadataValue.md(md)
 
 

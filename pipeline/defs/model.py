@@ -12,15 +12,17 @@ from typing import Literal
 
 import dagster as dg
 import pandas as pd
-from dagster._core.errors import DagsterPipesExecutionError
 from pydantic import Field
 
 from geopak_model.config import PRESETS, TrainConfig, preset
 from geopak_model.report import baseline_comparison, beats_baselines
+from pipeline.core.paths import DataPaths
+from pipeline.core.processes import EXIT_WITH_PARENT_ENV
 from pipeline.core.report import curves_png, round_km, round_share
 from pipeline.core.store import atomic_write_bytes
 from pipeline.defs.config import config_class, overrides
-from pipeline.defs.metadata import md_table, plot, rounded
+from pipeline.defs.dagster_private import DagsterPipesExecutionError
+from pipeline.defs.metadata import data_file, md_table, plot, rounded, settings_table, synthetic_note
 from pipeline.defs.resources import DataRootResource, TorchrunResource, writes_stage
 from pipeline.train_entry import EPOCH_MESSAGE, KILL_GRACE_S
 
@@ -35,15 +37,17 @@ EPOCH_COLUMNS = ["phase", "epoch", "train_total", "train_province", "train_cell"
 
 # What a run may override on top of its preset: every TrainConfig field, typed, described and bounded (from the
 # dataclass's metadata), empty by default = the preset's value. The run's own name, phases and data root are set
-# by ModelParams and the data_root resource, so they are not overrides.
+# by ModelRunResource and the data_root resource, so they are not overrides.
 TrainOverrides = config_class(
     TrainConfig, name="TrainOverrides", optional=True, exclude=("data_root", "run_name", "run_phases", "preset"),
     doc="Settings merged into the preset by name (nested; phases index by index); empty: the preset's value.",
 )
 
 
-class ModelParams(dg.Config):
-    """Which preset (cpu-small: offline CPU smoke; gpu-full: the seed's hyperparameters) and what to override."""
+class ModelRunResource(dg.ConfigurableResource):
+    """The model run: which preset (cpu-small: offline CPU smoke; gpu-full: the seed's hyperparameters), what to
+    override, the run's name and phases. Set once here: the embedding cache, the training and the evaluation read
+    the same run (as step config each had its own copy, and two copies could disagree)."""
 
     preset: Literal[tuple(sorted(PRESETS))] = Field(  # type: ignore[valid-type]
         default="cpu-small", description="cpu-small: offline CPU smoke run; gpu-full: the seed's hyperparameters; "
@@ -59,7 +63,7 @@ class ModelParams(dg.Config):
                            "many seconds (> 0)")
 
 
-def train_config(params: ModelParams, data_root: DataRootResource) -> TrainConfig:
+def train_config(params: ModelRunResource, data_root: DataRootResource) -> TrainConfig:
     """The preset with the run's overrides merged in by name (``geopak_model.config.preset``)."""
     return preset(params.preset, **{**overrides(params.overrides), "data_root": str(data_root.paths.root),
                                     "run_name": params.run_name, "run_phases": list(params.phases)})
@@ -80,7 +84,7 @@ class TrainingRun:
         return {**self.reported, "epochs_reported_via_pipes": len(self.epochs)}
 
 
-def launcher_args(params: ModelParams, torchrun: TorchrunResource, run_id: str, embed_only: bool) -> list[str]:
+def launcher_args(params: ModelRunResource, torchrun: TorchrunResource, run_id: str, embed_only: bool) -> list[str]:
     """``pipeline.train_entry``'s own options: the time limit and (training with nproc > 1 or several nodes) the
     torchrun options. The embedding build always runs as one process (rank 0 computes, the others would wait)."""
     launch = [] if embed_only else torchrun.launch_args(params.nproc, run_id)
@@ -101,7 +105,7 @@ def run_training(context: dg.AssetExecutionContext, cfg: TrainConfig, run_dir: P
     result_path.unlink(missing_ok=True)
     cmd = [sys.executable, "-m", "pipeline.train_entry", *launch, "--",
            "--config", str(cfg_path), "--result", str(result_path), *extra]
-    env = {"GEOPAK_EXIT_WITH_PARENT": "1",  # the trainer dies with this step, never outlives it
+    env = {EXIT_WITH_PARENT_ENV: "1",  # the trainer dies with this step, never outlives it
            "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
     context.log.info(f"running through Dagster Pipes: {' '.join(cmd)}")
     try:
@@ -129,15 +133,15 @@ def selection_metadata(selection: dict | None) -> dict[str, dg.MetadataValue]:
     choices["chosen"] = choices["chosen"].map({True: "← chosen", False: ""})
     return {
         "selection_rule": selection["rule"],
-        "chosen_inference": dg.MetadataValue.json(selection["inference"]),
-        "val_end_to_end": dg.MetadataValue.json({k: round(v, 3) for k, v in selection["val"].items()}),
+        "chosen_inference": settings_table(selection["inference"]),
+        "val_end_to_end": settings_table(selection["val"], "metric"),
         "val_choices": md_table(choices, max_rows=len(choices)),
         "val_baselines": md_table(pd.DataFrame([{"baseline": k, **v} for k, v in selection["baselines"].items()])),
     }
 
 
 def _run_dir(cfg: TrainConfig) -> Path:
-    return Path(cfg.run_dir) if cfg.run_dir else Path(cfg.data_root) / "model" / cfg.run_name
+    return DataPaths.at(cfg.data_root).run_dir(cfg.run_name, cfg.run_dir)
 
 
 @dg.asset(
@@ -148,25 +152,25 @@ def _run_dir(cfg: TrainConfig) -> Path:
     description="Frozen-encoder features (float16 memmap + Parquet index) per image and encoder weights id.",
 )
 @writes_stage("model")
-def embedding_cache(context: dg.AssetExecutionContext, config: ModelParams, data_root: DataRootResource,
+def embedding_cache(context: dg.AssetExecutionContext, model_run: ModelRunResource, data_root: DataRootResource,
                     pipes_subprocess_client: dg.PipesSubprocessClient,
                     torchrun: TorchrunResource) -> dg.MaterializeResult:
-    cfg = train_config(config, data_root)
+    cfg = train_config(model_run, data_root)
     run = run_training(context, cfg, _run_dir(cfg), ["--embed-only"], pipes_subprocess_client,
-                       launcher_args(config, torchrun, context.run_id, embed_only=True))
+                       launcher_args(model_run, torchrun, context.run_id, embed_only=True))
     stats = run.result
     return dg.MaterializeResult(metadata={
         **rounded(run.metadata()),
         # a sharded feature store (memmaps + index shards), not one table: its standard row count only
         "dagster/row_count": int(stats["cached_images"]),
-        "cache_dir": dg.MetadataValue.path(stats["cache_dir"]),
+        "cache_dir": data_file(data_root.paths, stats["cache_dir"]),
         "weights_id": stats["weights_id"],
         "cached_images": stats["cached_images"],
         "computed_now": stats.get("computed", 0),
         "reused": stats.get("reused", 0),
         "unreadable": stats.get("unreadable", 0),
         "bytes_changed": stats.get("bytes_changed", 0),
-        "excluded_by_reason": dg.MetadataValue.json(stats.get("excluded_by_reason", {})),
+        "excluded_by_reason": settings_table(stats.get("excluded_by_reason", {}), "reason"),
         "shards_written": stats.get("shards_written", 0),
         "seconds": round(float(stats.get("seconds", 0.0)), 1),
         "train_images": stats["train_images"],
@@ -187,16 +191,20 @@ def embedding_cache(context: dg.AssetExecutionContext, config: ModelParams, data
                                    description="val province and cell accuracy above the majority baselines")],
 )
 @writes_stage("model")
-def geopak_model(context: dg.AssetExecutionContext, config: ModelParams, data_root: DataRootResource,
+def geopak_model(context: dg.AssetExecutionContext, model_run: ModelRunResource, data_root: DataRootResource,
                  pipes_subprocess_client: dg.PipesSubprocessClient,
                  torchrun: TorchrunResource) -> dg.MaterializeResult:
-    cfg = train_config(config, data_root)
+    cfg = train_config(model_run, data_root)
     run_dir = _run_dir(cfg)
     run = run_training(context, cfg, run_dir, [], pipes_subprocess_client,
-                       launcher_args(config, torchrun, context.run_id, embed_only=False))
+                       launcher_args(model_run, torchrun, context.run_id, embed_only=False))
     summary = run.result
     metrics = pd.read_json(run_dir / "metrics.jsonl", lines=True)
     paths = data_root.paths
+    # the inline picture: the two curves a curator watches, one above the other, legible in the narrow column
+    key_curves = curves_png(metrics, {"total loss (weighted)": ["train_total", "val_total"],
+                                      "val median error (km)": ["val_median_km", "oracle_val_median_km"]},
+                            title="", ncols=1)
     curves = curves_png(metrics, {
         "total loss (weighted)": ["train_total", "val_total"],
         "loss terms": ["train_province", "val_province", "train_cell", "val_cell", "train_koppen", "train_doy"],
@@ -210,24 +218,27 @@ def geopak_model(context: dg.AssetExecutionContext, config: ModelParams, data_ro
                                 severity=dg.AssetCheckSeverity.WARN, metadata={"comparison": comparison})
     cache = summary.get("cache", {})
     return dg.MaterializeResult(check_results=[check], metadata={
-        "loss_curves": plot(paths, "geopak_training_curves.png", curves, "training curves"),
+        **synthetic_note(paths.labelled),  # first: every figure below inherits the caveat
+        "loss_curves": plot(paths, "geopak_training_curves.png", key_curves, "loss and val median error"),
+        "all_curves": plot(paths, "geopak_training_curves_all.png", curves, "every training curve"),
         **rounded(run.metadata()),
-        "checkpoint": dg.MetadataValue.path(summary["model"]),
-        "run_dir": dg.MetadataValue.path(str(run_dir)),
+        "checkpoint": data_file(paths, summary["model"]),
+        "run_dir": data_file(paths, run_dir),
         "preset": cfg.preset,
         "model_vs_baselines": comparison,
-        "beats_majority_baselines": beats_baselines(summary),
+        "beats_majority_baselines": "yes" if beats_baselines(summary) else "no (see its check)",
         **selection_metadata(final.get("selection")),
         "val_median_km": round_km(final.get("val_median_km", float("nan"))),
         "val_province_acc": round_share(final.get("val_province_acc", float("nan"))),
         "val_cell_acc": round_share(final.get("val_cell_acc", float("nan"))),
         "metrics_per_epoch": md_table(metrics[cols], max_rows=200),
-        "best_epochs": md_table(pd.DataFrame([{"phase": k, **v} for k, v in summary["phases"].items()])),
+        "best_epochs": md_table(pd.DataFrame([{"phase": k, **v} for k, v in summary["phases"].items()]),
+                                root=paths.root),
         "images": md_table(pd.DataFrame([{"train": summary["train_images"], "val": summary["val_images"],
                                           "cells": summary["cells"], **summary["table"]}])),
         # images left out because their bytes no longer hash to their id (issue 13.4), and any that became
         # unreadable after the cache was built (phase 2, export)
         "bytes_changed": int(cache.get("bytes_changed", 0)),
-        "excluded_by_reason": dg.MetadataValue.json(cache.get("excluded_by_reason", {})),
-        "unreadable_after_cache": dg.MetadataValue.json(summary.get("unreadable_after_cache", {})),
+        "excluded_by_reason": settings_table(cache.get("excluded_by_reason", {}), "reason"),
+        "unreadable_after_cache": settings_table(summary.get("unreadable_after_cache", {}), "image"),
     })

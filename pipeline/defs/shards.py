@@ -11,7 +11,7 @@ from pipeline.core.shards import DATASHEET, MANIFEST, SPLITS
 from pipeline.defs.config import config_class, to_dataclass
 from pipeline.defs.geocells import dataset_splits
 from pipeline.defs.labels import labelled_catalog
-from pipeline.defs.metadata import md_table, progress_logger
+from pipeline.defs.metadata import breakable, data_file, md_table, progress_logger
 from pipeline.defs.resources import ComputeResource, DataRootResource, writes_stage
 from pipeline.export import datasheet
 from pipeline.export.build import ShardConfig, build_shards, decode_work
@@ -41,9 +41,9 @@ def image_shards(context: dg.AssetExecutionContext, config: ShardParams, data_ro
     def mapper(fn, jobs):
         if not jobs:
             return []
-        heavy = sum(decode_work(pd.DataFrame([{"path": r[1], "width": r[2]["original_width"],
-                                                "height": r[2]["original_height"]} for r in j.rows]), cfg)
-                    for j in jobs)
+        heavy = sum(decode_work(pd.DataFrame([{"image_id": r[0], "path": r[1], "width": r[2]["original_width"],
+                                                "height": r[2]["original_height"]} for r in j.rows]), cfg,
+                                paths.root) for j in jobs)
         context.log.info(f"writing {len(jobs)} shards ({heavy} images to decode and resize)")
         if heavy < PARALLEL_FROM:
             out = []
@@ -71,18 +71,23 @@ def image_shards(context: dg.AssetExecutionContext, config: ShardParams, data_ro
         "written_now": built.written,
         "kept_unchanged": built.kept,
         "removed": built.removed,
-        "images_resized": built.counts.get("resized", 0),
+        "images_resized": built.counts.get("resized", 0) + built.counts.get("from_filter", 0),
+        # the filter's single decode made the copy (pipeline.core.copies) vs the original decoded a second time
+        "copies_from_filter": built.counts.get("from_filter", 0),
+        "copies_decoded_again": built.counts.get("resized", 0),
+        "invalid_copies_remade": built.counts.get("invalid_cached", 0),
         "images_copied_as_is": built.counts.get("copied", 0),
-        "images_reused_from_previous_shard": built.counts.get("reused", 0),
+        "reused_from_last_shard": built.counts.get("reused", 0),
         "not_copied": len(built.rejections),
         "not_copied_by_reason": md_table(built.rejections["reason"].value_counts().rename("images")
                                          .rename_axis("reason").reset_index()),
         "licences": md_table(licences),
         "copy": f"short side ≤ {cfg.short_side} px, JPEG quality {cfg.quality} ({cfg.preprocess})",
         "seconds": round(built.seconds, 1),
-        "manifest": dg.MetadataValue.path(str(built.root / MANIFEST)),
-        "datasheet": dg.MetadataValue.path(str(built.root / DATASHEET)),
-        "dataset_card": dg.MetadataValue.path(str(built.root / datasheet.CARD)),
+        "manifest": data_file(paths, built.root / MANIFEST),
+        "datasheet": data_file(paths, built.root / DATASHEET),
+        "dataset_card": data_file(paths, built.root / datasheet.CARD),
         # what webdataset.WebDataset(...) takes (brace pattern over the training shards)
-        "train_urls": str(built.root / "train" / f"{{00000..{max(0, int(per_split.loc[0, 'shards']) - 1):05d}}}.tar"),
+        "train_urls": breakable(
+            built.root / "train" / f"{{00000..{max(0, int(per_split.loc[0, 'shards']) - 1):05d}}}.tar"),
     })

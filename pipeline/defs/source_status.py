@@ -53,6 +53,12 @@ def with_source_status(assets: list, reasons: dict[str, str | None]) -> list:
         name = spec.key.path[-1]
         if name not in reasons:
             return spec
-        return spec.merge_attributes(metadata={STATUS_KEY: status_text(reasons[name])})
+        spec = spec.merge_attributes(metadata={STATUS_KEY: status_text(reasons[name])})
+        if spec.partitions_def is None:
+            return spec
+        # the partitions view shows the description, not the Overview's metadata: say there why a province is
+        # "Missing" (never run; a skipped run materializes it with its reason)
+        return spec.replace_attributes(description=f"{spec.description or ''} A province shows Missing until a "
+                                       f"crawl of it has run; this source is {status_text(reasons[name])}.".strip())
 
     return dg.map_asset_specs(add, assets)

@@ -156,31 +156,33 @@ def make_plots(rep: EvaluationReport, df: pd.DataFrame, outlines: dict | None = 
     import matplotlib.pyplot as plt
 
     plots = {}
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    fig, ax = plt.subplots(figsize=(3.6, 4.2))
     for key, err in rep.errors.items():
         xs = np.sort(np.maximum(err, 0.01))
-        ax.plot(xs, np.arange(1, len(xs) + 1) / len(xs), label=METHODS[key], linestyle="--" if key == "oracle" else "-")
+        ax.plot(xs, np.arange(1, len(xs) + 1) / len(xs), label=key,  # the methods table says what each is
+                linestyle="--" if key == "oracle" else "-")
     for k in ACC_KM:
         ax.axvline(k, color="#bbbbbb", linewidth=0.6)
     ax.set_xscale("log")
     ax.set_xlabel("great-circle error (km, log scale)")
     ax.set_ylabel("share of test images")
     ax.set_title("Error CDF on the test split")
-    ax.legend(fontsize=7)
+    # below the axes: in a narrow picture a legend inside would hide the curves
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(0, -0.2), frameon=False, ncol=2)
     plots["error_cdf.png"] = png_bytes(fig)
 
-    fig, ax = plt.subplots(figsize=(7, 3.8))
+    fig, ax = plt.subplots(figsize=(3.8, 3.2))
     colour_of = {p.name: PROVINCE_COLOURS[p.id] for p in PROVINCES}
     ax.bar(rep.provinces["province"], rep.provinces["province_acc"], color=[colour_of[n] for n in rep.provinces["province"]])
     for i, (acc, n) in enumerate(zip(rep.provinces["province_acc"], rep.provinces["test_images"])):
-        ax.text(i, acc + 0.01, f"{acc:.0%}\nn={n}", ha="center", fontsize=7)
+        ax.text(i, acc + 0.01, f"{acc:.0%}\nn={n}", ha="center", fontsize=8)
     ax.set_ylim(0, 1.15)
     ax.set_ylabel("province accuracy")
     ax.set_title("Province accuracy per province (test split)")
     fig.autofmt_xdate(rotation=25)
     plots["province_accuracy.png"] = png_bytes(fig)
 
-    fig, ax = plt.subplots(figsize=(6.5, 6))
+    fig, ax = plt.subplots(figsize=(3.6, 3.4))
     draw_outlines(ax, outlines)
     sc = ax.scatter(df["lon"], df["lat"], c=np.log10(np.maximum(rep.errors["pred"], 0.1)), s=6, cmap="viridis_r")
     cb = fig.colorbar(sc, ax=ax, shrink=0.7)
@@ -313,9 +315,19 @@ def _sections(rep: EvaluationReport) -> list[tuple[str, pd.DataFrame]]:
             ("Province confusion (rows: true, columns: predicted)", rep.confusion.reset_index())]
 
 
+CAVEAT_PREFIX = "SAMPLE WORLD:"  # how pipeline.evaluation.run.SAMPLE_WORLD_WARNING begins
+
+
+def split_caveats(notes: list[str]) -> tuple[list[str], list[str]]:
+    """(caveats, other notes): a caveat about the data goes above everything, not among the bullets."""
+    return [n for n in notes if n.startswith(CAVEAT_PREFIX)], [n for n in notes if not n.startswith(CAVEAT_PREFIX)]
+
+
 def to_markdown(rep: EvaluationReport, title: str, notes: list[str], plot_links: bool = True,
                 banner: str = "") -> str:
-    parts = [f"# {title}", "", *([f"**{banner}**", ""] if banner else []), *[f"- {n}" for n in notes], "",
+    caveats, notes = split_caveats(notes)
+    parts = [*[f"> ⚠️ **{c}**\n" for c in caveats], f"# {title}", "", *([f"**{banner}**", ""] if banner else []),
+             *[f"- {n}" for n in notes], "",
              f"Test images: **{rep.n_images}** (location- and owner-disjoint test split).", ""]
     for name, table in _sections(rep):
         parts += [f"## {name}", "", markdown_table(table, max_rows=max(len(table), 1)), ""]
@@ -334,12 +346,15 @@ def to_html(rep: EvaluationReport, title: str, notes: list[str], banner: str = "
         f'<figure><img alt="{html.escape(n)}" src="data:image/png;base64,{base64.b64encode(b).decode()}">'
         f"<figcaption>{html.escape(n)}</figcaption></figure>" for n, b in rep.plots.items()
     )
+    caveats, notes = split_caveats(notes)
     top = f'<p class="banner"><b>{html.escape(banner)}</b></p>' if banner else ""
+    warn = "".join(f'<p class="caveat">&#9888; <b>{html.escape(c)}</b></p>' for c in caveats)
     body = "".join(f"<h2>{html.escape(name)}</h2>{table(t)}" for name, t in _sections(rep))
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}} .t td,.t th{{padding:3px 8px;border-bottom:1px solid #ddd}}
-figure{{display:inline-block;margin:8px}} img{{max-width:520px}} .banner{{background:#fde2e1;padding:8px}}</style></head><body>
-<h1>{html.escape(title)}</h1>{top}<ul>{''.join(f'<li>{html.escape(n)}</li>' for n in notes)}</ul>
+figure{{display:inline-block;margin:8px}} img{{max-width:520px}} .banner{{background:#fde2e1;padding:8px}}
+.caveat{{background:#fff4ce;border:2px solid #e0a800;padding:10px 14px;font-size:1.15em}}</style></head><body>
+{warn}<h1>{html.escape(title)}</h1>{top}<ul>{''.join(f'<li>{html.escape(n)}</li>' for n in notes)}</ul>
 <p>Test images: <b>{rep.n_images}</b> (location- and owner-disjoint test split).</p>
 {body}<h2>Plots</h2>{imgs}</body></html>"""
 

@@ -111,10 +111,10 @@ def evaluate_model(req: EvaluationRequest, checkpoint: Path, evaluation_dir: Pat
     from geopak_model.predictor import GeopakPredictor
     from geopak_model.retrieval import KNN_GALLERY_FILE, file_sha256, load_gallery_for
 
-    model_sha = file_sha256(checkpoint)
+    model_sha = file_sha256(checkpoint)  # hashed once and read once: the predictor and galleries reuse both
     ckpt = read_checkpoint(checkpoint)
     selection = ckpt.get("selection")
-    predictor = GeopakPredictor.from_checkpoint(checkpoint, weights_dir=weights_dir)
+    predictor = GeopakPredictor.from_checkpoint(checkpoint, weights_dir=weights_dir, ckpt=ckpt, sha256=model_sha)
     inf = dataclasses.replace(predictor.cfg.inference, top_provinces=req.top_provinces or
                               predictor.cfg.inference.top_provinces,
                               top_cells=req.top_cells or predictor.cfg.inference.top_cells)
@@ -142,7 +142,7 @@ def evaluate_model(req: EvaluationRequest, checkpoint: Path, evaluation_dir: Pat
         reads += 1
         return read_bytes(rel)
 
-    knn_gallery = load_gallery_for(checkpoint, KNN_GALLERY_FILE) if req.knn_baseline else None
+    knn_gallery = load_gallery_for(checkpoint, KNN_GALLERY_FILE, model_sha) if req.knn_baseline else None
     log(f"evaluating {checkpoint} (sha256 {model_sha[:12]}) on {len(test)} {req.split} images")
     df, failed, method_settings = test_predictions(
         predictor, test, train, read_once, batch_size=req.batch_size, progress=progress,

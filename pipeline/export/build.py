@@ -4,7 +4,9 @@ Every train/val/test image is read once, checked against its image id, and store
 most ``short_side`` (320 by default: the 224 px crop at ``crop_scale`` 0.7 needs 283): a JPEG already that small
 and upright is stored byte for byte (no generation loss, so its features do not move at all); anything larger, or
 another format, is decoded once (JPEG DCT scaling to the smallest scale that still covers ``short_side``), turned
-upright, resized with Lanczos and saved as a JPEG of ``quality``.
+upright, resized with Lanczos and saved as a JPEG of ``quality`` (``pipeline.core.copies``). The filter makes that
+same copy from its own decode of every image it keeps (``<data root>/copies``): a valid cached copy is used as it
+is, and only images without one (filtered before copies were made, or whose copy fails its checks) are decoded here.
 
 Resumable per shard. The plan is append-friendly: a full shard whose images are all still in its split keeps
 its place, new images go into the holes and then new shards, so adding data rewrites only the last partial shard
@@ -17,7 +19,6 @@ build runs and written last, so readers never see a half-rewritten set.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import time
 from collections.abc import Callable, Sequence
@@ -27,7 +28,6 @@ from typing import Any
 
 import pandas as pd
 import pyarrow.parquet as pq
-from PIL import Image
 
 from pipeline.core import reasons
 from pipeline.core.paths import DataPaths
@@ -47,9 +47,9 @@ from pipeline.core.shards import (
 )
 from pipeline.core.store import atomic_path, atomic_write_bytes, sha256_hex, sweep_orphan_temps
 from pipeline.export.records import INDEX_SCHEMA, sample_records
-from pipeline.filters.decode import DEFAULT_FORMATS, DEFAULT_MAX_PIXELS, DRAFT_FORMATS, DecodeError, decode, open_image
+from pipeline.core.copies import COPIES_DIR, Copy, CopyCache, CopySpec, copy_from_rgb, kept_as_is
+from pipeline.core.decode import DEFAULT_FORMATS, DEFAULT_MAX_PIXELS, DecodeError, decode_rgb, open_image
 
-COPY_VERSION = 1  # bump when a copy's pixels change for the same settings (then every shard is written again)
 Mapper = Callable[[Callable[[Any], Any], Sequence[Any]], list]
 
 
@@ -66,40 +66,24 @@ class ShardConfig:
         "ge": 1})
 
     @property
+    def spec(self) -> CopySpec:
+        return CopySpec(self.short_side, self.quality)
+
+    @property
     def preprocess(self) -> str:
         """What the copies are: features computed from them depend on it (the embedding cache records it)."""
-        return f"short{self.short_side}-q{self.quality}-v{COPY_VERSION}"
+        return self.spec.preprocess
 
 
 # --- one image -----------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Copy:
-    jpg: bytes
-    width: int
-    height: int
-    resized: bool  # False: the original bytes, stored as they are
-
-
 def shard_copy(data: bytes, short_side: int, quality: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> Copy:
     """The stored copy of one image's bytes; ``DecodeError`` (with a reason code) when they cannot be used."""
     opened = open_image(data, max_pixels, frozenset(DEFAULT_FORMATS))
-    w, h = opened.width, opened.height
-    if opened.format == "JPEG" and opened.orientation == 1 and opened.mode in ("RGB", "L") and min(w, h) <= short_side:
+    if kept_as_is(opened, short_side):
         opened.image.close()
-        return Copy(data, w, h, False)
-    img = opened.image
-    if opened.format in DRAFT_FORMATS:  # DCT scaling: the largest 1/N whose sides both stay >= short_side
-        img.draft("RGB" if img.mode in ("RGB", "L") else None, (short_side, short_side))
-    rgb, _ = decode(opened, "RGB", None, max_pixels)  # loads (draft kept), orients, converts safely
-    s = min(rgb.size)
-    if s > short_side:
-        f = short_side / s
-        size = (short_side, max(1, round(rgb.height * f))) if rgb.width == s else (max(1, round(rgb.width * f)),
-                                                                                    short_side)
-        rgb = rgb.resize(size, Image.Resampling.LANCZOS)
-    buf = io.BytesIO()
-    rgb.save(buf, "JPEG", quality=quality)
-    return Copy(buf.getvalue(), rgb.width, rgb.height, True)
+        return Copy(data, opened.width, opened.height, False)
+    rgb, _ = decode_rgb(opened, short_side, max_pixels)  # DCT scaling: the largest 1/N keeping both sides >= it
+    return copy_from_rgb(rgb, CopySpec(short_side, quality))
 
 
 def read_checked(path: Path, image_id: str) -> bytes:
@@ -132,7 +116,31 @@ class ShardJob:
 @dataclass(frozen=True)
 class ShardResult:
     info: ShardInfo
-    counts: dict[str, int]  # copied (bytes as they were), resized, reused (from the shard's previous version)
+    # copied (bytes as they were), resized (decoded again here), from_filter (the copy the filter's decode made),
+    # invalid_cached (a cached copy failed its checks and was made again), reused (from the shard's previous version)
+    counts: dict[str, int]
+
+
+COUNTS = ("copied", "resized", "from_filter", "invalid_cached", "reused")
+
+
+def _make_copy(root: Path, cache: CopyCache, image_id: str, rel: str, short_side: int, quality: int,
+               counts: dict[str, int]) -> Copy:
+    """The cached copy the filter made when it is valid, else one made from the original (and cached again
+    when the cached one was invalid, so it is not checked and refused on every build)."""
+    cached, invalid = cache.get(image_id)
+    if cached is not None:
+        counts["from_filter"] += 1
+        return cached
+    copy = shard_copy(read_checked(root / rel, image_id), short_side, quality)
+    counts["resized" if copy.resized else "copied"] += 1
+    if invalid is not None:
+        counts["invalid_cached"] += 1
+        if copy.resized:
+            cache.put(image_id, copy)
+        else:
+            cache.drop([image_id])
+    return copy
 
 
 def _previous_copies(folder: Path, name: str, preprocess: str) -> dict[str, tuple[bytes, dict]]:
@@ -159,20 +167,20 @@ def write_shard_job(job: ShardJob) -> ShardResult:
     root = Path(job.data_root)
     folder = root / SHARDS_DIR / job.split
     reuse = _previous_copies(folder, job.name, job.preprocess)
+    cache = CopyCache(root / COPIES_DIR, CopySpec(job.short_side, job.quality))
     samples, rejected = [], []
-    counts = {"copied": 0, "resized": 0, "reused": 0}
+    counts = dict.fromkeys(COUNTS, 0)
     for image_id, rel, record in job.rows:
         if image_id in reuse:
             jpg, fields = reuse[image_id]
             counts["reused"] += 1
         else:
             try:
-                copy = shard_copy(read_checked(root / rel, image_id), job.short_side, job.quality)
+                copy = _make_copy(root, cache, image_id, rel, job.short_side, job.quality, counts)
             except DecodeError as exc:
                 rejected.append({"image_id": image_id, "path": rel, "reason": exc.reason, "detail": exc.detail})
                 continue
             jpg, fields = copy.jpg, {"width": copy.width, "height": copy.height, "resized": copy.resized}
-            counts["resized" if copy.resized else "copied"] += 1
         samples.append(Sample(image_id, jpg, {**record, **fields}))
     info = write_shard(folder, job.name, job.split, samples, job.fingerprint, rejected, job.preprocess, INDEX_SCHEMA)
     return ShardResult(info, counts)
@@ -252,12 +260,16 @@ def _local(fn: Callable[[Any], Any], jobs: Sequence[Any]) -> list:
     return [fn(j) for j in jobs]
 
 
-def decode_work(records: pd.DataFrame, cfg: ShardConfig) -> int:
-    """How many images will need a decode (larger than the copy, or not a JPEG): decides whether a build is worth
-    worker processes."""
+def decode_work(records: pd.DataFrame, cfg: ShardConfig, data_root: Path | None = None) -> int:
+    """How many images will need a decode (larger than the copy, or not a JPEG, and with no copy in the cache
+    under ``data_root`` when given): decides whether a build is worth worker processes."""
     big = records[["width", "height"]].min(axis=1) > cfg.short_side
     not_jpeg = ~records["path"].str.lower().str.endswith((".jpg", ".jpeg"))
-    return int((big | not_jpeg).sum())
+    need = big | not_jpeg
+    if data_root is not None and need.any():
+        cache = CopyCache(data_root / COPIES_DIR, cfg.spec)
+        need &= ~records["image_id"].map(cache.has).astype(bool)
+    return int(need.sum())
 
 
 def build_shards(paths: DataPaths, cfg: ShardConfig, mapper: Mapper | None = None,
@@ -298,7 +310,7 @@ def build_shards(paths: DataPaths, cfg: ShardConfig, mapper: Mapper | None = Non
     results: list[ShardResult] = (mapper or _local)(write_shard_job, jobs)
     order = {s: i for i, s in enumerate(SPLITS)}
     shards = sorted(kept + [r.info for r in results], key=lambda i: (order[i.split], i.shard))
-    counts = {k: sum(r.counts.get(k, 0) for r in results) for k in ("copied", "resized", "reused")}
+    counts = {k: sum(r.counts.get(k, 0) for r in results) for k in COUNTS}
     rejected = pd.DataFrame([{"split": s.split, "shard": s.shard, **r} for s in shards for r in s.rejected],
                             columns=["split", "shard", "image_id", "path", "reason", "detail"])
     with atomic_path(root / REJECTIONS) as tmp:

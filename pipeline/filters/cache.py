@@ -7,9 +7,9 @@ Parquet shards so that work is committed as it is done and a killed run loses at
   the matching rows only, one shard at a time (memory O(largest shard + hits)).
 - Later shards win: shards are ordered by their sequence number, and a row for the same (image_id, key) in a later
   shard replaces an earlier one (a re-measured file).
-- Compaction, when there are many small shards, merges consecutive small ones into one (written atomically before
-  the merged ones are removed; a kill in between leaves duplicate rows with equal values, which lookups resolve).
-  It only saves opening many files; correctness never depends on it.
+- Compaction, when there are many small shards, merges consecutive small ones into one (``pipeline.core.shard_log``,
+  the shard mechanism every cache shares: written atomically before the merged ones are removed; a kill in between
+  leaves duplicate rows with equal values, which lookups resolve). Correctness never depends on it.
 - A shard that cannot be read (disk damage, an older layout) is set aside under a hidden name and its rows are
   recomputed: a cache only ever costs recomputation, never a failed stage. A cache written by the older one-file
   layout at the same path becomes the first shard.
@@ -21,8 +21,6 @@ committing each chunk as a shard before the next starts.
 from __future__ import annotations
 
 import os
-import re
-import secrets
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -32,17 +30,11 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.core.store import atomic_path, sweep_orphan_temps
+from pipeline.core.shard_log import ShardLog
 
 T = TypeVar("T")
-SHARD_GLOB = "part-*.parquet"
-_SHARD_RE = re.compile(r"^part-(\d{12})-[0-9a-z]+\.parquet$")
+SHARD_PREFIX, SHARD_SUFFIX = "part-", ".parquet"
 LEGACY_SUFFIX = ".legacy"  # a one-file cache being moved into its folder
-
-
-def _seq(shard: Path) -> int:
-    m = _SHARD_RE.match(shard.name)
-    return int(m.group(1)) if m else -1
 
 
 class ImageValueCache:
@@ -54,7 +46,7 @@ class ImageValueCache:
         self.columns = dict(columns)
         self.max_shards = max_shards
         self.compact_rows = compact_rows
-        self._swept = False
+        self.log = ShardLog(self.path, (SHARD_SUFFIX,), prefix=SHARD_PREFIX)
 
     def frame(self, rows: Sequence[Mapping] | pd.DataFrame = ()) -> pd.DataFrame:
         """Rows as a typed frame with every cache column (absent values null)."""
@@ -73,11 +65,9 @@ class ImageValueCache:
             os.replace(legacy, self.path / f"part-{0:012d}-legacy.parquet")
 
     def shards(self) -> list[Path]:
-        """Committed shards, oldest first."""
+        """Committed shards, oldest first (listed afresh: another process may have added some)."""
         self._migrate()
-        if not self.path.is_dir():
-            return []
-        return sorted((p for p in self.path.glob(SHARD_GLOB) if _seq(p) >= 0), key=lambda p: (_seq(p), p.name))
+        return [self.log.commit_path(name) for name in self.log.names(refresh=True)]
 
     def _set_aside(self, shard: Path) -> None:
         """A shard that cannot be read: hidden (readers skip dot-files), so its rows are recomputed once."""
@@ -148,61 +138,35 @@ class ImageValueCache:
         return valid, [i for i in wanted_ids if i not in have]
 
     # ------------------------------------------------------------------------------------------------ writes
-    def _sweep_temps(self) -> None:
-        """Remove temp files a killed writer left (``pipeline.core.store.sweep_orphan_temps``)."""
-        if self._swept or not self.path.is_dir():
-            return
-        self._swept = True
-        sweep_orphan_temps(self.path)
+    def _writers(self, rows: pd.DataFrame) -> dict:
+        return {SHARD_SUFFIX: lambda tmp: self.frame(rows).to_parquet(tmp, index=False, compression="zstd")}
 
     def add(self, new: pd.DataFrame) -> Path | None:
         """Append ``new`` as one shard (atomic); rows here replace older rows of the same image_id and key."""
         if new.empty:
             return None
-        shards = self.shards()
-        self._sweep_temps()
-        seq = max((_seq(p) for p in shards), default=0) + 1
-        self.path.mkdir(parents=True, exist_ok=True)
-        target = self.path / f"part-{seq:012d}-{secrets.token_hex(4)}.parquet"
-        with atomic_path(target) as tmp:
-            self.frame(new).to_parquet(tmp, index=False, compression="zstd")
-        if len(shards) + 1 > self.max_shards:
+        count = len(self.shards())
+        target = self.log.commit_path(self.log.commit(self._writers(new)))
+        if count + 1 > self.max_shards:
             self.compact()
         return target
 
     def compact(self) -> int:
         """Merge runs of consecutive small shards (each under a quarter of ``compact_rows``) into shards of up to
         ``compact_rows`` rows. Returns the number of shards removed. Memory O(compact_rows)."""
-        rows: list[tuple[Path, int]] = []
-        for shard in self.shards():
-            pf = self._open(shard)
-            if pf is not None:
-                rows.append((shard, pf.metadata.num_rows))
-        small = self.compact_rows // 4
-        runs: list[list[Path]] = []
-        run: list[Path] = []
-        total = 0
-        for shard, n in rows + [(None, self.compact_rows + 1)]:  # a sentinel closes the last run
-            if shard is None or n >= small or total + n > self.compact_rows:
-                if len(run) > 1:
-                    runs.append(run)
-                run, total = [], 0
-            if shard is not None and n < small:
-                run.append(shard)
-                total += n
-        removed = 0
-        for members in runs:
+        self._migrate()
+
+        def rows(name: str) -> int | None:
+            pf = self._open(self.log.commit_path(name))
+            return None if pf is None else pf.metadata.num_rows
+
+        def merge(members: list[str]) -> dict:
+            paths = [self.log.commit_path(name) for name in members]
             merged = pd.concat([self.frame(pd.read_parquet(p, columns=self._present(pq.ParquetFile(p))))
-                                for p in members], ignore_index=True)
-            merged = merged.drop_duplicates(["image_id", "key"], keep="last")
-            # the last member's sequence number: later shards still win over the merged rows
-            target = self.path / f"part-{_seq(members[-1]):012d}-{secrets.token_hex(4)}.parquet"
-            with atomic_path(target) as tmp:
-                merged.to_parquet(tmp, index=False, compression="zstd")
-            for p in members:
-                p.unlink(missing_ok=True)
-            removed += len(members) - 1
-        return removed
+                                for p in paths], ignore_index=True)
+            return self._writers(merged.drop_duplicates(["image_id", "key"], keep="last"))
+
+        return self.log.compact(rows, merge, self.compact_rows, later_wins=True)
 
     @staticmethod
     def in_order(parts: Sequence[pd.DataFrame], image_ids: Sequence[str]) -> pd.DataFrame:

@@ -69,6 +69,7 @@ def hash_matrix(hex_hashes: Sequence[str]) -> np.ndarray:
     return np.frombuffer(raw, dtype=">u8").astype(np.uint64).reshape(len(hex_hashes), HASH_WORDS)
 
 
+_DECODE_ROWS = 1 << 18  # hashes decoded at a time from hex text (16 MB of text)
 _HEX_VALUE = np.full(256, 255, dtype=np.uint8)
 for _digit, _value in zip(b"0123456789abcdefABCDEF", list(range(16)) + list(range(10, 16))):
     _HEX_VALUE[_digit] = _value
@@ -104,11 +105,14 @@ def _words_from_arrow(column: pa.Array) -> np.ndarray:
     if not n:
         return np.zeros((0, HASH_WORDS), dtype=np.uint64)
     text = np.frombuffer(data_buf, dtype=np.uint8)[offsets[0]: offsets[-1]].reshape(n, digits)
-    nibbles = _HEX_VALUE[text]
-    if (nibbles == 255).any():
-        raise ValueError("hashes must be hexadecimal")
-    packed = (nibbles[:, 0::2] << 4) | nibbles[:, 1::2]  # (N, 32) bytes, big-endian per word as hash_matrix reads
-    return np.ascontiguousarray(packed).view(">u8").astype(np.uint64)
+    out = np.empty((n, HASH_WORDS), dtype=np.uint64)
+    for lo in range(0, n, _DECODE_ROWS):  # in chunks: whole-column nibble arrays took ~2 GB at 10 M rows
+        nibbles = _HEX_VALUE[text[lo:lo + _DECODE_ROWS]]
+        if (nibbles == 255).any():
+            raise ValueError("hashes must be hexadecimal")
+        packed = (nibbles[:, 0::2] << 4) | nibbles[:, 1::2]  # (rows, 32) bytes, big-endian per word (hash_matrix)
+        out[lo:lo + _DECODE_ROWS] = np.ascontiguousarray(packed).view(">u8")
+    return out
 
 
 def sorted_unique(values: np.ndarray) -> np.ndarray:
@@ -197,9 +201,26 @@ def _colliding(mixed: np.ndarray) -> np.ndarray:
     """Indices of ``mixed`` (well-mixed uint64 keys) whose bucket of the top bits holds at least two keys: a
     superset of the repeated keys, and far smaller than ``mixed`` when few repeat."""
     bits = int(min(26, max(8, math.ceil(math.log2(max(len(mixed), 2))) + 1)))
-    bucket = (mixed >> np.uint64(64 - bits)).astype(np.int64)
-    counts = np.bincount(bucket, minlength=1 << bits)
-    return np.flatnonzero(counts[bucket] >= 2)
+    bucket = (mixed >> np.uint64(64 - bits)).view(np.int64)  # < 2^26: the same values, no second copy
+    return np.flatnonzero(_bucket_sizes(bucket, bits) >= 2)
+
+
+_COUNT_BITS = 23  # buckets counted at a time: 64 MB of counts, not 256 MB for the 2^25 buckets of 10 M rows
+
+
+def _bucket_sizes(bucket: np.ndarray, bits: int) -> np.ndarray:
+    """Per row, how many rows share its bucket (0 <= ``bucket`` < 2**``bits``), as int32; counted
+    2**``_COUNT_BITS`` buckets at a time, so the count array stays small at 10 M rows."""
+    out = np.empty(len(bucket), dtype=np.int32)
+    if bits <= _COUNT_BITS:
+        out[:] = np.bincount(bucket, minlength=1 << bits)[bucket]
+        return out
+    high = (bucket >> _COUNT_BITS).astype(np.uint8)  # bits <= 26: at most 8 slices
+    for r in range(1 << (bits - _COUNT_BITS)):
+        rows = np.flatnonzero(high == r)
+        low = bucket[rows] & ((1 << _COUNT_BITS) - 1)
+        out[rows] = np.bincount(low, minlength=1 << _COUNT_BITS)[low]
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- multi-index hashing
@@ -282,7 +303,10 @@ def _bucket_pairs(keys: np.ndarray, step_limit: int, light: np.ndarray | None = 
     long-enough runs) and the total is O(pairs). With ``light`` (a mask over positions), pairs of two
     non-light positions are left out (the caller compares those otherwise): light ones go first in every run and
     only they start a pair, so an overfull bucket costs (light members × bucket), not bucket²."""
+    # (``del`` as soon as an array is done with: this generator lives through all its slices, and at 10 M rows
+    # each array of the run bookkeeping is 80 MB)
     mixed = keys * _GOLDEN  # odd multiplier: a bijection of uint64, so equal keys <=> equal mixed values
+    del keys  # the caller's temporary: only this frame holds it
     rows = _colliding(mixed)
     if len(rows) < 2:
         return
@@ -291,21 +315,29 @@ def _bucket_pairs(keys: np.ndarray, step_limit: int, light: np.ndarray | None = 
     mixed = mixed[rows]
     if len(rows) < 1 << 24:  # sort values, not indices (several times faster): top 40 mixed bits | position
         packed = (mixed & ~np.uint64(0xFFFFFF)) | np.arange(len(rows), dtype=np.uint64)
+        del mixed
         packed.sort()
         ks = packed >> np.uint64(24)
         rows = rows[(packed & np.uint64(0xFFFFFF)).astype(np.int64)]
+        del packed
     else:
         order = np.argsort(mixed, kind="stable")  # stable: light first inside a run, as above
         rows, ks = rows[order], mixed[order]
+        del order, mixed
     start = np.ones(len(ks), dtype=bool)
     start[1:] = ks[1:] != ks[:-1]
+    del ks
     run = np.cumsum(start) - 1
+    del start
     lengths = np.bincount(run)
     keep = lengths[run] >= 2
     rows, run = rows[keep], run[keep]
+    del keep
     head = np.r_[True, run[1:] != run[:-1]]
     pos = np.arange(len(rows)) - np.flatnonzero(head)[np.cumsum(head) - 1]
+    del head
     left = lengths[run] - pos - 1  # partners after this element in its run
+    del run, pos, lengths
     active = np.arange(len(rows)) if light is None else np.flatnonzero(light[rows])
     s = 1
     while len(active):
@@ -367,12 +399,15 @@ def heavy_rows(hashes: np.ndarray, plan: Sequence[Part], limit: int = HEAVY_BUCK
     compared once, by brute force among themselves, instead."""
     n = len(hashes)
     bits = int(min(26, max(8, math.ceil(math.log2(max(n, 2))) + 1)))
-    fullest = np.zeros(n, dtype=np.int64)  # per row: the fullest bucket it fell in
+    fullest = np.zeros(n, dtype=np.int32)  # per row: the fullest bucket it fell in
     for part in plan:
         vals = part_values(hashes, part.start, part.length)
         for mask in part.masks:
-            bucket = (((vals & np.uint64(mask)) * _GOLDEN) >> np.uint64(64 - bits)).astype(np.int64)
-            np.maximum(fullest, np.bincount(bucket, minlength=1 << bits)[bucket], out=fullest)
+            bucket = vals & np.uint64(mask)  # then in place: one 80 MB array at 10 M rows, not four
+            bucket *= _GOLDEN
+            bucket >>= np.uint64(64 - bits)
+            bucket = bucket.view(np.int64)
+            np.maximum(fullest, _bucket_sizes(bucket, bits), out=fullest)
     heavy = np.flatnonzero(fullest > limit)
     if len(heavy) > max_rows:
         heavy = np.sort(heavy[np.argsort(-fullest[heavy], kind="stable")[:max_rows]])
@@ -380,7 +415,7 @@ def heavy_rows(hashes: np.ndarray, plan: Sequence[Part], limit: int = HEAVY_BUCK
 
 
 def mih_pairs(hashes: np.ndarray, max_distance: int, parts: Sequence[Part] | None = None,
-              step_limit: int = 1 << 22, heavy_bucket: int = HEAVY_BUCKET, reorder_in_place: bool = False
+              step_limit: int = 1 << 20, heavy_bucket: int = HEAVY_BUCKET, reorder_in_place: bool = False
               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """All pairs i < j of rows within ``max_distance`` by multi-index hashing (rows should be distinct hashes;
     identical ones are found too, just less cheaply). Sorted by (i, j).
@@ -421,22 +456,23 @@ def mih_pairs(hashes: np.ndarray, max_distance: int, parts: Sequence[Part] | Non
 # ---------------------------------------------------------------------------------------------- public search
 
 
-def representative_pairs(hashes: np.ndarray, max_distance: int, method: str = "auto"
+def representative_pairs(hashes: np.ndarray, max_distance: int, method: str = "auto", reorder_in_place: bool = False
                          ) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """``(rep_of, (i, j, distance))``: identical hashes collapsed to their representative (``rep_of``), and the
     pairs of distinct representatives (row indices, i < j) within ``max_distance``. Compact: n blank images are
-    one representative, not n^2/2 pairs."""
+    one representative, not n^2/2 pairs. ``reorder_in_place``: when every hash is distinct, ``hashes`` itself
+    may get its bits reordered (distances between its rows stay the same) instead of a copy (320 MB at 10 M)."""
     if method not in ("auto", "mih", "brute"):
         raise ValueError(f"unknown near-pair method {method!r}: auto, mih or brute")
     if max_distance < 0:
         raise ValueError("max_distance must be >= 0")
     rep_of, reps = collapse_identical(hashes)
-    sub = hashes[reps]
+    sub = hashes if reorder_in_place and len(reps) == len(hashes) else hashes[reps]
     plan = plan_parts(len(reps), max_distance) if method == "auto" else None
     if method == "brute" or (method == "auto" and plan is None):
         i, j, d = brute_force_pairs(sub, max_distance)
     else:
-        i, j, d = mih_pairs(sub, max_distance, plan, reorder_in_place=True)  # ``sub`` is this call's own copy
+        i, j, d = mih_pairs(sub, max_distance, plan, reorder_in_place=True)  # a copy, or the caller allowed it
     return rep_of, (reps[i], reps[j], d)
 
 
@@ -521,7 +557,9 @@ def group_near_duplicates(
     kept = np.arange(n, dtype=np.int64)
     if n < 2:
         return DuplicateGroups(kept, np.ones(n, np.int64), np.zeros(n, np.int32))
-    rep_of, (ri, rj, _) = representative_pairs(hashes, max_distance, method)
+    # words decoded here are this call's own: their bits may be reordered (row distances do not change)
+    rep_of, (ri, rj, _) = representative_pairs(hashes, max_distance, method,
+                                               reorder_in_place=hashes is not hex_hashes)
     has_twin = np.bincount(rep_of, minlength=n) > 1  # per representative row
     linked = np.zeros(n, dtype=bool)
     linked[ri] = linked[rj] = True

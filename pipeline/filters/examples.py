@@ -11,16 +11,18 @@ import io
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 from pipeline.core import reasons
-from pipeline.filters.decode import DEFAULT_MAX_PIXELS, load_oriented
+from pipeline.core.decode import DEFAULT_MAX_PIXELS, load_oriented
 
 _NEVER_DECODE = {reasons.DECOMPRESSION_BOMB, reasons.MISSING_FILE}
 _LINE_H = 12  # one caption line of PIL's default font
 _BREAK_AFTER = ":/_-"  # where an id is best broken across lines
-_ROW_LABEL_W = 150
+_LABEL_SIZE, _LABEL_H = 16, 24  # the reason's name: large enough to read at the sheet's own size
+SHEET_MAX_WIDTH = 220  # the UI's narrowest metadata value column (pipeline.defs.metadata.VALUE_COLUMN_PX)
 _BG = (255, 255, 255)
+_BAND = (232, 236, 241)
 _INK = (20, 20, 20)
 
 
@@ -58,28 +60,35 @@ def contact_sheet_png(
     examples: Mapping[str, Sequence[tuple[Path | None, str]]],
     thumb: int = 96,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_width: int = SHEET_MAX_WIDTH,
 ) -> bytes:
-    """One row per reason: its name, then (path, caption) thumbnails with whole captions. Returns PNG bytes."""
+    """Per reason: its name in a large font on a band of its own, then (path, caption) thumbnails with whole
+    captions, as many to a line as ``max_width`` holds (the sheet is shown at its own size in the UI's narrow
+    column, so labels stay legible instead of being scaled down). Returns PNG bytes."""
     rows = [(r, list(ex)) for r, ex in examples.items() if ex]
-    cols = max((len(ex) for _, ex in rows), default=1)
     cell_w = thumb + 6
+    per_line = max(1, min(max((len(ex) for _, ex in rows), default=1), max_width // cell_w))
     measure = ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength
     captions = {(r, c): wrap_caption(cap, thumb + 4, measure) for r, (_, ex) in enumerate(rows)
                 for c, (_, cap) in enumerate(ex)}
     n_lines = max((len(lines) for lines in captions.values()), default=1)
     cell_h = thumb + n_lines * _LINE_H + 8
-    sheet = Image.new("RGB", (_ROW_LABEL_W + cols * cell_w, max(1, len(rows)) * cell_h), _BG)
+    label_font = ImageFont.load_default(size=_LABEL_SIZE)
+    heights = [_LABEL_H + -(-len(ex) // per_line) * cell_h for _, ex in rows]
+    sheet = Image.new("RGB", (per_line * cell_w, max(_LABEL_H, sum(heights))), _BG)
     draw = ImageDraw.Draw(sheet)
     if not rows:
-        draw.text((6, 6), "no rejections", fill=_INK)
-    for r, (reason, ex) in enumerate(rows):
-        y = r * cell_h
-        draw.text((6, y + thumb // 2), reason, fill=_INK)
+        draw.text((6, 6), "no rejections", fill=_INK, font=label_font)
+    y = 0
+    for r, ((reason, ex), height) in enumerate(zip(rows, heights)):
+        draw.rectangle((0, y, sheet.width, y + _LABEL_H - 4), fill=_BAND)
+        draw.text((4, y + 2), reason, fill=_INK, font=label_font)
         for c, (path, _) in enumerate(ex):
-            x = _ROW_LABEL_W + c * cell_w
-            sheet.paste(_tile(path, reason, thumb, max_pixels), (x, y + 3))
+            x, top = (c % per_line) * cell_w, y + _LABEL_H + (c // per_line) * cell_h
+            sheet.paste(_tile(path, reason, thumb, max_pixels), (x, top))
             for i, line in enumerate(captions[(r, c)]):
-                draw.text((x, y + thumb + 4 + i * _LINE_H), line, fill=_INK)
+                draw.text((x, top + thumb + 2 + i * _LINE_H), line, fill=_INK)
+        y += height
     buf = io.BytesIO()
     sheet.save(buf, "PNG", optimize=True)
     return buf.getvalue()

@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.core import reasons
+from pipeline.core.fields import check_fields, doc_field
 from pipeline.core.provinces import PAKISTAN_BBOX
 
 DEFAULT_SOURCE = "*"
@@ -27,10 +28,13 @@ NULL_ISLAND_TOLERANCE_DEG = 1e-4  # ~11 m: (0, 0) written by software, not a rea
 class AccuracyRule:
     """Exactly one of ``min_level`` (Flickr-style levels, higher is better) or ``max_metres`` (lower is better)."""
 
-    min_level: float | None = None
-    max_metres: float | None = None
+    min_level: float | None = doc_field(None, "minimum Flickr-style accuracy level (1 world … 11 city … 16 street; "
+                                        "higher is better); set exactly one of min_level / max_metres", ge=0)
+    max_metres: float | None = doc_field(None, "maximum position error in metres (lower is better); set exactly one "
+                                         "of min_level / max_metres", ge=0)
 
     def __post_init__(self) -> None:
+        check_fields(self)
         if (self.min_level is None) == (self.max_metres is None):
             raise ValueError("an accuracy rule needs exactly one of min_level or max_metres")
 

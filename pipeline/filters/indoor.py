@@ -13,7 +13,7 @@ decided without importing open_clip (about 6 s) whenever the answer is plainly "
 - ``pretrained=''``: not configured.
 
 Scores: each class embedding is the normalised mean of its prompts' text embeddings (CLIP's prompt ensembling);
-``p_indoor`` is the softmax over the two class logits. Images are decoded with ``pipeline.filters.decode`` (draft
+``p_indoor`` is the softmax over the two class logits. Images are decoded with ``pipeline.core.decode`` (draft
 mode, EXIF orientation, RGB) and preprocessed with the model's own transform.
 """
 
@@ -29,7 +29,9 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.filters.decode import DEFAULT_MAX_PIXELS, decode, open_image
+from pipeline.core.decode import DEFAULT_MAX_PIXELS, decode, open_image
+from pipeline.core.env import hf_offline
+from pipeline.core.fields import doc_field
 
 INDOOR_PROMPTS: tuple[str, ...] = (
     "a photo taken indoors",
@@ -59,10 +61,12 @@ Progress = Callable[[int, int], None]
 class ClipSpec:
     """Which image encoder: an open_clip model name (or ``local-dir:``/``hf-hub:`` id) and its weights."""
 
-    model: str = "ViT-B-32"
-    pretrained: str = "laion2b_s34b_b79k"  # a tag, a local checkpoint file, or '' (not configured)
-    cache_dir: str | None = None  # open_clip/HF download cache; None = the Hugging Face default
-    download: bool = False  # fetch a tag's weights when not cached (needs internet; hundreds of MB)
+    model: str = doc_field("ViT-B-32", "open_clip model name (or local-dir:/hf-hub: id) of the indoor classifier")
+    pretrained: str = doc_field("laion2b_s34b_b79k", "open_clip pretrained tag, a local checkpoint file, or '' "
+                                "(indoor filter off)")
+    cache_dir: str | None = doc_field(None, "open_clip / Hugging Face download cache; empty: the Hugging Face "
+                                      "default")
+    download: bool = doc_field(False, "fetch a tag's weights when not cached (needs internet; hundreds of MB)")
 
     @property
     def key(self) -> str:
@@ -84,8 +88,7 @@ class Availability:
 
 def _offline(spec: ClipSpec) -> bool:
     """Only cached weights may be used: downloads not allowed by config, or HF_HUB_OFFLINE set."""
-    env = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
-    return env or not spec.download
+    return hf_offline() or not spec.download
 
 
 def _offline_why(spec: ClipSpec) -> str:

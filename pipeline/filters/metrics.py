@@ -12,6 +12,12 @@ image reduced further to ``blur_size`` px. A fixed size makes sharpness measure 
 whatever its resolution: over five sample worlds (9,100 images of 160 and 256 px) sharpness at 128 px separates the
 planted blurred images (at most 3.1) from good ones (at least 3.7), while at 256 px the ranges overlap across sizes.
 
+Training copies: given ``copy_dir``, an image that needs a resized training copy (``pipeline.core.copies``) is
+decoded once for both: the draft scale covers the copy's short side too (for a 12 MP photo it is 1/8 either way),
+the grey image is the JPEG's Y plane (the very pixels an 'L' decode gives) and the copy, made from the same pixels
+as the shard writer would make it, goes to the copy cache. The cache key then names the copy size, since for some
+sizes (3-6 MP) the grey image comes from a larger draft.
+
 Thresholds are not applied here: the cache holds measurements, so changing a threshold never re-decodes. The cache
 key covers what changes a measurement (metrics version, analysis size, pixel limit, accepted formats). Each row also
 records the file's size and mtime when it was read: a later run re-reads (and re-hashes) a file whose size or
@@ -38,7 +44,9 @@ from PIL import Image
 from pipeline.core import reasons
 from pipeline.core.parallel import map_chunks
 from pipeline.core.processes import exit_with_parent, spawn_pool, stop_pool
-from pipeline.filters.decode import DEFAULT_FORMATS, DEFAULT_MAX_PIXELS, DecodeError, decode, open_image
+from pipeline.core.copies import CopyCache, CopySpec, copy_from_rgb, kept_as_is
+from pipeline.core.decode import (DEFAULT_FORMATS, DEFAULT_MAX_PIXELS, DecodeError, decode, decode_grey_and_rgb,
+                                  open_image)
 
 if TYPE_CHECKING:  # pandas is imported lazily so spawned workers start fast
     import pandas as pd
@@ -80,6 +88,10 @@ class MetricsParams:
     allowed_formats: tuple[str, ...] = DEFAULT_FORMATS
     # check the bytes' sha256 against the image_id (not part of the key: it changes no measurement of good bytes)
     verify_bytes: bool = field(default=False, compare=False)
+    # training copies made from the same decode (0 = none): the short side is in the key (it can set the draft scale)
+    copy_short_side: int = 0
+    copy_quality: int = field(default=90, compare=False)
+    copy_dir: str | None = field(default=None, compare=False)  # the copy cache; None makes no copies
     _formats: frozenset[str] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -93,7 +105,18 @@ class MetricsParams:
     def key(self) -> str:
         text = (f"v{METRICS_VERSION}|a{self.analysis_size}|b{self.blur_size}|px{self.max_pixels}|"
                 f"{','.join(sorted(self._formats))}")
+        if self.copy_spec is not None:
+            text += f"|copy{self.copy_spec.short_side}"
         return hashlib.sha1(text.encode()).hexdigest()[:16]
+
+    @property
+    def copy_spec(self) -> CopySpec | None:
+        """The training copy made while decoding, or None when none is. A copy smaller than the analysis image is
+        left to the shard writer: its draft would be larger than the shard writer's, so its bytes would differ
+        (with ``copy_short_side >= analysis_size`` the shard writer's scale is the scale of this decode)."""
+        if not self.copy_dir or not self.copy_short_side or self.copy_short_side < self.analysis_size:
+            return None
+        return CopySpec(self.copy_short_side, self.copy_quality)
 
 
 def laplacian_variance(grey: np.ndarray) -> float:
@@ -149,7 +172,8 @@ def _shrink(img: Image.Image, long_side: int) -> Image.Image:
 def measure_source(source: bytes | str | Path, row: dict[str, Any], params: MetricsParams,
                    draft: bool = True) -> dict[str, Any]:
     """Header checks, one decode and every metric, added to ``row``. ``draft=False`` decodes at full size and then
-    reduces (the reference the draft-mode values are compared with in ``bench/scale_filter.py``)."""
+    reduces (the reference the draft-mode values are compared with in ``bench/scale_filter.py``). With
+    ``params.copy_spec`` the same decode also makes the image's training copy and stores it in the copy cache."""
     import imagehash
 
     try:
@@ -158,8 +182,19 @@ def measure_source(source: bytes | str | Path, row: dict[str, Any], params: Metr
         return {**row, "error": exc.reason, "error_detail": exc.detail}
     row.update(format=opened.format, mode=opened.mode, width=opened.width, height=opened.height,
                orientation=opened.orientation)
+    spec = params.copy_spec
+    rgb = None
     try:
-        grey_img, exif_error = decode(opened, "L", params.analysis_size if draft else None, params.max_pixels)
+        if spec is not None and draft and not kept_as_is(opened, spec.short_side):
+            try:
+                grey_img, rgb, exif_error = decode_grey_and_rgb(opened, params.analysis_size, spec.short_side,
+                                                                params.max_pixels)
+            except DecodeError:  # the copy must never change a verdict: measure as without it (same error or not)
+                opened.image.close()
+                opened = open_image(source, params.max_pixels, params._formats)
+                grey_img, exif_error = decode(opened, "L", params.analysis_size, params.max_pixels)
+        else:
+            grey_img, exif_error = decode(opened, "L", params.analysis_size if draft else None, params.max_pixels)
     except DecodeError as exc:
         return {**row, "error": exc.reason, "error_detail": exc.detail}
     finally:
@@ -177,6 +212,8 @@ def measure_source(source: bytes | str | Path, row: dict[str, Any], params: Metr
         grey_range=float(hi - lo),
         phash=np.packbits(imagehash.phash(grey_img, hash_size=PHASH_SIZE).hash.ravel()).tobytes().hex(),
     )
+    if rgb is not None and spec is not None and params.copy_dir:
+        CopyCache(params.copy_dir, spec).put(str(row["image_id"]), copy_from_rgb(rgb, spec))
     return row
 
 

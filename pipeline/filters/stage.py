@@ -12,6 +12,10 @@ Checks run cheapest first and each row stops at its first failure, so no work is
 5. near duplicates among the survivors (256-bit pHash, union-find, best copy kept) -> ``near_duplicate``;
 6. indoor scenes by zero-shot CLIP, only with real pretrained weights -> ``indoor``.
 
+Step 4 also writes the training copy of each image that needs one (``pipeline.core.copies``) from the same decode,
+when given a copy cache; copies of images rejected at step 4 or later are dropped at the end, so only kept images
+keep one and the shard writer need not decode them again.
+
 Steps 4 and 6 are the long ones; both add their results to their caches chunk by chunk (``commit_rows`` images or
 about ``commit_seconds`` of work each), so a killed run resumes where it stopped, losing at most one chunk.
 """
@@ -19,7 +23,7 @@ about ``commit_seconds`` of work each), so a killed run resumes where it stopped
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -27,13 +31,14 @@ import pandas as pd
 import pyarrow as pa
 
 from pipeline.core import reasons
-from pipeline.core.catalog import rejection
 from pipeline.core.provinces import BY_ID
+from pipeline.core.reasons import rejection
 from pipeline.core.schema import REJECTIONS_SCHEMA, empty_frame
 from pipeline.core.store import ImageStore
 from pipeline.filters.cache import ImageValueCache, commit_in_chunks
-from pipeline.filters.decode import DEFAULT_FORMATS, DEFAULT_MAX_PIXELS
-from pipeline.filters.dedup import CopyFacts, group_near_duplicates, hash_words, near_duplicate_detail
+from pipeline.core.copies import CopyCache
+from pipeline.core.decode import DEFAULT_FORMATS, DEFAULT_MAX_PIXELS
+from pipeline.filters.dedup import CopyFacts, group_near_duplicates, near_duplicate_detail
 from pipeline.filters.geotag import DEFAULT_ACCURACY_RULES, AccuracyRule, geotag_reasons
 from pipeline.filters.indoor import ClipSpec, IndoorClassifier, check_weights, indoor_scores
 from pipeline.filters.licenses import DEFAULT_ALLOWED, license_reasons
@@ -108,10 +113,17 @@ class FilterConfig:
                "a killed run loses at most one such chunk", "ge": 1})
     commit_seconds: float = field(default=60.0, metadata={
         "doc": "and at most about this much work (seconds) per committed chunk", "gt": 0.0})
+    copy_short_side: int = field(default=320, metadata={
+        "doc": "short side (px) of the training copy made from the filter's decode of each kept image; keep it "
+               "equal to image_shards' short_side or the shard stage decodes every image again (0 = no copies)",
+        "ge": 0, "le": 4096})
+    copy_quality: int = field(default=90, metadata={
+        "doc": "JPEG quality of those copies (keep it equal to image_shards' quality)", "ge": 50, "le": 100})
 
     @property
     def metrics_params(self) -> MetricsParams:
-        return MetricsParams(self.analysis_size, self.blur_size, self.max_pixels, tuple(self.allowed_formats))
+        return MetricsParams(self.analysis_size, self.blur_size, self.max_pixels, tuple(self.allowed_formats),
+                             copy_short_side=self.copy_short_side, copy_quality=self.copy_quality)
 
 
 @dataclass(frozen=True)
@@ -125,6 +137,8 @@ class FilterResult:
     metrics_reused: int
     duplicate_groups: int
     metrics_rechecked: int = 0  # cached images re-read because their file's size or mtime changed
+    copies_kept: int = 0  # kept images with a training copy in the copy cache
+    copies_dropped: int = 0  # copies made for images the filter then rejected, removed
 
 
 class _Verdicts:
@@ -158,9 +172,11 @@ def filter_catalog(
     progress: Progress | None = None,
     log: Log | None = None,
     scheduler_address: str | None = None,
+    copy_dir: str | Path | None = None,
 ) -> FilterResult:
     """Keep or reject every row of ``catalog`` (CATALOG_SCHEMA). ``locator`` maps (lat, lon) to province ids.
-    ``scheduler_address``: decode on that Dask cluster's workers instead of local processes (same result)."""
+    ``scheduler_address``: decode on that Dask cluster's workers instead of local processes (same result).
+    ``copy_dir``: the training-copy cache (``<data root>/copies``) the decode writes into; None makes no copies."""
     log = log or (lambda _msg: None)
     df = catalog.reset_index(drop=True)
     n = len(df)
@@ -182,7 +198,8 @@ def filter_catalog(
     # 4. one decode per image, cached
     rows = np.flatnonzero(v.open())
     items = [(str(df.at[k, "image_id"]), str(store.abspath(df.at[k, "path"]))) for k in rows]
-    cm = cached_metrics(items, cfg.metrics_params, metrics_cache, cfg.workers, cfg.chunk_size, progress,
+    params = cfg.metrics_params if copy_dir is None else replace(cfg.metrics_params, copy_dir=str(copy_dir))
+    cm = cached_metrics(items, params, metrics_cache, cfg.workers, cfg.chunk_size, progress,
                         commit_rows=cfg.commit_rows, commit_seconds=cfg.commit_seconds,
                         scheduler_address=scheduler_address)
     log(f"image metrics: {cm.computed} decoded ({cm.rechecked} of them because their file changed), "
@@ -195,6 +212,7 @@ def filter_catalog(
         metric_cols.loc[rows, "phash"] = m["phash"].to_numpy()
         _quality_verdicts(v, rows, m, cfg)
 
+    measured = rows
     # 5. near duplicates among the survivors
     rows = np.flatnonzero(v.open())
     groups = 0
@@ -202,7 +220,9 @@ def filter_catalog(
         w, h = df.loc[rows, "width"].to_numpy(np.int64), df.loc[rows, "height"].to_numpy(np.int64)
         sharp = metric_cols.loc[rows, "sharpness"].to_numpy(dtype=float, na_value=np.nan)
         ids = df.loc[rows, "image_id"].astype(str).tolist()
-        hashes = hash_words(pa.array(metric_cols.loc[rows, "phash"], type=pa.string()))  # no list of str
+        # an Arrow column, not a list of str nor words decoded here: the call decodes it once and may reorder bits
+        # of its own copy in place
+        hashes = pa.array(metric_cols.loc[rows, "phash"], type=pa.string())
         g = group_near_duplicates(ids, hashes, w * h, sharp, cfg.phash_max_distance)
         groups = int(len(np.unique(g.kept_index[g.group_size > 1])))
         out = np.flatnonzero(g.rejected)
@@ -228,6 +248,7 @@ def filter_catalog(
         v.set(hit, reasons.INDOOR, [f"p_indoor={indoor[k]:.3f} >= {cfg.indoor_threshold}" for k in hit])
 
     keep = v.open()
+    copies_kept, copies_dropped = _settle_copies(df, measured, keep, params)
     kept = df[keep].copy()
     kept["sharpness"] = metric_cols.loc[keep, "sharpness"].astype("float64").to_numpy()
     kept["phash"] = metric_cols.loc[keep, "phash"].astype(object).to_numpy()
@@ -241,7 +262,21 @@ def filter_catalog(
         "province_key": [BY_ID[int(p)].key if p in BY_ID else OUTSIDE_KEY for p in province_ids],
         "outcome": np.where(keep, KEPT, v.reason), "detail": v.detail,
     })
-    return FilterResult(kept, rejections, outcomes, evaluated, note, cm.computed, cm.reused, groups, cm.rechecked)
+    return FilterResult(kept, rejections, outcomes, evaluated, note, cm.computed, cm.reused, groups, cm.rechecked,
+                        copies_kept, copies_dropped)
+
+
+def _settle_copies(df: pd.DataFrame, measured: np.ndarray, keep: np.ndarray,
+                   params: MetricsParams) -> tuple[int, int]:
+    """Drop the training copies of measured images the filter rejected (their copy would only take space); returns
+    (kept images that have a copy, copies dropped)."""
+    spec = params.copy_spec
+    if spec is None or params.copy_dir is None:
+        return 0, 0
+    cache = CopyCache(params.copy_dir, spec)
+    kept_ids = set(df.loc[keep, "image_id"].astype(str))
+    rejected = {str(i) for i in df.loc[measured[~keep[measured]], "image_id"]} - kept_ids
+    return sum(cache.has(i) for i in kept_ids), cache.drop(rejected)
 
 
 def _quality_verdicts(v: _Verdicts, rows: np.ndarray, m: pd.DataFrame, cfg: FilterConfig) -> None:

@@ -41,17 +41,23 @@ import heapq
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import shapely
 from scipy.spatial import cKDTree
 
+from pipeline.core.fields import check_fields, doc_field
 from pipeline.core.gazetteer import pakistan_places
 from pipeline.core.provinces import BY_ID
-from pipeline.core.schema import GEOCELL_NEIGHBOURS_SCHEMA, GEOCELLS_SCHEMA
+from pipeline.core.schema import CELL_ASSIGNMENTS_SCHEMA, GEOCELL_NEIGHBOURS_SCHEMA, GEOCELLS_SCHEMA, write_table
 from pipeline.geocells.geometry import Projector, arc_km, distance_km, km_to_chord, unit_vectors
+from pipeline.geocells.splits import TRAIN, id_order
 
 if TYPE_CHECKING:
     import geopandas as gpd
@@ -62,44 +68,44 @@ _EPS_KM = 1e-9
 # Parallel core distances (``core_dist_n_jobs``) start a joblib worker pool, which costs more than it saves below
 # this many points (measured on 2 cores: 50k points, first fit 13.5 s with 2 jobs vs 5.6 s with 1).
 _PARALLEL_MIN_POINTS = 100_000
+QUERY_ROWS = 1 << 20  # points per KD-tree query chunk: bounds the temporaries of a 10 M-point pass to ~100 MB
 
 
 @dataclass(frozen=True)
 class GeocellConfig:
     """Caps, the urban rule, target counts and HDBSCAN parameters (see the module docstring)."""
 
-    urban_cap_km: float = 5.0
-    rural_cap_km: float = 50.0
-    urban_min_population: int = 100_000
-    urban_radius_km: float = 2.0
-    urban_max_radius_km: float = 25.0
-    cells_scale: float = 1.0  # α in the target formula
-    min_cells: int = 1
-    max_cells: int = 2000
-    reference_area_km2: float = 125_000.0
-    cluster_size_divisor: float = 4.0
-    min_cluster_size_floor: int = 5
-    min_samples: int = 5
-    cluster_selection_method: str = "eom"
-    min_cell_fraction: float = 0.25
-    max_fit_points: int = 50_000
-    neighbours: int = 8
-    seed: int = 0
-    core_dist_n_jobs: int = 2
+    # Each field's doc and bounds are what the Launchpad shows and what __post_init__ checks (pipeline.core.fields).
+    urban_cap_km: float = doc_field(5.0, "largest radius of an urban cell (km)", gt=0.0)
+    rural_cap_km: float = doc_field(50.0, "largest radius of a rural cell (km)", gt=0.0)
+    urban_min_population: int = doc_field(100_000, "places with at least this many people make points near them "
+                                          "urban", ge=1)
+    urban_radius_km: float = doc_field(2.0, "urban radius of a place of urban_min_population people; grows with "
+                                       "sqrt(population)", gt=0.0)
+    urban_max_radius_km: float = doc_field(25.0, "largest urban radius around any place (km)", gt=0.0)
+    cells_scale: float = doc_field(1.0, "α in the target count clip(round(α·sqrt(n·area/A_ref)), min_cells, "
+                                   "max_cells)", gt=0.0)
+    min_cells: int = doc_field(1, "fewest cells per province", ge=1)
+    max_cells: int = doc_field(2000, "most target cells per province (≥ min_cells)", ge=1)
+    reference_area_km2: float = doc_field(125_000.0, "A_ref in the target count (km²; mean area of Pakistan's ADM1 "
+                                          "units)", gt=0.0)
+    cluster_size_divisor: float = doc_field(4.0, "HDBSCAN min_cluster_size = max(floor, round(n / (target · "
+                                            "divisor)))", gt=0.0)
+    min_cluster_size_floor: int = doc_field(5, "smallest HDBSCAN min_cluster_size", ge=2)
+    min_samples: int = doc_field(5, "HDBSCAN min_samples", ge=1)
+    cluster_selection_method: str = doc_field("eom", "HDBSCAN cluster selection", choices=("eom", "leaf"))
+    min_cell_fraction: float = doc_field(0.25, "cells smaller than this fraction of n/target try to merge into a "
+                                         "neighbour", ge=0.0)
+    max_fit_points: int = doc_field(50_000, "HDBSCAN fits at most this many points per province (seeded sample)",
+                                    ge=10)
+    neighbours: int = doc_field(8, "nearest cells stored per cell (the model's neighbour smoothing)", ge=0)
+    seed: int = doc_field(0, "seed of the fit sample", ge=0)
+    core_dist_n_jobs: int = doc_field(2, "HDBSCAN core-distance workers (used from 100k points on)", ge=1)
 
     def __post_init__(self) -> None:
-        if not (self.urban_cap_km > 0 and self.rural_cap_km > 0):
-            raise ValueError("radius caps must be positive")
-        if self.min_cells < 1 or self.max_cells < self.min_cells:
-            raise ValueError("need 1 ≤ min_cells ≤ max_cells")
-        if self.cluster_selection_method not in ("eom", "leaf"):
-            raise ValueError("cluster_selection_method must be 'eom' or 'leaf'")
-        if self.max_fit_points < 10 or self.min_samples < 1 or self.min_cluster_size_floor < 2:
-            raise ValueError("max_fit_points ≥ 10, min_samples ≥ 1, min_cluster_size_floor ≥ 2")
-        if not (self.cells_scale > 0 and self.cluster_size_divisor > 0 and self.min_cell_fraction >= 0):
-            raise ValueError("cells_scale and cluster_size_divisor must be positive, min_cell_fraction ≥ 0")
-        if self.neighbours < 0 or self.reference_area_km2 <= 0:
-            raise ValueError("neighbours ≥ 0 and reference_area_km2 > 0")
+        check_fields(self)
+        if self.max_cells < self.min_cells:
+            raise ValueError("need min_cells ≤ max_cells")
 
 
 @dataclass(frozen=True)
@@ -135,17 +141,21 @@ def urban_mask(lat: np.ndarray, lon: np.ndarray, cfg: GeocellConfig = GeocellCon
         cfg.urban_max_radius_km,
     )
     centres = unit_vectors(big["lat"].to_numpy(), big["lon"].to_numpy())
-    q = unit_vectors(lat, lon)
+    tree = cKDTree(centres)
     k = min(4, len(big))
-    chord, j = cKDTree(centres).query(q, k=k, distance_upper_bound=km_to_chord(cfg.urban_max_radius_km) * 1.001)
-    chord, j = chord.reshape(len(q), k), j.reshape(len(q), k)
-    found = j < len(big)
-    d = np.where(found, arc_km(np.where(found, chord, 0.0)), np.inf)
-    out = (d <= radius[np.where(found, j, 0)]).any(axis=1)
-    crowded = np.flatnonzero(found[:, -1])  # k places within reach: check every place for these few points
-    if len(crowded):
-        d_all = arc_km(np.linalg.norm(q[crowded, None, :] - centres[None, :, :], axis=2))
-        out[crowded] = (d_all <= radius[None, :]).any(axis=1)
+    lon = np.asarray(lon, float)
+    for lo in range(0, len(lat), QUERY_ROWS):  # chunks: the (rows, k) arrays stay small at 10 M points
+        q = unit_vectors(lat[lo : lo + QUERY_ROWS], lon[lo : lo + QUERY_ROWS])
+        chord, j = tree.query(q, k=k, distance_upper_bound=km_to_chord(cfg.urban_max_radius_km) * 1.001)
+        chord, j = chord.reshape(len(q), k), j.reshape(len(q), k)
+        found = j < len(big)
+        d = np.where(found, arc_km(np.where(found, chord, 0.0)), np.inf)
+        hit = (d <= radius[np.where(found, j, 0)]).any(axis=1)
+        crowded = np.flatnonzero(found[:, -1])  # k places within reach: check every place for these few points
+        if len(crowded):
+            d_all = arc_km(np.linalg.norm(q[crowded, None, :] - centres[None, :, :], axis=2))
+            hit[crowded] = (d_all <= radius[None, :]).any(axis=1)
+        out[lo : lo + QUERY_ROWS] = hit
     return out
 
 
@@ -160,13 +170,16 @@ def nearest_within_cap(q: np.ndarray, centres: np.ndarray, caps: np.ndarray) -> 
         return best, best_d
     for cap in np.unique(caps):
         sub = np.flatnonzero(caps == cap)
-        chord, j = cKDTree(centres[sub]).query(q, k=1, distance_upper_bound=km_to_chord(cap) * (1 + 1e-9))
-        found = j < len(sub)
-        d = np.full(len(q), np.inf)
-        d[found] = arc_km(chord[found])
-        better = found & (d <= cap + _EPS_KM) & (d < best_d)
-        best[better] = sub[j[better]]
-        best_d[better] = d[better]
+        tree = cKDTree(centres[sub])
+        for lo in range(0, len(q), QUERY_ROWS):  # chunks: bounded temporaries at 10 M points
+            part = slice(lo, lo + QUERY_ROWS)
+            chord, j = tree.query(q[part], k=1, distance_upper_bound=km_to_chord(cap) * (1 + 1e-9))
+            found = j < len(sub)
+            d = np.full(len(chord), np.inf)
+            d[found] = arc_km(chord[found])
+            better = found & (d <= cap + _EPS_KM) & (d < best_d[part])
+            best[part][better] = sub[j[better]]
+            best_d[part][better] = d[better]
     return best, best_d
 
 
@@ -441,7 +454,7 @@ def build_geocells(
     dist = np.full(len(lat), np.nan)
     tables, reports = [], []
     next_id = 0
-    for pid in sorted(set(province_id.tolist())):
+    for pid in np.unique(province_id).tolist():  # sorted, as Python ints, without a 10 M-item list
         t0 = time.perf_counter()
         rows = np.flatnonzero(province_id == pid)
         proj = Projector.centred_on(lat[rows], lon[rows])
@@ -477,6 +490,103 @@ def build_geocells(
     cells = pd.concat(tables, ignore_index=True) if tables else _empty_cells()
     cells = cells[list(CELL_COLUMNS)]
     return Geocells(cells, members, dist, pd.DataFrame(reports))
+
+
+def same_ids(a: str | Path, b: str | Path, batch_rows: int = 1 << 16) -> bool:
+    """Whether two tables list the same ``image_id`` values in the same order, read batch by batch (the splits
+    stage writes the labelled rows' order: then rows match by position and no join is needed)."""
+    fa, fb = pq.ParquetFile(a), pq.ParquetFile(b)
+    if fa.metadata.num_rows != fb.metadata.num_rows:
+        return False
+    rest = fb.iter_batches(batch_size=batch_rows, columns=["image_id"])
+    pending = pa.array([], pa.string())
+    for batch in fa.iter_batches(batch_size=batch_rows, columns=["image_id"]):
+        x = batch.column(0)
+        while len(x):
+            if not len(pending):
+                pending = next(rest).column(0)
+            k = min(len(x), len(pending))
+            if not pc.all(pc.equal(x.slice(0, k), pending.slice(0, k)), skip_nulls=False).as_py():
+                return False
+            x, pending = x.slice(k), pending.slice(k)
+    return True
+
+
+def read_with_split(labelled: str | Path, splits: str | Path,
+                    columns: tuple[str, ...] = ("lat", "lon", "province_id")) -> pa.Table:
+    """The labelled rows' ``columns`` plus each row's ``split`` (null where the splits table has none), in Arrow:
+    a pandas merge of the two tables holds both frames and a join index, several GB at 10 M rows."""
+    lab = pq.read_table(labelled, columns=list(columns))
+    return lab.append_column("split", column_by_id(labelled, splits, "split"))
+
+
+def column_by_id(labelled: str | Path, other: str | Path, column: str) -> pa.ChunkedArray:
+    """``other``'s ``column`` for each row of ``labelled``, matched by ``image_id`` (null where ``other`` has no
+    row): by position when the rows line up (:func:`same_ids`), else by a join that holds both id columns."""
+    if same_ids(labelled, other):
+        out = pq.read_table(other, columns=[column])[column]
+    else:
+        ids = pq.read_table(labelled, columns=["image_id"])["image_id"]
+        tab = pq.read_table(other, columns=["image_id", column])
+        out = tab[column].take(pc.index_in(ids, value_set=tab["image_id"].combine_chunks()))
+        del ids, tab
+    pa.default_memory_pool().release_unused()  # read buffers: mimalloc keeps them otherwise
+    return out
+
+
+def training_rows(split: pa.ChunkedArray, province_id: np.ndarray,
+                  image_id: pa.ChunkedArray) -> tuple[np.ndarray, list[int]]:
+    """Rows to fit cells on, in ``image_id`` order (the same images give the same cells, whatever the row order):
+    the train rows, plus every row of a province that has none (listed second: tiny data would leave it without
+    cells otherwise)."""
+    train = pc.fill_null(pc.equal(split, TRAIN), False).to_numpy()
+    no_train = np.setdiff1d(np.unique(province_id), np.unique(province_id[train])).tolist()
+    rows = np.flatnonzero(train | np.isin(province_id, no_train))
+    return rows[id_order(image_id.take(rows), check_unique=False)], no_train
+
+
+def fit_geocells_file(labelled: str | Path, splits: str | Path, cfg: GeocellConfig = GeocellConfig(),
+                      areas_km2: Mapping[int, float] | None = None) -> tuple[Geocells, list[int]]:
+    """``build_geocells`` on the training rows of the labelled table (:func:`training_rows`), read column by column
+    in compact types; also returns the provinces fitted on held-out rows."""
+    table = read_with_split(labelled, splits)
+    prov = table["province_id"].to_numpy()
+    rows, no_train = training_rows(table["split"], prov, pq.read_table(labelled, columns=["image_id"])["image_id"])
+    lat, lon, prov = table["lat"].to_numpy()[rows], table["lon"].to_numpy()[rows], prov[rows]
+    del table
+    pa.default_memory_pool().release_unused()
+    return build_geocells(lat, lon, prov, cfg, areas_km2), no_train
+
+
+def assign_cells_file(labelled: str | Path, splits: str | Path, cells: pd.DataFrame,
+                      out: str | Path) -> tuple[pd.DataFrame, int]:
+    """:func:`assign_cells` for every labelled row, written to ``out`` (``CELL_ASSIGNMENTS_SCHEMA``); returns the
+    distance to the cell centre by split and how many cells got images. Ids stay in Arrow (no 10 M Python
+    strings)."""
+    table = read_with_split(labelled, splits, ("image_id", "lat", "lon", "province_id"))
+    cell_id, dist, within = assign_cells(table["lat"].to_numpy(), table["lon"].to_numpy(),
+                                         table["province_id"].to_numpy(), cells)
+    frame = pd.DataFrame({"image_id": table["image_id"].to_pandas(types_mapper=pd.ArrowDtype), "cell_id": cell_id,
+                          "province_id": table["province_id"].to_numpy(), "distance_km": dist})
+    write_table(frame, out, CELL_ASSIGNMENTS_SCHEMA)
+    split = pc.dictionary_encode(pc.fill_null(table["split"], "(none)").combine_chunks())  # no 10 M str objects
+    split = pd.Categorical.from_codes(split.indices.to_numpy(), split.dictionary.to_pylist())
+    return distance_by_split(split, dist, within), int(len(np.unique(cell_id)))
+
+
+def distance_by_split(split: np.ndarray | pd.Categorical, dist: np.ndarray, within: np.ndarray) -> pd.DataFrame:
+    """Images, share within the cap, median / p90 / max distance to the cell centre, per split (in name order)."""
+    if isinstance(split, pd.Categorical):
+        split = split.reorder_categories(sorted(split.categories))
+    return (
+        pd.DataFrame({"split": split, "distance_km": dist, "within_cap": within})
+        .groupby("split", observed=True)
+        .agg(images=("distance_km", "size"), within_cap=("within_cap", "mean"),
+             median_km=("distance_km", "median"), p90_km=("distance_km", lambda x: float(np.quantile(x, 0.9))),
+             max_km=("distance_km", "max"))
+        .reset_index()
+        .astype({"split": str})
+    )
 
 
 def _empty_cells() -> pd.DataFrame:
@@ -566,20 +676,26 @@ def assign_cells(
     cell_id = np.full(len(lat), -1, dtype=np.int64)
     dist = np.full(len(lat), np.nan)
     within = np.zeros(len(lat), dtype=bool)
-    u = unit_vectors(lat, lon)
-    for pid in sorted(set(province_id.tolist())):
-        rows = np.flatnonzero(province_id == pid)
+    heads = {}  # per province: centres (unit vectors), caps, global ids
+    for pid in np.unique(province_id).tolist():
         grp = cells[cells["province_id"] == pid]
         if grp.empty:
             raise ValueError(f"province {pid} has images but no geocells")
-        cu = unit_vectors(grp["center_lat"].to_numpy(), grp["center_lon"].to_numpy())
-        j, d = nearest_within_cap(u[rows], cu, grp["cap_km"].to_numpy(float))
-        ok = j >= 0
-        if not ok.all():
-            j[~ok], d[~ok] = nearest_centre(u[rows[~ok]], cu)
-        cell_id[rows] = grp["cell_id"].to_numpy()[j]
-        dist[rows] = d
-        within[rows] = ok
+        heads[pid] = (unit_vectors(grp["center_lat"].to_numpy(), grp["center_lon"].to_numpy()),
+                      grp["cap_km"].to_numpy(float), grp["cell_id"].to_numpy())
+    for lo in range(0, len(lat), QUERY_ROWS):  # rows are independent: chunks bound memory at 10 M images
+        prov = province_id[lo : lo + QUERY_ROWS]
+        u = unit_vectors(lat[lo : lo + QUERY_ROWS], lon[lo : lo + QUERY_ROWS])
+        for pid in np.unique(prov).tolist():
+            rows = np.flatnonzero(prov == pid)
+            cu, caps, ids = heads[pid]
+            j, d = nearest_within_cap(u[rows], cu, caps)
+            ok = j >= 0
+            if not ok.all():
+                j[~ok], d[~ok] = nearest_centre(u[rows[~ok]], cu)
+            cell_id[lo + rows] = ids[j]
+            dist[lo + rows] = d
+            within[lo + rows] = ok
     return cell_id, dist, within
 
 

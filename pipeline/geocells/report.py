@@ -38,7 +38,7 @@ def _map_axes(outlines: dict | None, title: str):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 6.5))
+    fig, ax = plt.subplots(figsize=(3.4, 3.3))
     draw_outlines(ax, outlines, "#444444")
     ax.set_xlabel("longitude")
     ax.set_ylabel("latitude")
@@ -61,7 +61,7 @@ def cells_map_png(cells: pd.DataFrame, polygons=None, outlines: dict | None = No
         edge = np.where(cells["urban"].to_numpy(bool), "black", "none")
         ax.scatter(cells["center_lon"], cells["center_lat"], s=size, c=colour, edgecolors=edge, linewidths=0.5,
                    alpha=0.8)
-    ax.text(0.01, 0.01, f"{len(cells)} cells; dot area ∝ images; ringed = urban", transform=ax.transAxes, fontsize=7)
+    ax.text(0.01, 0.01, f"{len(cells)} cells; dot area ∝ images; ringed = urban", transform=ax.transAxes, fontsize=8)
     return png_bytes(fig)
 
 
@@ -76,5 +76,5 @@ def splits_map_png(lat, lon, split, outlines: dict | None = None, title: str = "
         m = split == name
         if m.any():
             ax.scatter(lon[m], lat[m], s=size, color=colour, label=f"{name} ({m.sum()})")
-    ax.legend(fontsize=7, markerscale=2, loc="lower right")
+    ax.legend(fontsize=9, markerscale=2, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, frameon=False)
     return png_bytes(fig)

@@ -27,13 +27,18 @@ order). No Dagster here.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 from scipy.spatial import Delaunay, QhullError, cKDTree
 
+from pipeline.core.fields import check_fields, doc_field
 from pipeline.core.provinces import BY_ID, PAKISTAN_UTC_OFFSET_HOURS
 from pipeline.core.schema import SPLITS_SCHEMA
 from pipeline.geocells.geometry import EARTH_RADIUS_KM, Projector, arc_km, km_to_chord, unit_vectors
@@ -41,28 +46,33 @@ from pipeline.geocells.geometry import EARTH_RADIUS_KM, Projector, arc_km, km_to
 TRAIN, VAL, TEST, BUFFER = "train", "val", "test", "buffer"
 SPLITS = (TRAIN, VAL, TEST)
 SPLIT_COLUMNS = tuple(SPLITS_SCHEMA.names)  # the schema is the one definition of the table's columns
+SPLIT_INPUTS = ("image_id", "lat", "lon", "province_id", "place_id", "owner", "taken_at")  # make_splits reads these
 MAX_CROWD = 32  # owner-disjoint: the most train neighbours a val/test image may keep (see separate)
+QUERY_ROWS = 1 << 20  # neighbour slots per KD-tree query chunk (8 MB of distances): bounds memory at 10 M rows
 
 
 @dataclass(frozen=True)
 class SplitConfig:
-    train: float = 0.8
-    val: float = 0.1
-    test: float = 0.1
-    seed: int = 0
-    min_distance_km: float = 1.0
-    max_group_share: float = 0.05
-    min_group_to_tile: int = 50
-    tile_km: float = 10.0
-    utc_offset_hours: float = PAKISTAN_UTC_OFFSET_HOURS  # Pakistan Standard Time, for the owner's local day
-    owner_disjoint: bool = True  # all of an owner's images in one split; False: only each owner's local day
+    # Each field's doc and bounds are what the Launchpad shows and what __post_init__ checks (pipeline.core.fields).
+    train: float = doc_field(0.8, "target share of images in train (train + val + test must sum to 1)", ge=0.0, le=1.0)
+    val: float = doc_field(0.1, "target share of images in val", ge=0.0, le=1.0)
+    test: float = doc_field(0.1, "target share of images in test", ge=0.0, le=1.0)
+    seed: int = doc_field(0, "seed of the order in which groups are assigned to splits", ge=0)
+    min_distance_km: float = doc_field(1.0, "no val/test image lies within this many km of a train image", gt=0.0)
+    max_group_share: float = doc_field(0.05, "groups larger than this share of their province's images are tiled",
+                                       ge=0.0, le=1.0)
+    min_group_to_tile: int = doc_field(50, "groups smaller than this many images are never tiled", ge=1)
+    tile_km: float = doc_field(10.0, "side of the square tiles a giant group is cut into (km)", gt=0.0)
+    utc_offset_hours: float = doc_field(PAKISTAN_UTC_OFFSET_HOURS, "UTC offset of the owner's local day (Pakistan "
+                                        "Standard Time: +5)", ge=-12.0, le=14.0)
+    owner_disjoint: bool = doc_field(True, "all of an owner's images in one split; false: only each owner's local "
+                                     "day")
 
     def __post_init__(self) -> None:
+        check_fields(self)
         fr = (self.train, self.val, self.test)
-        if min(fr) < 0 or abs(sum(fr) - 1.0) > 1e-6:
-            raise ValueError(f"split fractions must be ≥ 0 and sum to 1, got {fr}")
-        if self.min_distance_km <= 0 or self.tile_km <= 0:
-            raise ValueError("min_distance_km and tile_km must be positive")
+        if abs(sum(fr) - 1.0) > 1e-6:
+            raise ValueError(f"split fractions must sum to 1, got {fr}")
 
     @property
     def fractions(self) -> np.ndarray:
@@ -123,7 +133,16 @@ def close_pairs(lat: np.ndarray, lon: np.ndarray, km: float) -> np.ndarray:
 
 
 def key_codes(keys: pd.Series) -> np.ndarray:
-    """Integer code per row for a shared identity (place id); -1 where it is null or empty."""
+    """Integer code per row for a shared identity (place id); -1 where it is null or empty. Codes count from 0 in
+    order of first appearance, whether ``keys`` holds strings or categories (:func:`read_split_inputs`)."""
+    if isinstance(keys.dtype, pd.CategoricalDtype):  # the codes already tell identities apart: no strings made
+        codes = keys.cat.codes.to_numpy().astype(np.int64)
+        empty = np.flatnonzero(keys.cat.categories.astype("string").str.len().to_numpy() == 0)
+        codes[np.isin(codes, empty)] = -1
+        out = np.full(len(codes), -1, dtype=np.int64)
+        valid = codes >= 0
+        out[valid] = pd.factorize(codes[valid])[0]
+        return out
     text = keys.astype("string")
     codes, _ = pd.factorize(text.where(text.str.len() > 0), use_na_sentinel=True)
     return np.asarray(codes, dtype=np.int64)
@@ -286,13 +305,18 @@ def assign_spread_groups(groups: np.ndarray, province_id: np.ndarray, cfg: Split
 
 def _near_counts(u_from: np.ndarray, u_to: np.ndarray, km: float, cap: int) -> np.ndarray:
     """Per row of ``u_from``: how many rows of ``u_to`` lie within ``km`` (great circle), counted up to ``cap``."""
+    out = np.zeros(len(u_from), dtype=np.int64)
     if len(u_to) == 0 or len(u_from) == 0 or cap < 1:
-        return np.zeros(len(u_from), dtype=np.int64)
+        return out
     k = min(cap, len(u_to))
-    chord, _ = cKDTree(u_to).query(u_from, k=k, distance_upper_bound=km_to_chord(km) * 1.001)
-    chord = np.asarray(chord).reshape(len(u_from), k)
-    ok = np.isfinite(chord)
-    return (ok & (arc_km(np.where(ok, chord, 0.0)) <= km)).sum(axis=1)
+    tree = cKDTree(u_to)
+    step = max(1, QUERY_ROWS // k)  # k neighbours a row: chunks keep the (rows, k) arrays small at 10 M rows
+    for lo in range(0, len(u_from), step):
+        chord, _ = tree.query(u_from[lo : lo + step], k=k, distance_upper_bound=km_to_chord(km) * 1.001)
+        chord = np.asarray(chord).reshape(-1, k)
+        ok = np.isfinite(chord)
+        out[lo : lo + step] = (ok & (arc_km(np.where(ok, chord, 0.0)) <= km)).sum(axis=1)
+    return out
 
 
 def separate(
@@ -367,7 +391,7 @@ def leakage_count(lat: np.ndarray, lon: np.ndarray, split: np.ndarray, km: float
 def owner_overlap(owner: pd.Series | np.ndarray, split: np.ndarray) -> tuple[int, int, int]:
     """(owners with images in train and in val/test, val/test images whose owner has train images, val/test
     images with a known owner) — how much a model could learn a held-out photographer in training."""
-    who = key_codes(pd.Series(np.asarray(owner, dtype=object)))
+    who = key_codes(owner if isinstance(owner, pd.Series) else pd.Series(np.asarray(owner, dtype=object)))
     split = np.asarray(split)
     held = np.isin(split, [VAL, TEST]) & (who >= 0)
     in_train = np.zeros(int(who.max()) + 2, dtype=bool)  # index -1 (unknown) lands on the spare last slot
@@ -392,15 +416,50 @@ def naive_split(province_id: np.ndarray, cfg: SplitConfig) -> np.ndarray:
     return out
 
 
+def id_order(image_id: pd.Series | pa.Array | pa.ChunkedArray, check_unique: bool = True) -> np.ndarray:
+    """Row order by ``image_id`` (code point order, as sorting Python strings), sorted in Arrow: at 10 M rows a
+    NumPy unicode copy of the ids alone would take 2.6 GB. Raises ValueError for null ids, and for repeated ids
+    with ``check_unique`` (a hash table of every id: skip it where the ids are known unique)."""
+    if isinstance(image_id, pa.ChunkedArray):
+        image_id = image_id.combine_chunks()
+    ids = image_id if isinstance(image_id, pa.Array) else pa.array(image_id, from_pandas=True)
+    if not pa.types.is_string(ids.type) and not pa.types.is_large_string(ids.type):
+        ids = pc.cast(ids, pa.string())
+    if ids.null_count:
+        raise ValueError(f"image_id must not be null ({ids.null_count} nulls)")
+    if check_unique and pc.count_distinct(ids).as_py() != len(ids):
+        raise ValueError("image_id must be unique")
+    order = pc.sort_indices(ids).to_numpy().astype(np.int64)  # UTF-8 byte order is code point order
+    pa.default_memory_pool().release_unused()  # the hash table and sort buffers, held by mimalloc otherwise
+    return order
+
+
+def read_split_inputs(path: str | Path) -> pd.DataFrame:
+    """The labelled table's columns :func:`make_splits` reads, compact: ids stay Arrow strings, owner and place
+    become categories (4 bytes a row instead of a string each), province int8 (about 110 bytes a row in all)."""
+    table = pq.read_table(path, columns=list(SPLIT_INPUTS))
+    for name in ("owner", "place_id"):
+        col = table[name]
+        if pa.types.is_null(col.type):  # a column written all-null by pandas: no category may be null
+            col = col.cast(pa.string())
+        table = table.set_column(table.schema.get_field_index(name), name, pc.dictionary_encode(col))
+    df = table.to_pandas(types_mapper={pa.string(): pd.ArrowDtype(pa.string()),
+                                       pa.large_string(): pd.ArrowDtype(pa.large_string())}.get)
+    df["province_id"] = df["province_id"].astype(np.int8)
+    del table
+    pa.default_memory_pool().release_unused()  # decoding buffers: mimalloc keeps them otherwise (~1 GB at 10 M)
+    return df
+
+
 def make_splits(df: pd.DataFrame, cfg: SplitConfig = SplitConfig()) -> SplitResult:
     """Location-disjoint splits for ``df`` (image_id, lat, lon, province_id, place_id, owner, taken_at)."""
-    missing = [c for c in ("image_id", "lat", "lon", "province_id", "place_id", "owner", "taken_at") if c not in df]
+    needed = SPLIT_INPUTS
+    missing = [c for c in needed if c not in df]
     if missing:
         raise ValueError(f"make_splits needs columns {missing}")
-    if df["image_id"].duplicated().any():
-        raise ValueError("image_id must be unique")
-    order = np.argsort(df["image_id"].to_numpy().astype(str), kind="stable")
-    d = df.iloc[order].reset_index(drop=True)
+    order = id_order(df["image_id"])
+    # the ids themselves are not copied: the table gets them back in the input's order
+    d = df[list(needed[1:])].iloc[order].reset_index(drop=True)
     n = len(d)
     if n == 0:
         empty = pd.DataFrame({"image_id": pd.Series(dtype=str), "split": pd.Series(dtype=str),
@@ -411,10 +470,10 @@ def make_splits(df: pd.DataFrame, cfg: SplitConfig = SplitConfig()) -> SplitResu
     split = np.array(SPLITS, dtype=object)[assign_groups(groups, prov, cfg)[groups]]
     split = separate(lat, lon, prov, split, cfg)
     naive = naive_split(prov, cfg)
-    table = pd.DataFrame({"image_id": d["image_id"].to_numpy(), "split": split, "group_id": groups})
-    back = np.empty(n, dtype=np.int64)
-    back[order] = np.arange(n)
-    table = table.iloc[back].reset_index(drop=True)
+    split_out, groups_out = np.empty(n, dtype=object), np.empty(n, dtype=np.int64)
+    split_out[order], groups_out[order] = split, groups  # back to the input's row order
+    table = pd.DataFrame({"image_id": df["image_id"].reset_index(drop=True), "split": split_out,
+                          "group_id": groups_out})
     per_province = (
         pd.crosstab(prov, split).reindex(columns=[*SPLITS, BUFFER], fill_value=0).rename_axis(index=None, columns=None)
     )
@@ -423,7 +482,7 @@ def make_splits(df: pd.DataFrame, cfg: SplitConfig = SplitConfig()) -> SplitResu
     for s in SPLITS:
         per_province[f"{s}_share"] = per_province[s] / per_province["images"]
     per_province.insert(0, "province", [BY_ID[int(p)].key if int(p) in BY_ID else str(p) for p in per_province.index])
-    shared_owners, held_with_train_owner, held_with_owner = owner_overlap(d["owner"].to_numpy(), split)
+    shared_owners, held_with_train_owner, held_with_owner = owner_overlap(d["owner"], split)
     summary = {
         "images": n,
         "groups": int(groups.max() + 1),

@@ -7,8 +7,14 @@ leap and non-leap years. Missing or implausible dates (future, before ``MIN_PLAU
 
 from __future__ import annotations
 
-import numpy as np
 import pandas as pd
+
+from pipeline.core.day_of_year import (  # noqa: F401  (re-exported for the labels' users)
+    circular_day_difference,
+    days_in_year,
+    decode_day,
+    encode_day,
+)
 
 MIN_PLAUSIBLE_YEAR = 1990
 
@@ -50,29 +56,3 @@ def capture_date_provenance(taken_at_source: pd.Series, date_note: pd.Series) ->
     out = capture_date_origins(taken_at_source, date_note)
     return provenance_table(out.groupby(["capture time from", "no usable date because"]).size().rename("rows")
                             .reset_index())
-
-
-def days_in_year(year: np.ndarray) -> np.ndarray:
-    year = np.asarray(year)
-    leap = (year % 4 == 0) & ((year % 100 != 0) | (year % 400 == 0))
-    return np.where(leap, 366, 365)
-
-
-def encode_day(doy: np.ndarray, year_length: np.ndarray | int = 365) -> tuple[np.ndarray, np.ndarray]:
-    """(sin, cos) of the day's angle on the year circle; NaN in, NaN out."""
-    angle = 2.0 * np.pi * (np.asarray(doy, dtype=np.float64) - 1.0) / np.asarray(year_length, dtype=np.float64)
-    return np.sin(angle), np.cos(angle)
-
-
-def decode_day(sin: np.ndarray, cos: np.ndarray, year_length: np.ndarray | int = 365) -> np.ndarray:
-    """Inverse of ``encode_day``: the nearest whole day, 1..year_length."""
-    n = np.asarray(year_length, dtype=np.float64)
-    angle = np.mod(np.arctan2(np.asarray(sin, float), np.asarray(cos, float)), 2.0 * np.pi)
-    day = np.rint(angle * n / (2.0 * np.pi))
-    return (np.mod(day, n) + 1).astype(np.int64)
-
-
-def circular_day_difference(a: np.ndarray, b: np.ndarray, year_length: float = 365.25) -> np.ndarray:
-    """Absolute difference in days on the year circle (31 Dec vs 1 Jan is 1 day)."""
-    d = np.abs(np.asarray(a, float) - np.asarray(b, float)) % year_length
-    return np.minimum(d, year_length - d)

@@ -13,8 +13,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.core import reasons
-from pipeline.core.catalog import rejection
 from pipeline.core.provinces import BY_ID
+from pipeline.core.reasons import rejection
 from pipeline.core.report import counts_table
 from pipeline.core.schema import (
     CATALOG_SCHEMA,

@@ -28,26 +28,25 @@ import pyarrow.csv as pacsv
 import shapely
 
 from pipeline.core import reasons
-from pipeline.core.catalog import rejection
 from pipeline.core.exif import DEFAULT_UTC_OFFSET
 from pipeline.core.paths import DataPaths
 from pipeline.core.processes import exclusive_lock, exit_with_parent
 from pipeline.core.provinces import BY_KEY, Province
+from pipeline.core.reasons import rejection
 from pipeline.core.schema import RAW_MANIFEST_SCHEMA, REJECTIONS_SCHEMA, write_table
 from pipeline.core.store import ImageStore, sweep_orphan_temps
 from pipeline.core.values import is_missing
 from pipeline.labels.boundaries import ProvinceBoundaries
 from pipeline.sources.crawl_state import DONE, FAILED, PENDING, REJECTED, CrawlState, Rejected
+from pipeline.sources.downloads import Fetched, download_all
 from pipeline.sources.http import (
     CrawlError,
-    Fetched,
     HttpSettings,
     HttpStats,
     QuotaExhausted,
     Redactor,
     call_with_retries,
     classify,
-    download_all,
 )
 
 T = TypeVar("T")

@@ -30,8 +30,8 @@ from pipeline.core.exif import DEFAULT_UTC_OFFSET
 from pipeline.filters.licenses import DEFAULT_ALLOWED, DEFAULT_SOURCE, check_selector, license_selected
 from pipeline.sources.crawl import CrawlContext, Source, capture_time, to_float
 from pipeline.sources.crawl_state import CrawlState, Unit
+from pipeline.sources.downloads import Fetched, fetch_url
 from pipeline.sources.http import (
-    Fetched,
     HttpSettings,
     HttpStats,
     TransientError,
@@ -39,7 +39,6 @@ from pipeline.sources.http import (
     call_with_retries,
     classify,
     download_session,
-    fetch_url,
 )
 
 DEFAULT_REST_URL = "https://api.flickr.com/services/rest/"

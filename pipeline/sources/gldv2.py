@@ -36,9 +36,9 @@ import pyarrow.compute as pc
 from pipeline.core import reasons
 from pipeline.sources.crawl import CrawlContext, Source, read_delimited, scan_in_chunks
 from pipeline.sources.crawl_state import JsonCache
+from pipeline.sources.downloads import Fetched, fetch_url
 from pipeline.sources.http import (
     CrawlError,
-    Fetched,
     HttpSettings,
     HttpStats,
     StopCrawl,
@@ -46,7 +46,6 @@ from pipeline.sources.http import (
     WikimediaPolicyError,
     api_session,
     download_session,
-    fetch_url,
     has_contact,
     is_wikimedia,
     parse_retry_after,

@@ -23,12 +23,12 @@ import numpy as np
 import pandas as pd
 
 from pipeline.core import reasons
-from pipeline.core.catalog import rejection
 from pipeline.core.exif import DecompressionBomb, ImageHeader, NotAnImage, error_detail, read_header
 from pipeline.core.gazetteer import haversine_km
 from pipeline.core.image_formats import PHOTO_SUFFIXES, UNREADABLE_EXTENSIONS
 from pipeline.core.parallel import chunked, map_chunks
 from pipeline.core.provinces import lookup
+from pipeline.core.reasons import rejection
 from pipeline.core.schema import RAW_MANIFEST_SCHEMA, REJECTIONS_SCHEMA, empty_frame
 from pipeline.core.store import ImageStore, sha256_hex, sniff_extension
 from pipeline.core.values import is_missing
@@ -441,7 +441,7 @@ def _http_get(url: str, timeout: float) -> bytes:
     """The body of ``url``: ``timeout`` per read, the whole body within the crawls' download deadline."""
     import requests
 
-    from pipeline.sources.http import read_capped
+    from pipeline.sources.downloads import read_capped
 
     with requests.get(url, timeout=timeout, stream=True) as resp:
         resp.raise_for_status()

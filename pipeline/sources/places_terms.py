@@ -10,34 +10,29 @@ names (New) may not be cached at all. So every record carries ``fetched_at`` (UT
 - ``expire_stored_places``: the manifest rows of such records move to the rejections (``coordinates_expired``)
   until a refresh brings them back; run on every materialization, crawling or not (no key, no request).
 
-Nothing here calls an API, so the expiry holds even when the source is switched off or its key is gone.
+Nothing here calls an API, so the expiry holds even when the source is switched off or its key is gone. What both
+Places sources share besides the terms (their base class, the manifest row) is ``places_source``.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import json
 import math
-from abc import abstractmethod
 from collections.abc import Callable
 from pathlib import Path
-from typing import ClassVar
 
 import pandas as pd
 
 from pipeline.core import reasons
-from pipeline.core.catalog import rejection
 from pipeline.core.paths import DataPaths
 from pipeline.core.processes import exclusive_lock
+from pipeline.core.reasons import rejection
 from pipeline.core.schema import RAW_MANIFEST_SCHEMA, REJECTIONS_SCHEMA, read_table, write_table
-from pipeline.sources.crawl import STAGE, CrawlContext, Source
-from pipeline.sources.crawl_state import DEFERRED, DONE, REJECTED, CrawlState
-from pipeline.sources.http import Redactor
-from pipeline.sources.places_tiles import check_tile_deg, seed_tiles
+from pipeline.sources.crawl import STAGE, CrawlContext
+from pipeline.sources.crawl_state import DONE, REJECTED, CrawlState
 
 NAME = "google_places"  # both APIs write raw/google_places/<province>/ (one asset, one crawl state)
 COORDINATE_MAX_AGE_DAYS = 30.0  # Service Specific Terms: lat/lng cached for up to 30 consecutive calendar days
-LICENSE = "Google Places photo: Maps Platform terms restrict storing and redistributing it"
 
 Locate = Callable[[str], "tuple[float, float] | None"]  # place_id -> fresh (lat, lon), None when the place is gone
 
@@ -184,92 +179,3 @@ def expire_before_crawl(ctx: CrawlContext, now: dt.datetime) -> None:
     if expired:
         ctx.info(f"{NAME}/{ctx.province.key}: deleted coordinates older than 30 days from {expired} records "
                  "(Google terms); refreshing them by place_id")
-
-
-def attribution_of(record: dict) -> tuple[str | None, str | None]:
-    """(owner, attribution) to show with a photo: Places (New) ``authorAttributions`` as the JSON list
-    ``[{displayName, uri, photoUri}]`` with ``owner`` their display names joined; a legacy record's
-    ``html_attributions`` joined as ``owner`` (no structured attribution)."""
-    authors = record.get("attribution")
-    if authors is not None:
-        names = [a.get("displayName") for a in authors if a.get("displayName")]
-        return ", ".join(names) or None, json.dumps(authors, ensure_ascii=False)
-    return " ".join(record.get("html_attributions") or []) or None, None
-
-
-def place_row(record: dict) -> dict:
-    """The manifest fields of a Places photo (both APIs): the place's coordinate and who must be credited."""
-    owner, attribution = attribution_of(record)
-    return {
-        "source_url": f"https://www.google.com/maps/place/?q=place_id:{record['place_id']}",
-        "lat": record["lat"],
-        "lon": record["lon"],
-        "geo_accuracy": None,  # the place's coordinate, not the camera's
-        "taken_at": None,
-        "owner": owner,
-        "license": LICENSE,
-        "title": None,
-        "tags": None,
-        "place_id": record["place_id"],
-        "attribution": attribution,
-        "fetched_at": pd.Timestamp(record["fetched_at"]) if record.get("fetched_at") else pd.NaT,
-    }
-
-
-class PlacesSource(Source):
-    """What both Places sources (legacy and New) share: one name and folder, the terms' checks on every record, the
-    manifest row with its attribution, and the coordinate clock that the tests move forward."""
-
-    name = NAME
-    extra_manifest_columns = ("fetched_at",)
-    api_label: ClassVar[str] = "Google Places"
-    deferred_tiles: ClassVar[str] = "tiles left for the next run"  # what leaves a tile deferred, in the summary
-
-    def __init__(self, cfg, max_width: int, clock: Callable[[], dt.datetime]):
-        """Checks the settings both configs share (``api_key``, tile sizes, ``max_width``, ``refresh_after_days``)
-        before any request, so a bad value fails naming its limit."""
-        if not cfg.api_key:
-            raise ValueError(f"{self.api_label} needs an API key")
-        check_tile_deg(cfg.tile_deg, cfg.min_tile_deg)
-        if not 1 <= cfg.max_width <= max_width:
-            raise ValueError(f"max_width={cfg.max_width}: {self.api_label} serves photos 1 to {max_width} px wide")
-        if not 0 < cfg.refresh_after_days < COORDINATE_MAX_AGE_DAYS:
-            raise ValueError(f"refresh_after_days must lie in (0, {COORDINATE_MAX_AGE_DAYS:g}): Google's terms")
-        self.cfg = cfg
-        self.now = clock
-        self.redact = Redactor([cfg.api_key])
-
-    def secrets(self) -> list[str]:
-        return [self.cfg.api_key]
-
-    def discover(self, ctx: CrawlContext) -> None:
-        """Expire what the terms no longer allow, search the province's tiles until none is pending (a capped
-        search adds its quarters), then refresh coordinates that are getting old."""
-        expire_before_crawl(ctx, self.now())
-        self.start(ctx)
-        seed_tiles(ctx, self.cfg.tile_deg)
-        while self.work_pending(ctx):
-            pass
-        refresh_coordinates(ctx, self.now, self.cfg.refresh_after_days, lambda p: self.locate(ctx, p))
-
-    def start(self, ctx: CrawlContext) -> None:
-        """Before the searches (e.g. read what the state already holds)."""
-
-    @abstractmethod
-    def work_pending(self, ctx: CrawlContext) -> bool:
-        """Do the pending units (tiles, places) once; False when there were none."""
-
-    @abstractmethod
-    def locate(self, ctx: CrawlContext, place_id: str) -> tuple[float, float] | None:
-        """The place's current coordinates by ``place_id``; None when the place is gone."""
-
-    def judge(self, records: list[dict], ctx: CrawlContext) -> list[str | None]:
-        return judge_within_terms(records, ctx, self.now())
-
-    def summary(self, state: CrawlState) -> dict[str, float]:
-        deferred = sum(status == DEFERRED for _, status in state.units("tile:"))
-        return {"records with coordinates deleted (terms)": records_without_coordinates(state),
-                self.deferred_tiles: float(deferred)}
-
-    def manifest_row(self, record: dict) -> dict:
-        return place_row(record)  # owner / attribution must be shown with the photo

@@ -48,9 +48,9 @@ import requests
 
 from pipeline.sources.crawl import CrawlContext, to_float
 from pipeline.sources.crawl_state import DEFERRED, DONE, Unit
+from pipeline.sources.downloads import Fetched, read_capped
 from pipeline.sources.http import (
     CredentialsRejected,
-    Fetched,
     HttpSettings,
     HttpStats,
     PermanentHTTPError,
@@ -61,9 +61,9 @@ from pipeline.sources.http import (
     TransientError,
     api_session,
     download_session,
-    read_capped,
 )
-from pipeline.sources.places_terms import PlacesSource, iso, utcnow
+from pipeline.sources.places_source import PlacesSource
+from pipeline.sources.places_terms import iso, utcnow
 from pipeline.sources.places_tiles import Tile, split_capped, unit_tile
 
 DEFAULT_BASE_URL = "https://places.googleapis.com"

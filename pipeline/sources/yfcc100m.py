@@ -63,7 +63,8 @@ from pipeline.sources.crawl import (
     scan_in_chunks,
     to_float,
 )
-from pipeline.sources.http import Fetched, HttpSettings, HttpStats, download_session, fetch_first
+from pipeline.sources.downloads import Fetched, fetch_first
+from pipeline.sources.http import HttpSettings, HttpStats, download_session
 
 COLUMNS_2016 = (
     "line", "photoid", "hash", "uid", "unickname", "datetaken", "dateuploaded", "capturedevice", "title",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from pipeline.core.fields import check_fields, doc_field
 from pipeline.core.provinces import PAKISTAN_UTC_OFFSET_HOURS
 
 SOURCE = "sample_world"
@@ -31,22 +32,16 @@ MANIFEST_COLUMNS: tuple[str, ...] = (
 class SampleWorldConfig:
     """Everything that determines the sample world; two equal configs give byte-identical outputs."""
 
-    n_images: int = 3000
-    seed: int = 0
-    image_size: int = 256  # long side in px; the aspect ratio varies per image
-    rural_fraction: float = 0.15  # share of points not tied to a populated place
-    defect_fraction: float = 0.05  # share of deliberately bad rows, spread evenly over DEFECT_CODES
-    start_date: str = "2012-01-01"
-    end_date: str = "2024-12-31"
+    # Each field's doc and bounds are what the Launchpad shows and what __post_init__ checks (pipeline.core.fields).
+    n_images: int = doc_field(3000, "images rendered", ge=1)
+    seed: int = doc_field(0, "seed of places, dates, scenes and defects (same config: byte-identical world)", ge=0)
+    image_size: int = doc_field(256, "long side in px; the aspect ratio varies per image (at most the sensor-noise "
+                                "bank's size)", ge=64, le=1024)
+    rural_fraction: float = doc_field(0.15, "share of points not tied to a populated place", ge=0.0, le=1.0)
+    defect_fraction: float = doc_field(0.05, "share of deliberately bad rows, spread evenly over the defect kinds "
+                                       "(duplicates need clean rows to copy)", ge=0.0, le=0.5)
+    start_date: str = doc_field("2012-01-01", "earliest taken_at (YYYY-MM-DD)")
+    end_date: str = doc_field("2024-12-31", "latest taken_at (YYYY-MM-DD)")
 
     def __post_init__(self) -> None:
-        if self.n_images < 1:
-            raise ValueError("n_images must be ≥ 1")
-        if self.image_size < 64:
-            raise ValueError("image_size must be ≥ 64 px")
-        if self.image_size > 1024:
-            raise ValueError("image_size must be ≤ 1024 px (the sensor-noise bank's size)")
-        if not 0.0 <= self.rural_fraction <= 1.0:
-            raise ValueError("rural_fraction must lie in [0, 1]")
-        if not 0.0 <= self.defect_fraction <= 0.5:
-            raise ValueError("defect_fraction must lie in [0, 0.5] (duplicates need clean rows to copy)")
+        check_fields(self)

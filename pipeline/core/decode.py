@@ -125,24 +125,85 @@ def decode(opened: Opened, mode: str, long_side: int | None, max_pixels: int) ->
 
     Returns (image, exif_error). Raises ``DecodeError(undecodable)`` for truncated or corrupt pixel data.
     """
+    request = _draft_request(opened.image.size, long_side) if long_side else None
+    img, exif_error = _load_oriented(opened, mode, request, max_pixels)
+    return _fit(to_mode(img, mode), long_side), exif_error
+
+
+def decode_grey_and_rgb(opened: Opened, long_side: int, min_short_side: int,
+                        max_pixels: int) -> tuple[Image.Image, Image.Image, str | None]:
+    """One decode serving two consumers: a grey image of at most ``long_side`` px (the filter's metrics) and an
+    RGB image whose short side is at least ``min_short_side`` where the original allows (the training copy).
+
+    The draft scale is the smallest either needs. A YCbCr-coded JPEG is decoded to YCbCr: its Y plane is exactly
+    the grey image libjpeg gives in 'L' mode, and RGB comes from it through ``ycc_to_rgb``, the conversion
+    ``decode_rgb`` uses too, so a copy made here is the copy the shard writer would make. Returns
+    (grey, rgb, exif_error)."""
+    w, h = _draft_request(opened.image.size, long_side)
+    img, exif_error = _load_oriented(opened, _draft_mode(opened), (max(w, min_short_side), max(h, min_short_side)),
+                                     max_pixels)
+    if img.mode == "YCbCr":
+        grey, rgb = img.getchannel(0), ycc_to_rgb(img)
+    else:
+        grey, rgb = to_mode(img, "L"), to_mode(img, "RGB")
+    return _fit(grey, long_side), rgb, exif_error
+
+
+def decode_rgb(opened: Opened, min_short_side: int, max_pixels: int) -> tuple[Image.Image, str | None]:
+    """RGB at the smallest draft scale whose sides stay >= ``min_short_side``, colour-converted exactly as
+    ``decode_grey_and_rgb`` does (so both make identical training copies). Returns (image, exif_error)."""
+    img, exif_error = _load_oriented(opened, _draft_mode(opened), (min_short_side, min_short_side), max_pixels)
+    return (ycc_to_rgb(img) if img.mode == "YCbCr" else to_mode(img, "RGB")), exif_error
+
+
+def ycc_to_rgb(img: Image.Image) -> Image.Image:
+    """A YCbCr image to RGB (Pillow's fixed-point conversion: within 1 level of libjpeg's, mean 0.44)."""
+    return img.convert("RGB")
+
+
+def _draft_mode(opened: Opened) -> str | None:
+    """'YCbCr' for JPEGs that libjpeg holds as YCbCr (then the Y plane is free grey); None leaves the mode as is.
+
+    libjpeg takes a 3-component JPEG as RGB-coded (and cannot output YCbCr from it) when it has no JFIF marker and
+    either an Adobe marker with transform 0 or component ids 'R', 'G', 'B'."""
     img = opened.image
-    raw_w, raw_h = img.size
-    if long_side and opened.format in DRAFT_FORMATS:
-        f = min(1.0, long_side / max(raw_w, raw_h))
-        # draft keeps both sides >= the request, so request the aspect-preserving size, not a square
-        img.draft(mode if img.mode in ("RGB", "L") else None, (max(1, round(raw_w * f)), max(1, round(raw_h * f))))
+    if opened.format not in DRAFT_FORMATS or img.mode != "RGB":
+        return None
+    if "jfif" in img.info:
+        return "YCbCr"
+    ids = [c[0] for c in getattr(img, "layer", [])]
+    rgb_coded = img.info["adobe_transform"] == 0 if "adobe_transform" in img.info else ids == [82, 71, 66]
+    return None if rgb_coded else "YCbCr"
+
+
+def _draft_request(size: tuple[int, int], long_side: int | None) -> tuple[int, int]:
+    """The aspect-preserving size to ask the draft for: draft keeps both sides >= the request, so not a square."""
+    raw_w, raw_h = size
+    f = min(1.0, (long_side or max(size)) / max(raw_w, raw_h))
+    return max(1, round(raw_w * f)), max(1, round(raw_h * f))
+
+
+def _load_oriented(opened: Opened, draft_mode: str | None, request: tuple[int, int] | None,
+                   max_pixels: int) -> tuple[Image.Image, str | None]:
+    """Load the pixels (scaled while decoding to cover ``request`` where the format allows), EXIF-oriented."""
+    img = opened.image
+    if request and opened.format in DRAFT_FORMATS:
+        img.draft(draft_mode if img.mode in ("RGB", "L") else None, request)
     with pixel_limit(max_pixels):
         try:
             img.load()
         except Exception as exc:  # truncated stream, corrupt data, decoder errors
             raise DecodeError(reasons.UNDECODABLE, error_detail(exc)[:200]) from exc
     img, exif_error = orient(img)
-    exif_error = exif_error or opened.exif_note
-    img = to_mode(img, mode)
+    return img, exif_error or opened.exif_note
+
+
+def _fit(img: Image.Image, long_side: int | None) -> Image.Image:
+    """Reduce (box filter) to ``long_side`` px on the longer side; the draft only gets within 2x of it."""
     if long_side and max(img.size) > long_side:
         f = long_side / max(img.size)
         img = img.resize((max(1, round(img.width * f)), max(1, round(img.height * f))), Image.Resampling.BOX)
-    return img, exif_error
+    return img
 
 
 def orient(img: Image.Image) -> tuple[Image.Image, str | None]:

@@ -26,7 +26,7 @@ from urllib.parse import unquote
 
 import numpy as np
 
-from tests.fake_apis import FakeServer, Reply, Request, _haversine_m, _QUOTA_PNG, json_reply, unique_jpeg
+from geopak_testkit.fake_apis import QUOTA_PNG, FakeServer, Reply, Request, haversine_m, json_reply, unique_jpeg
 
 SERVICE = "places.googleapis.com"
 PLACE_FIELDS = ("name", "id", "location", "displayName", "types", "photos")
@@ -189,7 +189,7 @@ def places_v1_routes(api: FakeServer, content: FakeServer, places: list[V1Place]
             return invalid("locationRestriction.circle.radius must be greater than 0 and at most 50000.")
         if not 1 <= count <= NEARBY_MAX:
             return invalid("maxResultCount must be between 1 and 20.")
-        d = _haversine_m(float(centre.get("latitude")), float(centre.get("longitude")), lat, lon)
+        d = haversine_m(float(centre.get("latitude")), float(centre.get("longitude")), lat, lon)
         hits = [i for i in order if d[i] <= radius and of_type(i, body.get("includedTypes") or [])][:count]
         return json_reply({"places": [place_json(places[i], fields) for i in hits]} if hits else {})
 
@@ -251,7 +251,7 @@ def places_v1_routes(api: FakeServer, content: FakeServer, places: list[V1Place]
             ctl.media_requests += 1
             over = ctl.photo_quota is not None and ctl.media_requests > ctl.photo_quota
         if over:  # Place Photos (New): "the server returns an HTTP 403 status and displays the following image"
-            return Reply(403, _QUOTA_PNG, "image/png")
+            return Reply(403, QUOTA_PNG, "image/png")
         p = by_id.get(place_id)
         index = next((i for i in range(min(p.n_photos, PHOTOS_MAX)) if ctl.photo_ref(place_id, i) == ref), None) \
             if p is not None else None

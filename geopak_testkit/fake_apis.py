@@ -274,7 +274,7 @@ class FlickrPhoto:
     taken_unknown: bool = False  # datetakenunknown: Flickr filled datetaken from the upload time
 
 
-RECORDED = Path(__file__).parent / "data" / "recorded"
+RECORDED = Path(__file__).resolve().parents[1] / "tests" / "data" / "recorded"  # the services' own answers
 
 
 def recorded_flickr_licenses() -> list[dict]:
@@ -359,7 +359,7 @@ class FakePlace:
     prominence: float = 0.0
 
 
-def _haversine_m(lat1, lon1, lat2, lon2):
+def haversine_m(lat1, lon1, lat2, lon2):
     r = 6_371_000.0
     p1, p2 = np.radians(lat1), np.radians(lat2)
     dphi, dl = p2 - p1, np.radians(np.asarray(lon2) - lon1)
@@ -447,7 +447,7 @@ def places_routes(server: FakeServer, places: list[FakePlace], api_key: str, tok
         radius = float(req.params["radius"])
         if radius > 50_000:
             return json_reply({"status": "INVALID_REQUEST", "results": [], "html_attributions": []})
-        d = _haversine_m(la, lo, lat, lon)
+        d = haversine_m(la, lo, lat, lon)
         inside = np.flatnonzero(d <= radius)
         hits = sorted(inside.tolist(), key=lambda i: -places[i].prominence)[:60]
         return page(hits, 0)
@@ -470,7 +470,7 @@ def places_routes(server: FakeServer, places: list[FakePlace], api_key: str, tok
         if not (req.params.get("maxwidth") or req.params.get("maxheight")):
             return Reply(400, b"<html>bad request</html>", "text/html")
         if ctl._over("photo"):  # Google: "HTTP 403 status to indicate that the quota has been exceeded"
-            return Reply(403, _QUOTA_PNG, "image/png")
+            return Reply(403, QUOTA_PNG, "image/png")
         return Reply(302, b"", "text/html", {"Location": f"{server.url}/places-photo/{req.params['photoreference']}"})
 
     def image(req: Request) -> Reply:
@@ -498,7 +498,7 @@ def _png(width: int = 8, height: int = 8) -> bytes:
     return buf.getvalue()
 
 
-_QUOTA_PNG = _png()  # the real service answers a quota 403 with an image saying so
+QUOTA_PNG = _png()  # the real service answers a quota 403 with an image saying so
 
 
 def _photos(p: FakePlace) -> list[dict]:

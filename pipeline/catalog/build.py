@@ -13,7 +13,7 @@ loop and hold everything in one pandas frame (~53 s per 100k rows, out of memory
   re-stats the files: a row whose stored file changed (deleted, truncated, replaced) re-resolves its manifest.
 * **Header cache.** Header facts (size, orientation, EXIF GPS and date) are appended to Parquet shards under
   ``state_dir/headers`` keyed by ``image_id`` and the file's (size, mtime_ns): a known file is never read again;
-  new files are read in parallel processes (``read_headers``).
+  new files are read in parallel processes (``read_headers``); small shards are merged when a build starts.
 * **Arrow in chunks.** The last pass applies the two reasons that depend on the clock or on other rows (future
   date, duplicate bytes: the first row with given bytes wins) with ``now`` and 8 bytes per row of memory, and
   streams catalog and rejections through ``ParquetWriter`` to temp files renamed into place.
@@ -30,9 +30,7 @@ import math
 import os
 import shutil
 import stat as stat_mod
-import struct
 import tempfile
-import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
@@ -44,8 +42,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
-from PIL import Image
-from PIL.TiffImagePlugin import IFDRational, ImageFileDirectory_v2
 
 from pipeline.core import reasons
 from pipeline.core.exif import (
@@ -53,7 +49,7 @@ from pipeline.core.exif import (
     DecompressionBomb,
     ImageHeader,
     NotAnImage,
-    header_from_exif,
+    fast_jpeg_header,
     read_header,
 )
 from pipeline.core.parallel import map_chunks, map_in_pool
@@ -70,6 +66,7 @@ from pipeline.core.schema import (
     is_optional,
     to_table,
 )
+from pipeline.core.shard_log import ShardLog
 from pipeline.core.store import ImageStore, atomic_path, atomic_write_bytes
 from pipeline.core.values import is_missing
 
@@ -80,6 +77,7 @@ ENGINE_VERSION = 2  # 2: capture time never from IFD0 DateTime; offsets from the
 BATCH_ROWS = 65_536
 POOL_MIN_FILES = 2_000  # below this many new files, starting worker processes costs more than it saves
 HEADER_SHARD_ROWS = 500_000
+HEADER_MAX_SHARDS = 32  # more header shards than this are compacted when a build starts
 STAT_POOL_MIN_ROWS = 500_000  # re-stat unchanged manifests' files in parallel from this many rows
 
 # header facts of one stored file, as cached (one row per image_id and file size/mtime)
@@ -123,18 +121,6 @@ def _present(v) -> bool:
     return not is_missing(v)
 
 
-def rejection(stage: str, row, reason: str, detail: str = "") -> dict:
-    return {
-        "stage": stage,
-        "source": str(row["source"]),
-        "source_id": str(row["source_id"]),
-        "image_id": row.get("image_id") if _present(row.get("image_id")) else None,
-        "path": row.get("path") if _present(row.get("path")) else None,
-        "reason": reason,
-        "detail": detail,
-    }
-
-
 def future_date_detail(taken_utc: dt.datetime | pd.Timestamp, offset: dt.timezone | None) -> str:
     """The date as the camera showed it: local time with its offset, Pakistan time when the photo has none.
 
@@ -161,145 +147,7 @@ def stat_files(root: str, rels: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
     return size, mtime
 
 
-# ------------------------------------------------------------------------------------------------ fast headers
-# A JPEG header read through PIL (open, EXIF IFD0, the GPS and Exif IFDs) costs ~0.45 ms, which bounds a first build.
-# ``fast_jpeg_facts`` walks the markers and the three IFDs with ``struct`` for the well-formed case only and hands the
-# same values (str, int, IFDRational tuples) to ``pipeline.core.exif.header_from_exif``, the function PIL's reading
-# ends in too, so both give GPS, capture time and its origin the same meaning; anything it does not
-# recognise exactly as PIL would (another marker, a second EXIF block, XMP, MPO, an odd tag type, a value outside
-# the block, a duplicate tag, a huge image) returns None and PIL reads the file. tests/test_catalog_fast_header.py
-# checks both paths agree on many variants.
-_JPEG_SEGMENTS = {0xC4, 0xDB, 0xDD, 0xFE, 0xC0, 0xC1, 0xC2, *range(0xE0, 0xF0)}
-_TIFF_SIZES = {t: size for t, (size, _) in ImageFileDirectory_v2._load_dispatch.items()}
-_ASCII, _SHORT, _LONG, _RATIONAL, _IFD = 2, 3, 4, 5, 13
-# tag -> the (type, count) accepted; None: any count (ASCII). Other forms of these tags go to PIL.
-# (IFD0 DateTime is read only to say that a photo has no capture date but for it)
-_EXIF_TAGS = {36867: (_ASCII, None), 36868: (_ASCII, None), 36881: (_ASCII, None), 36882: (_ASCII, None)}
-_IFD0_TAGS = {274: (_SHORT, 1), 282: (_RATIONAL, 1), 296: (_SHORT, 1), 306: (_ASCII, None),
-              0x8769: ((_LONG, _IFD), 1), 0x8825: ((_LONG, _IFD), 1), **_EXIF_TAGS}
-_GPS_TAGS = {1: (_ASCII, None), 2: (_RATIONAL, 3), 3: (_ASCII, None), 4: (_RATIONAL, 3), 7: (_RATIONAL, 3),
-             29: (_ASCII, None), 31: (_RATIONAL, 1)}
-
-
-class _Unsure(Exception):
-    """The fast path does not know what PIL would make of this: PIL reads the file."""
-
-
-def _ifd(tiff: bytes, offset: int, endian: str, wanted: dict) -> dict:
-    """The wanted tags of one IFD as PIL's Exif gives them (str, int, IFDRational, tuples of IFDRational)."""
-    if offset < 0 or offset + 2 > len(tiff):
-        raise _Unsure
-    (n,) = struct.unpack_from(endian + "H", tiff, offset)
-    if offset + 2 + 12 * n > len(tiff):
-        raise _Unsure
-    out, seen, total = {}, set(), 0
-    for tag, typ, count, raw in struct.iter_unpack(endian + "HHL4s", tiff[offset + 2 : offset + 2 + 12 * n]):
-        if tag in seen or typ not in _TIFF_SIZES or count == 0:
-            raise _Unsure
-        seen.add(tag)
-        size = count * _TIFF_SIZES[typ]
-        if size > 4:
-            (at,) = struct.unpack(endian + "L", raw)
-            total += size
-            if at + size > len(tiff) or total > len(tiff):
-                raise _Unsure
-            data = tiff[at : at + size]
-        else:
-            data = raw[:size]
-        if tag not in wanted:
-            continue
-        want_typ, want_count = wanted[tag]
-        if typ not in (want_typ if isinstance(want_typ, tuple) else (want_typ,)) or (
-                want_count is not None and count != want_count):
-            raise _Unsure
-        if typ == _ASCII:
-            out[tag] = (data[:-1] if data.endswith(b"\0") else data).decode("latin-1", "replace")
-        elif typ == _RATIONAL:
-            vals = struct.unpack(endian + f"{2 * count}L", data)
-            rationals = tuple(IFDRational(a, b) for a, b in zip(vals[::2], vals[1::2]))
-            out[tag] = rationals[0] if count == 1 else rationals
-        else:
-            out[tag] = struct.unpack(endian + ("H" if typ == _SHORT else "L"), data)[0]
-    return out
-
-
-class _FastExif:
-    """What ``pipeline.core.exif``'s readers ask of PIL's Exif: ``get`` (IFD0) and ``get_ifd``."""
-
-    def __init__(self, ifd0: dict, sub: dict[int, dict]):
-        self.ifd0, self.sub = ifd0, sub
-
-    def get(self, tag: int, default=None):
-        return self.ifd0.get(tag, default)
-
-    def get_ifd(self, tag: int) -> dict:
-        return self.sub.get(tag, {})
-
-
-def _exif_block(block: bytes) -> _FastExif:
-    tiff = block[6:]
-    if tiff.startswith(b"Exif\0\0") or len(tiff) < 8:
-        raise _Unsure  # PIL strips a doubled prefix, or has no EXIF at all: leave those to it
-    endian = {b"II*\0": "<", b"MM\0*": ">"}.get(tiff[:4])
-    if endian is None:
-        raise _Unsure
-    (first,) = struct.unpack_from(endian + "L", tiff, 4)
-    ifd0 = _ifd(tiff, first, endian, _IFD0_TAGS)
-    sub = {}
-    for pointer, wanted in ((0x8769, _EXIF_TAGS), (0x8825, _GPS_TAGS)):
-        if pointer in ifd0:
-            sub[pointer] = _ifd(tiff, ifd0[pointer], endian, wanted)
-    return _FastExif(ifd0, sub)
-
-
-def _jpeg_layout(data: bytes) -> tuple[int, int, bytes | None]:
-    """(width, height, the EXIF APP1 block or None) from the markers before the first scan."""
-    if data[:3] != b"\xff\xd8\xff":
-        raise _Unsure
-    pos, size, exif = 2, None, None
-    while True:
-        if pos + 4 > len(data) or data[pos] != 0xFF:
-            raise _Unsure
-        marker = data[pos + 1]
-        (length,) = struct.unpack_from(">H", data, pos + 2)
-        end = pos + 2 + length
-        if length < 2 or end > len(data):
-            raise _Unsure
-        if marker == 0xDA:  # start of scan: PIL stops here
-            break
-        if marker not in _JPEG_SEGMENTS:
-            raise _Unsure
-        seg = data[pos + 4 : end]
-        if marker in (0xC0, 0xC1, 0xC2):
-            if size is not None or len(seg) < 6 or seg[0] != 8 or seg[5] not in (1, 3, 4) or (len(seg) - 6) % 3:
-                raise _Unsure
-            size = struct.unpack_from(">H", seg, 3)[0], struct.unpack_from(">H", seg, 1)[0]
-        elif marker == 0xDB:
-            while seg:  # PIL's DQT check
-                qt = 1 + (1 if seg[0] // 16 == 0 else 2) * 64
-                if len(seg) < qt:
-                    raise _Unsure
-                seg = seg[qt:]
-        elif marker == 0xE1 and seg.startswith(b"Exif\0\0"):
-            if exif is not None:
-                raise _Unsure  # PIL joins several blocks
-            exif = seg
-        elif marker == 0xE1 and seg.startswith(b"http://ns.adobe.com/xap/1.0/\x00"):
-            raise _Unsure  # XMP may carry the orientation
-        elif marker == 0xE2 and (seg.startswith(b"MPF\0") or (seg.startswith(b"ICC_PROFILE\0") and len(seg) < 15)):
-            raise _Unsure
-        elif (marker == 0xE0 and seg.startswith(b"JFIF") or marker == 0xEE and seg.startswith(b"Adobe")) \
-                and len(seg) < 12:
-            raise _Unsure
-        pos = end
-    if size is None or size[0] <= 0 or size[1] <= 0:
-        raise _Unsure
-    limit = Image.MAX_IMAGE_PIXELS
-    if limit is not None and size[0] * size[1] > limit:
-        raise _Unsure  # PIL warns or refuses: let it
-    return size[0], size[1], exif
-
-
+# ------------------------------------------------------------------------------------------------ header facts
 def _facts(h: ImageHeader) -> tuple:
     """A read header as facts in HEADER_SCHEMA order (after the key columns)."""
     offset = int(h.utc_offset.utcoffset(None).total_seconds()) if h.utc_offset is not None else None
@@ -308,23 +156,15 @@ def _facts(h: ImageHeader) -> tuple:
 
 
 def fast_jpeg_facts(data: bytes) -> tuple | None:
-    """Header facts of a well-formed JPEG without PIL (as ``_header_facts`` orders them), or None."""
-    try:
-        width, height, block = _jpeg_layout(data)
-        return _facts(header_from_exif("JPEG", width, height, _FastExif({}, {}) if block is None else
-                                       _exif_block(block)))
-    except (_Unsure, struct.error):
-        return None
+    """Header facts of a well-formed JPEG read without PIL (``pipeline.core.exif.fast_jpeg_header``), or None."""
+    header = fast_jpeg_header(data)
+    return None if header is None else _facts(header)
 
 
 def header_facts(data: bytes, fast: bool = True) -> tuple:
     """One file's header facts in HEADER_SCHEMA order (after the key columns); read errors become facts too."""
-    if fast:
-        facts = fast_jpeg_facts(data)
-        if facts is not None:
-            return facts
     try:
-        return _facts(read_header(data))
+        return _facts(read_header(data, fast=fast))
     except NotAnImage as exc:
         code = reasons.DECOMPRESSION_BOMB if isinstance(exc, DecompressionBomb) else reasons.NOT_AN_IMAGE
         return (code, str(exc)[:200]) + _NO_FACTS
@@ -379,12 +219,14 @@ def header_dir(state_dir: Path) -> Path:
 
 
 class HeaderCache:
-    """Append-only Parquet shards of header facts. A manifest's resolution consults the shards written before it
-    started (earlier builds, earlier manifests of this build), loading only the rows of its ids."""
+    """Append-only Parquet shards of header facts (``pipeline.core.shard_log``). A manifest's resolution consults the
+    shards written before it started (earlier builds, earlier manifests of this build), loading only the rows of its
+    ids; ``compact`` merges small shards (a build makes one per resolved manifest) so lookups open few files."""
 
     def __init__(self, folder: Path):
         self.folder = folder
-        self.existing = sorted(folder.glob("*.parquet"))
+        self.log = ShardLog(folder, (".parquet",))
+        self.existing = [self.log.commit_path(name) for name in self.log.names()]
         self._pending: list[pa.Table] = []
         self._pending_rows = 0
 
@@ -411,15 +253,35 @@ class HeaderCache:
         if self._pending_rows >= HEADER_SHARD_ROWS:
             self.flush()
 
+    @staticmethod
+    def _writers(table: pa.Table) -> dict:
+        return {".parquet": lambda tmp: pq.write_table(table, tmp, compression="zstd")}
+
     def flush(self) -> None:
         if not self._pending:
             return
         table = pa.concat_tables(self._pending)
-        path = self.folder / f"{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%S%f}-{uuid.uuid4().hex[:8]}.parquet"
-        with atomic_path(path, need_bytes=table.nbytes) as tmp:
-            pq.write_table(table, tmp, compression="zstd")
-        self.existing.append(path)  # the next manifest of this build finds these too
+        name = self.log.commit(self._writers(table), need_bytes={".parquet": table.nbytes})
+        self.existing.append(self.log.commit_path(name))  # the next manifest of this build finds these too
         self._pending, self._pending_rows = [], 0
+
+    def compact(self, max_shards: int = HEADER_MAX_SHARDS) -> int:
+        """Merge runs of small shards into shards of up to ``HEADER_SHARD_ROWS`` rows once there are more than
+        ``max_shards``, keeping one row per (image_id, size, mtime_ns); returns how many shards went. Only while no
+        other build writes (``build_catalog_files`` holds the build lock)."""
+        if len(self.existing) <= max_shards:
+            return 0
+
+        def merge(members: list[str]) -> dict:
+            table = pa.concat_tables(pq.read_table(self.log.commit_path(n), schema=HEADER_SCHEMA) for n in members)
+            keys = table.select(["image_id", "size", "mtime_ns"]).to_pandas()
+            keep = ~keys.duplicated(keep="last").to_numpy()
+            return self._writers(table.filter(pa.array(keep)))
+
+        removed = self.log.compact(lambda n: pq.ParquetFile(self.log.commit_path(n)).metadata.num_rows, merge,
+                                   HEADER_SHARD_ROWS)
+        self.existing = [self.log.commit_path(name) for name in self.log.names()]
+        return removed
 
 
 # ------------------------------------------------------------------------------------------------ resolving rows
@@ -433,7 +295,7 @@ def _resolve_rows(raw: dict[str, list], size: np.ndarray, mtime: np.ndarray, fac
     n = len(size)
     out: dict[str, list] = {k: [None] * n for k in ("lat", "lon", "geo_accuracy", "taken_at", "width", "height",
                                                    "reason", "detail", "offset_s", "taken_at_source", "date_note")}
-    src_lat, src_lon, src_acc, src_taken = raw["lat"], raw["lon"], raw["geo_accuracy"], raw["taken_at"]
+    src_lat, src_lon, src_acc = raw["lat"], raw["lon"], raw["geo_accuracy"]
     for i in range(n):
         if size[i] < 0:
             out["reason"][i], out["detail"][i] = reasons.MISSING_FILE, str(raw["path"][i])
@@ -772,6 +634,7 @@ def build_catalog_files(
                 old.unlink()
         builder = _Builder(store, state_dir, workers or os.cpu_count() or 1, progress, scheduler_address)
         t0 = time.perf_counter()
+        builder.headers.compact()
         try:
             shards = builder.update_state([Path(m) for m in manifests], Path(store.root).resolve())
         finally:
