@@ -109,6 +109,9 @@ def test_shard_writer_takes_the_filters_copies_and_counts_them(tmp_path):
     build = build_shards(paths, cfg)
     assert build.counts["from_filter"] == len(made.keys() & exported) > 0
     assert build.counts["resized"] == 0 and build.counts["invalid_cached"] == 0
+    # handed off: the shards hold the copies now, the cache keeps only those of images in no exported split
+    cache = CopyCache(paths.root / COPIES_DIR, cfg.spec)
+    assert {i for i in made if cache.has(i)} == made.keys() - exported
     # the same shards, built without the cache: identical copies
     plain = build_shard_world(tmp_path / "b")
     assert build_shards(plain, cfg).counts["from_filter"] == 0
@@ -138,9 +141,8 @@ def test_a_stale_or_corrupt_copy_is_never_used_and_is_made_again(tmp_path, damag
     assert copy is None and why
     build = build_shards(paths, cfg)
     assert build.counts["invalid_cached"] == 1 and build.counts["resized"] == 1
-    assert _shard_bytes(paths)[victim] == shard_copy((paths.root / made[victim]).read_bytes(), 256, 90).jpg
-    again, why = cache.get(victim)  # re-made in the cache
-    assert why is None and again is not None and again.jpg == good
+    assert _shard_bytes(paths)[victim] == shard_copy((paths.root / made[victim]).read_bytes(), 256, 90).jpg == good
+    assert not cache.has(victim)  # the refused copy is gone with the hand-off
 
 
 def test_copies_of_other_settings_are_not_found(tmp_path):

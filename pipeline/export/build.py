@@ -126,8 +126,8 @@ COUNTS = ("copied", "resized", "from_filter", "invalid_cached", "reused")
 
 def _make_copy(root: Path, cache: CopyCache, image_id: str, rel: str, short_side: int, quality: int,
                counts: dict[str, int]) -> Copy:
-    """The cached copy the filter made when it is valid, else one made from the original (and cached again
-    when the cached one was invalid, so it is not checked and refused on every build)."""
+    """The cached copy the filter made when it is valid, else one made from the original (an invalid cached one
+    is counted and never used)."""
     cached, invalid = cache.get(image_id)
     if cached is not None:
         counts["from_filter"] += 1
@@ -136,10 +136,6 @@ def _make_copy(root: Path, cache: CopyCache, image_id: str, rel: str, short_side
     counts["resized" if copy.resized else "copied"] += 1
     if invalid is not None:
         counts["invalid_cached"] += 1
-        if copy.resized:
-            cache.put(image_id, copy)
-        else:
-            cache.drop([image_id])
     return copy
 
 
@@ -183,6 +179,9 @@ def write_shard_job(job: ShardJob) -> ShardResult:
             jpg, fields = copy.jpg, {"width": copy.width, "height": copy.height, "resized": copy.resized}
         samples.append(Sample(image_id, jpg, {**record, **fields}))
     info = write_shard(folder, job.name, job.split, samples, job.fingerprint, rejected, job.preprocess, INDEX_SCHEMA)
+    # the copy cache is a hand-off from the filter: once the shard is committed it holds these copies (a rewrite
+    # of it takes them from there), so the cached ones, used or refused, would only double the disk
+    cache.drop([image_id for image_id, _, _ in job.rows if image_id not in reuse])
     return ShardResult(info, counts)
 
 

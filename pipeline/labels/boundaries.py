@@ -74,7 +74,9 @@ class ProvinceBoundaries:
         missing = [p.key for p in PROVINCES if p.id not in polygons]
         if missing:
             raise ValueError(f"{src}: no polygon for provinces {missing}")
-        return cls({pid: shapely.union_all(geoms) for pid, geoms in polygons.items()}, src)
+        # the shipped file is named as the package names it, not by this machine's absolute path
+        label = f"{Path(src).name} (shipped with geopak)" if path_or_url is None else src
+        return cls({pid: shapely.union_all(geoms) for pid, geoms in polygons.items()}, label)
 
     def locate(self, lat: np.ndarray, lon: np.ndarray) -> np.ndarray:
         """Canonical province id per point, ``OUTSIDE`` (-1) for points in no polygon or with NaN coordinates."""
