@@ -8,8 +8,9 @@ peak RSS (VmHWM) is its own (the hashes themselves, 32 bytes a row, and making t
   and MIH (``near_pairs``, the filter stage's path) in the same process, same hashes: the ratio;
 - every size in ``--sizes``: MIH, with every planted pair checked found (recall of the planted pairs) and the
   CPU seconds beside the wall time (the dev machine is shared; CPU time says what the search itself cost);
-- at ``--groups-sizes`` (default: the ``--sizes``): the filter stage's whole call, ``group_near_duplicates`` from hex strings
-  to kept copies (parse, search, components, ranking), in its own child.
+- at ``--groups-sizes`` (default: the ``--sizes``): the filter stage's whole call, from its Arrow string column of
+  hex hashes to kept copies (``hash_words``, then ``group_near_duplicates``: search and greedy ranking), in its own
+  child.
 
 Brute force at the large sizes is extrapolated from the baseline size (quadratic). Prints one JSON object per
 line on stdout (the ``bench/bench_scale.py`` interface), everything else on stderr.
@@ -78,14 +79,14 @@ class _SyntheticIds:
 
 
 def measure_groups(size: int) -> list[dict]:
-    """The filter stage's grouping on ``size`` rows: the hashes as the pyarrow string column it reads from Parquet,
-    handed to ``group_near_duplicates``, which decodes them to 256-bit words without a Python str per row and, as
-    the words are its own, reorders their bits in place (a caller passing a words array keeps it unchanged and
-    costs one copy more: 320 MB at 10 M)."""
+    """The filter stage's grouping on ``size`` rows, as the filter holds and calls it: the hashes as a pyarrow
+    ``string`` column (32-bit offsets, what ``pa.array(..., type=pa.string())`` in the filter makes), decoded to
+    256-bit words with ``hash_words``, the column dropped, and the words handed over (``words_owned``: compacted and
+    bit-reordered in place). The peak counts from before the decode, with the column still held."""
     import numpy as np
     import pyarrow as pa
 
-    from pipeline.filters.dedup import group_near_duplicates
+    from pipeline.filters.dedup import group_near_duplicates, hash_words
 
     hashes, _, _, _ = synthetic_hashes(size)
     digits = np.frombuffer(b"0123456789abcdef", dtype=np.uint8)
@@ -93,22 +94,25 @@ def measure_groups(size: int) -> list[dict]:
     for lo in range(0, size, 1 << 20):
         raw = np.ascontiguousarray(hashes[lo:lo + (1 << 20)].astype(">u8")).view(np.uint8)
         text[lo:lo + len(raw), 0::2], text[lo:lo + len(raw), 1::2] = digits[raw >> 4], digits[raw & 15]
-    offsets = pa.py_buffer((np.arange(size + 1, dtype=np.int64) * 64).tobytes())
-    column = pa.Array.from_buffers(pa.large_string(), size, [None, offsets, pa.py_buffer(text)])
-    del hashes
+    offsets = pa.py_buffer((np.arange(size + 1, dtype=np.int32) * 64).tobytes())  # 640 M bytes < 2^31 at 10 M
+    column = pa.Array.from_buffers(pa.string(), size, [None, offsets, pa.py_buffer(text)])
+    del hashes, text, offsets  # the column is the only owner of its buffers, as in the filter
     ids = _SyntheticIds(size)  # the catalog's column in the filter; only grouped rows' ids are ever read
     rng = np.random.default_rng(1)
     pixels, sharp = rng.integers(1, 4, size) * 100_000, rng.random(size)
     held = current_rss_mb()  # the inputs the filter holds anyway: hash column, pixels, sharpness
     reset_peak()  # the peak from here: the call, not making the synthetic inputs
     c0, t0 = _cpu(), time.perf_counter()
-    g = group_near_duplicates(ids, column, pixels, sharp, MAX_DISTANCE)  # decodes (hash_words) the column itself
+    words = hash_words(column)
+    del column  # frees the text before the search, as the filter's call does
+    g = group_near_duplicates(ids, words, pixels, sharp, MAX_DISTANCE, words_owned=True)
+    del words
     seconds, cpu, peak = time.perf_counter() - t0, _cpu() - c0, peak_rss_mb()
     far = int((g.distance > MAX_DISTANCE).sum())
-    note = (f"group_near_duplicates from pyarrow string columns (the filter's call), words decoded from the "
-            f"buffers: {int(g.rejected.sum()):,} rejected in {len(np.unique(g.kept_index[g.group_size > 1])):,} "
+    note = (f"hash_words on a pyarrow string column, the column dropped, then group_near_duplicates(words_owned="
+            f"True) (the filter's call): {int(g.rejected.sum()):,} rejected in {len(np.unique(g.kept_index[g.group_size > 1])):,} "
             f"groups, {far} farther than {MAX_DISTANCE} bits from their kept copy; CPU {cpu:.1f} s; peak RSS during "
-            f"the call (hash_words + grouping), of which {held:,.0f} MB held before it (hash column, pixels, "
+            f"the decode and the call, of which {held:,.0f} MB held before it (hash column, pixels, "
             f"sharpness, interpreter)")
     return [{"stage": "near-duplicate groups", "size": size, "seconds": round(seconds, 3),
              "peak_rss_mb": round(peak, 1), "measured": True, "note": note, "baseline_seconds": None}]

@@ -293,6 +293,35 @@ def test_hash_words_from_arrow_match_the_hex_reader_without_python_strings():
             hash_words(bad)
 
 
+def test_words_handed_over_give_the_same_groups_and_a_caller_array_is_left_alone():
+    """``words_owned`` lets the call compact (identical hashes here) and bit-reorder the caller's words in place:
+    the groups and distances are those of the hex input; without it the caller's array is unchanged. 32- and
+    64-bit offset string columns decode alike (no cast copy of the text)."""
+    import pyarrow as pa
+
+    from pipeline.filters.dedup import hash_words
+
+    rng = np.random.default_rng(12)
+    centres = _random_hashes(rng, 6)
+    hashes = np.array([_flip(centres[rng.integers(6)], rng.choice(HASH_BITS, rng.integers(0, 4) * 9, replace=False))
+                       for _ in range(400)])  # 0 flips: many identical rows, so the words get compacted
+    hexes = [np.asarray(h, ">u8").tobytes().hex() for h in hashes]
+    assert np.array_equal(hash_words(pa.array(hexes, pa.large_string())), hash_words(pa.array(hexes, pa.string())))
+    ids = [f"{k:064x}" for k in range(len(hexes))]
+    pixels, sharp = rng.choice([100, 200], len(hexes)), rng.random(len(hexes))
+    want = group_near_duplicates(ids, hexes, pixels, sharp, 24)
+    assert want.rejected.sum() > 50 and (want.distance > 0).any()
+    words = hash_words(pa.array(hexes))
+    kept_words = words.copy()
+    lent = group_near_duplicates(ids, words, pixels, sharp, 24)
+    assert np.array_equal(words, kept_words)  # not handed over: untouched
+    owned = group_near_duplicates(ids, words, pixels, sharp, 24, words_owned=True)
+    assert not np.array_equal(words, kept_words)  # handed over: overwritten in place, not copied
+    for got in (lent, owned):
+        for field in ("kept_index", "group_size", "distance"):
+            assert np.array_equal(getattr(got, field), getattr(want, field)), field
+
+
 def _skewed_sets(n: int, rng) -> dict[str, np.ndarray]:
     """Hash sets whose bits are not independent and uniform, as real pHashes are not."""
     base = _random_hashes(rng, n)

@@ -240,7 +240,8 @@ def test_report_opens_from_the_ui_and_numbers_are_rounded(run):
         assert meta[key].value == round(meta[key].value, 1), key
     model = _latest(instance, "geopak_model")
     assert model["val_median_km"].value == round(model["val_median_km"].value, 1)
-    assert model["val_province_acc"].value == round(model["val_province_acc"].value, 3)
+    assert model["val_province_acc_pct"].value == round(model["val_province_acc_pct"].value, 1)
+    assert 0 <= model["val_province_acc_pct"].value <= 100
 
 
 def test_no_unrounded_numbers_anywhere(run):
@@ -293,13 +294,14 @@ def test_markdown_table_keeps_long_cells_and_rounds_km():
     assert long in md and "| 49.7 |" in md and "| 0.123 |" in md and "49.74" not in md and "| 12.5 |" in md
 
 
-def test_pipes_metadata_rounds_distances_to_km_and_shares_to_three_digits():
-    """``rounded`` follows the tables' rule: ``acc_25km`` is a share (3 digits), not a distance (0.1 km)."""
+def test_pipes_metadata_rounds_distances_to_km_and_shares_to_percent():
+    """``rounded`` follows the tables' rule: ``acc_25km`` is a share (a percentage to 0.1, its key saying so), not a
+    distance (0.1 km); other numbers keep 3 digits."""
     from pipeline.defs.metadata import rounded
 
     out = rounded({"trainer_val_median_km": 49.7410, "trainer_val_acc_25km": 0.83456, "trainer_seconds": 12.34567,
                    "trainer_world_size": 2})
-    assert out == {"trainer_val_median_km": 49.7, "trainer_val_acc_25km": 0.835, "trainer_seconds": 12.346,
+    assert out == {"trainer_val_median_km": 49.7, "trainer_val_acc_25km_pct": 83.5, "trainer_seconds": 12.346,
                    "trainer_world_size": 2}
 
 

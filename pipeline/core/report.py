@@ -95,9 +95,10 @@ def round_km(value: float) -> float:
     return round(float(value), 1)
 
 
-def round_share(value: float) -> float:
-    """A fraction (share, accuracy) as a metadata number: 3 digits."""
-    return round(float(value), 3)
+def share_pct(value: float) -> float:
+    """A fraction (share, accuracy) as the metadata number people read: a percentage to 0.1 (the one rule);
+    its key ends in ``_pct``."""
+    return round(100 * float(value), 1)
 
 
 def _fmt(v, floatfmt: str) -> str:

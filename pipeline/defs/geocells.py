@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.compute as pc
 
+from pipeline.core.report import share_pct
 from pipeline.core.paths import DataPaths
 from pipeline.core.schema import (
     CELL_ASSIGNMENTS_SCHEMA,
@@ -114,9 +115,10 @@ def dataset_splits(
                 f"(GEOPAK's split).\n\nOwners with images in train and in val/test: "
                 f"**{s.get('owners_in_train_and_heldout', 0)}**; val/test images whose owner has train images: "
                 f"**{s.get('heldout_images_with_train_owner', 0)}** "
-                f"({s.get('heldout_share_with_train_owner', 0.0):.1%}; owner-disjoint: {config.owner_disjoint})."
+                f"({s.get('heldout_share_with_train_owner', 0.0):.1%}; owner-disjoint split: "
+                f"{'yes' if config.owner_disjoint else 'no'})."
             ),
-            "heldout_share_train_owner": round(float(s.get("heldout_share_with_train_owner", 0.0)), 3),
+            "heldout_train_owner_pct": share_pct(s.get("heldout_share_with_train_owner", 0.0)),
             "per_province": md_table(result.per_province),
             "splits": data_file(paths, paths.splits),
         }
@@ -200,7 +202,7 @@ def within_cap_check(cells_path: Path) -> dg.AssetCheckResult:
         check_name=WITHIN_CAP.name,
         passed=over == 0 and empty == 0 and len(cells) > 0,
         metadata={"cells": len(cells), "over_cap": over, "empty": empty,
-                  "share_within_cap": float(1 - over / len(cells)) if len(cells) else 0.0},
+                  "within_cap_pct": share_pct(1 - over / len(cells)) if len(cells) else 0.0},
     )
 
 

@@ -32,7 +32,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.core.paths import DataPaths
-from pipeline.core.report import curator_cell, is_distance_km, round_km, round_share, settings_rows
+from pipeline.core.report import curator_cell, is_distance_km, is_share, round_km, settings_rows, share_pct
 from pipeline.core.schema import description
 from pipeline.core.store import atomic_write_bytes
 from pipeline.report_server import VIEW, reports_url
@@ -233,13 +233,19 @@ def table_metadata(
 
 
 def rounded(metadata: Mapping[str, object]) -> dict[str, object]:
-    """Plain float values rounded to what they mean (distances, ``is_distance_km``: 0.1 km; others, shares such as
-    ``acc_25km`` included: 3 digits), e.g. numbers a subprocess reported through Pipes; everything else unchanged."""
+    """Plain float values by the one rounding rule (distances, ``is_distance_km``: 0.1 km; shares, ``is_share``
+    such as ``acc_25km``: a percentage to 0.1 under ``<key>_pct``; others: 3 digits), e.g. numbers a subprocess
+    reported through Pipes; everything else unchanged."""
     out: dict[str, object] = {}
     for key, value in metadata.items():
         raw = value.value if isinstance(value, dg.FloatMetadataValue) else value
         if isinstance(raw, float) and not isinstance(raw, bool):
-            value = round_km(raw) if is_distance_km(key) else round_share(raw)
+            if is_distance_km(key):
+                value = round_km(raw)
+            elif is_share(key):
+                key, value = f"{key}_pct", share_pct(raw)
+            else:
+                value = round(raw, 3)
         out[key] = value
     return out
 

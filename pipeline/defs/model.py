@@ -18,7 +18,7 @@ from geopak_model.config import PRESETS, TrainConfig, preset
 from geopak_model.report import baseline_comparison, beats_baselines
 from pipeline.core.paths import DataPaths
 from pipeline.core.processes import EXIT_WITH_PARENT_ENV
-from pipeline.core.report import curves_png, round_km, round_share
+from pipeline.core.report import curves_png, round_km, share_pct
 from pipeline.core.store import atomic_write_bytes
 from pipeline.defs.config import config_class, overrides
 from pipeline.defs.dagster_private import DagsterPipesExecutionError
@@ -229,8 +229,8 @@ def geopak_model(context: dg.AssetExecutionContext, model_run: ModelRunResource,
         "beats_majority_baselines": "yes" if beats_baselines(summary) else "no (see its check)",
         **selection_metadata(final.get("selection")),
         "val_median_km": round_km(final.get("val_median_km", float("nan"))),
-        "val_province_acc": round_share(final.get("val_province_acc", float("nan"))),
-        "val_cell_acc": round_share(final.get("val_cell_acc", float("nan"))),
+        "val_province_acc_pct": share_pct(final.get("val_province_acc", float("nan"))),
+        "val_cell_acc_pct": share_pct(final.get("val_cell_acc", float("nan"))),
         "metrics_per_epoch": md_table(metrics[cols], max_rows=200),
         "best_epochs": md_table(pd.DataFrame([{"phase": k, **v} for k, v in summary["phases"].items()]),
                                 root=paths.root),

@@ -97,9 +97,10 @@ def _words_from_arrow(column: pa.Array) -> np.ndarray:
         raise ValueError(f"{column.null_count} hashes are missing")
     if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
         raise ValueError(f"hashes must be strings, got {column.type}")
-    column = column.cast(pa.large_string())  # 64-bit offsets: one layout to read
+    # offsets read in the column's own width: a cast to large_string would copy all 640 MB of text at 10 M rows
+    offset_type = np.int64 if pa.types.is_large_string(column.type) else np.int32
     offsets_buf, data_buf = column.buffers()[1], column.buffers()[2]
-    offsets = np.frombuffer(offsets_buf, dtype=np.int64)[column.offset: column.offset + n + 1]
+    offsets = np.frombuffer(offsets_buf, dtype=offset_type)[column.offset: column.offset + n + 1]
     if n and not np.all(np.diff(offsets) == digits):
         raise ValueError("every hash must have 256 bits (64 hex digits)")
     if not n:
@@ -460,20 +461,41 @@ def representative_pairs(hashes: np.ndarray, max_distance: int, method: str = "a
                          ) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """``(rep_of, (i, j, distance))``: identical hashes collapsed to their representative (``rep_of``), and the
     pairs of distinct representatives (row indices, i < j) within ``max_distance``. Compact: n blank images are
-    one representative, not n^2/2 pairs. ``reorder_in_place``: when every hash is distinct, ``hashes`` itself
-    may get its bits reordered (distances between its rows stay the same) instead of a copy (320 MB at 10 M)."""
+    one representative, not n^2/2 pairs. ``reorder_in_place``: ``hashes`` itself may be overwritten (its first
+    rows by the representatives' hashes, bits reordered: distances stay the same) instead of a copy (320 MB at
+    10 M)."""
+    rep_of, reps, _, (i, j, d) = _representative_search(hashes, max_distance, method, reorder_in_place)
+    return rep_of, (reps[i], reps[j], d)
+
+
+def _representative_search(hashes: np.ndarray, max_distance: int, method: str, in_place: bool
+                           ) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """``(rep_of, reps, sub, (i, j, distance))`` with ``sub`` the representatives' hashes (row k: ``reps[k]``,
+    bits possibly reordered) and the pairs as positions in it. ``in_place``: ``sub`` is ``hashes`` itself,
+    compacted (its first rows overwritten) and reordered, not a 320 MB copy at 10 M rows."""
     if method not in ("auto", "mih", "brute"):
         raise ValueError(f"unknown near-pair method {method!r}: auto, mih or brute")
     if max_distance < 0:
         raise ValueError("max_distance must be >= 0")
     rep_of, reps = collapse_identical(hashes)
-    sub = hashes if reorder_in_place and len(reps) == len(hashes) else hashes[reps]
+    sub = _compact_rows(hashes, reps) if in_place else hashes[reps]
     plan = plan_parts(len(reps), max_distance) if method == "auto" else None
     if method == "brute" or (method == "auto" and plan is None):
-        i, j, d = brute_force_pairs(sub, max_distance)
+        pairs = brute_force_pairs(sub, max_distance)
     else:
-        i, j, d = mih_pairs(sub, max_distance, plan, reorder_in_place=True)  # a copy, or the caller allowed it
-    return rep_of, (reps[i], reps[j], d)
+        pairs = mih_pairs(sub, max_distance, plan, reorder_in_place=True)  # a copy, or the caller allowed it
+    return rep_of, reps, sub, pairs
+
+
+def _compact_rows(hashes: np.ndarray, reps: np.ndarray, chunk: int = 1 << 18) -> np.ndarray:
+    """``hashes[reps]`` written over the first rows of ``hashes`` (a view of them), a chunk at a time: ``reps``
+    ascends and ``reps[k] >= k``, so no row is overwritten before it is read."""
+    if len(reps) == len(hashes):
+        return hashes
+    for lo in range(0, len(reps), chunk):
+        src = reps[lo:lo + chunk]
+        hashes[lo:lo + len(src)] = hashes[src]
+    return hashes[:len(reps)]
 
 
 def near_pairs(hashes: np.ndarray, max_distance: int, block: int = 256, method: str = "auto"
@@ -542,6 +564,7 @@ def group_near_duplicates(
     sharpness: Sequence[float],
     max_distance: int,
     method: str = "auto",
+    words_owned: bool = False,
 ) -> DuplicateGroups:
     """Keep the best copy (most pixels, then sharpest, then smallest image_id), reject every photo within
     ``max_distance`` of it, and repeat with the best photo left: each rejected photo is a near duplicate *of the
@@ -549,7 +572,11 @@ def group_near_duplicates(
     bits from its kept copy: not a duplicate of it at all.)
 
     Identical hashes share their neighbours, so the greedy pass runs over distinct hashes (representatives) of
-    the rows that have any near duplicate; a 10 M-row call holds a few arrays of n, not n Python objects."""
+    the rows that have any near duplicate; a 10 M-row call holds a few arrays of n, not n Python objects.
+
+    ``words_owned``: ``hex_hashes`` is an (N, 4) words array the caller hands over and does not read again (say,
+    just decoded with ``hash_words`` from a column it then dropped, freeing the 640 MB of text at 10 M rows
+    before the search): it is overwritten, as the call's own decoded words are."""
     n = len(image_ids)
     hashes = hash_words(hex_hashes)
     if len(hashes) != n or len(pixels) != n or len(sharpness) != n:
@@ -557,17 +584,24 @@ def group_near_duplicates(
     kept = np.arange(n, dtype=np.int64)
     if n < 2:
         return DuplicateGroups(kept, np.ones(n, np.int64), np.zeros(n, np.int32))
-    # words decoded here are this call's own: their bits may be reordered (row distances do not change)
-    rep_of, (ri, rj, _) = representative_pairs(hashes, max_distance, method,
-                                               reorder_in_place=hashes is not hex_hashes)
+    # words decoded here, or handed over (``words_owned``), are this call's own: compacted to the representatives
+    # and bit-reordered in place (row distances do not change), so no second 320 MB copy at 10 M rows
+    rep_of, reps, sub, (pi, pj, _) = _representative_search(hashes, max_distance, method,
+                                                            in_place=words_owned or hashes is not hex_hashes)
+    del hashes  # ``sub`` holds what is needed from here on
+    ri, rj = reps[pi], reps[pj]
+    del pi, pj
     has_twin = np.bincount(rep_of, minlength=n) > 1  # per representative row
     linked = np.zeros(n, dtype=bool)
     linked[ri] = linked[rj] = True
     grouped = np.flatnonzero(has_twin[rep_of] | linked[rep_of])
     if len(grouped):
         kept[grouped] = _greedy_keep(grouped, rep_of, ri, rj, pixels, sharpness, image_ids)
-    size = np.bincount(kept, minlength=n)[kept].astype(np.int64)
-    dist = row_distance(hashes, np.arange(n), kept)
+    size = np.bincount(kept, minlength=n)[kept].astype(np.int64, copy=False)
+    dist = np.zeros(n, dtype=np.int32)  # kept and ungrouped rows: 0 (their own copy)
+    out = np.flatnonzero(kept != np.arange(n))
+    if len(out):  # a row's hash is its representative's, at that representative's position in ``sub``
+        dist[out] = row_distance(sub, np.searchsorted(reps, rep_of[out]), np.searchsorted(reps, rep_of[kept[out]]))
     return DuplicateGroups(kept, size, dist)
 
 
