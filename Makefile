@@ -22,11 +22,11 @@ run: $(STAMP)
 	$(BIN)/dagster job execute -m pipeline.definitions -j run_pipeline_job
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile tests
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder tests
 
 # quick local runs: everything but the end-to-end runs marked slow (CI and `make test` run those too)
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m "not slow" tests
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder -m "not slow" tests
 
 # Ports: GEOPAK_UI_PORT (Dagster UI, 3000) and GEOPAK_REPORTS_URL (report server, http://127.0.0.1:3001).
 ui: $(STAMP)
