@@ -21,7 +21,8 @@ def _locate(args: argparse.Namespace) -> int:
     from pipeline.core.gazetteer import nearest_places, pakistan_places
     from pipeline.core.provinces import BY_ID
     from pipeline.labels.boundaries import OUTSIDE, BoundaryFileError, load_province_locator
-    from pipeline.labels.koppen import KOPPEN_CLASSES, NODATA, KoppenRaster
+    from pipeline.core.koppen_classes import KOPPEN_CLASSES, NODATA
+    from pipeline.labels.koppen import KoppenRaster
 
     pts = args.coords
     if len(pts) % 2:

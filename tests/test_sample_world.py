@@ -15,7 +15,7 @@ from PIL import ExifTags, Image, UnidentifiedImageError
 from pipeline.core.provinces import BY_KEY
 from pipeline.core.store import ImageStore
 from pipeline.labels.boundaries import OUTSIDE, ProvinceBoundaries
-from pipeline.labels.koppen import CODE_TO_ID
+from pipeline.core.koppen_classes import CODE_TO_ID
 from pipeline.sources.sample_world import (
     DEFECT_CODES,
     MANIFEST_COLUMNS,

@@ -31,7 +31,7 @@ DEFAULT_CLUSTER_KM = 25.0  # without a val-chosen radius (a checkpoint without a
 
 def majority_answers(train: pd.DataFrame) -> dict[str, object]:
     """The constant answers of a model that learned only the training split's frequencies."""
-    from pipeline.labels.dates import decode_day, encode_day
+    from pipeline.core.day_of_year import decode_day, encode_day
 
     cells = train["cell_id"].value_counts()
     doy = train["day_of_year"].dropna().to_numpy(float) if "day_of_year" in train else np.array([])

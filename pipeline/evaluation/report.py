@@ -21,7 +21,7 @@ from pipeline.core.provinces import PROVINCES
 from pipeline.core.report import PROVINCE_COLOURS, column_floatfmt, draw_outlines, markdown_table, png_bytes
 from pipeline.core.store import atomic_write_bytes
 from pipeline.evaluation.bootstrap import LEVEL, METRICS, SAMPLES, SEED, Bootstrap, paired_bootstrap, verdict
-from pipeline.labels.dates import circular_day_difference
+from pipeline.core.day_of_year import circular_day_difference
 
 # method column prefix -> label in the report; the oracle is never the headline
 METHODS: dict[str, str] = {
@@ -455,6 +455,6 @@ def test_predictions(
 
 
 def _coarse(fine: int) -> int:
-    from pipeline.labels.koppen import coarse_group
+    from pipeline.core.koppen_classes import coarse_group
 
     return int(coarse_group(np.array([fine]))[0])

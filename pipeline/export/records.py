@@ -18,7 +18,7 @@ from pipeline.core.schema import col
 from pipeline.core.shards import SPLITS
 from pipeline.core.values import is_missing
 from pipeline.filters.licenses import license_family, license_url
-from pipeline.labels.koppen import COARSE_GROUPS
+from pipeline.core.koppen_classes import COARSE_GROUPS
 
 _STR, _INT, _F64, _BOOL = pa.string(), pa.int64(), pa.float64(), pa.bool_()
 ATTRIBUTION_TYPE = pa.list_(pa.struct([(k, _STR) for k in ("displayName", "uri", "photoUri")]))

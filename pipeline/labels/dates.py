@@ -9,13 +9,6 @@ from __future__ import annotations
 
 import pandas as pd
 
-from pipeline.core.day_of_year import (  # noqa: F401  (re-exported for the labels' users)
-    circular_day_difference,
-    days_in_year,
-    decode_day,
-    encode_day,
-)
-
 MIN_PLAUSIBLE_YEAR = 1990
 
 

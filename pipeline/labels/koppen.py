@@ -20,16 +20,10 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.core.koppen_classes import (  # noqa: F401  (the vocabulary, re-exported for the labels' users)
-    CODE_TO_ID,
-    COARSE_GROUPS,
-    FINE_TO_COARSE,
-    KOPPEN_CLASSES,
+from pipeline.core.koppen_classes import (
     KOPPEN_CODES,
     NODATA,
-    NUM_COARSE_GROUPS,
     NUM_KOPPEN_CLASSES,
-    coarse_group,
 )
 from pipeline.core.provinces import PAKISTAN_BBOX
 

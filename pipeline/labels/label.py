@@ -30,11 +30,11 @@ from pipeline.labels.dates import (
     MIN_PLAUSIBLE_YEAR,
     capture_date_origins,
     day_of_year,
-    days_in_year,
-    encode_day,
     provenance_table,
 )
-from pipeline.labels.koppen import KOPPEN_CODES, NODATA, KoppenRaster, coarse_group
+from pipeline.core.day_of_year import days_in_year, encode_day
+from pipeline.core.koppen_classes import KOPPEN_CODES, NODATA, coarse_group
+from pipeline.labels.koppen import KoppenRaster
 
 STAGE = "labels"
 

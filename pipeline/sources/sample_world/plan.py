@@ -136,7 +136,7 @@ def plan_sample_world(
 
     from pipeline.core.gazetteer import pakistan_places
     from pipeline.core.provinces import BY_KEY
-    from pipeline.labels.koppen import KOPPEN_CODES, NODATA
+    from pipeline.core.koppen_classes import KOPPEN_CODES, NODATA
 
     n = cfg.n_images
     rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, 0x5A3B1E]))

@@ -70,7 +70,7 @@ _STYLES["Dfb"] = _Style((62, 96, 60), (100, 108, 96), "forest", (60, 115, 210), 
 
 
 def _style(koppen_id: int) -> _Style:
-    from pipeline.labels.koppen import KOPPEN_CODES
+    from pipeline.core.koppen_classes import KOPPEN_CODES
 
     if 0 <= koppen_id < len(KOPPEN_CODES):
         return _STYLES[KOPPEN_CODES[koppen_id]]
