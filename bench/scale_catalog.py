@@ -80,6 +80,7 @@ def _present(v) -> bool:
 
 
 STAGE_OLD = "catalog"
+NEWER_COLUMNS = ("taken_at_source",)  # catalog columns added after the old build (issue 17: where the date came from)
 
 
 def baseline_build_catalog(
@@ -198,6 +199,28 @@ def make_files(root: Path, start: int, n: int, out: Path) -> None:
     pq.write_table(pa.table({"image_id": ids, "path": paths}), out)
 
 
+def make_files_parallel(root: Path, n: int, out: Path, makers: int) -> None:
+    """``make_files`` over ``makers`` forked processes (file creation is bound by the file system's per-file
+    work, which runs on all cores): each makes a contiguous range, then their lists are joined in order."""
+    import multiprocessing as mp
+
+    makers = max(1, min(makers, n))
+    bounds = [n * k // makers for k in range(makers + 1)]
+    parts = [out.with_name(f"{out.stem}.part{k}.parquet") for k in range(makers)]
+    ctx = mp.get_context("fork")
+    procs = [ctx.Process(target=make_files, args=(root, bounds[k], bounds[k + 1] - bounds[k], parts[k]))
+             for k in range(makers)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+    if any(p.exitcode != 0 for p in procs):
+        raise RuntimeError(f"making files failed: exit codes {[p.exitcode for p in procs]}")
+    pq.write_table(pa.concat_tables(pq.read_table(p) for p in parts), out)
+    for p in parts:
+        p.unlink()
+
+
 def _synthetic_ids(j: np.ndarray) -> list[str]:
     h = (j.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)) ^ np.uint64(0xD1B54A32D192ED03)
     return [f"{v:016x}{w:016x}" * 2 for v, w in zip(h.tolist(), (h * np.uint64(31)).tolist())]
@@ -243,8 +266,10 @@ def manifest_tables(files: pa.Table, rows: int, start: int = 0) -> pa.Table:
     }), RAW_MANIFEST_SCHEMA).select(RAW_MANIFEST_SCHEMA.names).cast(RAW_MANIFEST_SCHEMA)
 
 
-def write_manifests(folder: Path, files: pa.Table, rows: int) -> list[Path]:
-    """``rows`` rows over 28 manifests (source x province), written in blocks."""
+def write_manifests(folder: Path, files_path: Path, rows: int) -> list[Path]:
+    """``rows`` rows over 28 manifests (source x province), written in blocks (run in a child: the list of files
+    is read here, so that the builds, forked from the parent, do not carry it in their memory)."""
+    files = pq.read_table(files_path)
     per = math.ceil(rows / 28)
     out = []
     for k in range(28):
@@ -258,9 +283,10 @@ def write_manifests(folder: Path, files: pa.Table, rows: int) -> list[Path]:
     return sorted(out)
 
 
-def seed_headers(root: Path, state: Path, known_state: Path, files: pa.Table, rows: int) -> None:
+def seed_headers(root: Path, state: Path, known_state: Path, files_path: Path, rows: int) -> None:
     """Header cache entries for rows beyond the real files: their synthetic ids, with the facts (and the file
     size/mtime) of the file they share, taken from a real build's cache."""
+    files = pq.read_table(files_path)
     known = pa.concat_tables(pq.read_table(p) for p in sorted(header_dir(known_state).glob("*.parquet")))
     by_id = {i: k for k, i in enumerate(known["image_id"].to_pylist())}
     extra = []  # files no row of the real build read (their rows were missing-file or duplicate rows)
@@ -322,23 +348,33 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="1000000,10000000")
     ap.add_argument("--files", type=int, default=200_000, help="distinct stored files (first build size); 200k: "
-                    "about 1.5 min to make on the 2-core dev machine, 1 M took ~30 min there")
+                    "about 1.5 min to make on the 2-core dev machine; 10 M need ~41 GB of disk (4 KiB a file)")
     ap.add_argument("--baseline-rows", type=int, default=100_000)
     ap.add_argument("--grow", type=int, default=10_000)
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--makers", type=int, default=os.cpu_count() or 1,
+                    help="processes making the stored files (default: one per core)")
+    ap.add_argument("--folder", default=None, help="work here and keep it: stored files already made there "
+                    "(files.parquet, root/) are reused, so a 10 M run need not make them again")
     ap.add_argument("--quick", action="store_true")
     a = ap.parse_args()
     sizes = sorted(int(s) for s in a.sizes.split(",") if s)
     if a.quick:
         sizes, a.files, a.baseline_rows, a.grow = [4000, 12000], 4000, 2000, 500
-    tmp = Path(tempfile.mkdtemp(prefix="geopak-scale-catalog-"))
+    tmp = Path(a.folder) if a.folder else Path(tempfile.mkdtemp(prefix="geopak-scale-catalog-"))
     root = tmp / "root"
     try:
         t = time.perf_counter()
         nfiles = min(a.files, max(sizes))
-        _in_child(make_files, root, 0, nfiles, tmp / "files.parquet")
-        log(f"made {nfiles:,} stored files in {time.perf_counter() - t:.0f} s")
-        files = pq.read_table(tmp / "files.parquet")
+        files = tmp / "files.parquet"
+        if files.exists() and pq.ParquetFile(files).metadata.num_rows == nfiles:
+            log(f"reusing the {nfiles:,} stored files in {tmp}")
+            for old in (p for p in tmp.iterdir() if p.is_dir() and p.name != "root"):
+                shutil.rmtree(old)  # the outputs of an earlier run there
+        else:
+            make_files_parallel(root, nfiles, files, a.makers)
+            log(f"made {nfiles:,} stored files in {time.perf_counter() - t:.0f} s ({a.makers} processes), "
+                f"{shutil.disk_usage(tmp).free / 1e9:.0f} GB left on the disk")
 
         # baseline: the old build and the new one, same rows, same process tree
         base_m = _in_child(write_manifests, tmp / "m_base", files, a.baseline_rows)
@@ -346,8 +382,9 @@ def main() -> None:
         old = _in_child(_run_old, str(root), [str(m) for m in base_m], str(tmp / "o_base"))
         new = _in_child(_run_new, str(root), [str(m) for m in base_m], str(tmp / "o_base"), str(tmp / "s_base"),
                         a.workers)
-        same = pq.read_table(tmp / "o_base" / "catalog.parquet").equals(
-            pq.read_table(tmp / "o_base" / "catalog_old.parquet").cast(CATALOG_SCHEMA))
+        same = pq.read_table(tmp / "o_base" / "catalog.parquet").drop_columns(list(NEWER_COLUMNS)).equals(
+            pq.read_table(tmp / "o_base" / "catalog_old.parquet").cast(CATALOG_SCHEMA).drop_columns(
+                list(NEWER_COLUMNS)))
         same_rej = pq.read_table(tmp / "o_base" / "rejections.parquet").equals(
             pq.read_table(tmp / "o_base" / "rejections_old.parquet").cast(REJECTIONS_SCHEMA))
         log(f"baseline {a.baseline_rows:,} rows: old {old['seconds']:.1f} s ({old['rss']:.0f} MB), new "
@@ -356,7 +393,8 @@ def main() -> None:
              peak_rss_mb=round(new["rss"], 1), measured=True, baseline_seconds=round(old["seconds"], 2),
              note=f"vs the old build in the same run: {old['seconds'] / new['seconds']:.1f}x rows/s "
                   f"({a.baseline_rows / old['seconds']:,.0f} -> {a.baseline_rows / new['seconds']:,.0f} rows/s), "
-                  f"old peak {old['rss']:.0f} MB; output identical: catalog {same}, rejections {same_rej}; "
+                  f"old peak {old['rss']:.0f} MB; output identical: catalog {same} (but for "
+                  f"{', '.join(NEWER_COLUMNS)}, which it did not have), rejections {same_rej}; "
                   f"{a.workers} header-read processes")
 
         # first build with every header read, at the number of files made
@@ -397,7 +435,8 @@ def main() -> None:
                  note=f"one manifest rewritten with {a.grow:,} more rows: {inc['resolved']} of 28 manifests "
                       f"resolved, {inc['headers_read']:,} headers read, every other row's file re-stat'ed")
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if not a.folder:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _grow_and_build(a, root: Path, tmp: Path, manifest: Path, out: str, state: str, start: int) -> dict:

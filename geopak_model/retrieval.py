@@ -7,9 +7,10 @@ Two uses, both without extra training:
   classifier's point estimate, the ``refine_neighbours`` nearest to the query (cosine in the fused space) vote
   with weight softmax(cos / T) · P(their cell); the answer is the weighted mean of the densest cluster of voters
   (``mode_radius_km``), so a photo lands where its look-alikes were taken, not between them. A whole batch is
-  refined at once on the model's device: matrix products of the queries with blocks of the gallery in bf16 find
-  each query's best candidates, and the few a rigorous rounding bound cannot separate are scored again exactly,
-  so the answers are the per-query loop's (``refine``; ``bench/bench_refine.py``).
+  refined at once on the model's device: matrix products of the queries with compact blocks of the gallery in
+  bf16 find each query's best candidates (on a CPU, one compiled pass per block keeps them: numba), and the few
+  a rigorous rounding bound cannot separate are scored again exactly, so the answers are the per-query loop's
+  (``refine``; ``bench/bench_refine.py``).
 - **kNN baseline** (``baselines.knn_neighbours``; ``nearest_neighbour`` is its k = 1): the locations of the nearest
   training images, no classifier; the gallery for it is ``KNN_GALLERY_FILE`` (the encoders' features).
 
@@ -26,6 +27,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numba
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -120,9 +122,8 @@ def load_gallery_for(checkpoint: str | Path, name: str = GALLERY_FILE, sha256: s
 
 
 # --- batched refinement (issue 22.4) ------------------------------------------------------------------------------
-REFINE_BLOCK = (4096, 1 << 16)  # gallery rows per block (CPU, CUDA): small on a CPU, so a block far from a query
-# is skipped for it; large on a GPU, where one product over many rows is what is fast
-STRIP_DEG = 0.5  # blocks are cut from rows sorted by latitude strip, then longitude: each covers a small area
+REFINE_BLOCK = (1024, 1 << 16)  # gallery rows per block (CPU, CUDA): small on a CPU, so a query meets few rows
+# beyond its radius (each pair costs a product there); large on a GPU, where one product over many rows is fast
 PREFILTER_M = 1.0  # the product of unit vectors keeps rows up to this many metres beyond the radius; the rows it
 # selects are then tested with haversine_km itself, the per-query loop's test, so float64 rounding decides nothing
 
@@ -136,13 +137,32 @@ def _approx_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if native else torch.float32
 
 
+def _kd_order(lat: np.ndarray, lon: np.ndarray, leaf: int) -> np.ndarray:
+    """Row order that puts each run of ``leaf`` rows in a compact box: split the rows in two along the longer side
+    (longitude scaled by cos latitude) at a multiple of ``leaf`` rows, recursively (a k-d tree's leaves), so that
+    only the last run is short. Tighter boxes than latitude strips: ~40 % fewer rows beyond a query's radius."""
+    out: list[np.ndarray] = []
+    todo = [np.arange(len(lat))]
+    while todo:
+        idx = todo.pop()
+        if len(idx) <= leaf:
+            out.append(idx)
+            continue
+        a, o = lat[idx], lon[idx]
+        wide = (o.max() - o.min()) * math.cos(math.radians(float(a.mean()))) > a.max() - a.min()
+        idx = idx[np.argsort(o if wide else a, kind="stable")]
+        cut = (-(-len(idx) // leaf) // 2) * leaf
+        todo += [idx[cut:], idx[:cut]]  # popped left first: leaves come out left to right
+    return np.concatenate(out) if out else np.zeros(0, np.int64)
+
+
 @dataclass
 class GalleryIndex:
     """A gallery laid out for batched refinement on one device (built once per device, ``Gallery.index_on``).
 
-    Rows are re-ordered by ``STRIP_DEG`` latitude strip, then longitude, and cut into blocks of ``block`` rows
-    whose bounding boxes (``boxes``: lat min/max, lon min/max) are known, so a block far from every query of a
-    batch is skipped and a block is multiplied only with the queries near it. Each row keeps its stored float16
+    Rows are re-ordered into compact blocks of ``block`` rows (``_kd_order``) whose bounding boxes (``boxes``: lat
+    min/max, lon min/max) are known, so a block far from every query of a batch is skipped and a block is
+    multiplied only with the queries near it. Each row keeps its stored float16
     embedding, a copy in the fast multiply dtype, its unit vector, location and cell; ``max_norm`` and
     ``max_round`` bound |fast − exact| cosine (``margin``)."""
 
@@ -161,14 +181,16 @@ class GalleryIndex:
     @classmethod
     def build(cls, gallery: "Gallery", device: torch.device) -> "GalleryIndex":
         lat_np, lon_np = gallery.lat.double().numpy(), gallery.lon.double().numpy()
-        order = np.lexsort((lon_np, np.floor(lat_np / STRIP_DEG)))
         block = REFINE_BLOCK[device.type == "cuda"]
+        order = _kd_order(lat_np, lon_np, block)
         starts = range(0, len(order), block)
         boxes = np.array([[lat_np[order[s:s + block]].min(), lat_np[order[s:s + block]].max(),
                            lon_np[order[s:s + block]].min(), lon_np[order[s:s + block]].max()] for s in starts]
                          ).reshape(-1, 4)
         idx = torch.from_numpy(order)
         emb = gallery.emb[idx].to(device)
+        if not bool(torch.isfinite(emb).all()):
+            raise ValueError("the gallery has rows with non-finite values; rebuild it from the checkpoint")
         fast = emb.to(_approx_dtype(device))
         e32 = emb.float()
         max_norm = float(e32.norm(dim=1).max()) if len(emb) else 0.0
@@ -221,16 +243,107 @@ def _ieee_matmul(device: torch.device) -> Iterator[None]:
         m.fp32_precision, m.allow_bf16_reduced_precision_reduction = saved
 
 
+@numba.njit(cache=True, boundscheck=False, nogil=True)
+def _offer_block(sims: np.ndarray, who: np.ndarray, row0: int, xyz: np.ndarray, q_xyz: np.ndarray, cos_r: float,
+                 heap_v: np.ndarray, heap_r: np.ndarray) -> None:  # pragma: no cover - compiled
+    """One pass over a block's products (``sims``: queries ``who`` × rows ``row0``…): a value above the smallest
+    its query keeps, for a row within the query's cap, takes that one's place (``heap_v``/``heap_r``: each
+    query's k best so far as a binary min-heap, −inf while fewer). Mask, fill and top-k in one read of the
+    products; the test that rejects nearly every pair (not above the smallest kept) is a branch-free compare
+    that vectorises. A value equal to the smallest is not taken, so every row left out is at most the final
+    smallest."""
+    k = heap_v.shape[1]
+    above = np.empty(sims.shape[1], np.int64)
+    for a in range(sims.shape[0]):
+        i = who[a]
+        c0, c1, c2 = q_xyz[i, 0], q_xyz[i, 1], q_xyz[i, 2]
+        row = sims[a]
+        floor = heap_v[i, 0]
+        m = 0
+        for j in range(row.shape[0]):  # the columns above the smallest kept, without a branch
+            above[m] = j
+            m += row[j] > floor
+        for t in range(m):  # few: the smallest kept only rises
+            s = row[above[t]]
+            if s <= heap_v[i, 0]:
+                continue
+            r = row0 + above[t]
+            if c0 * xyz[r, 0] + c1 * xyz[r, 1] + c2 * xyz[r, 2] < cos_r:
+                continue
+            z = 0  # the new value replaces the root and sinks to its place
+            while True:
+                c = 2 * z + 1
+                if c >= k:
+                    break
+                if c + 1 < k and heap_v[i, c + 1] < heap_v[i, c]:
+                    c += 1
+                if heap_v[i, c] >= s:
+                    break
+                heap_v[i, z], heap_r[i, z] = heap_v[i, c], heap_r[i, c]
+                z = c
+            heap_v[i, z], heap_r[i, z] = s, r
+
+
+@numba.njit(cache=True, boundscheck=False, nogil=True, fastmath={"reassoc", "contract"})
+def _exact_cosines(emb_bits: np.ndarray, q: np.ndarray, rows: np.ndarray, need: np.ndarray
+                   ) -> np.ndarray:  # pragma: no cover - compiled
+    """Exact cosines (float16 row widened to float32 × float32 query, summed in float32: the per-query loop's
+    arithmetic up to the order of the sum, which ``GalleryIndex.error_bound`` allows for) of the (query, slot)
+    pairs in ``need``, −inf elsewhere. ``emb_bits``: the float16 rows as int16 bits (finite, as
+    ``GalleryIndex.build`` checks), widened here; reading only the rows needed, where torch gathered and widened
+    a copy of each and of its query."""
+    out = np.full(rows.shape, -np.inf, np.float32)
+    d = emb_bits.shape[1]
+    bits = np.empty(d, np.uint32)
+    row = bits.view(np.float32)
+    for i in range(rows.shape[0]):
+        for t in range(rows.shape[1]):
+            if not need[i, t]:
+                continue
+            h = emb_bits[rows[i, t]]
+            for c in range(d):  # float16 -> float32 bits: sign, exponent rebased (15 -> 127), mantissa
+                b = np.uint32(np.uint16(h[c]))
+                bits[c] = ((b & 0x8000) << 16) | ((((b >> 10) & 0x1F) + 112) << 23) | ((b & 0x3FF) << 13)
+            for c in range(d):  # exponent 0: zero or subnormal, mantissa · 2⁻²⁴
+                b = np.uint32(np.uint16(h[c]))
+                if (b & 0x7C00) == 0:
+                    v = np.float32(b & 0x3FF) * np.float32(2.0 ** -24)
+                    row[c] = -v if b & 0x8000 else v
+            acc = np.float32(0.0)
+            for c in range(d):
+                acc += row[c] * q[i, c]
+            out[i, t] = acc
+    return out
+
+
 def _top_candidates(index: GalleryIndex, q: torch.Tensor, q_xyz: torch.Tensor, lat: torch.Tensor,
-                    lon: torch.Tensor, radius_km: float, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, k) values and gallery rows of the k best fast cosines among the rows within ``radius_km`` (+
-    ``PREFILTER_M``) of each query (−inf: fewer such rows). Per gallery block ONE matrix product of the queries
-    near it (``GalleryIndex.near_blocks``; on CUDA, blocks are large and most queries take part) with its rows,
-    and one of their unit vectors (cos θ ≥ cos r); the best are merged across blocks."""
+                    lon: torch.Tensor, radius_km: float, k: int, fused: bool | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, k) values (descending) and gallery rows of the k best fast cosines among the rows within
+    ``radius_km`` (+ ``PREFILTER_M``) of each query (−inf: fewer such rows). Per gallery block ONE matrix product
+    of the queries near it (``GalleryIndex.near_blocks``; on CUDA, blocks are large and most queries take part)
+    with its rows; then, on a CPU (``fused``, the default there), one compiled pass over the products keeps each
+    query's best among the rows in its cap (``_offer_block``), where torch would pass over every pair three
+    times (a product of unit vectors for the mask, the fill, a top-k); on CUDA those three are one kernel each
+    over a whole batch and the best of each block are merged at the end."""
+    fused = q.device.type == "cpu" if fused is None else fused
     cos_r = math.cos((radius_km + PREFILTER_M / 1000.0) / EARTH_RADIUS_KM)
     qf = q.to(index.fast.dtype)
     near = index.near_blocks(lat, lon, radius_km)
     used = np.flatnonzero(near.any(0))
+    if fused:
+        best_v = np.full((q.shape[0], k), -np.inf, np.float32)
+        best_r = np.zeros((q.shape[0], k), np.int64)
+        xyz, qx = index.xyz.numpy(), q_xyz.double().contiguous().numpy()
+        for blk in used:
+            who = np.flatnonzero(near[:, blk])
+            start = int(blk) * index.block
+            rows = slice(start, min(len(index.fast), start + index.block))
+            sims = (qf.index_select(0, torch.from_numpy(who)) @ index.fast[rows].T).float().numpy()
+            _offer_block(sims, who, start, xyz, qx, cos_r, best_v, best_r)
+        order = np.argsort(-best_v, axis=1, kind="stable")
+        return (torch.from_numpy(np.take_along_axis(best_v, order, 1)),
+                torch.from_numpy(np.take_along_axis(best_r, order, 1)))
     # each block's best go to their own columns; one top-k over all of them at the end
     all_v = q.new_full((q.shape[0], max(1, len(used)) * k), float("-inf"))
     all_i = torch.zeros(all_v.shape, dtype=torch.long, device=q.device)
@@ -280,9 +393,13 @@ def _refine_batch(index: GalleryIndex, q: torch.Tensor, lat0: torch.Tensor, lon0
                   temperature: float, cluster_km: float) -> tuple[torch.Tensor, torch.Tensor]:
     fast_v, rows, need = _enough_candidates(index, q, unit_xyz(lat0, lon0), lat0, lon0, radius_km, neighbours)
     # exact cosines (the loop's arithmetic: float16 rows × float32 query) where the bound cannot rule a row out
-    b, j = torch.nonzero(need, as_tuple=True)
-    exact = torch.full_like(fast_v, float("-inf"))
-    exact[b, j] = (index.emb[rows[b, j]].float() * q[b]).sum(1)
+    if q.device.type == "cpu":
+        exact = torch.from_numpy(_exact_cosines(index.emb.view(torch.int16).numpy(), q.contiguous().numpy(),
+                                                rows.numpy(), need.numpy()))
+    else:
+        b, j = torch.nonzero(need, as_tuple=True)
+        exact = torch.full_like(fast_v, float("-inf"))
+        exact[b, j] = (index.emb[rows[b, j]].float() * q[b]).sum(1)
     top_sim, pos = exact.topk(min(neighbours, exact.shape[1]), dim=1)
     picked = rows.gather(1, pos)
     valid = torch.isfinite(top_sim)

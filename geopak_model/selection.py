@@ -18,7 +18,7 @@ estimate, and the report shows the gap.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
@@ -94,6 +94,12 @@ def _choose(rows: list[dict[str, Any]], scores: list[Score]) -> int:
 
 
 # --- the model's own settings ----------------------------------------------------------------------------------
+def _joined(preds: list[Prediction]) -> Prediction:
+    """The predictions of many row blocks as one (same hypotheses layout in each)."""
+    return Prediction(**{f.name: torch.cat([getattr(p, f.name) for p in preds])
+                         for f in fields(Prediction) if f.name != "grid"}, grid=preds[0].grid)
+
+
 def _classify(heads: GeopakHeads, e: torch.Tensor, top_provinces: int, top_cells: int, point: str,
               mode_radius_km: float, prior_correction: bool, batch: int = 64) -> list[Prediction]:
     """Mixture predictions in row blocks (the densest-cluster point compares every pair of hypotheses)."""
@@ -148,13 +154,11 @@ def select_inference(heads: GeopakHeads, e: torch.Tensor, cell_ids: torch.Tensor
     r_rows: list[dict[str, Any]] = [{"stage": "refinement", "refine": False}]
     r_scores = [classifier_score]
     if gallery is not None and len(gallery):
+        joined = _joined(classifier_preds)  # refinement takes the whole set, in its own (larger, faster) batches
         for nb in GRID["refine_neighbours"]:
             for t in GRID["refine_temperature"]:
                 for radius in GRID["refine_radius_km"]:
-                    out = [refine(p, e[i * batch:(i + 1) * batch], gallery, radius, nb, t, mode_radius_km)
-                           for i, p in enumerate(classifier_preds)]
-                    la = torch.cat([o[0] for o in out]).numpy()
-                    lo = torch.cat([o[1] for o in out]).numpy()
+                    la, lo = (x.numpy() for x in refine(joined, e, gallery, radius, nb, t, mode_radius_km))
                     r_rows.append({"stage": "refinement", "refine": True, "refine_neighbours": nb,
                                    "refine_temperature": t, "refine_radius_km": radius})
                     r_scores.append(score(errors_km(la, lo, lat, lon)))

@@ -174,3 +174,86 @@ def test_exact_matmul_settings_on_cuda_are_restored():
     assert (m.fp32_precision, m.allow_bf16_reduced_precision_reduction) == before
     with _ieee_matmul(torch.device("cpu")):
         assert (m.fp32_precision, m.allow_bf16_reduced_precision_reduction) == before
+
+
+def test_the_fused_pass_keeps_what_torchs_mask_fill_and_topk_keep():
+    """On a CPU one compiled pass over each block's products replaces torch's mask, fill and top-k (the CUDA
+    path): the same best values for every query, and the same rows wherever a value is not tied."""
+    from geopak_model.geo import unit_xyz
+    from geopak_model.retrieval import _top_candidates
+
+    g, pred, e = _clustered(6000, 48, seed=3, dup_rows=300)
+    index = g.index_on("cpu")
+    q = torch.nn.functional.normalize(e.float(), dim=1)
+    lat, lon = pred.lat.double(), pred.lon.double()
+    for k in (16, 64):
+        fused = _top_candidates(index, q, unit_xyz(lat, lon), lat, lon, 100.0, k, fused=True)
+        ops = _top_candidates(index, q, unit_xyz(lat, lon), lat, lon, 100.0, k, fused=False)
+        assert torch.equal(fused[0], ops[0])
+        for b in range(q.shape[0]):
+            last = fused[0][b, -1]
+            above = fused[0][b] > last  # rows strictly above the k-th value: no tie decides them
+            assert set(fused[1][b][above].tolist()) == set(ops[1][b][above].tolist())
+    assert bool(torch.isinf(fused[0][0]).all())  # the query with nothing within reach
+
+
+def test_exact_cosines_widen_float16_bits_exactly():
+    """The compiled re-scoring widens float16 bits itself: zeros, subnormals, normals and the largest value
+    come out as torch widens them, and a whole row's cosine matches torch's float32 sum."""
+    from geopak_model.retrieval import _exact_cosines
+
+    special = torch.tensor([0.0, -0.0, 2.0 ** -24, -3.0e-5, 6.1035e-5, 1.0, -0.5, 65504.0, 1e-3, -0.33325],
+                           dtype=torch.float16)
+    d = len(special)
+    rows = np.zeros((d, 1), np.int64)
+    need = np.ones((d, 1), bool)
+    one_hot = np.eye(d, dtype=np.float32)  # query c picks coordinate c
+    got = _exact_cosines(special[None].view(torch.int16).numpy(), one_hot, rows, need)[:, 0]
+    assert np.array_equal(got, special.float().numpy())  # exactly (a sum of −0 and +0 terms is +0, as in torch)
+    rng = np.random.default_rng(0)
+    emb = torch.nn.functional.normalize(torch.from_numpy(rng.standard_normal((50, 512), dtype=np.float32)), dim=1)
+    emb = emb.half()
+    q = torch.nn.functional.normalize(torch.from_numpy(rng.standard_normal((3, 512), dtype=np.float32)), dim=1)
+    rows = rng.integers(0, 50, (3, 8))
+    need = rng.random((3, 8)) < 0.7
+    got = _exact_cosines(emb.view(torch.int16).numpy(), q.numpy(), rows, need)
+    want = (emb[torch.from_numpy(rows)].float() * q[:, None]).sum(-1).numpy()
+    assert np.all(np.isneginf(got[~need]))
+    assert np.abs(got[need] - want[need]).max() < 1e-6
+
+
+def test_a_gallery_with_non_finite_rows_is_refused():
+    g, _, _ = _clustered(300, 16, seed=9)
+    g.emb[7, 3] = float("nan")
+    with pytest.raises(ValueError, match="non-finite"):
+        g.index_on("cpu")
+
+
+def test_blocks_are_compact_groups_of_rows():
+    """Rows are ordered into runs of ``leaf`` rows that each lie in one place: with two towns of 2 × 1024 photos
+    each, no block mixes the towns; the order is a permutation and only the last run is short."""
+    from geopak_model.retrieval import _kd_order
+
+    rng = np.random.default_rng(1)
+    lat = np.concatenate([24.86 + rng.normal(0, 0.05, 2048), 34.01 + rng.normal(0, 0.05, 2048), [30.0] * 5])
+    lon = np.concatenate([67.01 + rng.normal(0, 0.05, 2048), 71.58 + rng.normal(0, 0.05, 2048), [70.0] * 5])
+    order = _kd_order(lat, lon, 1024)
+    assert np.array_equal(np.sort(order), np.arange(len(lat)))
+    towns = (lat[order] > 29).astype(int) + (lat[order] == 30.0)
+    blocks = [towns[s:s + 1024] for s in range(0, len(order), 1024)]
+    assert [len(b) for b in blocks] == [1024, 1024, 1024, 1024, 5]
+    assert sum(len(set(b[:-5].tolist() if len(b) == 1024 and 2 in b else b.tolist())) > 1 for b in blocks) <= 1
+
+
+def test_selection_refines_the_joined_blocks_as_each_block_alone():
+    """Inference selection refines all of val at once (refine's own batches are larger than its row blocks, and
+    faster): the answers are those of refining each block."""
+    from geopak_model.selection import _joined
+
+    g, pred, e = _clustered(3000, 32, seed=11)
+    parts = [slice(0, 13), slice(13, 29), slice(29, 40)]
+    blocks = [_per_query_loop().batch_of(pred, e, p)[0] for p in parts]
+    whole = refine(_joined(blocks), e, g)
+    each = [refine(b, e[p], g) for b, p in zip(blocks, parts)]
+    assert torch.equal(whole[0], torch.cat([x[0] for x in each]))
+    assert torch.equal(whole[1], torch.cat([x[1] for x in each]))
