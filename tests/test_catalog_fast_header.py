@@ -100,3 +100,60 @@ def test_fast_path_on_damaged_headers():
             taken += 1
             assert fast == header_facts(data, fast=False), (k, data[:64])
     assert taken > 50  # most flips land in places neither reader looks at
+
+
+def _noise_jpeg(exif=None, app_segments: int = 0, xmp: bool = False) -> bytes:
+    """A JPEG well over ``HEADER_PREFIX_BYTES`` (noise compresses badly), with GPS; optionally APP15 segments of
+    60 kB before the frame header (markers reaching past the prefix) or an XMP block (the fast reader steps aside)."""
+    import numpy as np
+
+    pixels = np.random.default_rng(0).integers(0, 255, (400, 600, 3), dtype=np.uint8)
+    data = _save(Image.fromarray(pixels), quality=95, exif=exif or gps_exif(33.7, 73.1, orientation=6))
+    assert len(data) > 200_000
+    extra = b""
+    for _ in range(app_segments):
+        extra += b"\xff\xef" + (2 + 60_000).to_bytes(2, "big") + bytes(60_000)
+    if xmp:
+        body = b"http://ns.adobe.com/xap/1.0/\x00<x:xmpmeta/>"
+        extra += b"\xff\xe1" + (2 + len(body)).to_bytes(2, "big") + body
+    return data[:2] + extra + data[2:]
+
+
+@pytest.mark.parametrize("kind", ["camera jpeg", "markers past the prefix", "xmp", "png"])
+def test_a_stored_files_header_is_read_from_its_first_bytes(tmp_path, monkeypatch, kind):
+    """The catalog reads a stored file's header from its first ``HEADER_PREFIX_BYTES`` (photos are MBs); where
+    that is not enough, PIL reads the path: the facts are those of the whole file's bytes either way."""
+    import numpy as np
+
+    from pipeline.catalog import build
+
+    if kind == "png":
+        pixels = np.random.default_rng(1).integers(0, 255, (300, 400, 3), dtype=np.uint8)
+        data = _save(Image.fromarray(pixels), "PNG", exif=gps_exif(30, 70))
+    else:
+        data = _noise_jpeg(app_segments=3 if kind == "markers past the prefix" else 0, xmp=kind == "xmp")
+    path = tmp_path / "photo"
+    path.write_bytes(data)
+    read: list[int] = []
+    real_open = open
+
+    def counting_open(file, mode="r", *a, **kw):
+        fh = real_open(file, mode, *a, **kw)
+        real_read = fh.read
+        fh.read = lambda n=-1: (lambda b: read.append(len(b)) or b)(real_read(n))
+        return fh
+
+    monkeypatch.setattr(build, "open", counting_open, raising=False)
+    got = build._header_facts(str(path))
+    assert got == header_facts(data) == header_facts(data, fast=False)
+    assert got[2:6] != (None,) * 4  # size and place were read
+    assert read == [build.HEADER_PREFIX_BYTES]  # the catalog's own read; PIL opens the path itself
+    assert (fast_jpeg_facts(data[:build.HEADER_PREFIX_BYTES]) is not None) == (kind == "camera jpeg")
+
+
+def test_a_file_gone_between_stat_and_read_is_not_an_image(tmp_path):
+    from pipeline.catalog import build
+    from pipeline.core import reasons
+
+    got = build._header_facts(str(tmp_path / "gone.jpg"))
+    assert got[0] == reasons.NOT_AN_IMAGE and "FileNotFoundError" in got[1]
