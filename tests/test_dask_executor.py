@@ -65,7 +65,7 @@ def test_a_local_cluster_started_for_a_run_is_closed_with_it(monkeypatch):
 
     import dask.distributed
 
-    from pipeline.defs.dask_executor import GeopakDaskExecutor
+    from pipeline.defs.dask_run import GeopakDaskExecutor
 
     events: list[str] = []
 
