@@ -18,7 +18,6 @@ from geopak_model.encoders import WeightsNotFound, build_clip, build_encoders
 from geopak_model.model import GeopakHeads
 from geopak_model.predictor import GeopakPredictor
 from pipeline.cli import main as cli_main
-from pipeline.core.paths import DataPaths
 from tests.model_world import build_world
 
 CLIP_FILE = "vit_tiny_openai.pt"  # "openai" in the name: clip_activation "auto" resolves to QuickGELU
@@ -59,10 +58,6 @@ def elsewhere(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("GEOPAK_DATA_ROOT", raising=False)
     return tmp_path
-
-
-def test_weights_dir_is_the_data_roots(tmp_path):
-    assert DataPaths.at(tmp_path).weights_dir == tmp_path.resolve() / "weights"
 
 
 def test_predictor_needs_the_weights_dir(world, elsewhere):
