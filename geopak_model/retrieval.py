@@ -243,7 +243,19 @@ def _ieee_matmul(device: torch.device) -> Iterator[None]:
         m.fp32_precision, m.allow_bf16_reduced_precision_reduction = saved
 
 
-@numba.njit(cache=True, boundscheck=False, nogil=True)
+def _compiled(**options):
+    """``numba.njit`` with its machine code cached on disk (beside this file, else in ``NUMBA_CACHE_DIR`` or the
+    user's cache folder), so a process does not compile again; where none of them can be written (a read-only
+    install), compiled once per process instead of failing at import."""
+    def wrap(fn):
+        try:
+            return numba.njit(cache=True, **options)(fn)
+        except RuntimeError:  # numba: "cannot cache function ...: no locator available"
+            return numba.njit(cache=False, **options)(fn)
+    return wrap
+
+
+@_compiled(boundscheck=False, nogil=True)
 def _offer_block(sims: np.ndarray, who: np.ndarray, row0: int, xyz: np.ndarray, q_xyz: np.ndarray, cos_r: float,
                  heap_v: np.ndarray, heap_r: np.ndarray) -> None:  # pragma: no cover - compiled
     """One pass over a block's products (``sims``: queries ``who`` × rows ``row0``…): a value above the smallest
@@ -284,7 +296,7 @@ def _offer_block(sims: np.ndarray, who: np.ndarray, row0: int, xyz: np.ndarray, 
             heap_v[i, z], heap_r[i, z] = s, r
 
 
-@numba.njit(cache=True, boundscheck=False, nogil=True, fastmath={"reassoc", "contract"})
+@_compiled(boundscheck=False, nogil=True, fastmath={"reassoc", "contract"})
 def _exact_cosines(emb_bits: np.ndarray, q: np.ndarray, rows: np.ndarray, need: np.ndarray
                    ) -> np.ndarray:  # pragma: no cover - compiled
     """Exact cosines (float16 row widened to float32 × float32 query, summed in float32: the per-query loop's

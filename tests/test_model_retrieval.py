@@ -257,3 +257,19 @@ def test_selection_refines_the_joined_blocks_as_each_block_alone():
     each = [refine(b, e[p], g) for b, p in zip(blocks, parts)]
     assert torch.equal(whole[0], torch.cat([x[0] for x in each]))
     assert torch.equal(whole[1], torch.cat([x[1] for x in each]))
+
+
+def test_kernels_compile_without_a_writable_cache(monkeypatch):
+    """Where numba finds no folder it may write its cache to (a read-only install), the kernels are compiled in
+    the process instead of failing at import."""
+    import numba.core.caching as caching
+
+    from geopak_model.retrieval import _compiled
+
+    monkeypatch.setattr(caching.CacheImpl, "_locator_classes", [])
+
+    @_compiled()
+    def plus_one(x):
+        return x + 1
+
+    assert plus_one(2) == 3
