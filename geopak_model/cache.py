@@ -55,6 +55,7 @@ REJECTIONS = "rejections.parquet"
 INDEX_SUFFIX = ".index.parquet"
 SHARD_SUFFIXES = (".clip.npy", ".scene.npy", INDEX_SUFFIX)  # the index last: it commits the shard
 COMPACT_ROWS = 200_000  # ``compact`` merges shards under a quarter of this into shards of up to this many rows
+MAX_SHARDS = 64  # a build that leaves more shards than this compacts them (each lookup opens every shard's index)
 # issue 13.3: a build commits its progress at least this often (a kill loses at most one chunk)
 CHUNK_IMAGES = 2000
 CHUNK_SECONDS = 60.0
@@ -146,7 +147,15 @@ class EmbeddingCache:
 
     def load(self, image_ids: list[str] | pd.Series) -> tuple[torch.Tensor, torch.Tensor]:
         """float16 feature tensors for ``image_ids`` in that order (into memory), read shard by shard from the
-        memory maps in row order (sequential reads)."""
+        memory maps in row order (sequential reads). A shard merged away since the index was read (``compact``
+        in another process) makes it read the index again, once."""
+        try:
+            return self._load(image_ids)
+        except FileNotFoundError:
+            self._index = None
+            return self._load(image_ids)
+
+    def _load(self, image_ids: list[str] | pd.Series) -> tuple[torch.Tensor, torch.Tensor]:
         where = self._locate(image_ids)
         shard, rows = where["shard"].to_numpy(), where["row"].to_numpy()
         c = s = None
@@ -200,7 +209,8 @@ class EmbeddingCache:
 
     def compact(self, max_rows: int = COMPACT_ROWS) -> int:
         """Merge runs of small shards into one each (the first copy of an id wins, as in ``index``); returns how
-        many shards went. For a cache no process is reading: a reader holding the old index would miss shards."""
+        many shards went. A reader holding the old index reads it again (``load``); one that has a shard mapped
+        keeps it (an unlinked file stays readable while open)."""
         def rows(name: str) -> int:
             return pq.ParquetFile(self._shard_files(name)[2]).metadata.num_rows
 
@@ -346,6 +356,8 @@ def build_embedding_cache(encoder: DualEncoder, table: pd.DataFrame, data_root: 
         if progress is not None:
             progress(done, len(ds))
     commit()
+    if len(cache.shard_names(refresh=True)) > MAX_SHARDS:
+        stats["shards_compacted"] = cache.compact()
     return cache, stats
 
 

@@ -340,3 +340,22 @@ def test_model_loader_accepts_only_photo_formats(tmp_path):
     with pytest.raises(DecodeError) as err:
         load_image(io.BytesIO(buf.getvalue()))
     assert err.value.reason == "unsupported_format"
+
+
+def test_a_build_that_leaves_too_many_shards_compacts_them(world, tmp_path, monkeypatch):
+    """Each build commits a shard per chunk; one that leaves more than ``MAX_SHARDS`` merges them, and what was
+    cached reads the same."""
+    from geopak_model import cache as cache_mod
+
+    table, _ = load_training_table(world)
+    enc = build_encoders(TINY_ENC)
+    root = tmp_path / "emb"
+    monkeypatch.setattr(cache_mod, "MAX_SHARDS", 3)
+    cache, stats = build_embedding_cache(enc, table.head(8), world.root, root, batch_size=2, chunk_images=2)
+    assert stats["shards_written"] == 4 and stats["shards_compacted"] == 3
+    assert len(cache.shard_names(refresh=True)) == 1
+    clip, scene = cache.load(table.head(8)["image_id"])
+    again, stats2 = build_embedding_cache(enc, table.head(8), world.root, root, batch_size=2, chunk_images=2)
+    assert stats2["reused"] == 8 and "shards_compacted" not in stats2
+    c2, s2 = again.load(table.head(8)["image_id"])
+    assert torch.equal(c2, clip) and torch.equal(s2, scene)

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pytest
+import torch
 
 from geopak_model.cache import EmbeddingCache
 from pipeline.catalog.build import HEADER_SCHEMA, HeaderCache
@@ -119,3 +120,17 @@ def test_embedding_cache_compaction_keeps_features_first_copy_wins(tmp_path):
     assert fresh.generation == 1 and len(_files(tmp_path / "wid" / "shards")) == 3 and len(fresh) == 8
     c2, s2 = fresh.load(ids)
     assert np.array_equal(c2.numpy(), clip.numpy()) and np.array_equal(s2.numpy(), scene.numpy())
+
+
+def test_a_reader_whose_shards_were_merged_away_reads_the_index_again(tmp_path):
+    """Compaction in another process while a reader holds the old index: its next load finds the merged shard."""
+    writer = EmbeddingCache(tmp_path, "wid")
+    rng = np.random.default_rng(1)
+    ids = [f"e{i}" for i in range(6)]
+    for i in range(0, 6, 2):
+        writer.add(ids[i : i + 2], rng.random((2, 4)).astype(np.float16), rng.random((2, 3)).astype(np.float16))
+    reader = EmbeddingCache(tmp_path, "wid")
+    before = reader.load(ids[:2])  # the reader's index names the three small shards
+    assert EmbeddingCache(tmp_path, "wid").compact() == 2
+    after = reader.load(ids)
+    assert torch.equal(after[0][:2], before[0]) and reader.generation == 1
