@@ -106,12 +106,18 @@ def test_header_cache_compaction_keeps_facts_with_fewer_files(tmp_path):
     assert again.match(snap, ids) == before and len(snap) == len(before) == 7  # duplicates dropped
 
 
-def test_embedding_cache_compaction_keeps_features_first_copy_wins(tmp_path):
-    cache = EmbeddingCache(tmp_path, "wid")
-    rng = np.random.default_rng(0)
-    ids = [f"e{i}" for i in range(8)]
-    for i in range(0, 8, 2):
+def _pairs_of_features(folder, n: int, seed: int) -> tuple[EmbeddingCache, list[str]]:
+    """An embedding cache of ``n`` random features committed two by two (n / 2 small shards)."""
+    cache = EmbeddingCache(folder, "wid")
+    rng = np.random.default_rng(seed)
+    ids = [f"e{i}" for i in range(n)]
+    for i in range(0, n, 2):
         cache.add(ids[i : i + 2], rng.random((2, 4)).astype(np.float16), rng.random((2, 3)).astype(np.float16))
+    return cache, ids
+
+
+def test_embedding_cache_compaction_keeps_features_first_copy_wins(tmp_path):
+    cache, ids = _pairs_of_features(tmp_path, 8, seed=0)
     cache.add(["e0"], np.zeros((1, 4), np.float16), np.zeros((1, 3), np.float16))  # a later copy: loses
     clip, scene = EmbeddingCache(tmp_path, "wid").load(ids)
     assert clip[0].abs().sum() > 0
@@ -124,11 +130,7 @@ def test_embedding_cache_compaction_keeps_features_first_copy_wins(tmp_path):
 
 def test_a_reader_whose_shards_were_merged_away_reads_the_index_again(tmp_path):
     """Compaction in another process while a reader holds the old index: its next load finds the merged shard."""
-    writer = EmbeddingCache(tmp_path, "wid")
-    rng = np.random.default_rng(1)
-    ids = [f"e{i}" for i in range(6)]
-    for i in range(0, 6, 2):
-        writer.add(ids[i : i + 2], rng.random((2, 4)).astype(np.float16), rng.random((2, 3)).astype(np.float16))
+    _, ids = _pairs_of_features(tmp_path, 6, seed=1)
     reader = EmbeddingCache(tmp_path, "wid")
     before = reader.load(ids[:2])  # the reader's index names the three small shards
     assert EmbeddingCache(tmp_path, "wid").compact() == 2
