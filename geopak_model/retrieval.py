@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -162,9 +162,9 @@ class GalleryIndex:
 
     Rows are re-ordered into compact blocks of ``block`` rows (``_kd_order``) whose bounding boxes (``boxes``: lat
     min/max, lon min/max) are known, so a block far from every query of a batch is skipped and a block is
-    multiplied only with the queries near it. Each row keeps its stored float16
-    embedding, a copy in the fast multiply dtype, its unit vector, location and cell; ``max_norm`` and
-    ``max_round`` bound |fast − exact| cosine (``margin``)."""
+    multiplied only with the queries near it. Each row keeps its stored float16 embedding, a copy in the fast
+    multiply dtype, its unit vector, location and cell; ``max_norm`` and ``max_round`` bound |fast − exact|
+    cosine (``margin``)."""
 
     emb: torch.Tensor  # (N, d) float16, as stored
     fast: torch.Tensor  # (N, d) in the fast dtype
@@ -386,23 +386,37 @@ def refine(pred: Prediction, e: torch.Tensor, gallery: "Gallery", radius_km: flo
     ``neighbours`` are scored again exactly (float16 rows × float32 query, as the per-query loop did), so the
     neighbours, their weights and the answer are the loop's (``tests/test_model_retrieval.py`` compares them,
     ``bench/bench_refine.py`` times them)."""
+    return refine_settings(pred, e, gallery, radius_km, (neighbours,), (temperature,), cluster_km,
+                           batch)[neighbours, temperature]
+
+
+def refine_settings(pred: Prediction, e: torch.Tensor, gallery: "Gallery", radius_km: float,
+                    neighbours: Sequence[int], temperatures: Sequence[float], cluster_km: float = 25.0,
+                    batch: int = 256) -> dict[tuple[int, float], tuple[torch.Tensor, torch.Tensor]]:
+    """``refine``'s answer for every (neighbours, temperature) given, at one radius, from ONE candidate search
+    per batch: the largest ``neighbours`` is searched for, and each smaller one is its first columns (every row
+    that could be among the exact top n is scored exactly, for any n up to it). Inference selection tries a grid
+    of these; the search is what costs."""
     device = e.device
     index = gallery.index_on(device)
     lat0, lon0 = pred.lat.detach().to(device, torch.float64), pred.lon.detach().to(device, torch.float64)
     hyp_cell, hyp_w = pred.hyp_cell.to(device), pred.hyp_weight.to(device, torch.float64)
     q = F.normalize(e.float(), dim=1)
-    out_lat, out_lon = lat0.clone(), lon0.clone()
+    out = {(n, t): (lat0.clone(), lon0.clone()) for n in neighbours for t in temperatures}
     with _ieee_matmul(device):
         for s in range(0, q.shape[0], batch):
             part = slice(s, min(q.shape[0], s + batch))
-            out_lat[part], out_lon[part] = _refine_batch(index, q[part], lat0[part], lon0[part], hyp_cell[part],
-                                                         hyp_w[part], radius_km, neighbours, temperature, cluster_km)
-    return out_lat.cpu(), out_lon.cpu()
+            top_sim, picked = _nearest(index, q[part], lat0[part], lon0[part], radius_km, max(neighbours))
+            for (n, t), (la, lo) in out.items():
+                la[part], lo[part] = _vote(index, top_sim[:, :n], picked[:, :n], lat0[part], lon0[part],
+                                           hyp_cell[part], hyp_w[part], t, cluster_km)
+    return {key: (la.cpu(), lo.cpu()) for key, (la, lo) in out.items()}
 
 
-def _refine_batch(index: GalleryIndex, q: torch.Tensor, lat0: torch.Tensor, lon0: torch.Tensor,
-                  hyp_cell: torch.Tensor, hyp_w: torch.Tensor, radius_km: float, neighbours: int,
-                  temperature: float, cluster_km: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _nearest(index: GalleryIndex, q: torch.Tensor, lat0: torch.Tensor, lon0: torch.Tensor, radius_km: float,
+             neighbours: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, ≤ neighbours) exact cosines, descending (−inf: fewer candidates), and the gallery rows of each query's
+    nearest candidates within ``radius_km``."""
     fast_v, rows, need = _enough_candidates(index, q, unit_xyz(lat0, lon0), lat0, lon0, radius_km, neighbours)
     # exact cosines (the loop's arithmetic: float16 rows × float32 query) where the bound cannot rule a row out
     if q.device.type == "cpu":
@@ -413,12 +427,18 @@ def _refine_batch(index: GalleryIndex, q: torch.Tensor, lat0: torch.Tensor, lon0
         exact = torch.full_like(fast_v, float("-inf"))
         exact[b, j] = (index.emb[rows[b, j]].float() * q[b]).sum(1)
     top_sim, pos = exact.topk(min(neighbours, exact.shape[1]), dim=1)
-    picked = rows.gather(1, pos)
+    return top_sim, rows.gather(1, pos)
+
+
+def _vote(index: GalleryIndex, top_sim: torch.Tensor, picked: torch.Tensor, lat0: torch.Tensor,
+          lon0: torch.Tensor, hyp_cell: torch.Tensor, hyp_w: torch.Tensor, temperature: float,
+          cluster_km: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The answer from the neighbours: the densest cluster of their places, weighted softmax(cos / T) · P(cell)."""
     valid = torch.isfinite(top_sim)
     # P(cell) of the hypotheses, 0 for the others; a small floor: a look-alike in a cell outside the hypotheses
     # still counts, just less
     ok = (hyp_cell >= 0) & (hyp_cell < index.n_cells)
-    cell_w = torch.zeros((q.shape[0], index.n_cells), dtype=torch.float64, device=q.device)
+    cell_w = torch.zeros((top_sim.shape[0], index.n_cells), dtype=torch.float64, device=top_sim.device)
     cell_w.scatter_add_(1, hyp_cell.clamp(0, max(index.n_cells - 1, 0)), torch.where(ok, hyp_w, 0.0))
     w = torch.softmax(top_sim.double() / temperature, 1) * (cell_w.gather(1, index.cell_id[picked]) + 1e-6)
     w = torch.where(valid, w, 0.0)  # rows without candidates: softmax of −inf only

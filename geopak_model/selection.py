@@ -36,7 +36,7 @@ from geopak_model.baselines import (
 from geopak_model.geo import haversine_km
 from geopak_model.inference import POINT_METHODS, Prediction, fit_calibration, mixture_predict, restrict
 from geopak_model.model import GeopakHeads
-from geopak_model.retrieval import Gallery, refine
+from geopak_model.retrieval import Gallery, refine_settings
 
 RULE = ("lowest val median km (at 0.1 km), then highest val share within 25 km; a tie keeps the candidate listed "
         "first (the simpler one)")
@@ -155,10 +155,13 @@ def select_inference(heads: GeopakHeads, e: torch.Tensor, cell_ids: torch.Tensor
     r_scores = [classifier_score]
     if gallery is not None and len(gallery):
         joined = _joined(classifier_preds)  # refinement takes the whole set, in its own (larger, faster) batches
+        answers = {radius: refine_settings(joined, e, gallery, radius, GRID["refine_neighbours"],
+                                           GRID["refine_temperature"], mode_radius_km)
+                   for radius in GRID["refine_radius_km"]}  # one candidate search per radius
         for nb in GRID["refine_neighbours"]:
             for t in GRID["refine_temperature"]:
                 for radius in GRID["refine_radius_km"]:
-                    la, lo = (x.numpy() for x in refine(joined, e, gallery, radius, nb, t, mode_radius_km))
+                    la, lo = (x.numpy() for x in answers[radius][nb, t])
                     r_rows.append({"stage": "refinement", "refine": True, "refine_neighbours": nb,
                                    "refine_temperature": t, "refine_radius_km": radius})
                     r_scores.append(score(errors_km(la, lo, lat, lon)))

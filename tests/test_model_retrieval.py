@@ -273,3 +273,15 @@ def test_kernels_compile_without_a_writable_cache(monkeypatch):
         return x + 1
 
     assert plus_one(2) == 3
+
+
+def test_one_search_serves_every_neighbours_and_temperature():
+    """Inference selection's grid: ``refine_settings`` searches once for the most neighbours and gives, for each
+    (neighbours, temperature), what ``refine`` gives for it alone."""
+    from geopak_model.retrieval import refine_settings
+
+    g, pred, e = _clustered(4000, 32, seed=13, dup_rows=200)
+    got = refine_settings(pred, e, g, 100.0, (4, 16, 64), (0.03, 0.3))
+    for (n, t), (la, lo) in got.items():
+        want = refine(pred, e, g, 100.0, n, t)
+        assert torch.equal(la, want[0]) and torch.equal(lo, want[1]), (n, t)

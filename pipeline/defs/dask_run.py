@@ -12,10 +12,8 @@ executor and its config; dagster-dask and dask.dataframe cost ~0.6 s of every co
   cluster got the first run's results instead of running (dagster-io/dagster#21418). Here keys carry the run id.
 
 Everything else is dagster-dask's: the per-step worker function (``query_on_dask_worker``), the
-``dagster-dask/resource_requirements`` tag, and the run config shape for the two cluster kinds GeoPak supports::
-
-    execution: {config: {cluster: {existing: {address: "tcp://10.0.0.5:8786"}}}}   # a running scheduler
-    execution: {config: {cluster: {local: {n_workers: 2}}}}                         # a LocalCluster in the launcher
+``dagster-dask/resource_requirements`` tag, and the run config shape for the two cluster kinds GeoPak supports
+(``pipeline.defs.dask_executor`` shows it).
 
 Steps claim no concurrency-pool slots on this executor (Dagster's pool accounting lives in its own executors);
 the data root's stage locks (``DataRootResource.stage_lock``) still keep two runs from writing one stage at once.
